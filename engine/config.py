@@ -1,0 +1,54 @@
+"""Engine configuration: one frozen dataclass, validated in one place, errors naming the flag."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kernels.errors import BatonError
+
+
+class ConfigError(BatonError, ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str
+    load_format: str = "auto"  # "auto": safetensors from the model dir; "dummy": random
+    device: str = "cpu"
+    dtype: str | None = None  # None: the checkpoint's dtype on CPU, bfloat16 on CUDA
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None: sized from memory
+    gpu_memory_utilization: float = 0.9
+    cpu_kv_cache_gb: float = 1.0
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    enable_prefix_caching: bool = True
+    attention_backend: str = "torch"
+    seed: int = 0
+    tp: int = 1
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, flag: str, msg: str) -> None:
+            if not ok:
+                raise ConfigError(f"--{flag}: {msg}")
+
+        check(self.load_format in ("auto", "dummy"), "load-format",
+              f"must be 'auto' or 'dummy', got {self.load_format!r}")
+        check(self.device in ("cpu", "cuda") or self.device.startswith("cuda:"), "device",
+              f"must be cpu or cuda, got {self.device!r}")
+        check(self.dtype in (None, "float32", "bfloat16", "float16"), "dtype",
+              f"must be float32, bfloat16 or float16, got {self.dtype!r}")
+        check(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block-size",
+              f"must be a power of two up to 128, got {self.block_size}")
+        check(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "kv-blocks",
+              f"must be >= 1, got {self.num_kv_blocks}")
+        check(0.0 < self.gpu_memory_utilization <= 1.0, "gpu-memory-utilization",
+              f"must be in (0, 1], got {self.gpu_memory_utilization}")
+        check(self.max_num_seqs >= 1, "max-num-seqs", f"must be >= 1, got {self.max_num_seqs}")
+        check(self.max_num_batched_tokens >= 1, "max-num-batched-tokens",
+              f"must be >= 1, got {self.max_num_batched_tokens}")
+        check(self.max_model_len is None or self.max_model_len >= 2, "max-model-len",
+              f"must be >= 2, got {self.max_model_len}")
+        check(self.tp >= 1, "tp", f"must be >= 1, got {self.tp}")

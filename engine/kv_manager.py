@@ -1,0 +1,82 @@
+"""Sequence-level block bookkeeping over a `BlockPool`: prefix lookup, growing a
+sequence's block table as its computed tokens catch up, and caching full blocks."""
+
+from __future__ import annotations
+
+from engine.sequence import Sequence
+from kvtransfer.block_pool import BlockPool
+from kvtransfer.hashing import ROOT_PARENT_HASH, block_hashes
+
+
+class KVCacheManager:
+    def __init__(self, pool: BlockPool, extra_key: bytes = b"") -> None:
+        self.pool = pool
+        self.block_size = pool.block_size
+        self.extra_key = extra_key
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _extend_hashes(self, seq: Sequence, upto_tokens: int) -> None:
+        """Make seq.block_hashes cover every full block within the first `upto_tokens`."""
+        have = len(seq.block_hashes)
+        want = upto_tokens // self.block_size
+        if want > have:
+            parent = seq.block_hashes[-1] if have else ROOT_PARENT_HASH
+            seq.block_hashes.extend(block_hashes(
+                seq.token_ids[: want * self.block_size], self.block_size, self.extra_key,
+                start=have, parent_hash=parent))
+
+    def find_cached_prefix(self, seq: Sequence) -> list[int]:
+        """Leading blocks of `seq` already cached. At least one token is always left to
+        compute (its logits give the next token), so a fully cached prompt hits one
+        block less."""
+        if not self.pool.enable_prefix_caching:
+            return []
+        max_tokens = seq.num_tokens - 1
+        self._extend_hashes(seq, max_tokens)
+        hits: list[int] = []
+        bs = self.block_size
+        for i in range(max_tokens // bs):
+            block_id = self.pool.lookup(seq.block_hashes[i], seq.token_ids[i * bs : (i + 1) * bs])
+            if block_id is None:
+                break
+            hits.append(block_id)
+        return hits
+
+    def allocate(self, seq: Sequence, num_new_tokens: int,
+                 cached_blocks: list[int] | None = None) -> bool:
+        """Give `seq` blocks for `num_new_tokens` more computed tokens (after taking
+        `cached_blocks` as its prefix, on first schedule). False, with nothing changed,
+        when the pool cannot cover it."""
+        cached_blocks = cached_blocks or []
+        revived = sum(1 for b in cached_blocks if self.pool.is_free(b))
+        total_tokens = seq.num_computed_tokens + len(cached_blocks) * self.block_size \
+            + num_new_tokens
+        new = self.blocks_needed(total_tokens) - len(seq.block_table) - len(cached_blocks)
+        if max(new, 0) + revived > self.pool.num_free:
+            return False
+        if cached_blocks:
+            self.pool.touch(cached_blocks)
+            seq.block_table.extend(cached_blocks)
+            seq.num_computed_tokens += len(cached_blocks) * self.block_size
+        if new > 0:
+            seq.block_table.extend(self.pool.allocate(new))
+        return True
+
+    def cache_full_blocks(self, seq: Sequence) -> None:
+        """Publish blocks whose every token now has KV, so other requests can share them."""
+        self._extend_hashes(seq, seq.num_computed_tokens)
+        bs = self.block_size
+        full = seq.num_computed_tokens // bs
+        for i in range(seq.num_published_blocks, full):
+            block = self.pool.blocks[seq.block_table[i]]
+            if block.block_hash is None:
+                self.pool.cache_block(block.block_id, seq.block_hashes[i],
+                                      seq.token_ids[i * bs : (i + 1) * bs])
+        seq.num_published_blocks = max(seq.num_published_blocks, full)
+
+    def free(self, seq: Sequence) -> None:
+        self.pool.free(list(reversed(seq.block_table)))
+        seq.block_table.clear()
+        seq.num_published_blocks = 0

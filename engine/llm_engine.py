@@ -1,0 +1,165 @@
+"""The engine loop: requests in, one scheduled forward pass per `step()`, outputs out."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.config import ConfigError, EngineConfig
+from engine.errors import InvalidRequestError
+from engine.kv_manager import KVCacheManager
+from engine.model_runner import ModelRunner
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerConfig
+from engine.sequence import Sequence
+from engine.tokenizer import IncrementalDetokenizer, TokenizerBundle
+from kernels.config import ModelConfig
+from kvtransfer.block_pool import BlockPool
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # all generated so far
+    new_token_ids: list[int]
+    text: str  # all generated text so far (stop strings applied)
+    new_text: str
+    finished: bool
+    finish_reason: str | None
+    num_cached_tokens: int
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+
+
+def resolve_model(cfg: EngineConfig) -> tuple[ModelConfig, str | None, TokenizerBundle | None]:
+    """Model config, checkpoint dir and tokenizer for `cfg.model` (a dir, or a preset name
+    with load_format=dummy)."""
+    path = Path(cfg.model)
+    if path.is_dir():
+        mc = ModelConfig.from_dir(path)
+        tok = TokenizerBundle.from_dir(path) if (path / "tokenizer.json").is_file() else None
+        model_dir: str | None = str(path)
+    elif cfg.load_format == "dummy":
+        from kernels.presets import get_preset
+
+        mc = ModelConfig.from_hf(get_preset(cfg.model).hf_config)
+        tok, model_dir = None, None
+    else:
+        raise ConfigError(f"--model: {cfg.model!r} is not a checkpoint directory (for a "
+                          "preset without files use --load-format dummy, or write one with "
+                          "`baton make-model`)")
+    dtype = cfg.dtype and _DTYPES[cfg.dtype]
+    if dtype is None and cfg.device != "cpu":
+        dtype = torch.bfloat16
+    if dtype is not None:
+        mc = dataclasses.replace(mc, dtype=dtype)
+    return mc, model_dir, tok
+
+
+class LLMEngine:
+    def __init__(self, cfg: EngineConfig) -> None:
+        self.cfg = cfg
+        self.model_config, model_dir, self.tokenizer = resolve_model(cfg)
+        mc = self.model_config
+        self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings,
+                                 mc.max_position_embeddings)
+        self.runner = ModelRunner(mc, cfg, model_dir)
+        pool = BlockPool(self.runner.kv_spec.num_blocks, cfg.block_size,
+                         cfg.enable_prefix_caching)
+        self.kv = KVCacheManager(pool)
+        eos = mc.eos_token_ids or (self.tokenizer.eos_token_ids if self.tokenizer else ())
+        if self.tokenizer and self.tokenizer.eos_token_ids:
+            eos = tuple(dict.fromkeys(eos + self.tokenizer.eos_token_ids))
+        sched_cfg = SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                                    self.max_model_len)
+        self.scheduler = Scheduler(sched_cfg, self.kv, eos)
+        self.detok: dict[str, IncrementalDetokenizer] = {}
+        self.seqs: dict[str, Sequence] = {}
+
+    @property
+    def block_pool(self) -> BlockPool:
+        return self.kv.pool
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    params: SamplingParams) -> Sequence:
+        n = len(prompt_token_ids)
+        if n == 0:
+            raise InvalidRequestError("prompt must not be empty", param="prompt")
+        if request_id in self.seqs:
+            raise InvalidRequestError(f"duplicate request id {request_id!r}")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})",
+                                      param="prompt")
+        if n + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"you requested {n + params.max_tokens} tokens ({n} in the prompt, "
+                f"{params.max_tokens} in the completion).", param="max_tokens")
+        capacity = self.block_pool.num_blocks * self.cfg.block_size
+        if n + params.max_tokens > capacity:
+            raise InvalidRequestError(
+                f"request needs {n + params.max_tokens} tokens of KV cache but the worker "
+                f"holds {capacity} (--kv-blocks {self.block_pool.num_blocks} x --block-size "
+                f"{self.cfg.block_size})", param="max_tokens")
+        seq = Sequence(request_id, list(prompt_token_ids), params)
+        self.seqs[request_id] = seq
+        if self.tokenizer is not None:
+            self.detok[request_id] = IncrementalDetokenizer(
+                self.tokenizer, params.stop, params.skip_special_tokens,
+                params.include_stop_str_in_output)
+        self.scheduler.add(seq)
+        return seq
+
+    def abort_request(self, request_id: str) -> None:
+        if self.scheduler.abort(request_id) is not None:
+            self._forget(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    def step(self) -> list[RequestOutput]:
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        result = self.runner.execute(out, self.scheduler)
+        self.scheduler.update(out, result)
+        outputs = []
+        for item in out.scheduled:
+            if item.samples:
+                outputs.append(self._output(item.seq))
+        return outputs
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        new_id = seq.token_ids[-1]
+        new_text = ""
+        detok = self.detok.get(seq.request_id)
+        if detok is not None:
+            new_text = detok.add_token(new_id)
+            if detok.stopped and not seq.is_finished:
+                self.scheduler.finish(seq, "stop")
+            elif seq.is_finished:
+                new_text += detok.flush()
+        out = RequestOutput(
+            request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids,
+            token_ids=seq.output_token_ids, new_token_ids=[new_id],
+            text=detok.text if detok else "", new_text=new_text, finished=seq.is_finished,
+            finish_reason=seq.finish_reason, num_cached_tokens=max(seq.num_cached_tokens, 0),
+            logprobs=seq.logprobs, top_logprobs=seq.top_logprobs)
+        if seq.is_finished:
+            self._forget(seq.request_id)
+        return out
+
+    def _forget(self, request_id: str) -> None:
+        self.seqs.pop(request_id, None)
+        self.detok.pop(request_id, None)
+        self.runner.release(request_id)

@@ -1,0 +1,176 @@
+"""Continuous batching with chunked prefill, vLLM v1 style: there are no phases. Every
+step each running request's computed tokens catch up with its tokens, under one
+token budget; new requests join while budget and blocks remain; when blocks run out
+the newest running request is preempted (its blocks freed, recomputed later).
+
+CPU only and model-free: `schedule()` returns a plain `SchedulerOutput`, and
+`update()` applies the sampled tokens, so both are unit-testable without a model.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.kv_manager import KVCacheManager
+from engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 4096
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int
+    # True when this chunk brings the sequence level with its tokens: its last row samples.
+    samples: bool
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass
+class StepResult:
+    """What the model runner produced for the sampling rows, in scheduled order."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager,
+                 eos_token_ids: tuple[int, ...] = ()) -> None:
+        self.config = config
+        self.kv = kv
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0  # lifetime count, for metrics and tests
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        for queue in (self.running, self.waiting):
+            for seq in queue:
+                if seq.request_id == request_id:
+                    queue.remove(seq)
+                    self._finish(seq, "abort")
+                    return seq
+        return None
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed_tokens, budget)
+            while not self.kv.allocate(seq, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                out.preempted.append(victim)
+                if victim is seq:
+                    break
+            else:
+                out.scheduled.append(ScheduledSeq(seq, n, n == seq.num_uncomputed_tokens))
+                budget -= n
+                i += 1
+        # Admit new work only if nobody was preempted: memory is tight otherwise.
+        while (self.waiting and budget > 0 and not out.preempted
+               and len(self.running) < self.config.max_num_seqs):
+            seq = self.waiting[0]
+            cached = self.kv.find_cached_prefix(seq) if not seq.block_table else []
+            uncomputed = seq.num_uncomputed_tokens - len(cached) * self.kv.block_size
+            n = min(uncomputed, budget)
+            if not self.kv.allocate(seq, n, cached):
+                break
+            if seq.num_cached_tokens < 0:
+                seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSeq(seq, n, n == seq.num_uncomputed_tokens))
+            budget -= n
+        return out
+
+    def update(self, out: SchedulerOutput, result: StepResult) -> list[Sequence]:
+        """Advance computed counters, append sampled tokens, finish what is done."""
+        finished = []
+        row = 0
+        for item in out.scheduled:
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            self.kv.cache_full_blocks(seq)
+            if not item.samples:
+                continue
+            top = result.top_logprobs[row] if result.top_logprobs is not None else None
+            seq.append_token(result.token_ids[row], result.logprobs[row], top)
+            row += 1
+            reason = self.check_stop(seq)
+            if reason is not None:
+                self.running.remove(seq)
+                self._finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Finish a running sequence for a reason found outside (a stop string)."""
+        if seq in self.running:
+            self.running.remove(seq)
+            self._finish(seq, reason)
+
+    def check_stop(self, seq: Sequence) -> str | None:
+        p = seq.params
+        token = seq.token_ids[-1]
+        if seq.num_output_tokens >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                return "stop"
+            if token in p.stop_token_ids:
+                return "stop"
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.config.max_model_len:
+            return "length"
+        return None
+
+    def banned_tokens(self, seq: Sequence) -> tuple[int, ...]:
+        """Tokens that may not be sampled yet: EOS and stop tokens below min_tokens."""
+        p = seq.params
+        if seq.num_output_tokens >= p.min_tokens:
+            return ()
+        eos = () if p.ignore_eos else tuple(self.eos_token_ids)
+        return eos + tuple(p.stop_token_ids)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.kv.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        if seq.block_table:
+            self.kv.free(seq)

@@ -1,0 +1,72 @@
+"""One request's state inside a worker: its tokens, how many have KV in the cache, and
+the blocks that hold them. Everything else is derived from these counters."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+from engine.sampling_params import SamplingParams
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+    status: SequenceStatus = SequenceStatus.WAITING
+    # token_ids = prompt + generated; KV exists for token_ids[:num_computed_tokens].
+    token_ids: list[int] = field(init=False)
+    num_computed_tokens: int = 0
+    # Prompt tokens whose KV came from a cache the first time the request was scheduled.
+    num_cached_tokens: int = -1
+    block_table: list[int] = field(default_factory=list)
+    # Hashes of the full blocks of token_ids, extended as blocks fill.
+    block_hashes: list[int] = field(default_factory=list)
+    num_published_blocks: int = 0  # leading blocks already offered to the prefix cache
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_preemptions: int = 0
+
+    def __post_init__(self) -> None:
+        self.token_ids = list(self.prompt_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - len(self.prompt_token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[len(self.prompt_token_ids) :]
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int, logprob: float,
+                     top: list[tuple[int, float]] | None = None) -> None:
+        self.token_ids.append(token_id)
+        self.logprobs.append(logprob)
+        if top is not None:
+            self.top_logprobs.append(top)

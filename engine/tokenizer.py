@@ -1,0 +1,134 @@
+"""Tokenizer, chat template and streaming detokenization over HF `tokenizers`. Torch-free,
+so the router (which tokenizes and detokenizes) shares it with the workers."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
+
+from engine.errors import InvalidRequestError
+from kernels.errors import CheckpointError
+
+
+@dataclass
+class TokenizerBundle:
+    tokenizer: Tokenizer
+    chat_template: str | None
+    bos_token: str | None
+    eos_token: str | None
+    eos_token_ids: tuple[int, ...] = ()
+    special_ids: frozenset[int] = field(default_factory=frozenset)
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path) -> TokenizerBundle:
+        model_dir = Path(model_dir)
+        path = model_dir / "tokenizer.json"
+        if not path.is_file():
+            raise CheckpointError(f"{path} not found (Baton needs a fast tokenizer.json)")
+        try:
+            tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+            raise CheckpointError(f"{path} cannot be loaded: {e}") from None
+        conf_path = model_dir / "tokenizer_config.json"
+        conf = json.loads(conf_path.read_text()) if conf_path.is_file() else {}
+        eos_ids = _eos_ids(model_dir)
+
+        def token_str(v):
+            return v.get("content") if isinstance(v, dict) else v
+
+        specials = frozenset(
+            i for i, t in tok.get_added_tokens_decoder().items() if t.special
+        )
+        return cls(tok, conf.get("chat_template"), token_str(conf.get("bos_token")),
+                   token_str(conf.get("eos_token")), eos_ids, specials)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True
+                            ) -> str:
+        if not self.chat_template:
+            raise InvalidRequestError("this model has no chat template; use /v1/completions",
+                                      param="messages")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+
+        def raise_exception(msg: str):
+            raise InvalidRequestError(msg, param="messages")
+
+        env.globals["raise_exception"] = raise_exception
+        try:
+            return env.from_string(self.chat_template).render(
+                messages=messages, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except jinja2.TemplateError as e:
+            raise InvalidRequestError(f"chat template failed: {e}", param="messages") from None
+
+    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
+        # The template writes the BOS text itself; do not let the post-processor add another.
+        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+
+
+def _eos_ids(model_dir: Path) -> tuple[int, ...]:
+    for name in ("generation_config.json", "config.json"):
+        p = model_dir / name
+        if p.is_file():
+            eos = json.loads(p.read_text()).get("eos_token_id")
+            if eos is not None:
+                return tuple(eos) if isinstance(eos, list) else (int(eos),)
+    return ()
+
+
+class IncrementalDetokenizer:
+    """Text for a stream of token ids, emitted only once complete UTF-8 is known, with
+    stop strings found across chunk boundaries and held back until they cannot match."""
+
+    def __init__(self, bundle: TokenizerBundle, stop: list[str], skip_special_tokens: bool,
+                 include_stop_str_in_output: bool = False) -> None:
+        self.bundle = bundle
+        self.stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        self.stop = stop
+        self.include_stop = include_stop_str_in_output
+        self.holdback = max((len(s) for s in stop), default=1) - 1
+        self.text = ""  # everything decoded so far
+        self.emitted = 0  # chars of self.text already handed out
+        self.stopped = False
+
+    def add_token(self, token_id: int) -> str:
+        """Feed one token; returns the newly safe text (may be empty)."""
+        if self.stopped:
+            return ""
+        chunk = self.stream.step(self.bundle.tokenizer, token_id)
+        if chunk:
+            search_from = max(0, len(self.text) - self.holdback)
+            self.text += chunk
+            for s in self.stop:
+                at = self.text.find(s, search_from)
+                if at >= 0:
+                    self.text = self.text[: at + len(s)] if self.include_stop else self.text[:at]
+                    self.stopped = True
+                    return self._take(len(self.text))
+        return self._take(len(self.text) - self.holdback)
+
+    def flush(self) -> str:
+        """The held-back tail, once the sequence has finished without a stop string."""
+        return self._take(len(self.text))
+
+    def _take(self, upto: int) -> str:
+        if upto <= self.emitted:
+            return ""
+        out = self.text[self.emitted : upto]
+        self.emitted = upto
+        return out

@@ -1,0 +1,1 @@
+"""Model architectures, layers and kernels; knows nothing of requests or the network."""

@@ -1,0 +1,136 @@
+"""The pre-norm decoder shared by Llama, Mistral, Qwen2 and Qwen3.
+
+These families differ only in switches that `ModelConfig` already carries (q/k/v
+bias for Qwen2, per-head q/k RMSNorm for Qwen3, RoPE scaling for Llama 3), so one
+implementation with Hugging Face parameter names serves all of them; the thin
+classes in `registry.py` name the architectures.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from kernels.attention import AttentionMetadata
+from kernels.config import ModelConfig
+from kernels.layers.activation import silu_and_mul
+from kernels.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from kernels.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from kernels.layers.norm import RMSNorm
+from kernels.layers.rotary import RotaryEmbedding
+from kernels.parallel import ParallelContext
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, pc: ParallelContext, rotary: RotaryEmbedding,
+                 backend_cls) -> None:
+        super().__init__()
+        dt = cfg.dtype
+        self.qkv_proj = QKVParallelLinear(cfg.hidden_size, cfg.head_dim, cfg.num_heads,
+                                          cfg.num_kv_heads, cfg.attention_bias, pc, dt)
+        self.num_heads = self.qkv_proj.num_heads
+        self.num_kv_heads = self.qkv_proj.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.o_proj = RowParallelLinear(cfg.q_size, cfg.hidden_size, False, pc, dt)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dt)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, dt)
+        self.qk_norm = cfg.qk_norm
+        self.rotary = rotary
+        self.attn = backend_cls(self.num_heads, self.num_kv_heads, cfg.head_dim)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_layer: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        q_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        o = self.attn.forward(q, k, v, kv_layer, meta)
+        return self.o_proj(o.reshape(t, q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, pc: ParallelContext) -> None:
+        super().__init__()
+        i = cfg.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(cfg.hidden_size, [i, i], False, pc,
+                                                       cfg.dtype)
+        self.down_proj = RowParallelLinear(i, cfg.hidden_size, False, pc, cfg.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, pc: ParallelContext, rotary: RotaryEmbedding,
+                 backend_cls) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
+        self.self_attn = Attention(cfg, pc, rotary, backend_cls)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
+        self.mlp = MLP(cfg, pc)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
+                kv_layer: torch.Tensor, meta: AttentionMetadata
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        h, residual = self.input_layernorm.forward_with_residual(x, residual)
+        h = self.self_attn(positions, h, kv_layer, meta)
+        h, residual = self.post_attention_layernorm.forward_with_residual(h, residual)
+        return self.mlp(h), residual
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, pc: ParallelContext, backend_cls) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, pc, cfg.dtype)
+        # One RoPE table, shared by every layer.
+        rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta,
+                                 cfg.rope_scaling)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, pc, rotary, backend_cls) for _ in range(cfg.num_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        residual = None
+        for layer, kv_layer in zip(self.layers, kv_caches):
+            x, residual = layer(positions, x, residual, kv_layer, meta)
+        x, _ = self.norm.forward_with_residual(x, residual)
+        return x
+
+
+class DecoderForCausalLM(nn.Module):
+    # HF checkpoint name -> (our fused parameter, part) for projections we fuse.
+    packed_modules: ClassVar[dict[str, tuple[str, str | int]]] = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, cfg: ModelConfig, pc: ParallelContext, backend_cls) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderModel(cfg, pc, backend_cls)
+        self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, pc, cfg.dtype)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        """Returns final hidden states [T, hidden]; logits only for the rows that sample."""
+        return self.model(input_ids, positions, kv_caches, meta)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()

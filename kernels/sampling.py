@@ -1,0 +1,92 @@
+"""Token sampling for one step: greedy, temperature, top-k, top-p, per-request seeds,
+and log-probabilities of the raw model distribution (as vLLM reports them).
+
+Sampling from `softmax(logits)` is done as argmax(probs / Exp(1) noise): equivalent
+to a categorical draw, needs no host sync, and lets a seeded request draw its own
+noise from its own generator so its output does not depend on batch composition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling settings for the rows that sample this step."""
+
+    temperatures: list[float]
+    top_ks: list[int]  # <= 0: disabled
+    top_ps: list[float]
+    generators: list[torch.Generator | None]  # per-request seeded generator, or None
+    num_logprobs: list[int]  # top alternatives to report per row (0 = chosen token only)
+    banned_token_ids: list[tuple[int, ...]]  # e.g. EOS while below min_tokens
+
+    @property
+    def all_greedy(self) -> bool:
+        return all(t == 0.0 for t in self.temperatures)
+
+
+@dataclass
+class SampleResult:
+    token_ids: torch.Tensor  # [B] int64
+    logprobs: torch.Tensor  # [B] float32, logprob of the chosen token
+    top_ids: torch.Tensor | None  # [B, K] when any row asked for alternatives
+    top_logprobs: torch.Tensor | None
+
+
+def sample(logits: torch.Tensor, batch: SamplingBatch,
+           default_generator: torch.Generator | None = None) -> SampleResult:
+    """logits: [B, V] float32."""
+    for row, banned in enumerate(batch.banned_token_ids):
+        if banned:
+            logits[row, list(banned)] = float("-inf")
+    logprobs_all = torch.log_softmax(logits, dim=-1)
+    if batch.all_greedy:
+        token_ids = logits.argmax(dim=-1)
+    else:
+        token_ids = _sample_random(logits, batch, default_generator)
+    chosen = logprobs_all.gather(1, token_ids[:, None]).squeeze(1)
+    k = max(batch.num_logprobs, default=0)
+    top_ids = top_lp = None
+    if k > 0:
+        top_lp, top_ids = logprobs_all.topk(k, dim=-1)
+    return SampleResult(token_ids, chosen, top_ids, top_lp)
+
+
+def _sample_random(logits: torch.Tensor, batch: SamplingBatch,
+                   default_generator: torch.Generator | None) -> torch.Tensor:
+    device = logits.device
+    temps = torch.tensor(batch.temperatures, dtype=torch.float32, device=device)
+    greedy = temps == 0.0
+    scaled = logits / torch.where(greedy, 1.0, temps)[:, None]
+    scaled = apply_top_k_top_p(scaled, batch.top_ks, batch.top_ps)
+    probs = torch.softmax(scaled, dim=-1)
+    noise = torch.empty_like(probs)
+    for row, gen in enumerate(batch.generators):
+        noise[row].exponential_(generator=gen or default_generator)
+    drawn = (probs / noise).argmax(dim=-1)
+    return torch.where(greedy, logits.argmax(dim=-1), drawn)
+
+
+def apply_top_k_top_p(logits: torch.Tensor, top_ks: list[int],
+                      top_ps: list[float]) -> torch.Tensor:
+    vocab = logits.shape[-1]
+    use_k = any(0 < k < vocab for k in top_ks)
+    use_p = any(p < 1.0 for p in top_ps)
+    if not (use_k or use_p):
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    if use_k:
+        ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_ks], device=logits.device)
+        cutoff = sorted_logits.gather(1, (ks - 1)[:, None])
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < cutoff, float("-inf"))
+    if use_p:
+        ps = torch.tensor(top_ps, dtype=torch.float32, device=logits.device)
+        probs = sorted_logits.softmax(dim=-1)
+        # Drop a token when the mass strictly before it already reaches top_p (keeps >= 1).
+        mass_before = probs.cumsum(dim=-1) - probs
+        sorted_logits = sorted_logits.masked_fill(mass_before >= ps[:, None], float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(1, order, sorted_logits)
