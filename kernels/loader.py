@@ -8,7 +8,7 @@ failure names the file or tensor at fault.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -79,33 +79,40 @@ def _route(model: DecoderForCausalLM, hf_name: str) -> tuple[str, str | int | No
 
 def load_weights(model: DecoderForCausalLM, model_dir: str | Path,
                  progress: bool = False) -> None:
+    load_named_tensors(model, _iter_tensors(checkpoint_files(model_dir)), str(model_dir),
+                       progress)
+
+
+def load_named_tensors(model: DecoderForCausalLM,
+                       tensors: Iterable[tuple[str, torch.Tensor]], source: str,
+                       progress: bool = False) -> None:
+    """Load HF-named tensors from any source (files, or an in-memory HF model in tests)."""
     cfg = model.config
     expected = hf_param_names(cfg)
     params = dict(model.named_parameters())
     seen: set[str] = set()
-    files = checkpoint_files(model_dir)
     bar = tqdm(total=len(expected), desc="loading weights", unit="tensor", disable=not progress)
-    for hf_name, tensor in _iter_tensors(files):
+    for hf_name, tensor in tensors:
         if hf_name not in expected:
             if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
                 continue  # some tied checkpoints store it anyway
             if "rotary_emb" in hf_name:
                 continue
-            raise CheckpointError(f"unexpected tensor {hf_name!r} in {model_dir} for "
+            raise CheckpointError(f"unexpected tensor {hf_name!r} in {source} for "
                                   f"{cfg.architecture}")
         name, shard = _route(model, hf_name)
         param = params[name]
         try:
             _loader(param)(param, tensor.to(param.dtype), shard)
         except ValueError as e:
-            raise CheckpointError(f"{hf_name} in {model_dir}: {e}") from None
+            raise CheckpointError(f"{hf_name} in {source}: {e}") from None
         seen.add(hf_name)
         bar.update(1)
     bar.close()
     missing = sorted(set(expected) - seen)
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise CheckpointError(f"checkpoint {model_dir} lacks tensors: "
+        raise CheckpointError(f"checkpoint {source} lacks tensors: "
                               f"{', '.join(missing[:5])}{more}")
 
 

@@ -1,0 +1,165 @@
+"""Offline engine benchmark in a real model shape: decode step time at several batch sizes
+and prefill time for one long prompt, each beside its roofline.
+
+    python -m benchmarks.offline --preset llama-3.1-8b --device cuda \
+        --out benchmarks/results/offline_h200_baseline.json
+
+Decode roofline = (weight bytes + KV bytes read) / HBM bandwidth; its ratio to the
+measured step is the MBU. Prefill roofline = FLOPs / bf16 peak; the ratio is the MFU.
+The step time is the whole engine step (schedule, prepare, forward, sample, update),
+with the CPU part reported separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+import torch
+
+from benchmarks.common import H200_BF16_FLOPS, H200_HBM_BYTES_PER_S, write_result
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def param_bytes(engine: LLMEngine) -> int:
+    return sum(p.numel() * p.element_size() for p in engine.runner.model.parameters())
+
+
+def decode_case(engine: LLMEngine, batch: int, context: int, steps: int, device: str) -> dict:
+    mc = engine.model_config
+    rng = random.Random(batch * 7919 + context)
+    params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
+    ids = [f"d{batch}-{context}-{i}" for i in range(batch)]
+    for rid in ids:
+        engine.add_request(rid, [rng.randrange(mc.vocab_size) for _ in range(context)], params)
+    # Run prefill until every request is decoding.
+    while any(s.num_output_tokens == 0 for s in engine.scheduler.running) or \
+            engine.scheduler.waiting:
+        engine.step()
+    step_times, cpu_times = [], []
+    sched = engine.scheduler
+    for _ in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = sched.schedule()
+        t_sched = time.perf_counter()
+        input_ids, positions, meta, rows = engine.runner._prepare(out)
+        t_prep = time.perf_counter()
+        hidden = engine.runner.model(input_ids, positions, engine.runner.kv_layers, meta)
+        logits = engine.runner.model.compute_logits(hidden[rows])
+        tokens = logits.argmax(-1).tolist()  # the host sync of a real step
+        t_fwd = time.perf_counter()
+        from engine.scheduler import StepResult
+
+        sched.update(out, StepResult(tokens, [0.0] * len(tokens)))
+        t1 = time.perf_counter()
+        step_times.append(t1 - t0)
+        cpu_times.append((t_sched - t0) + (t_prep - t_sched) + (t1 - t_fwd))
+        assert len(out.scheduled) == batch
+    for rid in ids:
+        engine.abort_request(rid)
+    step = statistics.median(step_times)
+    kv_read = batch * (context + steps // 2) * mc.kv_bytes_per_token()
+    weights = param_bytes(engine)
+    roof = (weights + kv_read) / H200_HBM_BYTES_PER_S
+    return {
+        "batch": batch, "context": context, "steps": steps,
+        "step_ms_median": step * 1e3,
+        "step_ms_p90": sorted(step_times)[int(0.9 * len(step_times))] * 1e3,
+        "cpu_ms_median": statistics.median(cpu_times) * 1e3,
+        "cpu_share": statistics.median(cpu_times) / step,
+        "weight_bytes": weights, "kv_bytes_read": kv_read,
+        "roofline_ms": roof * 1e3, "mbu": roof / step,
+        "tokens_per_s": batch / step,
+    }
+
+
+def prefill_flops(engine: LLMEngine, tokens: int) -> float:
+    mc = engine.model_config
+    dense = mc.num_params() - mc.vocab_size * mc.hidden_size * (
+        1 if mc.tie_word_embeddings else 2)
+    linear = 2 * dense * tokens + 2 * mc.vocab_size * mc.hidden_size  # lm_head: last row only
+    # QK^T and PV over a causal mask: half of a full T x T each.
+    attn = 2 * 2 * mc.num_layers * mc.num_heads * mc.head_dim * tokens * tokens / 2
+    return linear + attn
+
+
+def prefill_case(engine: LLMEngine, tokens: int, repeats: int, device: str) -> dict:
+    mc = engine.model_config
+    rng = random.Random(tokens)
+    times = []
+    for r in range(repeats + 1):
+        rid = f"p{tokens}-{r}"
+        engine.add_request(rid, [rng.randrange(mc.vocab_size) for _ in range(tokens)],
+                           SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True))
+        _sync(device)
+        t0 = time.perf_counter()
+        while engine.has_unfinished():
+            engine.step()
+        _sync(device)
+        if r > 0:  # the first run warms up kernels and the allocator
+            times.append(time.perf_counter() - t0)
+    t = statistics.median(times)
+    flops = prefill_flops(engine, tokens)
+    roof = flops / H200_BF16_FLOPS
+    return {"tokens": tokens, "ms_median": t * 1e3, "flops": flops, "roofline_ms": roof * 1e3,
+            "mfu": roof / t, "tokens_per_s": tokens / t}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="llama-3.1-8b")
+    ap.add_argument("--model", help="checkpoint dir instead of --preset with dummy weights")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--attention-backend", default="torch")
+    ap.add_argument("--batches", default="1:1024,16:2048,64:2048",
+                    help="batch:context pairs")
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--prefill-tokens", type=int, default=4096)
+    ap.add_argument("--out", default="benchmarks/results/offline.json")
+    args = ap.parse_args()
+
+    cases = [tuple(int(x) for x in c.split(":")) for c in args.batches.split(",")]
+    max_tokens = max(b * (c + args.steps + 16) for b, c in cases)
+    blocks = max_tokens // 16 + args.prefill_tokens // 16 + 64
+    cfg = EngineConfig(model=args.model or args.preset,
+                       load_format="auto" if args.model else "dummy", device=args.device,
+                       num_kv_blocks=blocks, max_num_batched_tokens=max(8192, args.prefill_tokens),
+                       max_num_seqs=max(b for b, _ in cases), enable_prefix_caching=False,
+                       attention_backend=args.attention_backend)
+    t0 = time.perf_counter()
+    engine = LLMEngine(cfg)
+    _sync(args.device)
+    load_s = time.perf_counter() - t0
+    decode = []
+    for batch, context in cases:
+        decode.append(decode_case(engine, batch, context, args.steps, args.device))
+        d = decode[-1]
+        print(f"decode b={batch:4d} ctx={context:5d}: {d['step_ms_median']:8.2f} ms/step, "
+              f"roofline {d['roofline_ms']:6.2f} ms, MBU {d['mbu']:.1%}, "
+              f"CPU share {d['cpu_share']:.1%}", flush=True)
+    prefill = prefill_case(engine, args.prefill_tokens, 3, args.device)
+    print(f"prefill {args.prefill_tokens} tokens: {prefill['ms_median']:.1f} ms, roofline "
+          f"{prefill['roofline_ms']:.1f} ms, MFU {prefill['mfu']:.1%}", flush=True)
+    path = write_result(args.out, {
+        "benchmark": "offline",
+        "model": args.model or args.preset, "load_format": cfg.load_format,
+        "attention_backend": args.attention_backend, "dtype": str(engine.model_config.dtype),
+        "load_seconds": load_s, "kv_blocks": blocks,
+        "ceilings": {"hbm_bytes_per_s": H200_HBM_BYTES_PER_S, "bf16_flops": H200_BF16_FLOPS},
+        "decode": decode, "prefill": prefill,
+    })
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The `baton` CLI, process launchers and discovery; glue only, no business logic."""

@@ -1,0 +1,82 @@
+"""`baton` command line. Each subcommand parses flags, then calls into the packages;
+errors Baton raises on purpose are printed as one line naming the problem."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from kernels.errors import BatonError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _make_model(args: argparse.Namespace) -> int:
+    from kernels.checkpoint_writer import write_checkpoint
+    from kernels.presets import PRESETS
+
+    if args.list:
+        for name, preset in PRESETS.items():
+            print(f"{name:20s} {preset.description}")
+        return 0
+    if not args.preset or not args.out:
+        raise BatonError("make-model needs --preset NAME and --out DIR (or --list)")
+    out = write_checkpoint(args.preset, args.out, seed=args.seed,
+                           shard_size_bytes=int(args.shard_size_gb * 2**30),
+                           progress=not args.quiet)
+    print(f"wrote {args.preset} to {out}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+
+    llm = LLM(args.model, device=args.device, load_format=args.load_format)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                            seed=args.seed)
+    for out in llm.generate(args.prompt, params):
+        print(repr(out.text), f"[{out.finish_reason}, {len(out.token_ids)} tokens]")
+    return 0
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
+    parser = argparse.ArgumentParser(prog="baton", description="Disaggregated LLM serving.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    handlers: dict[str, Handler] = {}
+
+    p = sub.add_parser("make-model", help="write a random-weight HF checkpoint of a preset")
+    p.add_argument("--preset", help="preset name (see --list)")
+    p.add_argument("--out", help="output directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard-size-gb", type=float, default=2.0,
+                   help="split weights into shards of about this size (default 2)")
+    p.add_argument("--list", action="store_true", help="list presets and exit")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    handlers["make-model"] = _make_model
+
+    p = sub.add_parser("generate", help="run prompts through the offline engine")
+    p.add_argument("--model", required=True, help="checkpoint dir (or preset with dummy)")
+    p.add_argument("--prompt", action="append", required=True)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    handlers["generate"] = _generate
+    return parser, handlers
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, handlers = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return handlers[args.command](args)
+    except (BatonError, ValueError) as e:
+        print(f"baton {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
