@@ -77,7 +77,8 @@ def compare(preset: str, num_prompts: int, new_tokens: int, device: str) -> dict
         full += k == new_tokens
         lp_diffs.extend(abs(a - b) for a, b in zip(out.logprobs[:k], ref_lps[:k]))
     del hf, llm
-    torch.cuda.empty_cache()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
     res = {
         "preset": preset, "prompts": num_prompts, "new_tokens": new_tokens,
         "prompts_fully_agreeing": full, "agreement": full / num_prompts,
@@ -98,13 +99,14 @@ def main() -> None:
     ap.add_argument("--big", default="llama-3.1-8b", help="real-shape preset, fewer prompts")
     ap.add_argument("--big-prompts", type=int, default=16)
     ap.add_argument("--big-new-tokens", type=int, default=32)
+    ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default="benchmarks/results/gpu_correctness.json")
     args = ap.parse_args()
-    EngineConfig(model="x", device="cuda")  # validates flags early
-    results = [compare(p, args.prompts, args.new_tokens, "cuda")
+    EngineConfig(model="x", device=args.device)  # validates flags early
+    results = [compare(p, args.prompts, args.new_tokens, args.device)
                for p in args.presets.split(",") if p]
     if args.big:
-        results.append(compare(args.big, args.big_prompts, args.big_new_tokens, "cuda"))
+        results.append(compare(args.big, args.big_prompts, args.big_new_tokens, args.device))
     write_result(args.out, {"benchmark": "gpu_correctness", "dtype": "bfloat16",
                             "results": results})
 

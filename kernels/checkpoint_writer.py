@@ -11,6 +11,7 @@ same seed always gives byte-identical files.
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,10 +47,8 @@ def checkpoint_params(hf: dict[str, Any]) -> list[ParamSpec]:
     """Every tensor of the checkpoint, in file order, with HF names and full shapes."""
     arch = hf["architectures"][0]
     h, inter, vocab = hf["hidden_size"], hf["intermediate_size"], hf["vocab_size"]
-    heads, kv_heads = (
-        hf["num_attention_heads"],
-        hf.get("num_key_value_heads", hf["num_attention_heads"]),
-    )
+    heads = hf["num_attention_heads"]
+    kv_heads = hf.get("num_key_value_heads") or heads
     head_dim = hf.get("head_dim") or h // heads
     q, kv = heads * head_dim, kv_heads * head_dim
     qkv_bias = arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias"))
@@ -199,6 +198,9 @@ def write_checkpoint(
                 weight_map[name] = fname
                 bar.update(tensor.nbytes)
             save_file(tensors, str(out / fname), metadata={"format": "pt"})
+            # safetensors creates files 0600; match the JSON files (umask) so a server
+            # running as another user, or a shared model volume, can read the weights.
+            shutil.copymode(out / "config.json", out / fname)
             del tensors  # peak memory stays near one shard
     if n > 1:
         _write_json(

@@ -22,6 +22,7 @@ from kernels.checkpoint_writer import (  # noqa: E402
     write_config_and_tokenizer,
 )
 from kernels.presets import PRESETS, UnknownPresetError, get_preset  # noqa: E402
+from kernels.tokenizer_builder import _build_json, build_tokenizer  # noqa: E402
 
 TINY = [name for name in PRESETS if name.startswith("tiny-")]
 REAL = [name for name in PRESETS if not name.startswith("tiny-")]
@@ -53,9 +54,7 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def _load(path: Path) -> torch.nn.Module:
-    model, info = transformers.AutoModelForCausalLM.from_pretrained(
-        path, output_loading_info=True
-    )
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     return model.eval()
 
@@ -132,9 +131,9 @@ def test_chat_template(tiny_dirs: dict[str, Path], name: str) -> None:
     ids = tok.apply_chat_template(MESSAGES, tokenize=True, add_generation_prompt=True)
     ids = ids["input_ids"] if not isinstance(ids, list) else ids
     assert tok.decode(ids) == expected  # no doubled bos, specials are single ids
-    assert tok.eos_token == {"llama3": "<|eot_id|>", "qwen": "<|im_end|>", "mistral": "</s>"}[
-        family
-    ]
+    assert (
+        tok.eos_token == {"llama3": "<|eot_id|>", "qwen": "<|im_end|>", "mistral": "</s>"}[family]
+    )
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
@@ -145,6 +144,13 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
         assert (a / fname).read_bytes() == (b / fname).read_bytes(), fname
     assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
     assert (a / "tokenizer.json").read_bytes() == (c / "tokenizer.json").read_bytes()
+
+
+def test_tokenizer_training_is_deterministic() -> None:
+    # Retrain (not the per-process cache): the trainer's hash maps get fresh random seeds.
+    first = build_tokenizer("mistral", 1024)[0].to_str()
+    _build_json.cache_clear()
+    assert build_tokenizer("mistral", 1024)[0].to_str() == first
 
 
 def test_sharded_checkpoint_loads_to_same_logits(tiny_dirs: dict[str, Path], tmp_path: Path):
@@ -223,9 +229,12 @@ def test_real_shape_configs(tmp_path: Path, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", TINY)
-def test_engine_config_agrees_on_shapes(tiny_dirs: dict[str, Path], name: str) -> None:
+def test_engine_agrees_on_names_and_shapes(tiny_dirs: dict[str, Path], name: str) -> None:
+    """The engine lists parameters independently (to load and to fill dummy weights)."""
     from kernels.config import ModelConfig
+    from kernels.models import hf_param_names
 
     cfg = ModelConfig.from_dir(tiny_dirs[name])
     specs = checkpoint_params(get_preset(name).hf_config)
+    assert hf_param_names(cfg) == {s.name: s.shape for s in specs}
     assert cfg.num_params() == sum(torch.Size(s.shape).numel() for s in specs)
