@@ -57,36 +57,47 @@ def hf_greedy(model, prompt: list[int], n: int) -> tuple[list[int], list[float]]
     return toks, lps
 
 
+def agreement(a: list[tuple[list[int], list[float]]], b: list[tuple[list[int], list[float]]],
+              new_tokens: int) -> dict:
+    """Greedy agreement of two runs over the same prompts: prompts identical throughout,
+    length of the agreeing prefix, and logprob differences on that prefix."""
+    prefixes, lp_diffs = [], []
+    for (ta, la), (tb, lb) in zip(a, b):
+        k = next((i for i, (x, y) in enumerate(zip(ta, tb)) if x != y), new_tokens)
+        prefixes.append(k)
+        lp_diffs.extend(abs(x - y) for x, y in zip(la[:k], lb[:k]))
+    full = sum(k == new_tokens for k in prefixes)
+    return {"prompts_fully_agreeing": full, "agreement": full / len(prefixes),
+            "mean_agreeing_prefix": statistics.mean(prefixes),
+            "min_agreeing_prefix": min(prefixes),
+            "logprob_abs_diff_max": max(lp_diffs, default=0.0),
+            "logprob_abs_diff_mean": statistics.mean(lp_diffs) if lp_diffs else 0.0}
+
+
 def compare(preset: str, num_prompts: int, new_tokens: int, device: str) -> dict:
     hf = build_hf(preset, device, seed=0)
     vocab = hf.config.vocab_size
     rng = random.Random(1)
     prompts = [[rng.randrange(vocab) for _ in range(rng.randint(16, 512))]
                for _ in range(num_prompts)]
+    blocks = num_prompts * (512 + new_tokens) // 16 + num_prompts  # room for every prompt
     llm = LLM(preset, load_format="dummy", device=device, dtype="bfloat16",
-              max_num_batched_tokens=8192)
+              max_num_batched_tokens=8192, num_kv_blocks=blocks)
     load_named_tensors(llm.engine.runner.model, hf.named_parameters(), f"transformers {preset}")
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True, logprobs=0)
     ours = llm.generate(prompts, params)
-    agree_prefix, lp_diffs, full = [], [], 0
-    for prompt, out in zip(prompts, ours):
-        ref_toks, ref_lps = hf_greedy(hf, prompt, new_tokens)
-        k = next((i for i, (a, b) in enumerate(zip(out.token_ids, ref_toks)) if a != b),
-                 new_tokens)
-        agree_prefix.append(k)
-        full += k == new_tokens
-        lp_diffs.extend(abs(a - b) for a, b in zip(out.logprobs[:k], ref_lps[:k]))
-    del hf, llm
+    del llm
+    ref_bf16 = [hf_greedy(hf, p, new_tokens) for p in prompts]
+    hf.float()  # the same weights in float32: who is closer to the exact answer?
+    ref_fp32 = [hf_greedy(hf, p, new_tokens) for p in prompts]
+    del hf
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    res = {
-        "preset": preset, "prompts": num_prompts, "new_tokens": new_tokens,
-        "prompts_fully_agreeing": full, "agreement": full / num_prompts,
-        "mean_agreeing_prefix": statistics.mean(agree_prefix),
-        "min_agreeing_prefix": min(agree_prefix),
-        "logprob_abs_diff_max": max(lp_diffs, default=0.0),
-        "logprob_abs_diff_mean": statistics.mean(lp_diffs) if lp_diffs else 0.0,
-    }
+    ours_pairs = [(o.token_ids, o.logprobs) for o in ours]
+    res = {"preset": preset, "prompts": num_prompts, "new_tokens": new_tokens,
+           "baton_bf16_vs_hf_bf16": agreement(ours_pairs, ref_bf16, new_tokens),
+           "baton_bf16_vs_hf_fp32": agreement(ours_pairs, ref_fp32, new_tokens),
+           "hf_bf16_vs_hf_fp32": agreement(ref_bf16, ref_fp32, new_tokens)}
     print(res, flush=True)
     return res
 
@@ -103,12 +114,14 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/gpu_correctness.json")
     args = ap.parse_args()
     EngineConfig(model="x", device=args.device)  # validates flags early
-    results = [compare(p, args.prompts, args.new_tokens, args.device)
-               for p in args.presets.split(",") if p]
+    runs = [(p, args.prompts, args.new_tokens) for p in args.presets.split(",") if p]
     if args.big:
-        results.append(compare(args.big, args.big_prompts, args.big_new_tokens, args.device))
-    write_result(args.out, {"benchmark": "gpu_correctness", "dtype": "bfloat16",
-                            "results": results})
+        runs.append((args.big, args.big_prompts, args.big_new_tokens))
+    results = []
+    for preset, n, new in runs:
+        results.append(compare(preset, n, new, args.device))
+        write_result(args.out, {"benchmark": "gpu_correctness", "dtype": "bfloat16",
+                                "results": results})  # after each: a crash keeps the rest
 
 
 if __name__ == "__main__":

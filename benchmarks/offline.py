@@ -37,7 +37,8 @@ def param_bytes(engine: LLMEngine) -> int:
 def decode_case(engine: LLMEngine, batch: int, context: int, steps: int, device: str) -> dict:
     mc = engine.model_config
     rng = random.Random(batch * 7919 + context)
-    params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
+    # Early requests decode while later ones prefill: leave them room to keep going.
+    params = SamplingParams(max_tokens=4 * steps + 1024, temperature=0.0, ignore_eos=True)
     ids = [f"d{batch}-{context}-{i}" for i in range(batch)]
     for rid in ids:
         engine.add_request(rid, [rng.randrange(mc.vocab_size) for _ in range(context)], params)
@@ -129,7 +130,7 @@ def main() -> None:
     args = ap.parse_args()
 
     cases = [tuple(int(x) for x in c.split(":")) for c in args.batches.split(",")]
-    max_tokens = max(b * (c + args.steps + 16) for b, c in cases)
+    max_tokens = max(b * (c + 3 * args.steps + 64) for b, c in cases)
     blocks = max_tokens // 16 + args.prefill_tokens // 16 + 64
     cfg = EngineConfig(model=args.model or args.preset,
                        load_format="auto" if args.model else "dummy", device=args.device,

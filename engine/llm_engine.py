@@ -52,7 +52,7 @@ def resolve_model(cfg: EngineConfig) -> tuple[ModelConfig, str | None, Tokenizer
         from kernels.presets import get_preset
 
         mc = ModelConfig.from_hf(get_preset(cfg.model).hf_config)
-        tok, model_dir = None, None
+        tok, model_dir = TokenizerBundle.from_preset(cfg.model), None
     else:
         raise ConfigError(f"--model: {cfg.model!r} is not a checkpoint directory (for a "
                           "preset without files use --load-format dummy, or write one with "
@@ -76,9 +76,8 @@ class LLMEngine:
         pool = BlockPool(self.runner.kv_spec.num_blocks, cfg.block_size,
                          cfg.enable_prefix_caching)
         self.kv = KVCacheManager(pool)
-        eos = mc.eos_token_ids or (self.tokenizer.eos_token_ids if self.tokenizer else ())
-        if self.tokenizer and self.tokenizer.eos_token_ids:
-            eos = tuple(dict.fromkeys(eos + self.tokenizer.eos_token_ids))
+        tok_eos = self.tokenizer.eos_token_ids if self.tokenizer else ()
+        eos = tuple(dict.fromkeys(mc.eos_token_ids + tok_eos))
         sched_cfg = SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                     self.max_model_len)
         self.scheduler = Scheduler(sched_cfg, self.kv, eos)

@@ -48,6 +48,21 @@ class TokenizerBundle:
         return cls(tok, conf.get("chat_template"), token_str(conf.get("bos_token")),
                    token_str(conf.get("eos_token")), eos_ids, specials)
 
+    @classmethod
+    def from_preset(cls, preset_name: str) -> TokenizerBundle:
+        """The tokenizer `baton make-model` would write, built in memory (dummy weights)."""
+        from kernels.presets import get_preset
+        from kernels.tokenizer_builder import build_tokenizer
+
+        preset = get_preset(preset_name)
+        hf = preset.hf_config
+        tok, ids = build_tokenizer(preset.family, hf["vocab_size"],
+                                   hf["max_position_embeddings"])
+        conf = ids["tokenizer_config"]
+        specials = frozenset(i for i, t in tok.get_added_tokens_decoder().items() if t.special)
+        return cls(tok, conf.get("chat_template"), conf.get("bos_token"),
+                   conf.get("eos_token"), tuple(ids["eos_token_ids"]), specials)
+
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)

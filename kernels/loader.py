@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from kernels.errors import CheckpointError
 from kernels.models.decoder import DecoderForCausalLM
 from kernels.models.registry import hf_param_names
-from kernels.weight_init import fill_random_
+from kernels.weight_init import fill_random_, tensor_generator
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -117,16 +117,16 @@ def load_named_tensors(model: DecoderForCausalLM,
 
 
 def init_dummy_weights(model: DecoderForCausalLM, seed: int = 0, progress: bool = False) -> None:
-    """Random weights built straight on the model's device (no files): the same rule as
-    `baton make-model`, for benchmarks in real shapes without a disk round trip."""
+    """Random weights built straight on the model's device (no files): the same rule and
+    per-tensor seeds as `baton make-model` (on CPU the very same values; CUDA's generator
+    draws other numbers), for benchmarks in real shapes without a disk round trip."""
     cfg = model.config
     params = dict(model.named_parameters())
     device = next(iter(params.values())).device
-    gen = torch.Generator(device=device).manual_seed(seed)
     shapes = hf_param_names(cfg)
     for hf_name, shape in tqdm(shapes.items(), desc="random weights", unit="tensor",
                                disable=not progress):
         full = torch.empty(shape, dtype=cfg.dtype, device=device)
-        fill_random_(full, hf_name, cfg.hidden_size, gen)
+        fill_random_(full, hf_name, cfg.hidden_size, tensor_generator(seed, hf_name, device))
         name, shard = _route(model, hf_name)
         _loader(params[name])(params[name], full, shard)
