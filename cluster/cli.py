@@ -65,7 +65,57 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     p.add_argument("--device", default="cpu")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     handlers["generate"] = _generate
+
+    from cluster.worker_main import add_engine_args, add_worker_parser, main_worker
+
+    add_worker_parser(sub)
+    handlers["worker"] = main_worker
+
+    p = sub.add_parser("serve", help="router + workers on this machine (the embedded default)")
+    p.add_argument("--prefill", type=int, default=1, help="prefill workers (0: aggregated)")
+    p.add_argument("--decode", type=int, default=1, help="decode workers")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--routing", default="round-robin", choices=["round-robin", "least-loaded"])
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--ready-timeout", type=float, default=300.0)
+    add_engine_args(p)
+    handlers["serve"] = _serve
+
+    p = sub.add_parser("router", help="run the router against running workers")
+    p.add_argument("--model", required=True, help="checkpoint dir or preset (tokenizer)")
+    p.add_argument("--prefill-workers", default="", help="comma-separated host:port list")
+    p.add_argument("--decode-workers", required=True, help="comma-separated host:port list")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--routing", default="round-robin", choices=["round-robin", "least-loaded"])
+    p.add_argument("--served-model-name", default=None)
+    handlers["router"] = _router
     return parser, handlers
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from cluster.launcher import serve
+
+    return serve(args)
+
+
+def _router(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    import uvicorn
+
+    from router.app import RouterConfig, create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cfg = RouterConfig(
+        model=args.model,
+        served_model_name=args.served_model_name or os.path.basename(args.model.rstrip("/")),
+        prefill=[a for a in args.prefill_workers.split(",") if a],
+        decode=[a for a in args.decode_workers.split(",") if a], routing=args.routing)
+    uvicorn.run(create_app(cfg), host=args.host, port=args.port, log_level="warning")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,9 +66,23 @@ def resolve_model(cfg: EngineConfig) -> tuple[ModelConfig, str | None, Tokenizer
     return mc, model_dir, tok
 
 
+@dataclass
+class RemoteAdmission:
+    """A decode-side request whose prompt KV is being pulled from a prefill worker:
+    blocks are allocated, the sequence is not scheduled until `commit_remote`."""
+
+    seq: Sequence
+    num_local_hit_blocks: int  # leading prompt blocks this worker already held
+    fill_block_ids: list[int]  # local blocks to fill, for prompt blocks from the hit on
+
+
 class LLMEngine:
-    def __init__(self, cfg: EngineConfig) -> None:
+    """Not thread-safe: a worker serialises calls (one engine thread plus a lock)."""
+
+    def __init__(self, cfg: EngineConfig, detokenize: bool = True,
+                 kv_lease_seconds: float = 30.0) -> None:
         self.cfg = cfg
+        self.kv_lease_seconds = kv_lease_seconds
         self.model_config, model_dir, self.tokenizer = resolve_model(cfg)
         mc = self.model_config
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings,
@@ -81,20 +96,21 @@ class LLMEngine:
         sched_cfg = SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                     self.max_model_len)
         self.scheduler = Scheduler(sched_cfg, self.kv, eos)
+        self.detokenize = detokenize and self.tokenizer is not None
         self.detok: dict[str, IncrementalDetokenizer] = {}
         self.seqs: dict[str, Sequence] = {}
+        # Prefill role: finished requests whose blocks wait for the decode side (deadline).
+        self.held: dict[str, tuple[Sequence, float]] = {}
 
     @property
     def block_pool(self) -> BlockPool:
         return self.kv.pool
 
-    def add_request(self, request_id: str, prompt_token_ids: list[int],
-                    params: SamplingParams) -> Sequence:
+    def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Raise InvalidRequestError naming the field when this worker cannot serve it."""
         n = len(prompt_token_ids)
         if n == 0:
             raise InvalidRequestError("prompt must not be empty", param="prompt")
-        if request_id in self.seqs:
-            raise InvalidRequestError(f"duplicate request id {request_id!r}")
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in prompt_token_ids):
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})",
@@ -110,18 +126,82 @@ class LLMEngine:
                 f"request needs {n + params.max_tokens} tokens of KV cache but the worker "
                 f"holds {capacity} (--kv-blocks {self.block_pool.num_blocks} x --block-size "
                 f"{self.cfg.block_size})", param="max_tokens")
-        seq = Sequence(request_id, list(prompt_token_ids), params)
-        self.seqs[request_id] = seq
-        if self.tokenizer is not None:
-            self.detok[request_id] = IncrementalDetokenizer(
-                self.tokenizer, params.stop, params.skip_special_tokens,
-                params.include_stop_str_in_output)
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    params: SamplingParams, hold_kv: bool = False,
+                    resume: list[int] | None = None) -> Sequence:
+        """Queue a request. `hold_kv` (prefill role): keep its blocks after it finishes,
+        until `release` or the lease runs out. `resume`: tokens already generated for it
+        elsewhere (migration from a dead worker); they count towards max_tokens."""
+        if request_id in self.seqs or request_id in self.held:
+            raise InvalidRequestError(f"duplicate request id {request_id!r}")
+        self.validate(prompt_token_ids, params)
+        seq = Sequence(request_id, list(prompt_token_ids), params, hold_blocks=hold_kv)
+        if resume:
+            seq.token_ids.extend(resume)
+            seq.logprobs.extend([0.0] * len(resume))
+        self._track(seq)
         self.scheduler.add(seq)
         return seq
+
+    def _track(self, seq: Sequence) -> None:
+        self.seqs[seq.request_id] = seq
+        if self.detokenize:
+            p = seq.params
+            self.detok[seq.request_id] = IncrementalDetokenizer(
+                self.tokenizer, p.stop, p.skip_special_tokens, p.include_stop_str_in_output)
+
+    def prepare_remote(self, request_id: str, prompt_token_ids: list[int],
+                       generated: list[int], logprobs: list[float],
+                       params: SamplingParams) -> RemoteAdmission | None:
+        """Decode role: allocate blocks for a prompt whose KV another worker computed.
+        `generated` holds the tokens sampled so far (at least the first). None when the
+        pool cannot hold it right now (retry later)."""
+        if request_id in self.seqs:
+            raise InvalidRequestError(f"duplicate request id {request_id!r}")
+        self.validate(prompt_token_ids, params)
+        seq = Sequence(request_id, list(prompt_token_ids), params)
+        seq.token_ids.extend(generated)
+        seq.logprobs.extend(logprobs)
+        n_prompt = len(prompt_token_ids)
+        bs = self.cfg.block_size
+        hits = self.kv.find_cached_prefix(seq)[: n_prompt // bs]
+        if not self.kv.allocate(seq, n_prompt - len(hits) * bs, hits):
+            return None
+        seq.num_cached_tokens = len(hits) * bs
+        fill = seq.block_table[len(hits) : self.kv.blocks_needed(n_prompt)]
+        return RemoteAdmission(seq, len(hits), fill)
+
+    def commit_remote(self, adm: RemoteAdmission) -> None:
+        """The pulled KV is in place: the sequence joins the batch to decode."""
+        seq = adm.seq
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        self.kv.cache_full_blocks(seq)
+        self._track(seq)
+        self.scheduler.add(seq)
+
+    def cancel_remote(self, adm: RemoteAdmission) -> None:
+        self.kv.free(adm.seq)
+
+    def release(self, request_id: str) -> bool:
+        """Prefill role: the decode side has the KV (or gave up): free the blocks."""
+        entry = self.held.pop(request_id, None)
+        if entry is None:
+            return False
+        self.kv.free(entry[0])
+        return True
+
+    def expire_held(self, now: float) -> list[str]:
+        """Free blocks whose decode side never came (it died, or the router did)."""
+        expired = [rid for rid, (_, deadline) in self.held.items() if deadline <= now]
+        for rid in expired:
+            self.release(rid)
+        return expired
 
     def abort_request(self, request_id: str) -> None:
         if self.scheduler.abort(request_id) is not None:
             self._forget(request_id)
+        self.release(request_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
@@ -156,9 +236,10 @@ class LLMEngine:
             logprobs=seq.logprobs, top_logprobs=seq.top_logprobs)
         if seq.is_finished:
             self._forget(seq.request_id)
+            if seq.hold_blocks and seq.block_table:
+                self.held[seq.request_id] = (seq, time.monotonic() + self.kv_lease_seconds)
         return out
 
     def _forget(self, request_id: str) -> None:
         self.seqs.pop(request_id, None)
         self.detok.pop(request_id, None)
-        self.runner.release(request_id)

@@ -59,7 +59,6 @@ class ModelRunner:
         self.kv_cache = torch.zeros(s.num_blocks, s.num_layers, 2, s.block_size,
                                     s.num_kv_heads, s.head_dim, dtype=s.dtype, device=self.device)
         self.kv_layers = [self.kv_cache[:, i] for i in range(s.num_layers)]
-        self.generators: dict[str, torch.Generator] = {}
         self.default_generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         log.info("KV cache: %d blocks of %d tokens (%.1f MiB each), %d tokens in all",
                  s.num_blocks, s.block_size, s.block_bytes / 2**20, s.num_blocks * s.block_size)
@@ -80,9 +79,6 @@ class ModelRunner:
         if n < 1:
             raise MemoryError("no memory left for the KV cache after loading the weights")
         return KVCacheSpec(n, m.num_layers, self.cfg.block_size, heads, m.head_dim, m.dtype)
-
-    def release(self, request_id: str) -> None:
-        self.generators.pop(request_id, None)
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, scheduler: Scheduler) -> StepResult:
@@ -136,12 +132,13 @@ class ModelRunner:
 
     def _sampling_batch(self, out: SchedulerOutput, scheduler: Scheduler) -> SamplingBatch:
         rows = [item.seq for item in out.scheduled if item.samples]
-        gens = []
-        for seq in rows:
-            seed = seq.params.seed
-            if seed is not None and seq.request_id not in self.generators:
-                self.generators[seq.request_id] = torch.Generator(self.device).manual_seed(seed)
-            gens.append(self.generators.get(seq.request_id))
+        # A seeded request draws token i from a generator seeded by (seed, i): the same
+        # tokens whichever worker samples them, whatever else is in the batch, and after
+        # preemption or migration.
+        gens = [None if s.params.seed is None else
+                torch.Generator(self.device).manual_seed(
+                    (s.params.seed * 1_000_003 + s.num_output_tokens) % 2**63)
+                for s in rows]
         return SamplingBatch(
             temperatures=[s.params.temperature for s in rows],
             top_ks=[s.params.top_k for s in rows],

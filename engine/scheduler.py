@@ -172,5 +172,5 @@ class Scheduler:
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-        if seq.block_table:
+        if seq.block_table and not (seq.hold_blocks and reason != "abort"):
             self.kv.free(seq)

@@ -36,6 +36,8 @@ class Sequence:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None
     num_preemptions: int = 0
+    # Prefill role: on finishing, keep the blocks until the decode side has pulled them.
+    hold_blocks: bool = False
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

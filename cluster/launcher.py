@@ -1,0 +1,143 @@
+"""`baton serve`: start worker processes, wait until each announces its address, then run
+the router in this process. Ctrl-C or SIGTERM stops everything: children get SIGTERM
+(and die with us even if we are killed, through PR_SET_PDEATHSIG)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from cluster.worker_main import READY_PREFIX
+
+log = logging.getLogger(__name__)
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+@dataclass
+class WorkerProcess:
+    role: str
+    proc: subprocess.Popen
+    address: str | None = None
+
+
+def spawn_worker(role: str, worker_args: list[str], ready: threading.Event,
+                 out: list[WorkerProcess]) -> WorkerProcess:
+    cmd = [sys.executable, "-m", "cluster.cli", "worker", "--role", role, *worker_args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True,
+                            preexec_fn=_die_with_parent)
+    wp = WorkerProcess(role, proc)
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith(READY_PREFIX) and wp.address is None:
+                wp.address = line.split()[1]
+                ready.set()
+            else:
+                sys.stderr.write(f"[{role} {proc.pid}] {line}")
+        ready.set()  # exited: let the waiter see it
+
+    threading.Thread(target=pump, daemon=True).start()
+    out.append(wp)
+    return wp
+
+
+def start_workers(roles: list[str], worker_args: list[str], timeout: float
+                  ) -> list[WorkerProcess]:
+    procs: list[WorkerProcess] = []
+    events = []
+    for role in roles:
+        ev = threading.Event()
+        spawn_worker(role, worker_args, ev, procs)
+        events.append(ev)
+    deadline = time.monotonic() + timeout
+    for wp, ev in zip(procs, events):
+        while wp.address is None:
+            if wp.proc.poll() is not None:
+                stop_workers(procs)
+                raise RuntimeError(f"{wp.role} worker exited with code {wp.proc.returncode} "
+                                   "before it was ready (see its log above)")
+            if time.monotonic() > deadline:
+                stop_workers(procs)
+                raise RuntimeError(f"{wp.role} worker not ready after {timeout:.0f}s")
+            ev.wait(0.1)
+    return procs
+
+
+def stop_workers(procs: list[WorkerProcess], grace: float = 5.0) -> None:
+    for wp in procs:
+        if wp.proc.poll() is None:
+            wp.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for wp in procs:
+        try:
+            wp.proc.wait(max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            wp.proc.kill()
+            wp.proc.wait()
+
+
+def worker_args_from(args: argparse.Namespace, model: str) -> list[str]:
+    out = ["--model", model, "--load-format", args.load_format, "--device", args.device,
+           "--block-size", str(args.block_size), "--kv-transfer", args.kv_transfer,
+           "--max-num-seqs", str(args.max_num_seqs),
+           "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+           "--seed", str(args.seed)]
+    if args.kv_blocks is not None:
+        out += ["--kv-blocks", str(args.kv_blocks)]
+    if args.max_model_len is not None:
+        out += ["--max-model-len", str(args.max_model_len)]
+    if args.dtype:
+        out += ["--dtype", args.dtype]
+    if args.no_prefix_caching:
+        out.append("--no-prefix-caching")
+    return out
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from router.app import RouterConfig, create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.prefill < 0 or args.decode < 1:
+        raise ValueError("--prefill must be >= 0 and --decode >= 1")
+    model = args.model
+    if model is None:
+        from cluster.embedded import default_model_dir
+
+        model = str(default_model_dir())
+        log.info("no --model: serving the embedded tiny model at %s", model)
+    roles = ["prefill"] * args.prefill + (["decode"] if args.prefill else ["both"]) * args.decode
+    procs = start_workers(roles, worker_args_from(args, model), args.ready_timeout)
+    try:
+        cfg = RouterConfig(
+            model=model, served_model_name=args.served_model_name or os.path.basename(
+                model.rstrip("/")),
+            prefill=[w.address for w in procs if w.role == "prefill"],
+            decode=[w.address for w in procs if w.role != "prefill"],
+            routing=args.routing)
+        app = create_app(cfg)
+        mode = f"{args.prefill}P{args.decode}D" if args.prefill else f"aggregated x{args.decode}"
+        url = f"http://{args.host}:{args.port}"
+        print(f"Baton serving {cfg.served_model_name} ({mode}) at {url}\n"
+              f"  curl {url}/v1/completions -H 'Content-Type: application/json' -d "
+              f"'{{\"model\": \"{cfg.served_model_name}\", \"prompt\": \"Hello\", "
+              f"\"max_tokens\": 16}}'", flush=True)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        stop_workers(procs)
+    return 0

@@ -1,0 +1,85 @@
+"""`baton worker`: one model replica serving one role over gRPC."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+
+import grpc
+
+from decode_worker.service import DecodeService
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.rpc import worker_pb2_grpc as pb_grpc
+from engine.rpc_server import GRPC_OPTIONS, WorkerContext, serve
+from prefill_worker.service import PrefillService
+
+READY_PREFIX = "BATON_WORKER_READY"
+
+
+class AggregatedService(PrefillService, DecodeService):
+    """Role `both`: prefills for others and decodes (with or without a handle)."""
+
+
+SERVICES = {"prefill": PrefillService, "decode": DecodeService, "both": AggregatedService}
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="checkpoint dir, or a preset name")
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--kv-blocks", type=int, default=None, help="device KV blocks per worker")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--kv-transfer", default="auto", choices=["auto", "nixl", "tcp"])
+    p.add_argument("--seed", type=int, default=0)
+
+
+def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
+    return EngineConfig(
+        model=model, load_format=args.load_format, device=args.device, dtype=args.dtype,
+        block_size=args.block_size, num_kv_blocks=args.kv_blocks,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
+        seed=args.seed)
+
+
+async def run_worker(args: argparse.Namespace) -> None:
+    cfg = engine_config(args, args.model)
+    engine = LLMEngine(cfg, detokenize=False, kv_lease_seconds=args.kv_lease_seconds)
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    if port == 0:
+        raise RuntimeError(f"--port {args.port}: cannot bind on {args.host}")
+    address = f"{args.host}:{port}"
+    ctx = WorkerContext(engine, asyncio.get_running_loop(), args.role, address,
+                        args.kv_transfer)
+    service = SERVICES[args.role](ctx)
+    pb_grpc.add_WorkerServicer_to_server(service, server)
+    await serve(service, server, f"{READY_PREFIX} {address} role={args.role} "
+                                 f"kv={ctx.transfer.name}")
+
+
+def add_worker_parser(sub) -> None:
+    p = sub.add_parser("worker", help="run one worker (prefill, decode or both)")
+    p.add_argument("--role", required=True, choices=sorted(SERVICES))
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
+    p.add_argument("--kv-lease-seconds", type=float, default=30.0,
+                   help="prefill: free held KV if no decode worker collects it by then")
+    add_engine_args(p)
+
+
+def main_worker(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if not args.model:
+        from cluster.embedded import default_model_dir
+
+        args.model = str(default_model_dir())
+    asyncio.run(run_worker(args))
+    return 0

@@ -1,0 +1,1 @@
+"""Decode role: pull a prompt's KV from a prefill worker (or prefill locally) and decode."""

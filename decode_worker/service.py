@@ -1,0 +1,105 @@
+"""The Generate RPC: with a KV handle, pull the prompt blocks this worker lacks from the
+prefill worker, release them there, and decode; without one (aggregated serving, or a
+short prompt kept local), prefill here first. Tokens stream back as they are sampled."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from engine.errors import InvalidRequestError
+from engine.llm_engine import RemoteAdmission, RequestOutput
+from engine.rpc import worker_pb2 as pb
+from engine.rpc.convert import params_from_proto, top_to_proto
+from engine.rpc_server import WorkerService, abort_invalid
+
+log = logging.getLogger(__name__)
+ADMIT_TIMEOUT_S = 60.0
+
+
+def _chunk(out: RequestOutput, sent: int) -> pb.TokenChunk:
+    """Tokens of `out` from index `sent` on (a step may finish a request mid-stream)."""
+    chunk = pb.TokenChunk(token_ids=out.token_ids[sent:], logprobs=out.logprobs[sent:],
+                          finish_reason=out.finish_reason or "")
+    if out.top_logprobs:
+        chunk.top_logprobs.extend(top_to_proto(t) for t in out.top_logprobs[sent:])
+    return chunk
+
+
+class DecodeService(WorkerService):
+    async def Generate(self, request, context):
+        ctx = self.ctx
+        rid = request.request_id
+        params = params_from_proto(request.params)
+        prompt = list(request.prompt_token_ids)
+        first = pb.TokenChunk()
+        try:
+            if request.HasField("first_token_id"):
+                q, first, already = await self._admit_remote(request, params, prompt, context)
+            else:
+                already = list(request.resume_token_ids)
+                q = ctx.worker.open_stream(rid)
+                try:
+                    await ctx.worker.call(lambda e: e.add_request(rid, prompt, params,
+                                                                  resume=already))
+                except BaseException:
+                    ctx.worker.close_stream(rid)
+                    raise
+        except InvalidRequestError as e:
+            await abort_invalid(context, e)
+            return
+        sent = len(already)
+        first_sent = False
+        async for out in ctx.worker.stream(rid, q):
+            chunk = _chunk(out, sent)
+            sent = len(out.token_ids)
+            if not first_sent:
+                chunk.num_cached_tokens = out.num_cached_tokens
+                chunk.kv_transfer_bytes = first.kv_transfer_bytes
+                chunk.kv_transfer_seconds = first.kv_transfer_seconds
+                chunk.kv_transfer_backend = first.kv_transfer_backend
+                first_sent = True
+            yield chunk
+
+    async def _admit_remote(self, request, params, prompt, context):
+        ctx = self.ctx
+        rid = request.request_id
+        handle = request.handle
+        generated = [request.first_token_id, *request.resume_token_ids]
+        logprobs = [request.first_logprob] + [0.0] * len(request.resume_token_ids)
+        deadline = time.monotonic() + ADMIT_TIMEOUT_S
+        adm: RemoteAdmission | None = None
+        try:
+            while adm is None:
+                adm = await ctx.worker.call(
+                    lambda e: e.prepare_remote(rid, prompt, generated, logprobs, params))
+                if adm is None:
+                    if time.monotonic() > deadline:
+                        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                            "no KV blocks free on the decode worker")
+                    await asyncio.sleep(0.01)
+            first = pb.TokenChunk(kv_transfer_backend=ctx.transfer.name)
+            src = list(handle.block_ids[adm.num_local_hit_blocks : len(adm.fill_block_ids)
+                                        + adm.num_local_hit_blocks])
+            t0 = time.perf_counter()
+            first.kv_transfer_bytes = await ctx.transfer.pull(
+                ctx.peer_of(handle), rid, src, adm.fill_block_ids)
+            first.kv_transfer_seconds = time.perf_counter() - t0
+        except BaseException:
+            if adm is not None:
+                await ctx.worker.call(lambda e: e.cancel_remote(adm))
+            raise
+        finally:
+            await self._release_remote(handle.worker_address, rid)
+        q = ctx.worker.open_stream(rid)
+        await ctx.worker.call(lambda e: e.commit_remote(adm))
+        return q, first, generated
+
+    async def _release_remote(self, address: str, rid: str) -> None:
+        try:
+            await self.ctx.peers.stub(address).Release(pb.ReleaseRequest(request_id=rid))
+        except grpc.aio.AioRpcError as e:  # its lease will free the blocks anyway
+            log.warning("release of %s on %s failed: %s", rid, address, e.details())

@@ -1,0 +1,36 @@
+"""Conversions between the wire messages and engine types, shared by router and workers
+(torch-free)."""
+
+from __future__ import annotations
+
+from engine.rpc import worker_pb2 as pb
+from engine.sampling_params import SamplingParams
+
+
+def params_to_proto(p: SamplingParams) -> pb.SamplingParams:
+    msg = pb.SamplingParams(max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
+                            top_k=p.top_k, ignore_eos=p.ignore_eos, min_tokens=p.min_tokens,
+                            stop_token_ids=p.stop_token_ids)
+    if p.seed is not None:
+        msg.seed = p.seed
+    if p.logprobs is not None:
+        msg.logprobs = p.logprobs
+    return msg
+
+
+def params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
+    """Stop strings stay with the router, which detokenizes; workers see token-level stops."""
+    return SamplingParams(
+        max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p or 1.0,
+        top_k=msg.top_k, seed=msg.seed if msg.HasField("seed") else None,
+        ignore_eos=msg.ignore_eos, min_tokens=msg.min_tokens,
+        stop_token_ids=list(msg.stop_token_ids),
+        logprobs=msg.logprobs if msg.HasField("logprobs") else None)
+
+
+def top_to_proto(top: list[tuple[int, float]]) -> pb.TopLogprobList:
+    return pb.TopLogprobList(items=[pb.TopLogprob(token_id=t, logprob=lp) for t, lp in top])
+
+
+def top_from_proto(msg: pb.TopLogprobList) -> list[tuple[int, float]]:
+    return [(i.token_id, i.logprob) for i in msg.items]

@@ -1,0 +1,156 @@
+"""The gRPC worker service: the RPCs every role shares (Status, Release, ReadBlocks) and
+the server lifecycle. The roles' own RPCs live in prefill_worker/ and decode_worker/."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+
+import grpc
+
+from engine.errors import InvalidRequestError
+from engine.llm_engine import LLMEngine
+from engine.rpc import worker_pb2 as pb
+from engine.rpc import worker_pb2_grpc as pb_grpc
+from engine.worker import EngineWorker
+from kvtransfer.transfer import KVTransferBackend, PeerInfo, create_backend
+
+log = logging.getLogger(__name__)
+
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.max_receive_message_length", 64 << 20),
+]
+KV_LAYOUT = "block,layer,kv,token,head,dim"
+
+
+class PeerChannels:
+    """One gRPC channel per peer worker, opened on first use."""
+
+    def __init__(self) -> None:
+        self._stubs: dict[str, pb_grpc.WorkerStub] = {}
+        self._channels: list[grpc.aio.Channel] = []
+
+    def stub(self, address: str) -> pb_grpc.WorkerStub:
+        if address not in self._stubs:
+            ch = grpc.aio.insecure_channel(address, options=GRPC_OPTIONS)
+            self._channels.append(ch)
+            self._stubs[address] = pb_grpc.WorkerStub(ch)
+        return self._stubs[address]
+
+    async def fetch_metadata(self, address: str) -> bytes:
+        status = await self.stub(address).Status(pb.StatusRequest())
+        return status.agent_metadata
+
+    async def read_blocks(self, address: str, request_id: str, block_ids: list[int]
+                          ) -> list[bytes]:
+        call = self.stub(address).ReadBlocks(
+            pb.ReadBlocksRequest(request_id=request_id, block_ids=block_ids))
+        return [chunk.data async for chunk in call]
+
+    async def close(self) -> None:
+        for ch in self._channels:
+            await ch.close()
+
+
+class WorkerContext:
+    """Everything a role's RPC handlers need: the engine thread, the transfer backend,
+    channels to peers, and this worker's own address."""
+
+    def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop, role: str,
+                 address: str, kv_transfer: str) -> None:
+        self.role = role
+        self.address = address
+        self.worker = EngineWorker(engine, loop)
+        self.peers = PeerChannels()
+        agent = f"baton-{role}-{os.getpid()}-{address.rsplit(':', 1)[-1]}"
+        self.transfer: KVTransferBackend = create_backend(
+            kv_transfer, engine.runner.kv_cache, agent, self.peers.fetch_metadata,
+            self.peers.read_blocks)
+
+    @property
+    def engine(self) -> LLMEngine:
+        return self.worker.engine
+
+    def handle_for(self, block_ids: list[int], num_tokens: int) -> pb.KVHandle:
+        e = self.engine
+        return pb.KVHandle(
+            worker_address=self.address, agent_name=self.transfer.agent_name,
+            base_address=self.transfer.base_address, block_bytes=self.transfer.block_bytes,
+            block_ids=block_ids, num_tokens=num_tokens, layout=KV_LAYOUT,
+            dtype=str(e.runner.kv_spec.dtype).removeprefix("torch."),
+            block_size=e.cfg.block_size, backend=self.transfer.name)
+
+    @staticmethod
+    def peer_of(handle: pb.KVHandle) -> PeerInfo:
+        return PeerInfo(handle.worker_address, handle.agent_name, handle.base_address,
+                        handle.block_bytes)
+
+
+async def abort_invalid(context: grpc.aio.ServicerContext, e: InvalidRequestError) -> None:
+    # The param name travels in the details so the router can fill OpenAI's `param`.
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{e.param or ''}|{e}")
+
+
+class WorkerService(pb_grpc.WorkerServicer):
+    """Shared RPCs; role classes subclass this and add Prefill and/or Generate."""
+
+    def __init__(self, ctx: WorkerContext) -> None:
+        self.ctx = ctx
+
+    async def Status(self, request, context):
+        def read(e: LLMEngine) -> pb.WorkerStatus:
+            pool, sched = e.block_pool, e.scheduler
+            queued = sum(s.num_uncomputed_tokens for s in sched.waiting) + sum(
+                s.num_uncomputed_tokens for s in sched.running if s.num_uncomputed_tokens > 1)
+            return pb.WorkerStatus(
+                role=self.ctx.role, model=e.cfg.model, num_running=len(sched.running),
+                num_waiting=len(sched.waiting), num_held=len(e.held),
+                total_blocks=pool.num_blocks, free_blocks=pool.num_free, used_blocks=pool.num_used,
+                cached_blocks=pool.num_cached, block_size=e.cfg.block_size,
+                agent_name=self.ctx.transfer.agent_name,
+                agent_metadata=self.ctx.transfer.metadata(),
+                kv_backend=self.ctx.transfer.name, queued_prefill_tokens=queued,
+                num_preemptions=sched.num_preemptions, max_model_len=e.max_model_len)
+
+        return await self.ctx.worker.call(read)
+
+    async def Release(self, request, context):
+        released = await self.ctx.worker.call(lambda e: e.release(request.request_id))
+        return pb.ReleaseResponse(released=released)
+
+    async def ReadBlocks(self, request, context):
+        def read(e: LLMEngine) -> list[bytes]:
+            held = e.held.get(request.request_id)
+            owned = set(held[0].block_table) if held else set()
+            if not set(request.block_ids) <= owned:
+                raise InvalidRequestError(f"blocks not held for {request.request_id!r}")
+            return self.ctx.transfer.read_blocks(list(request.block_ids))
+
+        try:
+            chunks = await self.ctx.worker.call(read)
+        except InvalidRequestError as e:
+            await abort_invalid(context, e)
+            return
+        for chunk in chunks:
+            yield pb.BlockData(data=chunk)
+
+
+async def serve(service: WorkerService, port_holder: grpc.aio.Server, ready_line: str) -> None:
+    """Start the engine thread, announce readiness on stdout, run until SIGTERM/SIGINT."""
+    ctx = service.ctx
+    ctx.worker.start()
+    await port_holder.start()
+    print(ready_line, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("worker shutting down")
+    await port_holder.stop(grace=2)
+    ctx.worker.stop()
+    ctx.transfer.close()
+    await ctx.peers.close()

@@ -1,0 +1,118 @@
+"""Runs an `LLMEngine` on its own thread and lets asyncio code (the gRPC service) submit
+requests and await their outputs. The engine is touched only under `lock`, so gRPC
+handlers can admit, abort and release between steps without racing the scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
+
+from engine.llm_engine import LLMEngine, RequestOutput
+from engine.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class EngineWorker:
+    def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop) -> None:
+        self.engine = engine
+        self.loop = loop
+        self.lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self.num_steps = 0
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run `fn(engine)` under the lock, off the event loop (a step may be running)."""
+        def locked() -> T:
+            with self.lock:
+                return fn(self.engine)
+
+        result = await self.loop.run_in_executor(None, locked)
+        self._wake.set()
+        return result
+
+    def _run(self) -> None:
+        next_expiry = 0.0
+        while not self._stop.is_set():
+            outs: list[RequestOutput] | None = None
+            try:
+                with self.lock:
+                    if self.engine.has_unfinished():
+                        outs = self.engine.step()
+                        self.num_steps += 1
+                    now = time.monotonic()
+                    if now >= next_expiry:
+                        for rid in self.engine.expire_held(now):
+                            log.warning("KV lease of %s expired: blocks freed", rid)
+                        next_expiry = now + 1.0
+            except Exception as e:  # a bug must not hang every waiting client
+                log.exception("engine step failed")
+                self._fail_all(e)
+                continue
+            if outs is None:
+                self._wake.wait(0.05)
+                self._wake.clear()
+                continue
+            for out in outs:
+                q = self._streams.get(out.request_id)
+                if q is not None:
+                    self.loop.call_soon_threadsafe(q.put_nowait, out)
+
+    def _fail_all(self, err: BaseException) -> None:
+        with self.lock:
+            for rid in list(self._streams):
+                self.engine.abort_request(rid)
+        for q in list(self._streams.values()):
+            self.loop.call_soon_threadsafe(q.put_nowait, err)
+
+    def open_stream(self, request_id: str) -> asyncio.Queue:
+        q: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = q
+        return q
+
+    def close_stream(self, request_id: str) -> None:
+        self._streams.pop(request_id, None)
+
+    async def stream(self, request_id: str, q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        """Outputs of a request already admitted; aborts it if the consumer goes away."""
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise RuntimeError(f"engine failed: {item}") from item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                await self.call(lambda e: e.abort_request(request_id))
+
+    async def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
+                       hold_kv: bool = False) -> AsyncIterator[RequestOutput]:
+        q = self.open_stream(request_id)
+        try:
+            await self.call(lambda e: e.add_request(request_id, prompt, params, hold_kv))
+        except BaseException:
+            self.close_stream(request_id)
+            raise
+        async for out in self.stream(request_id, q):
+            yield out

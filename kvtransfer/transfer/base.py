@@ -1,0 +1,96 @@
+"""The transfer interface and the one piece every backend shares: coalescing block lists
+into as few contiguous runs as possible (each NIXL descriptor costs microseconds)."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class BlockRun:
+    """`count` consecutive blocks from src_start (remote) to dst_start (local)."""
+
+    src_start: int
+    dst_start: int
+    count: int
+
+
+def coalesce(src_ids: Sequence[int], dst_ids: Sequence[int]) -> list[BlockRun]:
+    if len(src_ids) != len(dst_ids):
+        raise ValueError(f"{len(src_ids)} source blocks but {len(dst_ids)} destinations")
+    runs: list[BlockRun] = []
+    for s, d in zip(src_ids, dst_ids):
+        if runs:
+            last = runs[-1]
+            if s == last.src_start + last.count and d == last.dst_start + last.count:
+                runs[-1] = BlockRun(last.src_start, last.dst_start, last.count + 1)
+                continue
+        runs.append(BlockRun(s, d, 1))
+    return runs
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """What a decode worker needs about the prefill worker holding a request's KV."""
+
+    address: str  # gRPC address
+    agent_name: str
+    base_address: int
+    block_bytes: int
+
+
+# Fetches a prefill worker's NIXL metadata by gRPC address (asked once per peer).
+MetadataFetcher = Callable[[str], Awaitable[bytes]]
+# Streams raw block bytes from a prefill worker: (address, request_id, block_ids) -> chunks.
+BlockReader = Callable[[str, str, list[int]], Awaitable[list[bytes]]]
+
+
+class KVTransferBackend(abc.ABC):
+    """One per worker, over that worker's whole KV cache tensor
+    [num_blocks, ...] (a block is one contiguous region of `block_bytes`)."""
+
+    name: str
+
+    def __init__(self, kv_cache: torch.Tensor) -> None:
+        if not kv_cache.is_contiguous():
+            raise ValueError("the KV cache must be one contiguous tensor")
+        self.kv_cache = kv_cache
+        self.block_bytes = kv_cache[0].numel() * kv_cache.element_size()
+        self.base_address = kv_cache.data_ptr()
+
+    @property
+    def agent_name(self) -> str:
+        return ""
+
+    def metadata(self) -> bytes:
+        return b""
+
+    @abc.abstractmethod
+    async def pull(self, peer: PeerInfo, request_id: str, src_block_ids: Sequence[int],
+                   dst_block_ids: Sequence[int]) -> int:
+        """Copy the peer's blocks into ours; returns bytes moved."""
+
+    def read_blocks(self, block_ids: Sequence[int], max_chunk_bytes: int = 4 << 20
+                    ) -> list[bytes]:
+        """Serve raw bytes of our blocks (the tcp path; also a debugging aid)."""
+        chunks, cur, size = [], [], 0
+        for run in coalesce(block_ids, block_ids):
+            data = self.kv_cache[run.src_start : run.src_start + run.count]
+            raw = data.contiguous().view(torch.uint8).numpy().tobytes() \
+                if data.device.type == "cpu" else data.cpu().view(torch.uint8).numpy().tobytes()
+            for off in range(0, len(raw), self.block_bytes):
+                cur.append(raw[off : off + self.block_bytes])
+                size += self.block_bytes
+                if size >= max_chunk_bytes:
+                    chunks.append(b"".join(cur))
+                    cur, size = [], 0
+        if cur:
+            chunks.append(b"".join(cur))
+        return chunks
+
+    def close(self) -> None:  # noqa: B027 (optional hook)
+        pass

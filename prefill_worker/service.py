@@ -1,0 +1,57 @@
+"""The Prefill RPC: prefill the (uncached part of the) prompt, sample the first token with
+the request's own settings, keep the blocks pinned and hand back a KV handle. The blocks
+are freed when the decode worker calls Release, or when the lease runs out."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import grpc
+
+from engine.errors import InvalidRequestError
+from engine.rpc import worker_pb2 as pb
+from engine.rpc.convert import params_from_proto, top_to_proto
+from engine.rpc_server import WorkerService, abort_invalid
+
+
+class PrefillService(WorkerService):
+    async def Prefill(self, request, context):
+        ctx = self.ctx
+        rid = request.request_id
+        params = params_from_proto(request.params)
+        prompt = list(request.prompt_token_ids)
+        # One token here; the rest on the decode side. EOS/stop tokens still end it early.
+        first_only = dataclasses.replace(params, max_tokens=1,
+                                         min_tokens=min(params.min_tokens, 1))
+        last = None
+        try:
+            async for out in ctx.worker.generate(rid, prompt, first_only, hold_kv=True):
+                last = out
+        except InvalidRequestError as e:
+            await abort_invalid(context, e)
+            return pb.PrefillResponse()
+        assert last is not None and last.finished
+        ended = last.finish_reason == "stop" or params.max_tokens == 1
+        reason = (last.finish_reason if last.finish_reason == "stop" else "length") \
+            if ended else ""
+
+        def take_handle(e):
+            held = e.held.get(rid)
+            if held is None:
+                return None
+            if ended:  # nothing to hand over
+                e.release(rid)
+                return None
+            return ctx.handle_for(list(held[0].block_table), len(prompt))
+
+        handle = await ctx.worker.call(take_handle)
+        if handle is None and not ended:
+            await context.abort(grpc.StatusCode.INTERNAL, "prefill lost its blocks")
+        resp = pb.PrefillResponse(first_token_id=last.token_ids[0],
+                                  first_logprob=last.logprobs[0], finish_reason=reason,
+                                  num_cached_tokens=last.num_cached_tokens)
+        if last.top_logprobs:
+            resp.first_top_logprobs.extend(top_to_proto(last.top_logprobs[0]).items)
+        if handle is not None:
+            resp.handle.CopyFrom(handle)
+        return resp

@@ -1,0 +1,304 @@
+"""The router's FastAPI app: OpenAI endpoints, health, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from engine.errors import InvalidRequestError
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import IncrementalDetokenizer, TokenizerBundle
+from router.errors import WorkerUnavailableError, error_response
+from router.generation import RequestRunner
+from router.metrics import RouterMetrics
+from router.protocol import ChatCompletionRequest, CompletionRequest
+from router.responses import ChoiceState, Delta, Formatter
+from router.workers import WorkerPool
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    model: str  # checkpoint dir (tokenizer) or preset name (dummy weights)
+    served_model_name: str
+    prefill: list[str] = field(default_factory=list)
+    decode: list[str] = field(default_factory=list)
+    routing: str = "round-robin"
+    ready_timeout_s: float = 120.0
+
+
+def load_tokenizer(model: str) -> TokenizerBundle:
+    from pathlib import Path
+
+    if Path(model).is_dir():
+        return TokenizerBundle.from_dir(model)
+    return TokenizerBundle.from_preset(model)
+
+
+class Router:
+    def __init__(self, cfg: RouterConfig) -> None:
+        self.cfg = cfg
+        self.tok = load_tokenizer(cfg.model)
+        self.metrics = RouterMetrics()
+        self.pool = WorkerPool(routing=cfg.routing)
+        self.runner = RequestRunner(self.pool, self.metrics)
+        self._refresher: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        # grpc.aio channels bind to the running loop: open them here, not in __init__.
+        self.pool.add_workers(self.cfg.prefill, self.cfg.decode)
+        await self.pool.wait_ready(self.cfg.ready_timeout_s)
+        self._refresher = asyncio.create_task(self._refresh_loop())
+
+    async def stop(self) -> None:
+        if self._refresher:
+            self._refresher.cancel()
+        await self.pool.close()
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            await self.pool.refresh()
+            for w in self.pool.all:
+                m, labels = self.metrics, (w.address, w.role)
+                m.worker_in_flight.labels(*labels).set(w.in_flight)
+                if w.status is not None:
+                    m.worker_free_blocks.labels(*labels).set(w.status.free_blocks)
+                    m.worker_running.labels(*labels).set(w.status.num_running)
+                    m.worker_queued_prefill_tokens.labels(*labels).set(
+                        w.status.queued_prefill_tokens)
+
+    # ---- request preparation -------------------------------------------------------
+    def prompts_of(self, req: CompletionRequest | ChatCompletionRequest) -> list[list[int]]:
+        if isinstance(req, ChatCompletionRequest):
+            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+            return [self.tok.chat_prompt_ids(messages)]
+        p = req.prompt
+        if isinstance(p, str):
+            prompts = [self.tok.encode(p)]
+        elif p and all(isinstance(x, int) for x in p):
+            prompts = [list(p)]
+        elif p and all(isinstance(x, str) for x in p):
+            prompts = [self.tok.encode(x) for x in p]
+        elif p and all(isinstance(x, list) for x in p):
+            prompts = [list(x) for x in p]
+        else:
+            raise InvalidRequestError("prompt must be a non-empty string, list of strings, "
+                                      "token ids, or list of token id lists", param="prompt")
+        vocab = self.tok.vocab_size
+        for ids in prompts:
+            if not ids:
+                raise InvalidRequestError("prompt must not be empty", param="prompt")
+            if any(not 0 <= t < vocab for t in ids):
+                raise InvalidRequestError(f"token ids must be in [0, {vocab})",
+                                          param="prompt")
+        return prompts
+
+    def params_of(self, req, prompt_len: int) -> SamplingParams:
+        max_len = self.pool.max_model_len or 0
+        if isinstance(req, ChatCompletionRequest):
+            max_tokens = req.max_completion_tokens or req.max_tokens
+            logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        else:
+            max_tokens, logprobs = req.max_tokens, req.logprobs
+        if max_tokens is None:
+            max_tokens = max(max_len - prompt_len, 1)
+        params = req.sampling_params(max_tokens, logprobs)
+        if max_len and prompt_len + params.max_tokens > max_len:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {max_len} tokens. However, you "
+                f"requested {prompt_len + params.max_tokens} tokens ({prompt_len} in the "
+                f"prompt, {params.max_tokens} in the completion).", param="max_tokens")
+        return params
+
+    # ---- running ---------------------------------------------------------------------
+    async def run_choice(self, state: ChoiceState, params: SamplingParams,
+                         request_id: str, t_start: float) -> AsyncIterator[Delta]:
+        m = self.metrics
+        last = None
+        status = "error"
+        try:
+            async for ev in self.runner.run(f"{request_id}-{state.index}",
+                                            state.prompt_token_ids, params):
+                now = time.perf_counter()
+                if last is None:
+                    m.ttft.observe(now - t_start)
+                elif ev.token_ids:
+                    gap = (now - last) / len(ev.token_ids)
+                    for _ in ev.token_ids:
+                        m.itl.observe(gap)
+                last = now
+                t0 = time.perf_counter()
+                if ev.cached_tokens is not None:
+                    state.cached_tokens = ev.cached_tokens
+                text = "".join(state.detok.add_token(t) for t in ev.token_ids)
+                finish = ev.finish_reason
+                if state.detok.stopped:
+                    finish = "stop"
+                elif finish:
+                    text += state.detok.flush()
+                state.token_ids.extend(ev.token_ids)
+                state.logprobs.extend(ev.logprobs)
+                state.top_logprobs.extend(ev.top_logprobs)
+                state.text += text
+                m.router_span.labels("detokenize").observe(time.perf_counter() - t0)
+                yield Delta(state.index, text, list(ev.token_ids), list(ev.logprobs),
+                            list(ev.top_logprobs), finish)
+                if finish:
+                    state.finish_reason = finish
+                    status = "ok"
+                    return
+        except asyncio.CancelledError:
+            status = "cancelled"
+            raise
+        finally:
+            m.requests.labels(status).inc()
+            m.e2e.observe(time.perf_counter() - t_start)
+            m.prompt_tokens.inc(len(state.prompt_token_ids))
+            m.cached_tokens.inc(state.cached_tokens)
+            m.generation_tokens.inc(len(state.token_ids))
+
+    async def handle(self, req, kind: str):
+        t_start = time.perf_counter()
+        req.check_supported()
+        if req.model != self.cfg.served_model_name:
+            return error_response(400, f"The model `{req.model}` does not exist; this server "
+                                  f"serves `{self.cfg.served_model_name}`.", param="model",
+                                  code="model_not_found")
+        prompts = self.prompts_of(req)
+        params = [self.params_of(req, len(p)) for p in prompts]
+        self.metrics.router_span.labels("tokenize").observe(time.perf_counter() - t_start)
+        request_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        states = [ChoiceState(i, p, IncrementalDetokenizer(
+            self.tok, sp.stop, sp.skip_special_tokens, sp.include_stop_str_in_output))
+            for i, (p, sp) in enumerate(zip(prompts, params))]
+        fmt = Formatter(kind, request_id, self.cfg.served_model_name, self.tok,
+                        req.return_token_ids, params[0].logprobs)
+        if not req.stream:
+            async def drain(s: ChoiceState, sp: SamplingParams) -> None:
+                async for _ in self.run_choice(s, sp, request_id, t_start):
+                    pass
+
+            await asyncio.gather(*(drain(s, sp) for s, sp in zip(states, params)))
+            return JSONResponse(fmt.full(states))
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return StreamingResponse(self._sse(states, params, fmt, request_id, t_start,
+                                           include_usage), media_type="text/event-stream")
+
+    async def _sse(self, states, params, fmt: Formatter, request_id: str, t_start: float,
+                   include_usage: bool) -> AsyncIterator[str]:
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(s: ChoiceState, sp: SamplingParams) -> None:
+            try:
+                async for d in self.run_choice(s, sp, request_id, t_start):
+                    await queue.put(d)
+            except Exception as e:
+                await queue.put(e)
+            finally:
+                await queue.put(None)
+
+        tasks = [asyncio.create_task(pump(s, sp)) for s, sp in zip(states, params)]
+        first = {s.index: True for s in states}
+        remaining = len(tasks)
+        try:
+            while remaining:
+                item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                    continue
+                if isinstance(item, Exception):
+                    status, msg = _status_of(item)
+                    yield fmt.error_event(status, msg)
+                    break
+                yield fmt.chunk(item, states[item.index], first[item.index])
+                first[item.index] = False
+            else:
+                if include_usage:
+                    yield fmt.usage_chunk(states)
+            yield "data: [DONE]\n\n"
+        finally:
+            for t in tasks:  # the client went away, or an error: stop the workers too
+                t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _status_of(e: Exception) -> tuple[int, str]:
+    if isinstance(e, InvalidRequestError):
+        return 400, str(e)
+    if isinstance(e, WorkerUnavailableError):
+        return 503, str(e)
+    return 500, f"internal error: {e}"
+
+
+def create_app(cfg: RouterConfig) -> FastAPI:
+    router = Router(cfg)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await router.start()
+        yield
+        await router.stop()
+
+    app = FastAPI(title="Baton router", lifespan=lifespan)
+    app.state.router = router
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request: Request, exc: RequestValidationError):
+        errs = exc.errors()
+        first = errs[0] if errs else {}
+        loc = [str(x) for x in first.get("loc", []) if x != "body"]
+        msg = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            return error_response(400, f"request body is not valid JSON: {msg}")
+        return error_response(400, f"{'.'.join(loc) or 'body'}: {msg}",
+                              param=".".join(loc) or None)
+
+    @app.exception_handler(InvalidRequestError)
+    async def on_invalid(request: Request, exc: InvalidRequestError):
+        return error_response(400, str(exc), param=exc.param)
+
+    @app.exception_handler(WorkerUnavailableError)
+    async def on_unavailable(request: Request, exc: WorkerUnavailableError):
+        return error_response(503, str(exc))
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest):
+        return await router.handle(req, "completion")
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest):
+        return await router.handle(req, "chat")
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{
+            "id": cfg.served_model_name, "object": "model", "created": 0,
+            "owned_by": "baton", "max_model_len": router.pool.max_model_len}]}
+
+    @app.get("/health")
+    async def health():
+        ok = any(w.healthy for w in router.pool.decode)
+        body = {"status": "ok" if ok else "unavailable",
+                "mode": "disaggregated" if router.pool.disaggregated else "aggregated",
+                "workers": [w.to_json() for w in router.pool.all]}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(router.metrics.registry),
+                        media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,151 @@
+"""One request's trip through the workers (DESIGN.md, "A request, step by step"):
+prefill on P, first token out at once, then decode on D with P's KV handle; or decode
+only (aggregated). If a decode worker dies mid-stream the request moves to another one
+with the tokens generated so far (migration), so the client sees one unbroken stream."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+
+from engine.errors import InvalidRequestError
+from engine.rpc import worker_pb2 as pb
+from engine.rpc.convert import params_to_proto, top_from_proto
+from engine.sampling_params import SamplingParams
+from router.errors import WorkerUnavailableError
+from router.metrics import RouterMetrics
+from router.workers import WorkerHandle, WorkerPool
+
+log = logging.getLogger(__name__)
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL,
+             grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNKNOWN}
+MAX_ATTEMPTS = 3
+
+
+@dataclass
+class TokenEvent:
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    finish_reason: str | None = None
+    cached_tokens: int | None = None  # on the first event
+
+
+def _invalid(e: grpc.aio.AioRpcError) -> InvalidRequestError:
+    param, _, msg = (e.details() or "").partition("|")
+    return InvalidRequestError(msg or param, param=param or None)
+
+
+class RequestRunner:
+    def __init__(self, pool: WorkerPool, metrics: RouterMetrics) -> None:
+        self.pool = pool
+        self.metrics = metrics
+        self._background: set[asyncio.Future] = set()
+
+    async def run(self, request_id: str, prompt: list[int], params: SamplingParams
+                  ) -> AsyncIterator[TokenEvent]:
+        generated: list[int] = []
+        handle: pb.KVHandle | None = None
+        prefill_w: WorkerHandle | None = None
+        if self.pool.disaggregated:
+            first, prefill_w = await self._prefill(request_id, prompt, params)
+            generated.append(first.first_token_id)
+            top = [top_from_proto(pb.TopLogprobList(items=first.first_top_logprobs))] \
+                if first.first_top_logprobs else []
+            yield TokenEvent([first.first_token_id], [first.first_logprob], top,
+                             first.finish_reason or None, first.num_cached_tokens)
+            if first.finish_reason:
+                return
+            handle = first.handle if first.HasField("handle") else None
+        failed: set[str] = set()
+        first_event = not generated
+        try:
+            for attempt in range(MAX_ATTEMPTS):
+                w = self.pool.pick("decode", exclude=failed)
+                req = pb.GenerateRequest(request_id=f"{request_id}-{attempt}",
+                                         prompt_token_ids=prompt,
+                                         params=params_to_proto(params))
+                if handle is not None:
+                    req.first_token_id = generated[0]
+                    req.first_logprob = 0.0
+                    req.handle.CopyFrom(handle)
+                    req.resume_token_ids.extend(generated[1:])
+                else:
+                    req.resume_token_ids.extend(generated)
+                # Whatever happens to this attempt, the decode side releases P's blocks,
+                # so a retry must not read them again: it re-prefills locally instead.
+                handle = None
+                w.in_flight += 1
+                call = w.stub.Generate(req)
+                try:
+                    async for chunk in call:
+                        if chunk.kv_transfer_backend:
+                            self.metrics.kv_transfer(chunk.kv_transfer_backend,
+                                                     chunk.kv_transfer_bytes,
+                                                     chunk.kv_transfer_seconds)
+                        generated.extend(chunk.token_ids)
+                        yield TokenEvent(
+                            list(chunk.token_ids), list(chunk.logprobs),
+                            [top_from_proto(t) for t in chunk.top_logprobs],
+                            chunk.finish_reason or None,
+                            chunk.num_cached_tokens if first_event else None)
+                        first_event = False
+                        if chunk.finish_reason:
+                            return
+                    return
+                except grpc.aio.AioRpcError as e:
+                    if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                        raise _invalid(e) from None
+                    if e.code() not in RETRYABLE:
+                        raise
+                    log.warning("decode worker %s failed on %s (%s): migrating with %d "
+                                "tokens", w.address, request_id, e.code(), len(generated))
+                    self.metrics.migrations.inc()
+                    self.pool.mark_failed(w)
+                    failed.add(w.address)
+                finally:
+                    w.in_flight -= 1
+                    call.cancel()  # no-op when done; frees the worker's blocks otherwise
+            raise WorkerUnavailableError("decode failed on every worker tried")
+        finally:
+            if prefill_w is not None:
+                # Normally the decode worker has released P's blocks already (then this
+                # is a no-op); if the request ended before that, P frees them now.
+                task = asyncio.ensure_future(self._release(prefill_w, request_id))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    async def _prefill(self, request_id: str, prompt: list[int], params: SamplingParams
+                       ) -> tuple[pb.PrefillResponse, WorkerHandle]:
+        failed: set[str] = set()
+        for _ in range(MAX_ATTEMPTS):
+            w = self.pool.pick("prefill", exclude=failed)
+            w.in_flight += 1
+            try:
+                resp = await w.stub.Prefill(pb.PrefillRequest(
+                    request_id=request_id, prompt_token_ids=prompt,
+                    params=params_to_proto(params)))
+                return resp, w
+            except grpc.aio.AioRpcError as e:
+                if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise _invalid(e) from None
+                if e.code() not in RETRYABLE:
+                    raise
+                log.warning("prefill worker %s failed on %s (%s): retrying elsewhere",
+                            w.address, request_id, e.code())
+                self.pool.mark_failed(w)
+                failed.add(w.address)
+            finally:
+                w.in_flight -= 1
+        raise WorkerUnavailableError("prefill failed on every worker tried")
+
+    async def _release(self, w: WorkerHandle, request_id: str) -> None:
+        try:
+            await w.stub.Release(pb.ReleaseRequest(request_id=request_id), timeout=5)
+        except grpc.aio.AioRpcError as e:
+            log.info("release of %s on %s failed (%s); its lease frees it", request_id,
+                     w.address, e.code())

@@ -1,0 +1,50 @@
+"""Prometheus metrics of one router (its own registry, so several routers can live in one
+test process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+                    30, 60)
+_SPAN_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2,
+                 0.1)
+
+
+class RouterMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.ttft = Histogram("baton_time_to_first_token_seconds", "TTFT", registry=r,
+                              buckets=_LATENCY_BUCKETS)
+        self.itl = Histogram("baton_inter_token_latency_seconds", "gap between tokens",
+                             registry=r, buckets=_LATENCY_BUCKETS)
+        self.e2e = Histogram("baton_e2e_request_latency_seconds", "request latency",
+                             registry=r, buckets=_LATENCY_BUCKETS)
+        self.requests = Counter("baton_requests", "requests by final status", ["status"],
+                                registry=r)
+        self.prompt_tokens = Counter("baton_prompt_tokens", "prompt tokens in", registry=r)
+        self.cached_tokens = Counter("baton_cached_prompt_tokens",
+                                     "prompt tokens served from a cache", registry=r)
+        self.generation_tokens = Counter("baton_generation_tokens", "tokens out", registry=r)
+        self.kv_bytes = Counter("baton_kv_transfer_bytes", "KV bytes moved P->D", ["backend"],
+                                registry=r)
+        self.kv_seconds = Histogram("baton_kv_transfer_seconds", "KV pull time per request",
+                                    ["backend"], registry=r, buckets=_LATENCY_BUCKETS)
+        self.migrations = Counter("baton_migrations", "requests moved after a worker failed",
+                                  registry=r)
+        self.router_span = Histogram("baton_router_span_seconds",
+                                     "router's own time per request, by stage", ["stage"],
+                                     registry=r, buckets=_SPAN_BUCKETS)
+        self.worker_in_flight = Gauge("baton_worker_in_flight", "requests in flight",
+                                      ["worker", "role"], registry=r)
+        self.worker_free_blocks = Gauge("baton_worker_free_blocks", "free KV blocks",
+                                        ["worker", "role"], registry=r)
+        self.worker_running = Gauge("baton_worker_running", "running sequences",
+                                    ["worker", "role"], registry=r)
+        self.worker_queued_prefill_tokens = Gauge(
+            "baton_worker_queued_prefill_tokens", "prompt tokens waiting", ["worker", "role"],
+            registry=r)
+
+    def kv_transfer(self, backend: str, nbytes: int, seconds: float) -> None:
+        self.kv_bytes.labels(backend).inc(nbytes)
+        self.kv_seconds.labels(backend).observe(seconds)

@@ -1,0 +1,152 @@
+"""Turning generated tokens into OpenAI response bodies and SSE chunks."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+from engine.tokenizer import IncrementalDetokenizer, TokenizerBundle
+
+
+@dataclass
+class ChoiceState:
+    """Everything one choice accumulated: what the final body and usage need."""
+
+    index: int
+    prompt_token_ids: list[int]
+    detok: IncrementalDetokenizer
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    cached_tokens: int = 0
+
+
+@dataclass
+class Delta:
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]]
+    finish_reason: str | None
+
+
+def usage(choices: list[ChoiceState]) -> dict:
+    prompt = sum(len(c.prompt_token_ids) for c in choices)
+    completion = sum(len(c.token_ids) for c in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(c.cached_tokens for c in choices)}}
+
+
+def _token_str(tok: TokenizerBundle, token_id: int) -> str:
+    return tok.decode([token_id], skip_special_tokens=False)
+
+
+def completion_logprobs(tok: TokenizerBundle, token_ids: list[int], logprobs: list[float],
+                        tops: list[list[tuple[int, float]]], text_offset: int) -> dict:
+    tokens = [_token_str(tok, t) for t in token_ids]
+    offsets, pos = [], text_offset
+    for s in tokens:
+        offsets.append(pos)
+        pos += len(s)
+    top = [{_token_str(tok, t): lp for t, lp in row} for row in tops] if tops else None
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": top,
+            "text_offset": offsets}
+
+
+def chat_logprobs(tok: TokenizerBundle, token_ids: list[int], logprobs: list[float],
+                  tops: list[list[tuple[int, float]]]) -> dict:
+    def entry(t: int, lp: float) -> dict:
+        s = _token_str(tok, t)
+        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+
+    content = []
+    for i, (t, lp) in enumerate(zip(token_ids, logprobs)):
+        e = entry(t, lp)
+        e["top_logprobs"] = [entry(a, b) for a, b in tops[i]] if i < len(tops) else []
+        content.append(e)
+    return {"content": content}
+
+
+class Formatter:
+    """Builds bodies for one request (completion or chat), streaming or not."""
+
+    def __init__(self, kind: str, request_id: str, model: str, tok: TokenizerBundle,
+                 return_token_ids: bool, logprobs: int | None) -> None:
+        self.kind = kind
+        self.id = request_id
+        self.model = model
+        self.tok = tok
+        self.return_token_ids = return_token_ids
+        self.logprobs = logprobs
+        self.created = int(time.time())
+        self._text_offset: dict[int, int] = {}
+
+    def _lp(self, index: int, token_ids, logprobs, tops) -> dict | None:
+        if self.logprobs is None:
+            return None
+        tops = tops if self.logprobs > 0 else []
+        if self.kind == "chat":
+            return chat_logprobs(self.tok, token_ids, logprobs, tops)
+        off = self._text_offset.get(index, 0)
+        body = completion_logprobs(self.tok, token_ids, logprobs, tops, off)
+        self._text_offset[index] = off + sum(len(t) for t in body["tokens"])
+        return body
+
+    def chunk(self, d: Delta, state: ChoiceState, first: bool) -> str:
+        if self.kind == "chat":
+            delta: dict = {"role": "assistant", "content": d.text} if first \
+                else {"content": d.text}
+            choice: dict = {"index": d.index, "delta": delta, "logprobs": None,
+                            "finish_reason": d.finish_reason}
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": d.index, "text": d.text, "logprobs": None,
+                      "finish_reason": d.finish_reason}
+            obj = "text_completion"
+        choice["logprobs"] = self._lp(d.index, d.token_ids, d.logprobs, d.top_logprobs)
+        if self.return_token_ids:
+            choice["token_ids"] = d.token_ids
+            if first:
+                choice["prompt_token_ids"] = state.prompt_token_ids
+        return self._sse({"id": self.id, "object": obj, "created": self.created,
+                          "model": self.model, "choices": [choice]})
+
+    def usage_chunk(self, choices: list[ChoiceState]) -> str:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        return self._sse({"id": self.id, "object": obj, "created": self.created,
+                          "model": self.model, "choices": [], "usage": usage(choices)})
+
+    def full(self, choices: list[ChoiceState]) -> dict:
+        out = []
+        for c in choices:
+            self._text_offset.pop(c.index, None)
+            lp = self._lp(c.index, c.token_ids, c.logprobs, c.top_logprobs)
+            if self.kind == "chat":
+                item: dict = {"index": c.index,
+                              "message": {"role": "assistant", "content": c.text},
+                              "logprobs": lp, "finish_reason": c.finish_reason}
+            else:
+                item = {"index": c.index, "text": c.text, "logprobs": lp,
+                        "finish_reason": c.finish_reason}
+            if self.return_token_ids:
+                item["token_ids"] = c.token_ids
+                item["prompt_token_ids"] = c.prompt_token_ids
+            out.append(item)
+        obj = "chat.completion" if self.kind == "chat" else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "choices": out, "usage": usage(choices)}
+
+    @staticmethod
+    def _sse(body: dict) -> str:
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    @staticmethod
+    def error_event(status: int, message: str) -> str:
+        return Formatter._sse({"error": {"message": message, "type": "internal_server_error"
+                                         if status >= 500 else "invalid_request_error",
+                                         "param": None, "code": status}})

@@ -1,0 +1,121 @@
+"""The router's view of its workers: gRPC stubs, health from periodic Status calls, and
+its own count of requests in flight, which the selection policy reads."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+
+from engine.rpc import worker_pb2 as pb
+from engine.rpc import worker_pb2_grpc as pb_grpc
+from engine.rpc_server import GRPC_OPTIONS
+from router.errors import WorkerUnavailableError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerHandle:
+    address: str
+    role: str  # "prefill" or "decode"
+    stub: pb_grpc.WorkerStub
+    channel: grpc.aio.Channel
+    healthy: bool = False
+    in_flight: int = 0
+    status: pb.WorkerStatus | None = None
+    failures: int = 0
+
+    def to_json(self) -> dict:
+        s = self.status
+        return {"address": self.address, "role": self.role, "healthy": self.healthy,
+                "in_flight": self.in_flight,
+                "running": s.num_running if s else None,
+                "waiting": s.num_waiting if s else None,
+                "held": s.num_held if s else None,
+                "free_blocks": s.free_blocks if s else None,
+                "total_blocks": s.total_blocks if s else None,
+                "cached_blocks": s.cached_blocks if s else None,
+                "kv_backend": s.kv_backend if s else None}
+
+
+@dataclass
+class WorkerPool:
+    prefill: list[WorkerHandle] = field(default_factory=list)
+    decode: list[WorkerHandle] = field(default_factory=list)
+    routing: str = "round-robin"
+    _rr: dict[str, itertools.count] = field(default_factory=dict)
+
+    def add_workers(self, prefill: list[str], decode: list[str]) -> None:
+        """Open channels (call from the event loop that will use them)."""
+        def handle(addr: str, role: str) -> WorkerHandle:
+            ch = grpc.aio.insecure_channel(addr, options=GRPC_OPTIONS)
+            return WorkerHandle(addr, role, pb_grpc.WorkerStub(ch), ch)
+
+        self.prefill.extend(handle(a, "prefill") for a in prefill)
+        self.decode.extend(handle(a, "decode") for a in decode)
+
+    @property
+    def all(self) -> list[WorkerHandle]:
+        return self.prefill + self.decode
+
+    @property
+    def disaggregated(self) -> bool:
+        return any(w.healthy for w in self.prefill)
+
+    @property
+    def max_model_len(self) -> int | None:
+        lens = [w.status.max_model_len for w in self.all if w.status and w.healthy]
+        return min(lens) if lens else None
+
+    def pick(self, role: str, exclude: set[str] | None = None) -> WorkerHandle:
+        pool = self.prefill if role == "prefill" else self.decode
+        live = [w for w in pool if w.healthy and w.address not in (exclude or set())]
+        if not live:
+            raise WorkerUnavailableError(f"no healthy {role} worker")
+        if self.routing == "round-robin":
+            counter = self._rr.setdefault(role, itertools.count())
+            return live[next(counter) % len(live)]
+        # least-loaded by the router's own in-flight count; rotation breaks ties
+        counter = self._rr.setdefault(role, itertools.count())
+        start = next(counter) % len(live)
+        rotated = live[start:] + live[:start]
+        return min(rotated, key=lambda w: w.in_flight)
+
+    async def refresh(self) -> None:
+        async def one(w: WorkerHandle) -> None:
+            try:
+                w.status = await w.stub.Status(pb.StatusRequest(), timeout=2.0)
+                if not w.healthy:
+                    log.info("%s worker %s is up", w.role, w.address)
+                w.healthy, w.failures = True, 0
+            except grpc.aio.AioRpcError as e:
+                w.failures += 1
+                if w.healthy:
+                    log.warning("%s worker %s is down: %s", w.role, w.address, e.code())
+                w.healthy = False
+
+        await asyncio.gather(*(one(w) for w in self.all))
+
+    def mark_failed(self, w: WorkerHandle) -> None:
+        w.healthy = False
+        w.failures += 1
+
+    async def wait_ready(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            await self.refresh()
+            if all(w.healthy for w in self.all):
+                return
+            if loop.time() > deadline:
+                down = [w.address for w in self.all if not w.healthy]
+                raise TimeoutError(f"workers not ready after {timeout}s: {', '.join(down)}")
+            await asyncio.sleep(0.2)
+
+    async def close(self) -> None:
+        for w in self.all:
+            await w.channel.close()
