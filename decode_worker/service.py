@@ -86,14 +86,14 @@ class DecodeService(WorkerService):
                                         + adm.num_local_hit_blocks])
             t0 = time.perf_counter()
             first.kv_transfer_bytes = await ctx.transfer.pull(
-                ctx.peer_of(handle), rid, src, adm.fill_block_ids)
+                ctx.peer_of(handle), handle.request_id, src, adm.fill_block_ids)
             first.kv_transfer_seconds = time.perf_counter() - t0
         except BaseException:
             if adm is not None:
                 await ctx.worker.call(lambda e: e.cancel_remote(adm))
             raise
         finally:
-            await self._release_remote(handle.worker_address, rid)
+            await self._release_remote(handle.worker_address, handle.request_id)
         q = ctx.worker.open_stream(rid)
         await ctx.worker.call(lambda e: e.commit_remote(adm))
         return q, first, generated

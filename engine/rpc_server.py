@@ -74,10 +74,11 @@ class WorkerContext:
     def engine(self) -> LLMEngine:
         return self.worker.engine
 
-    def handle_for(self, block_ids: list[int], num_tokens: int) -> pb.KVHandle:
+    def handle_for(self, request_id: str, block_ids: list[int], num_tokens: int
+                   ) -> pb.KVHandle:
         e = self.engine
         return pb.KVHandle(
-            worker_address=self.address, agent_name=self.transfer.agent_name,
+            request_id=request_id, worker_address=self.address, agent_name=self.transfer.agent_name,
             base_address=self.transfer.base_address, block_bytes=self.transfer.block_bytes,
             block_ids=block_ids, num_tokens=num_tokens, layout=KV_LAYOUT,
             dtype=str(e.runner.kv_spec.dtype).removeprefix("torch."),

@@ -42,7 +42,7 @@ class PrefillService(WorkerService):
             if ended:  # nothing to hand over
                 e.release(rid)
                 return None
-            return ctx.handle_for(list(held[0].block_table), len(prompt))
+            return ctx.handle_for(rid, list(held[0].block_table), len(prompt))
 
         handle = await ctx.worker.call(take_handle)
         if handle is None and not ended:

@@ -105,7 +105,8 @@ class RequestRunner:
                     log.warning("decode worker %s failed on %s (%s): migrating with %d "
                                 "tokens", w.address, request_id, e.code(), len(generated))
                     self.metrics.migrations.inc()
-                    self.pool.mark_failed(w)
+                    if e.code() == grpc.StatusCode.UNAVAILABLE:
+                        self.pool.mark_failed(w)
                     failed.add(w.address)
                 finally:
                     w.in_flight -= 1
@@ -137,7 +138,8 @@ class RequestRunner:
                     raise
                 log.warning("prefill worker %s failed on %s (%s): retrying elsewhere",
                             w.address, request_id, e.code())
-                self.pool.mark_failed(w)
+                if e.code() == grpc.StatusCode.UNAVAILABLE:
+                    self.pool.mark_failed(w)
                 failed.add(w.address)
             finally:
                 w.in_flight -= 1

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65ngine/rpc/worker.proto\x12\x0c\x62\x61ton.worker\"\xd7\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x12\x12\n\nmin_tokens\x18\x07 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x15\n\x08logprobs\x18\t \x01(\x05H\x01\x88\x01\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"\xcc\x01\n\x08KVHandle\x12\x16\n\x0eworker_address\x18\x01 \x01(\t\x12\x12\n\nagent_name\x18\x02 \x01(\t\x12\x14\n\x0c\x62\x61se_address\x18\x03 \x01(\x04\x12\x13\n\x0b\x62lock_bytes\x18\x04 \x01(\x04\x12\x11\n\tblock_ids\x18\x05 \x03(\x05\x12\x12\n\nnum_tokens\x18\x06 \x01(\x05\x12\x0e\n\x06layout\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x12\n\nblock_size\x18\t \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\n \x01(\t\"l\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12,\n\x06params\x18\x03 \x01(\x0b\x32\x1c.baton.worker.SamplingParams\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xd0\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12\x15\n\rfirst_logprob\x18\x02 \x01(\x02\x12\x34\n\x12\x66irst_top_logprobs\x18\x03 \x03(\x0b\x32\x18.baton.worker.TopLogprob\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\x05\x12&\n\x06handle\x18\x06 \x01(\x0b\x32\x16.baton.worker.KVHandle\"\xf6\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12,\n\x06params\x18\x03 \x01(\x0b\x32\x1c.baton.worker.SamplingParams\x12\x1b\n\x0e\x66irst_token_id\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\rfirst_logprob\x18\x05 \x01(\x02\x12&\n\x06handle\x18\x06 \x01(\x0b\x32\x16.baton.worker.KVHandle\x12\x18\n\x10resume_token_ids\x18\x07 \x03(\x05\x42\x11\n\x0f_first_token_id\"\xec\x01\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x32\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x1c.baton.worker.TopLogprobList\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\x05\x12\x19\n\x11kv_transfer_bytes\x18\x06 \x01(\x04\x12\x1b\n\x13kv_transfer_seconds\x18\x07 \x01(\x01\x12\x1b\n\x13kv_transfer_backend\x18\x08 \x01(\t\"9\n\x0eTopLogprobList\x12\'\n\x05items\x18\x01 \x03(\x0b\x32\x18.baton.worker.TopLogprob\"$\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\":\n\x11ReadBlocksRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\x05\"\x19\n\tBlockData\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x0f\n\rStatusRequest\"\xe1\x02\n\x0cWorkerStatus\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bnum_running\x18\x03 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x04 \x01(\x05\x12\x10\n\x08num_held\x18\x05 \x01(\x05\x12\x14\n\x0ctotal_blocks\x18\x06 \x01(\x05\x12\x13\n\x0b\x66ree_blocks\x18\x07 \x01(\x05\x12\x13\n\x0bused_blocks\x18\x08 \x01(\x05\x12\x15\n\rcached_blocks\x18\t \x01(\x05\x12\x12\n\nblock_size\x18\n \x01(\x05\x12\x12\n\nagent_name\x18\x0b \x01(\t\x12\x16\n\x0e\x61gent_metadata\x18\x0c \x01(\x0c\x12\x12\n\nkv_backend\x18\r \x01(\t\x12\x1d\n\x15queued_prefill_tokens\x18\x0e \x01(\x03\x12\x17\n\x0fnum_preemptions\x18\x0f \x01(\x03\x12\x15\n\rmax_model_len\x18\x10 \x01(\x05\x32\xec\x02\n\x06Worker\x12\x46\n\x07Prefill\x12\x1c.baton.worker.PrefillRequest\x1a\x1d.baton.worker.PrefillResponse\x12\x45\n\x08Generate\x12\x1d.baton.worker.GenerateRequest\x1a\x18.baton.worker.TokenChunk0\x01\x12\x46\n\x07Release\x12\x1c.baton.worker.ReleaseRequest\x1a\x1d.baton.worker.ReleaseResponse\x12H\n\nReadBlocks\x12\x1f.baton.worker.ReadBlocksRequest\x1a\x17.baton.worker.BlockData0\x01\x12\x41\n\x06Status\x12\x1b.baton.worker.StatusRequest\x1a\x1a.baton.worker.WorkerStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x65ngine/rpc/worker.proto\x12\x0c\x62\x61ton.worker\"\xd7\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x12\n\nignore_eos\x18\x06 \x01(\x08\x12\x12\n\nmin_tokens\x18\x07 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\x05\x12\x15\n\x08logprobs\x18\t \x01(\x05H\x01\x88\x01\x01\x42\x07\n\x05_seedB\x0b\n\t_logprobs\"\xe0\x01\n\x08KVHandle\x12\x16\n\x0eworker_address\x18\x01 \x01(\t\x12\x12\n\nagent_name\x18\x02 \x01(\t\x12\x14\n\x0c\x62\x61se_address\x18\x03 \x01(\x04\x12\x13\n\x0b\x62lock_bytes\x18\x04 \x01(\x04\x12\x11\n\tblock_ids\x18\x05 \x03(\x05\x12\x12\n\nnum_tokens\x18\x06 \x01(\x05\x12\x0e\n\x06layout\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x12\n\nblock_size\x18\t \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\n \x01(\t\x12\x12\n\nrequest_id\x18\x0b \x01(\t\"l\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12,\n\x06params\x18\x03 \x01(\x0b\x32\x1c.baton.worker.SamplingParams\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"\xd0\x01\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\x05\x12\x15\n\rfirst_logprob\x18\x02 \x01(\x02\x12\x34\n\x12\x66irst_top_logprobs\x18\x03 \x03(\x0b\x32\x18.baton.worker.TopLogprob\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\x05\x12&\n\x06handle\x18\x06 \x01(\x0b\x32\x16.baton.worker.KVHandle\"\xf6\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\x05\x12,\n\x06params\x18\x03 \x01(\x0b\x32\x1c.baton.worker.SamplingParams\x12\x1b\n\x0e\x66irst_token_id\x18\x04 \x01(\x05H\x00\x88\x01\x01\x12\x15\n\rfirst_logprob\x18\x05 \x01(\x02\x12&\n\x06handle\x18\x06 \x01(\x0b\x32\x16.baton.worker.KVHandle\x12\x18\n\x10resume_token_ids\x18\x07 \x03(\x05\x42\x11\n\x0f_first_token_id\"\xec\x01\n\nTokenChunk\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\x32\n\x0ctop_logprobs\x18\x03 \x03(\x0b\x32\x1c.baton.worker.TopLogprobList\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\x19\n\x11num_cached_tokens\x18\x05 \x01(\x05\x12\x19\n\x11kv_transfer_bytes\x18\x06 \x01(\x04\x12\x1b\n\x13kv_transfer_seconds\x18\x07 \x01(\x01\x12\x1b\n\x13kv_transfer_backend\x18\x08 \x01(\t\"9\n\x0eTopLogprobList\x12\'\n\x05items\x18\x01 \x03(\x0b\x32\x18.baton.worker.TopLogprob\"$\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\":\n\x11ReadBlocksRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tblock_ids\x18\x02 \x03(\x05\"\x19\n\tBlockData\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\"\x0f\n\rStatusRequest\"\xe1\x02\n\x0cWorkerStatus\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bnum_running\x18\x03 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x04 \x01(\x05\x12\x10\n\x08num_held\x18\x05 \x01(\x05\x12\x14\n\x0ctotal_blocks\x18\x06 \x01(\x05\x12\x13\n\x0b\x66ree_blocks\x18\x07 \x01(\x05\x12\x13\n\x0bused_blocks\x18\x08 \x01(\x05\x12\x15\n\rcached_blocks\x18\t \x01(\x05\x12\x12\n\nblock_size\x18\n \x01(\x05\x12\x12\n\nagent_name\x18\x0b \x01(\t\x12\x16\n\x0e\x61gent_metadata\x18\x0c \x01(\x0c\x12\x12\n\nkv_backend\x18\r \x01(\t\x12\x1d\n\x15queued_prefill_tokens\x18\x0e \x01(\x03\x12\x17\n\x0fnum_preemptions\x18\x0f \x01(\x03\x12\x15\n\rmax_model_len\x18\x10 \x01(\x05\x32\xec\x02\n\x06Worker\x12\x46\n\x07Prefill\x12\x1c.baton.worker.PrefillRequest\x1a\x1d.baton.worker.PrefillResponse\x12\x45\n\x08Generate\x12\x1d.baton.worker.GenerateRequest\x1a\x18.baton.worker.TokenChunk0\x01\x12\x46\n\x07Release\x12\x1c.baton.worker.ReleaseRequest\x1a\x1d.baton.worker.ReleaseResponse\x12H\n\nReadBlocks\x12\x1f.baton.worker.ReadBlocksRequest\x1a\x17.baton.worker.BlockData0\x01\x12\x41\n\x06Status\x12\x1b.baton.worker.StatusRequest\x1a\x1a.baton.worker.WorkerStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,31 +34,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGPARAMS']._serialized_start=42
   _globals['_SAMPLINGPARAMS']._serialized_end=257
   _globals['_KVHANDLE']._serialized_start=260
-  _globals['_KVHANDLE']._serialized_end=464
-  _globals['_PREFILLREQUEST']._serialized_start=466
-  _globals['_PREFILLREQUEST']._serialized_end=574
-  _globals['_TOPLOGPROB']._serialized_start=576
-  _globals['_TOPLOGPROB']._serialized_end=623
-  _globals['_PREFILLRESPONSE']._serialized_start=626
-  _globals['_PREFILLRESPONSE']._serialized_end=834
-  _globals['_GENERATEREQUEST']._serialized_start=837
-  _globals['_GENERATEREQUEST']._serialized_end=1083
-  _globals['_TOKENCHUNK']._serialized_start=1086
-  _globals['_TOKENCHUNK']._serialized_end=1322
-  _globals['_TOPLOGPROBLIST']._serialized_start=1324
-  _globals['_TOPLOGPROBLIST']._serialized_end=1381
-  _globals['_RELEASEREQUEST']._serialized_start=1383
-  _globals['_RELEASEREQUEST']._serialized_end=1419
-  _globals['_RELEASERESPONSE']._serialized_start=1421
-  _globals['_RELEASERESPONSE']._serialized_end=1456
-  _globals['_READBLOCKSREQUEST']._serialized_start=1458
-  _globals['_READBLOCKSREQUEST']._serialized_end=1516
-  _globals['_BLOCKDATA']._serialized_start=1518
-  _globals['_BLOCKDATA']._serialized_end=1543
-  _globals['_STATUSREQUEST']._serialized_start=1545
-  _globals['_STATUSREQUEST']._serialized_end=1560
-  _globals['_WORKERSTATUS']._serialized_start=1563
-  _globals['_WORKERSTATUS']._serialized_end=1916
-  _globals['_WORKER']._serialized_start=1919
-  _globals['_WORKER']._serialized_end=2283
+  _globals['_KVHANDLE']._serialized_end=484
+  _globals['_PREFILLREQUEST']._serialized_start=486
+  _globals['_PREFILLREQUEST']._serialized_end=594
+  _globals['_TOPLOGPROB']._serialized_start=596
+  _globals['_TOPLOGPROB']._serialized_end=643
+  _globals['_PREFILLRESPONSE']._serialized_start=646
+  _globals['_PREFILLRESPONSE']._serialized_end=854
+  _globals['_GENERATEREQUEST']._serialized_start=857
+  _globals['_GENERATEREQUEST']._serialized_end=1103
+  _globals['_TOKENCHUNK']._serialized_start=1106
+  _globals['_TOKENCHUNK']._serialized_end=1342
+  _globals['_TOPLOGPROBLIST']._serialized_start=1344
+  _globals['_TOPLOGPROBLIST']._serialized_end=1401
+  _globals['_RELEASEREQUEST']._serialized_start=1403
+  _globals['_RELEASEREQUEST']._serialized_end=1439
+  _globals['_RELEASERESPONSE']._serialized_start=1441
+  _globals['_RELEASERESPONSE']._serialized_end=1476
+  _globals['_READBLOCKSREQUEST']._serialized_start=1478
+  _globals['_READBLOCKSREQUEST']._serialized_end=1536
+  _globals['_BLOCKDATA']._serialized_start=1538
+  _globals['_BLOCKDATA']._serialized_end=1563
+  _globals['_STATUSREQUEST']._serialized_start=1565
+  _globals['_STATUSREQUEST']._serialized_end=1580
+  _globals['_WORKERSTATUS']._serialized_start=1583
+  _globals['_WORKERSTATUS']._serialized_end=1936
+  _globals['_WORKER']._serialized_start=1939
+  _globals['_WORKER']._serialized_end=2303
 # @@protoc_insertion_point(module_scope)

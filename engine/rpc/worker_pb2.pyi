@@ -29,7 +29,7 @@ class SamplingParams(_message.Message):
     def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., min_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[int] = ...) -> None: ...
 
 class KVHandle(_message.Message):
-    __slots__ = ("worker_address", "agent_name", "base_address", "block_bytes", "block_ids", "num_tokens", "layout", "dtype", "block_size", "backend")
+    __slots__ = ("worker_address", "agent_name", "base_address", "block_bytes", "block_ids", "num_tokens", "layout", "dtype", "block_size", "backend", "request_id")
     WORKER_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     AGENT_NAME_FIELD_NUMBER: _ClassVar[int]
     BASE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,7 @@ class KVHandle(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     worker_address: str
     agent_name: str
     base_address: int
@@ -50,7 +51,8 @@ class KVHandle(_message.Message):
     dtype: str
     block_size: int
     backend: str
-    def __init__(self, worker_address: _Optional[str] = ..., agent_name: _Optional[str] = ..., base_address: _Optional[int] = ..., block_bytes: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layout: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., backend: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, worker_address: _Optional[str] = ..., agent_name: _Optional[str] = ..., base_address: _Optional[int] = ..., block_bytes: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., num_tokens: _Optional[int] = ..., layout: _Optional[str] = ..., dtype: _Optional[str] = ..., block_size: _Optional[int] = ..., backend: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class PrefillRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "params")

@@ -1,0 +1,94 @@
+"""Start a real `baton serve` in a subprocess for end-to-end tests, and stop it cleanly."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
+                         text=True, check=False).stdout
+    return [int(x) for x in out.split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(0); it holds no resources and its parent reaps it.
+    stat = Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().split()[2] != "Z"
+
+
+@contextlib.contextmanager
+def baton_serve(model: str | Path, *args: str, timeout: float = 120.0) -> Iterator[str]:
+    """Yields the router's base URL once /health is green; on exit sends SIGTERM and
+    asserts that the server and every worker process it started are gone."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "cluster.cli", "serve", "--model", str(model),
+           "--port", str(port), *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"baton serve exited early:\n{proc.stdout.read()}")
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("baton serve did not become healthy")
+            time.sleep(0.25)
+        workers = _children(proc.pid)
+        yield url
+    finally:
+        workers = _children(proc.pid) if proc.poll() is None else []
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise
+        finally:
+            proc.stdout.close()
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        orphans = [p for p in workers if _alive(p)]
+        assert not orphans, f"worker processes left running after shutdown: {orphans}"
+
+
+def wait_pools_empty(url: str, timeout: float = 15.0) -> list[dict]:
+    """Poll /health until every worker has all blocks free and nothing running or held."""
+    deadline = time.monotonic() + timeout
+    while True:
+        workers = httpx.get(f"{url}/health", timeout=5).json()["workers"]
+        if all(w["free_blocks"] == w["total_blocks"] and w["running"] == 0 and w["held"] == 0
+               and w["waiting"] == 0 for w in workers):
+            return workers
+        if time.monotonic() > deadline:
+            raise AssertionError(f"blocks still in use: {workers}")
+        time.sleep(0.25)

@@ -1,0 +1,150 @@
+"""End to end through HTTP with the official `openai` client against a live `baton serve`:
+aggregated, 1P1D over NIXL and over tcp, and 2P2D all give transformers' greedy tokens,
+streaming or not, one at a time or 32 at once."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+
+import httpx
+import openai
+import pytest
+
+from tests.hf_oracle import hf_greedy, load_hf
+from tests.serving import baton_serve, wait_pools_empty
+
+pytestmark = pytest.mark.slow
+PRESET = "tiny-llama"
+MAX_NEW = 12
+TEXTS = ["Hello there, how are you today?", "The quick brown fox", "1, 2, 3, 4,",
+         "Grüße aus München — ça va? 你好，世界 🙂", "def fibonacci(n):\n    return",
+         "A long story begins: " + "once upon a time, " * 40]
+
+HAVE_NIXL = importlib.util.find_spec("nixl") is not None
+MODES = {
+    "aggregated": ["--prefill", "0", "--decode", "1"],
+    "1p1d-nixl": ["--prefill", "1", "--decode", "1", "--kv-transfer", "nixl"],
+    "1p1d-tcp": ["--prefill", "1", "--decode", "1", "--kv-transfer", "tcp"],
+    "2p2d": ["--prefill", "2", "--decode", "2"],
+}
+
+
+@pytest.fixture(scope="module")
+def model_dir(checkpoint_dir):
+    return checkpoint_dir(PRESET)
+
+
+@pytest.fixture(scope="module")
+def expected(model_dir):
+    """transformers' greedy continuation of each prompt (as the router tokenizes it)."""
+    from engine.tokenizer import TokenizerBundle
+
+    tok = TokenizerBundle.from_dir(model_dir)
+    hf = load_hf(model_dir)
+    prompts = [tok.encode(t) for t in TEXTS]
+    return prompts, [hf_greedy(hf, p, MAX_NEW)[0] for p in prompts]
+
+
+@pytest.fixture(scope="module", params=sorted(MODES))
+def server(request, model_dir):
+    if "nixl" in request.param and not HAVE_NIXL:
+        pytest.skip("NIXL is not installed (pip install nixl-cu12)")
+    with baton_serve(model_dir, *MODES[request.param], "--kv-blocks", "512") as url:
+        health = httpx.get(f"{url}/health").json()
+        backends = {w["kv_backend"] for w in health["workers"]}
+        if request.param.endswith("nixl"):
+            assert backends == {"nixl"}
+        if request.param.endswith("tcp"):
+            assert backends == {"tcp"}
+        yield url, request.param
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+
+def test_models_and_health(server):
+    url, mode = server
+    models = client(url).models.list()
+    assert [m.id for m in models.data] == [PRESET]
+    health = httpx.get(f"{url}/health").json()
+    assert health["mode"] == ("aggregated" if mode == "aggregated" else "disaggregated")
+
+
+def test_greedy_tokens_equal_transformers(server, expected):
+    url, _ = server
+    prompts, refs = expected
+    c = client(url)
+    for text, prompt, ref in zip(TEXTS, prompts, refs):
+        r = c.completions.create(model=PRESET, prompt=text, max_tokens=MAX_NEW, temperature=0,
+                                 extra_body={"return_token_ids": True, "ignore_eos": True})
+        choice = r.choices[0]
+        assert choice.prompt_token_ids == prompt
+        assert choice.token_ids == ref, f"diverged on {text!r}"
+        assert r.usage.completion_tokens == MAX_NEW
+        assert choice.finish_reason == "length"
+    wait_pools_empty(url)
+
+
+def test_streaming_equals_non_streaming(server, expected):
+    url, _ = server
+    _, refs = expected
+    c = client(url)
+    stream = c.completions.create(model=PRESET, prompt=TEXTS[3], max_tokens=MAX_NEW,
+                                  temperature=0, stream=True,
+                                  stream_options={"include_usage": True},
+                                  extra_body={"return_token_ids": True, "ignore_eos": True})
+    tokens, text, usage, finish = [], "", None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for ch in chunk.choices:
+            tokens += ch.token_ids
+            text += ch.text
+            finish = ch.finish_reason or finish
+    assert tokens == refs[3]
+    full = c.completions.create(model=PRESET, prompt=TEXTS[3], max_tokens=MAX_NEW,
+                                temperature=0, extra_body={"ignore_eos": True})
+    assert text == full.choices[0].text  # multi-byte text streamed without breaking it
+    assert usage.completion_tokens == MAX_NEW and finish == "length"
+
+
+def test_chat(server, model_dir):
+    url, _ = server
+    c = client(url)
+    messages = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": "Say hi."}]
+    r = c.chat.completions.create(model=PRESET, messages=messages, max_tokens=8,
+                                  temperature=0, extra_body={"return_token_ids": True})
+    msg = r.choices[0].message
+    assert msg.role == "assistant" and isinstance(msg.content, str)
+    from engine.tokenizer import TokenizerBundle
+
+    tok = TokenizerBundle.from_dir(model_dir)
+    assert r.choices[0].prompt_token_ids == tok.chat_prompt_ids(messages)
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+        model=PRESET, messages=messages, max_tokens=8, temperature=0, stream=True)
+        if ch.choices)
+    assert streamed == msg.content
+
+
+def test_32_concurrent_requests(server, expected):
+    url, _ = server
+    _, refs = expected
+
+    async def one(c: openai.AsyncOpenAI, i: int) -> list[int]:
+        kw = dict(model=PRESET, prompt=TEXTS[i % len(TEXTS)], max_tokens=MAX_NEW,
+                  temperature=0, extra_body={"return_token_ids": True, "ignore_eos": True})
+        if i % 2 == 0:
+            return (await c.completions.create(**kw)).choices[0].token_ids
+        stream = await c.completions.create(stream=True, **kw)
+        return [t async for chunk in stream for ch in chunk.choices for t in ch.token_ids]
+
+    async def run() -> list[list[int]]:
+        c = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        return await asyncio.gather(*(one(c, i) for i in range(32)))
+
+    for i, tokens in enumerate(asyncio.run(run())):
+        assert tokens == refs[i % len(TEXTS)], f"request {i} diverged under load"
+    wait_pools_empty(url)
