@@ -114,7 +114,8 @@ class WorkerService(pb_grpc.WorkerServicer):
                 agent_name=self.ctx.transfer.agent_name,
                 agent_metadata=self.ctx.transfer.metadata(),
                 kv_backend=self.ctx.transfer.name, queued_prefill_tokens=queued,
-                num_preemptions=sched.num_preemptions, max_model_len=e.max_model_len)
+                num_preemptions=sched.num_preemptions, max_model_len=e.max_model_len,
+                pid=os.getpid())
 
         return await self.ctx.worker.call(read)
 

@@ -39,7 +39,8 @@ class WorkerHandle:
                 "free_blocks": s.free_blocks if s else None,
                 "total_blocks": s.total_blocks if s else None,
                 "cached_blocks": s.cached_blocks if s else None,
-                "kv_backend": s.kv_backend if s else None}
+                "kv_backend": s.kv_backend if s else None,
+                "pid": s.pid if s else None}
 
 
 @dataclass

