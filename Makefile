@@ -14,6 +14,11 @@ $(STAMP): pyproject.toml
 	# torch 2.13.0 is a local CPU build on dev/CI machines; a bare `torch` would pull CUDA.
 	$(PIP) install -q "torch==2.13.0" || $(PIP) install -q torch
 	$(PIP) install -q -e .
+	# NIXL (KV transfer): the cu12 build runs on CPU too. The `nixl` meta package would
+	# pull a CUDA torch, so it goes in without dependencies. Failure is not fatal: workers
+	# then fall back to the tcp transport and say so.
+	$(PIP) install -q nixl-cu12 && $(PIP) install -q --no-deps "nixl==1.5.1" || \
+		echo "NIXL did not install: KV transfer will use the tcp fallback"
 	touch $@
 
 $(TEST_STAMP): $(STAMP)
@@ -34,3 +39,9 @@ lint: $(TEST_STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# AIPerf (load generator for benchmarks/serve.py) is a ~1.2 GiB install: its own venv.
+.PHONY: bench-deps
+bench-deps:
+	$(PYTHON) -m venv .venv-aiperf
+	.venv-aiperf/bin/pip install -q aiperf

@@ -246,6 +246,13 @@ PRESETS: dict[str, Preset] = {
             "Mistral architecture, 2 layers, MQA (1 kv head), untied head",
         ),
         _preset(
+            "small-llama",
+            "llama3",
+            _llama(hidden=256, layers=4, heads=8, kv_heads=8, inter=512, vocab=1024,
+                   max_pos=32768, original_max=8192, tie=True, dtype="float32"),
+            "CPU benchmark shape: 4 layers, 8 KiB of KV per token, 32k context",
+        ),
+        _preset(
             "llama-3.1-8b",
             "llama3",
             _llama(**_LLAMA_8B),

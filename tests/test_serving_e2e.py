@@ -11,8 +11,8 @@ import httpx
 import openai
 import pytest
 
+from cluster.local_server import baton_serve, wait_pools_empty
 from tests.hf_oracle import hf_greedy, load_hf
-from tests.serving import baton_serve, wait_pools_empty
 
 pytestmark = pytest.mark.slow
 PRESET = "tiny-llama"

@@ -11,7 +11,7 @@ import signal
 import httpx
 import pytest
 
-from tests.serving import baton_serve, wait_pools_empty
+from cluster.local_server import baton_serve, wait_pools_empty
 
 pytestmark = pytest.mark.slow
 PRESET = "tiny-llama"

@@ -1,4 +1,5 @@
-"""Start a real `baton serve` in a subprocess for end-to-end tests, and stop it cleanly."""
+"""Start a real `baton serve` in a subprocess (end-to-end tests, benchmarks) and stop it
+cleanly, checking that no worker process outlives it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parent.parent  # repository root: `python -m cluster.cli`
 
 
 def free_port() -> int:
