@@ -1,0 +1,92 @@
+"""The prefill -> decode handoff at engine level (no processes): a prefill engine holds a
+request's blocks, a decode engine admits it remotely, the blocks are copied across with
+the coalesced runs a transfer backend would use, and decoding continues to the same
+tokens as one aggregated engine. Held blocks are freed on release or lease expiry."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import pytest
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+from kvtransfer.transfer import coalesce
+
+
+def run_to_end(engine: LLMEngine) -> dict:
+    done = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+    return done
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint_dir):
+    return str(checkpoint_dir("tiny-qwen3"))
+
+
+def make(model: str, **kw) -> LLMEngine:
+    return LLMEngine(EngineConfig(model=model, num_kv_blocks=256, **kw), detokenize=False)
+
+
+@pytest.mark.parametrize("decode_has_prefix", [False, True])
+def test_handoff_matches_aggregated(model, decode_has_prefix):
+    prompt = [(i * 37) % 1000 + 3 for i in range(150)]
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    agg = make(model)
+    agg.add_request("a", prompt, params)
+    expected = run_to_end(agg)["a"].token_ids
+
+    prefill, decode = make(model), make(model)
+    if decode_has_prefix:  # the decode worker already caches the first 64 tokens
+        decode.add_request("warm", prompt[:64] + [7], dataclasses.replace(params, max_tokens=1))
+        run_to_end(decode)
+    first_only = dataclasses.replace(params, max_tokens=1)
+    prefill.add_request("r", prompt, first_only, hold_kv=True)
+    first = run_to_end(prefill)["r"]
+    held_seq, _ = prefill.held["r"]
+    src_blocks = list(held_seq.block_table)
+    assert prefill.block_pool.num_used == len(src_blocks)
+
+    adm = decode.prepare_remote("r", prompt, first.token_ids, first.logprobs, params)
+    assert adm is not None
+    assert adm.num_local_hit_blocks == (4 if decode_has_prefix else 0)
+    src = src_blocks[adm.num_local_hit_blocks:]
+    for run in coalesce(src, adm.fill_block_ids):  # what a transfer backend moves
+        decode.runner.kv_cache[run.dst_start : run.dst_start + run.count] = \
+            prefill.runner.kv_cache[run.src_start : run.src_start + run.count]
+    assert prefill.release("r") and prefill.block_pool.num_used == 0
+    decode.commit_remote(adm)
+    out = run_to_end(decode)["r"]
+    assert out.token_ids == expected
+    assert out.num_cached_tokens == (64 if decode_has_prefix else 0)
+    decode.block_pool.check_integrity()
+    assert decode.block_pool.num_used == 0
+
+
+def test_held_blocks_expire_without_a_decode_side(model):
+    prefill = LLMEngine(EngineConfig(model=model, num_kv_blocks=64), detokenize=False,
+                        kv_lease_seconds=0.05)
+    prefill.add_request("r", list(range(3, 40)),
+                        SamplingParams(max_tokens=1, temperature=0.0), hold_kv=True)
+    run_to_end(prefill)
+    assert prefill.block_pool.num_used == 3
+    assert prefill.expire_held(time.monotonic()) == []
+    assert prefill.expire_held(time.monotonic() + 1.0) == ["r"]
+    assert prefill.block_pool.num_used == 0 and not prefill.held
+
+
+def test_resume_continues_where_another_worker_stopped(model):
+    prompt = list(range(5, 60))
+    params = SamplingParams(max_tokens=16, temperature=0.8, seed=1234, ignore_eos=True)
+    one = make(model)
+    one.add_request("a", prompt, params)
+    full = run_to_end(one)["a"].token_ids
+    other = make(model)  # a fresh worker picks up after 6 tokens, as migration does
+    other.add_request("b", prompt, params, resume=full[:6])
+    assert run_to_end(other)["b"].token_ids == full
