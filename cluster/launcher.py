@@ -34,10 +34,10 @@ class WorkerProcess:
 
 
 def spawn_worker(role: str, worker_args: list[str], ready: threading.Event,
-                 out: list[WorkerProcess]) -> WorkerProcess:
+                 out: list[WorkerProcess], env: dict[str, str] | None = None) -> WorkerProcess:
     cmd = [sys.executable, "-m", "cluster.cli", "worker", "--role", role, *worker_args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True,
-                            preexec_fn=_die_with_parent)
+                            preexec_fn=_die_with_parent, env=env)
     wp = WorkerProcess(role, proc)
 
     def pump() -> None:
@@ -59,9 +59,14 @@ def start_workers(roles: list[str], worker_args: list[str], timeout: float
                   ) -> list[WorkerProcess]:
     procs: list[WorkerProcess] = []
     events = []
+    env = dict(os.environ)
+    if "--device" not in worker_args or worker_args[worker_args.index("--device") + 1] == "cpu":
+        # CPU workers share the cores: without this each would spawn one torch thread per
+        # core and they would thrash each other (decode steps doubled on 2 cores).
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(roles))))
     for role in roles:
         ev = threading.Event()
-        spawn_worker(role, worker_args, ev, procs)
+        spawn_worker(role, worker_args, ev, procs, env)
         events.append(ev)
     deadline = time.monotonic() + timeout
     for wp, ev in zip(procs, events):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -65,7 +66,7 @@ class RequestRunner:
         first_event = not generated
         try:
             for attempt in range(MAX_ATTEMPTS):
-                w = self.pool.pick("decode", exclude=failed)
+                w = self._pick("decode", failed)
                 req = pb.GenerateRequest(request_id=f"{request_id}-{attempt}",
                                          prompt_token_ids=prompt,
                                          params=params_to_proto(params))
@@ -120,11 +121,17 @@ class RequestRunner:
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
 
+    def _pick(self, role: str, failed: set[str]) -> WorkerHandle:
+        t0 = time.perf_counter()
+        w = self.pool.pick(role, exclude=failed)
+        self.metrics.router_span.labels("route").observe(time.perf_counter() - t0)
+        return w
+
     async def _prefill(self, request_id: str, prompt: list[int], params: SamplingParams
                        ) -> tuple[pb.PrefillResponse, WorkerHandle]:
         failed: set[str] = set()
         for _ in range(MAX_ATTEMPTS):
-            w = self.pool.pick("prefill", exclude=failed)
+            w = self._pick("prefill", failed)
             w.in_flight += 1
             try:
                 resp = await w.stub.Prefill(pb.PrefillRequest(
