@@ -1,0 +1,63 @@
+"""Routing policy: a pure function of an index snapshot and worker loads, so it can be
+table-tested and replayed from traces.
+
+score(w) = credit(w) - load(w), in units of "blocks of prefill work":
+- credit: the request's leading blocks w already holds, device blocks at full weight,
+  host and disk blocks lower (they must be brought back up first);
+- load: blocks of prompt waiting to be prefilled on w, plus a fraction of its active
+  decode blocks, plus a term for how full its cache already is, so that a new prefix
+  goes to the emptiest cache instead of piling onto one worker.
+Ties never fall to a fixed worker: equal scores are broken at random.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+
+from router.prefix_index import Overlap
+
+
+@dataclass(frozen=True)
+class PolicyWeights:
+    device: float = 1.0
+    host: float = 0.6
+    disk: float = 0.3
+    queued_prefill: float = 1.0  # per block of prompt waiting on the worker
+    active_decode: float = 0.1  # per block held by running sequences
+    occupancy: float = 2.0  # times the fraction of the cache in use
+    temperature: float = 0.0  # 0: argmax; > 0: softmax sampling over scores
+
+
+@dataclass(frozen=True)
+class WorkerLoad:
+    queued_prefill_tokens: int = 0
+    active_blocks: int = 0
+    cached_blocks: int = 0
+    total_blocks: int = 1
+
+
+def score(overlap: Overlap, load: WorkerLoad, block_size: int, w: PolicyWeights) -> float:
+    credit = w.device * overlap.device + w.host * overlap.host + w.disk * overlap.disk
+    penalty = (w.queued_prefill * load.queued_prefill_tokens / block_size
+               + w.active_decode * load.active_blocks
+               + w.occupancy * load.cached_blocks / max(load.total_blocks, 1))
+    return credit - penalty
+
+
+def choose(candidates: list[str], overlaps: dict[str, Overlap], loads: dict[str, WorkerLoad],
+           block_size: int, weights: PolicyWeights, rng: random.Random) -> tuple[str, float]:
+    """Pick a worker among `candidates`; returns it with its score."""
+    if not candidates:
+        raise ValueError("no candidate workers")
+    scores = {c: score(overlaps.get(c, Overlap()), loads.get(c, WorkerLoad()), block_size,
+                       weights) for c in candidates}
+    if weights.temperature > 0:
+        top = max(scores.values())
+        probs = [math.exp((scores[c] - top) / weights.temperature) for c in candidates]
+        return (picked := rng.choices(candidates, probs)[0]), scores[picked]
+    best = max(scores.values())
+    tied = [c for c in candidates if scores[c] >= best - 1e-9]
+    picked = rng.choice(tied)
+    return picked, scores[picked]
