@@ -76,7 +76,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     p.add_argument("--decode", type=int, default=1, help="decode workers")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--routing", default="round-robin", choices=["round-robin", "least-loaded"])
+    add_routing_args(p)
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--ready-timeout", type=float, default=300.0)
     add_engine_args(p)
@@ -88,10 +88,19 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     p.add_argument("--decode-workers", required=True, help="comma-separated host:port list")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--routing", default="round-robin", choices=["round-robin", "least-loaded"])
+    add_routing_args(p)
     p.add_argument("--served-model-name", default=None)
     handlers["router"] = _router
     return parser, handlers
+
+
+def add_routing_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--routing", default="kv",
+                   choices=["kv", "round-robin", "random", "least-loaded"],
+                   help="worker choice: kv = prefix overlap minus load (default)")
+    p.add_argument("--local-prefill-threshold", type=int, default=0,
+                   help="prefill on the decode worker when at most this many prompt tokens "
+                        "are not cached there (0: always use a prefill worker)")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -113,7 +122,8 @@ def _router(args: argparse.Namespace) -> int:
         model=args.model,
         served_model_name=args.served_model_name or os.path.basename(args.model.rstrip("/")),
         prefill=[a for a in args.prefill_workers.split(",") if a],
-        decode=[a for a in args.decode_workers.split(",") if a], routing=args.routing)
+        decode=[a for a in args.decode_workers.split(",") if a], routing=args.routing,
+        local_prefill_threshold=args.local_prefill_threshold)
     uvicorn.run(create_app(cfg), host=args.host, port=args.port, log_level="warning")
     return 0
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from engine.sequence import Sequence
 from engine.tokenizer import IncrementalDetokenizer, TokenizerBundle
 from kernels.config import ModelConfig
 from kvtransfer.block_pool import BlockPool
+from kvtransfer.events import EventRecorder, KVEventBatch, Tier
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +90,11 @@ class LLMEngine:
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings,
                                  mc.max_position_embeddings)
         self.runner = ModelRunner(mc, cfg, model_dir)
+        # Every block stored in / evicted from the prefix cache becomes a KV event; the
+        # worker publishes one batch per step to routers' prefix indexes.
+        self.events = EventRecorder(worker_id="local", instance_id=uuid.uuid4().hex)
         pool = BlockPool(self.runner.kv_spec.num_blocks, cfg.block_size,
-                         cfg.enable_prefix_caching)
+                         cfg.enable_prefix_caching, on_event=self.events.record)
         self.kv = KVCacheManager(pool)
         tok_eos = self.tokenizer.eos_token_ids if self.tokenizer else ()
         eos = tuple(dict.fromkeys(mc.eos_token_ids + tok_eos))
@@ -182,6 +187,14 @@ class LLMEngine:
 
     def cancel_remote(self, adm: RemoteAdmission) -> None:
         self.kv.free(adm.seq)
+
+    def kv_snapshot(self) -> tuple[KVEventBatch | None, list[tuple[int, Tier]], int]:
+        """Pending events flushed as a batch, then what the cache holds now and the id of
+        the last batch it reflects: a consumer resyncs from (blocks, last id) and applies
+        later batches on top."""
+        pending = self.events.flush()
+        blocks = [(h, Tier.DEVICE) for h in self.block_pool.cached_hashes()]
+        return pending, blocks, self.events.next_event_id - 1
 
     def release(self, request_id: str) -> bool:
         """Prefill role: the decode side has the KV (or gave up): free the blocks."""

@@ -65,6 +65,7 @@ class WorkerContext:
         self.address = address
         self.worker = EngineWorker(engine, loop)
         self.peers = PeerChannels()
+        engine.events.worker_id = address  # routers know workers by address
         agent = f"baton-{role}-{os.getpid()}-{address.rsplit(':', 1)[-1]}"
         self.transfer: KVTransferBackend = create_backend(
             kv_transfer, engine.runner.kv_cache, agent, self.peers.fetch_metadata,
@@ -138,6 +139,19 @@ class WorkerService(pb_grpc.WorkerServicer):
             return
         for chunk in chunks:
             yield pb.BlockData(data=chunk)
+
+
+    async def KVEvents(self, request, context):
+        w = self.ctx.worker
+        blocks, last, instance, q = await w.subscribe_events()
+        try:
+            yield pb.KVEventsMessage(snapshot=True, worker_id=self.ctx.address,
+                                     instance_id=instance, last_event_id=last,
+                                     block_hashes=[h for h, _ in blocks])
+            while True:
+                yield pb.KVEventsMessage(batch=await q.get())
+        finally:
+            w.unsubscribe_events(q)
 
 
 async def serve(service: WorkerService, port_holder: grpc.aio.Server, ready_line: str) -> None:

@@ -27,6 +27,7 @@ class EngineWorker:
         self._stop = threading.Event()
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self._event_subscribers: list[asyncio.Queue[bytes]] = []
         self.num_steps = 0
 
     def start(self) -> None:
@@ -51,11 +52,13 @@ class EngineWorker:
         next_expiry = 0.0
         while not self._stop.is_set():
             outs: list[RequestOutput] | None = None
+            batch = None
             try:
                 with self.lock:
                     if self.engine.has_unfinished():
                         outs = self.engine.step()
                         self.num_steps += 1
+                    batch = self.engine.events.flush()
                     now = time.monotonic()
                     if now >= next_expiry:
                         for rid in self.engine.expire_held(now):
@@ -65,6 +68,8 @@ class EngineWorker:
                 log.exception("engine step failed")
                 self._fail_all(e)
                 continue
+            if batch is not None:
+                self._publish(batch.encode())
             if outs is None:
                 self._wake.wait(0.05)
                 self._wake.clear()
@@ -73,6 +78,28 @@ class EngineWorker:
                 q = self._streams.get(out.request_id)
                 if q is not None:
                     self.loop.call_soon_threadsafe(q.put_nowait, out)
+
+    def _publish(self, data: bytes) -> None:
+        for q in list(self._event_subscribers):
+            self.loop.call_soon_threadsafe(q.put_nowait, data)
+
+    async def subscribe_events(self):
+        """(snapshot blocks, last event id, instance id, queue of later encoded batches)."""
+        q: asyncio.Queue[bytes] = asyncio.Queue()
+
+        def snap(e: LLMEngine):
+            pending, blocks, last = e.kv_snapshot()
+            if pending is not None:  # others must not miss what the snapshot absorbs
+                self._publish(pending.encode())
+            self._event_subscribers.append(q)
+            return blocks, last, e.events.instance_id
+
+        blocks, last, instance = await self.call(snap)
+        return blocks, last, instance, q
+
+    def unsubscribe_events(self, q: asyncio.Queue) -> None:
+        if q in self._event_subscribers:
+            self._event_subscribers.remove(q)
 
     def _fail_all(self, err: BaseException) -> None:
         with self.lock:

@@ -39,11 +39,14 @@ class SampleResult:
 
 def sample(logits: torch.Tensor, batch: SamplingBatch,
            default_generator: torch.Generator | None = None) -> SampleResult:
-    """logits: [B, V] float32."""
-    for row, banned in enumerate(batch.banned_token_ids):
-        if banned:
-            logits[row, list(banned)] = float("-inf")
+    """logits: [B, V] float32, left unchanged. Reported logprobs are those of the raw
+    logits, before bans, temperature, top-k and top-p (vLLM's default `raw_logprobs`)."""
     logprobs_all = torch.log_softmax(logits, dim=-1)
+    if any(batch.banned_token_ids):
+        logits = logits.clone()
+        for row, banned in enumerate(batch.banned_token_ids):
+            if banned:
+                logits[row, list(banned)] = float("-inf")
     if batch.all_greedy:
         token_ids = logits.argmax(dim=-1)
     else:
@@ -84,7 +87,10 @@ def apply_top_k_top_p(logits: torch.Tensor, top_ks: list[int],
         cutoff = sorted_logits.gather(1, (ks - 1)[:, None])
         sorted_logits = sorted_logits.masked_fill(sorted_logits < cutoff, float("-inf"))
     if use_p:
-        ps = torch.tensor(top_ps, dtype=torch.float32, device=logits.device)
+        # top_p >= 1 keeps everything: float32 cumulative sums can pass 1.0 before the
+        # tail, which would otherwise cut a top_p=1 row batched with a top_p<1 one.
+        ps = torch.tensor([p if p < 1.0 else float("inf") for p in top_ps],
+                          dtype=torch.float32, device=logits.device)
         probs = sorted_logits.softmax(dim=-1)
         # Drop a token when the mass strictly before it already reaches top_p (keeps >= 1).
         mass_before = probs.cumsum(dim=-1) - probs

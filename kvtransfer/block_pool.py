@@ -118,6 +118,10 @@ class BlockPool:
             self._by_hash[block_hash] = block_id
             self._emit("stored", block_hash)
 
+    def cached_hashes(self) -> list[int]:
+        """Every hash a lookup can hit now (the snapshot a prefix index resyncs from)."""
+        return list(self._by_hash)
+
     def reset_prefix_cache(self) -> None:
         for block in self.blocks:
             if block.ref_count == 0:

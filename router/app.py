@@ -20,6 +20,7 @@ from engine.sampling_params import SamplingParams
 from engine.tokenizer import IncrementalDetokenizer, TokenizerBundle
 from router.errors import WorkerUnavailableError, error_response
 from router.generation import RequestRunner
+from router.kv_routing import KVRouter
 from router.metrics import RouterMetrics
 from router.protocol import ChatCompletionRequest, CompletionRequest
 from router.responses import ChoiceState, Delta, Formatter
@@ -34,7 +35,8 @@ class RouterConfig:
     served_model_name: str
     prefill: list[str] = field(default_factory=list)
     decode: list[str] = field(default_factory=list)
-    routing: str = "round-robin"
+    routing: str = "kv"  # kv | round-robin | random | least-loaded
+    local_prefill_threshold: int = 0  # uncached prompt tokens at or below: prefill on D
     ready_timeout_s: float = 120.0
 
 
@@ -52,7 +54,9 @@ class Router:
         self.tok = load_tokenizer(cfg.model)
         self.metrics = RouterMetrics()
         self.pool = WorkerPool(routing=cfg.routing)
-        self.runner = RequestRunner(self.pool, self.metrics)
+        self.kv = KVRouter(self.pool) if cfg.routing == "kv" else None
+        self.runner = RequestRunner(self.pool, self.metrics, self.kv,
+                                    cfg.local_prefill_threshold)
         self._refresher: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -60,10 +64,14 @@ class Router:
         self.pool.add_workers(self.cfg.prefill, self.cfg.decode)
         await self.pool.wait_ready(self.cfg.ready_timeout_s)
         self._refresher = asyncio.create_task(self._refresh_loop())
+        if self.kv is not None:
+            self.kv.start()
 
     async def stop(self) -> None:
         if self._refresher:
             self._refresher.cancel()
+        if self.kv is not None:
+            await self.kv.stop()
         await self.pool.close()
 
     async def _refresh_loop(self) -> None:

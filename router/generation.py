@@ -18,7 +18,9 @@ from engine.rpc import worker_pb2 as pb
 from engine.rpc.convert import params_to_proto, top_from_proto
 from engine.sampling_params import SamplingParams
 from router.errors import WorkerUnavailableError
+from router.kv_routing import KVRouter
 from router.metrics import RouterMetrics
+from router.prefix_index import Overlap
 from router.workers import WorkerHandle, WorkerPool
 
 log = logging.getLogger(__name__)
@@ -42,9 +44,12 @@ def _invalid(e: grpc.aio.AioRpcError) -> InvalidRequestError:
 
 
 class RequestRunner:
-    def __init__(self, pool: WorkerPool, metrics: RouterMetrics) -> None:
+    def __init__(self, pool: WorkerPool, metrics: RouterMetrics, kv: KVRouter | None = None,
+                 local_prefill_threshold: int = 0) -> None:
         self.pool = pool
         self.metrics = metrics
+        self.kv = kv  # None: round-robin / random / least-loaded picks
+        self.local_prefill_threshold = local_prefill_threshold
         self._background: set[asyncio.Future] = set()
 
     async def run(self, request_id: str, prompt: list[int], params: SamplingParams
@@ -52,8 +57,18 @@ class RequestRunner:
         generated: list[int] = []
         handle: pb.KVHandle | None = None
         prefill_w: WorkerHandle | None = None
-        if self.pool.disaggregated:
-            first, prefill_w = await self._prefill(request_id, prompt, params)
+        t0 = time.perf_counter()
+        overlaps, bs = self.kv.overlaps(prompt) if self.kv else ({}, 16)
+        decode_w = self._pick("decode", set(), overlaps, bs)
+        # Conditional disaggregation: when what decode_w lacks of the prompt is short,
+        # prefilling it right there beats shipping KV from a prefill worker.
+        held = overlaps[decode_w.address].total * bs if decode_w.address in overlaps else 0
+        disaggregate = self.pool.disaggregated and \
+            len(prompt) - held > self.local_prefill_threshold
+        self.metrics.routing.labels("disaggregated" if disaggregate else "local").inc()
+        self.metrics.router_span.labels("route").observe(time.perf_counter() - t0)
+        if disaggregate:
+            first, prefill_w = await self._prefill(request_id, prompt, params, overlaps, bs)
             generated.append(first.first_token_id)
             top = [top_from_proto(pb.TopLogprobList(items=first.first_top_logprobs))] \
                 if first.first_top_logprobs else []
@@ -66,7 +81,7 @@ class RequestRunner:
         first_event = not generated
         try:
             for attempt in range(MAX_ATTEMPTS):
-                w = self._pick("decode", failed)
+                w = decode_w if attempt == 0 else self._pick("decode", failed, overlaps, bs)
                 req = pb.GenerateRequest(request_id=f"{request_id}-{attempt}",
                                          prompt_token_ids=prompt,
                                          params=params_to_proto(params))
@@ -121,17 +136,18 @@ class RequestRunner:
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
 
-    def _pick(self, role: str, failed: set[str]) -> WorkerHandle:
-        t0 = time.perf_counter()
-        w = self.pool.pick(role, exclude=failed)
-        self.metrics.router_span.labels("route").observe(time.perf_counter() - t0)
-        return w
+    def _pick(self, role: str, failed: set[str], overlaps: dict[str, Overlap],
+              block_size: int) -> WorkerHandle:
+        if self.kv is not None:
+            return self.kv.pick(role, overlaps, block_size, failed)
+        return self.pool.pick(role, exclude=failed)
 
-    async def _prefill(self, request_id: str, prompt: list[int], params: SamplingParams
+    async def _prefill(self, request_id: str, prompt: list[int], params: SamplingParams,
+                       overlaps: dict[str, Overlap], block_size: int
                        ) -> tuple[pb.PrefillResponse, WorkerHandle]:
         failed: set[str] = set()
         for _ in range(MAX_ATTEMPTS):
-            w = self._pick("prefill", failed)
+            w = self._pick("prefill", failed, overlaps, block_size)
             w.in_flight += 1
             try:
                 resp = await w.stub.Prefill(pb.PrefillRequest(

@@ -32,6 +32,9 @@ class RouterMetrics:
                                     ["backend"], registry=r, buckets=_LATENCY_BUCKETS)
         self.migrations = Counter("baton_migrations", "requests moved after a worker failed",
                                   registry=r)
+        self.routing = Counter("baton_routing_decisions",
+                               "prefill placement: on a prefill worker, or local on decode",
+                               ["kind"], registry=r)
         self.router_span = Histogram("baton_router_span_seconds",
                                      "router's own time per request, by stage", ["stage"],
                                      registry=r, buckets=_SPAN_BUCKETS)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import random
 from dataclasses import dataclass, field
 
 import grpc
@@ -80,6 +81,8 @@ class WorkerPool:
         if self.routing == "round-robin":
             counter = self._rr.setdefault(role, itertools.count())
             return live[next(counter) % len(live)]
+        if self.routing == "random":
+            return random.choice(live)
         # least-loaded by the router's own in-flight count; rotation breaks ties
         counter = self._rr.setdefault(role, itertools.count())
         start = next(counter) % len(live)

@@ -44,7 +44,7 @@ def test_handoff_matches_aggregated(model, decode_has_prefix):
 
     prefill, decode = make(model), make(model)
     if decode_has_prefix:  # the decode worker already caches the first 64 tokens
-        decode.add_request("warm", prompt[:64] + [7], dataclasses.replace(params, max_tokens=1))
+        decode.add_request("warm", [*prompt[:64], 7], dataclasses.replace(params, max_tokens=1))
         run_to_end(decode)
     first_only = dataclasses.replace(params, max_tokens=1)
     prefill.add_request("r", prompt, first_only, hold_kv=True)

@@ -199,3 +199,23 @@ class WorkerStatus(_message.Message):
     max_model_len: int
     pid: int
     def __init__(self, role: _Optional[str] = ..., model: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_held: _Optional[int] = ..., total_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., used_blocks: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., agent_name: _Optional[str] = ..., agent_metadata: _Optional[bytes] = ..., kv_backend: _Optional[str] = ..., queued_prefill_tokens: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., max_model_len: _Optional[int] = ..., pid: _Optional[int] = ...) -> None: ...
+
+class KVEventsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class KVEventsMessage(_message.Message):
+    __slots__ = ("snapshot", "worker_id", "instance_id", "last_event_id", "block_hashes", "batch")
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    LAST_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
+    snapshot: bool
+    worker_id: str
+    instance_id: str
+    last_event_id: int
+    block_hashes: _containers.RepeatedScalarFieldContainer[int]
+    batch: bytes
+    def __init__(self, snapshot: _Optional[bool] = ..., worker_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., last_event_id: _Optional[int] = ..., block_hashes: _Optional[_Iterable[int]] = ..., batch: _Optional[bytes] = ...) -> None: ...

@@ -59,6 +59,11 @@ class WorkerStub:
                 request_serializer=engine_dot_rpc_dot_worker__pb2.StatusRequest.SerializeToString,
                 response_deserializer=engine_dot_rpc_dot_worker__pb2.WorkerStatus.FromString,
                 _registered_method=True)
+        self.KVEvents = channel.unary_stream(
+                '/baton.worker.Worker/KVEvents',
+                request_serializer=engine_dot_rpc_dot_worker__pb2.KVEventsRequest.SerializeToString,
+                response_deserializer=engine_dot_rpc_dot_worker__pb2.KVEventsMessage.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -94,6 +99,12 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def KVEvents(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +132,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=engine_dot_rpc_dot_worker__pb2.StatusRequest.FromString,
                     response_serializer=engine_dot_rpc_dot_worker__pb2.WorkerStatus.SerializeToString,
+            ),
+            'KVEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.KVEvents,
+                    request_deserializer=engine_dot_rpc_dot_worker__pb2.KVEventsRequest.FromString,
+                    response_serializer=engine_dot_rpc_dot_worker__pb2.KVEventsMessage.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +274,33 @@ class Worker:
             '/baton.worker.Worker/Status',
             engine_dot_rpc_dot_worker__pb2.StatusRequest.SerializeToString,
             engine_dot_rpc_dot_worker__pb2.WorkerStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def KVEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/baton.worker.Worker/KVEvents',
+            engine_dot_rpc_dot_worker__pb2.KVEventsRequest.SerializeToString,
+            engine_dot_rpc_dot_worker__pb2.KVEventsMessage.FromString,
             options,
             channel_credentials,
             insecure,
