@@ -150,6 +150,8 @@ class Router:
                 t0 = time.perf_counter()
                 if ev.cached_tokens is not None:
                     state.cached_tokens = ev.cached_tokens
+                if ev.route:
+                    state.route.update(ev.route)
                 text = "".join(state.detok.add_token(t) for t in ev.token_ids)
                 finish = ev.finish_reason
                 if state.detok.stopped:

@@ -36,6 +36,7 @@ class TokenEvent:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None
     cached_tokens: int | None = None  # on the first event
+    route: dict[str, str] | None = None  # which workers serve it (first event of a stage)
 
 
 def _invalid(e: grpc.aio.AioRpcError) -> InvalidRequestError:
@@ -73,12 +74,14 @@ class RequestRunner:
             top = [top_from_proto(pb.TopLogprobList(items=first.first_top_logprobs))] \
                 if first.first_top_logprobs else []
             yield TokenEvent([first.first_token_id], [first.first_logprob], top,
-                             first.finish_reason or None, first.num_cached_tokens)
+                             first.finish_reason or None, first.num_cached_tokens,
+                             route={"prefill": prefill_w.address})
             if first.finish_reason:
                 return
             handle = first.handle if first.HasField("handle") else None
         failed: set[str] = set()
         first_event = not generated
+        routed: WorkerHandle | None = None
         try:
             for attempt in range(MAX_ATTEMPTS):
                 w = decode_w if attempt == 0 else self._pick("decode", failed, overlaps, bs)
@@ -108,8 +111,10 @@ class RequestRunner:
                             list(chunk.token_ids), list(chunk.logprobs),
                             [top_from_proto(t) for t in chunk.top_logprobs],
                             chunk.finish_reason or None,
-                            chunk.num_cached_tokens if first_event else None)
+                            chunk.num_cached_tokens if first_event else None,
+                            route={"decode": w.address} if routed is not w else None)
                         first_event = False
+                        routed = w
                         if chunk.finish_reason:
                             return
                     return

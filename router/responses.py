@@ -22,6 +22,7 @@ class ChoiceState:
     text: str = ""
     finish_reason: str | None = None
     cached_tokens: int = 0
+    route: dict[str, str] = field(default_factory=dict)  # role -> worker address
 
 
 @dataclass
@@ -138,8 +139,10 @@ class Formatter:
                 item["prompt_token_ids"] = c.prompt_token_ids
             out.append(item)
         obj = "chat.completion" if self.kind == "chat" else "text_completion"
+        # Baton extra: where each choice ran (clients ignore unknown fields).
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "choices": out, "usage": usage(choices)}
+                "choices": out, "usage": usage(choices),
+                "baton_route": [c.route for c in choices]}
 
     @staticmethod
     def _sse(body: dict) -> str:

@@ -1,0 +1,58 @@
+"""KV-aware routing end to end: with 1 prefill and 2 decode workers, requests that share a
+prefix land on the decode worker that holds it (its KV events told the router), while a
+new prefix goes to the other, emptier worker; conditional disaggregation prefills a
+mostly cached prompt on the decode worker itself."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import httpx
+import pytest
+
+from cluster.local_server import baton_serve
+
+pytestmark = pytest.mark.slow
+PRESET = "tiny-llama"
+
+
+def complete(url: str, prompt: list[int]) -> dict:
+    r = httpx.post(f"{url}/v1/completions", timeout=60, json={
+        "model": PRESET, "prompt": prompt, "max_tokens": 3, "temperature": 0,
+        "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_shared_prefixes_stick_to_their_worker(checkpoint_dir):
+    rng = random.Random(0)
+    prefix_a = [rng.randrange(4, 1000) for _ in range(96)]
+    prefix_b = [rng.randrange(4, 1000) for _ in range(96)]
+    with baton_serve(checkpoint_dir(PRESET), "--prefill", "1", "--decode", "2",
+                     "--kv-blocks", "512", "--routing", "kv") as url:
+        homes: dict[str, set[str]] = {"a": set(), "b": set()}
+        for i in range(8):
+            name, prefix = ("a", prefix_a) if i % 2 == 0 else ("b", prefix_b)
+            body = complete(url, prefix + [rng.randrange(4, 1000) for _ in range(20)])
+            homes[name].add(body["baton_route"][0]["decode"])
+            time.sleep(0.3)  # let the KV events of this request reach the router
+        assert len(homes["a"]) == 1 and len(homes["b"]) == 1, homes
+        assert homes["a"] != homes["b"], "the second prefix should go to the emptier worker"
+
+
+def test_mostly_cached_prompt_is_prefilled_locally(checkpoint_dir):
+    rng = random.Random(1)
+    prefix = [rng.randrange(4, 1000) for _ in range(160)]
+    with baton_serve(checkpoint_dir(PRESET), "--prefill", "1", "--decode", "1",
+                     "--kv-blocks", "512", "--local-prefill-threshold", "32") as url:
+        first = complete(url, [*prefix, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20])
+        assert "prefill" in first["baton_route"][0]  # 174 uncached tokens: disaggregated
+        time.sleep(0.5)
+        second = complete(url, [*prefix, 21, 22, 23])
+        route = second["baton_route"][0]
+        assert "prefill" not in route, "163 tokens, 160 cached on D: should stay local"
+        assert second["usage"]["prompt_tokens_details"]["cached_tokens"] == 160
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'baton_routing_decisions_total{kind="local"} 1.0' in metrics
+        assert 'baton_routing_decisions_total{kind="disaggregated"} 1.0' in metrics

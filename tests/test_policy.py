@@ -1,0 +1,63 @@
+"""Routing policy, table-driven: overlap credit by tier minus load; new prefixes spread to
+the emptier cache; ties are broken at random, never by position."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from router.policy import PolicyWeights, WorkerLoad, choose, score
+from router.prefix_index import Overlap
+
+W = PolicyWeights()
+EMPTY = WorkerLoad(total_blocks=100)
+
+CASES = [
+    # name, overlaps, loads, expected winner
+    ("more device blocks wins", {"a": Overlap(device=8), "b": Overlap(device=2)},
+     {"a": EMPTY, "b": EMPTY}, "a"),
+    ("device beats the same count on disk", {"a": Overlap(disk=8), "b": Overlap(device=8)},
+     {"a": EMPTY, "b": EMPTY}, "b"),
+    ("host beats disk", {"a": Overlap(host=5), "b": Overlap(disk=5)},
+     {"a": EMPTY, "b": EMPTY}, "a"),
+    ("a long prefill queue outweighs a small hit",
+     {"a": Overlap(device=2), "b": Overlap()},
+     {"a": WorkerLoad(queued_prefill_tokens=4096, total_blocks=100), "b": EMPTY}, "b"),
+    ("a big hit outweighs a short queue",
+     {"a": Overlap(device=40), "b": Overlap()},
+     {"a": WorkerLoad(queued_prefill_tokens=160, total_blocks=100), "b": EMPTY}, "a"),
+    ("a miss goes to the emptier cache", {},
+     {"a": WorkerLoad(cached_blocks=90, total_blocks=100),
+      "b": WorkerLoad(cached_blocks=10, total_blocks=100)}, "b"),
+    ("busy decode worker loses a tie", {},
+     {"a": WorkerLoad(active_blocks=50, total_blocks=100), "b": EMPTY}, "b"),
+]
+
+
+@pytest.mark.parametrize("name,overlaps,loads,winner", CASES, ids=[c[0] for c in CASES])
+def test_policy_table(name, overlaps, loads, winner):
+    picked, _ = choose(["a", "b"], overlaps, loads, 16, W, random.Random(0))
+    assert picked == winner
+
+
+def test_ties_are_spread_not_fixed():
+    picks = Counter(choose(["a", "b", "c"], {}, {}, 16, W, random.Random(s))[0]
+                    for s in range(300))
+    assert set(picks) == {"a", "b", "c"} and min(picks.values()) > 60
+
+
+def test_temperature_samples_by_score():
+    w = PolicyWeights(temperature=1.0)
+    overlaps = {"a": Overlap(device=3)}
+    picks = Counter(choose(["a", "b"], overlaps, {}, 16, w, random.Random(s))[0]
+                    for s in range(400))
+    assert picks["a"] > picks["b"] > 0  # e^3 : 1, but b still gets some
+
+
+def test_score_units():
+    assert score(Overlap(device=4, host=2, disk=2), EMPTY, 16, W) == pytest.approx(
+        4 + 2 * W.host + 2 * W.disk)
+    assert score(Overlap(), WorkerLoad(queued_prefill_tokens=32, total_blocks=10), 16,
+                 W) == pytest.approx(-2.0)

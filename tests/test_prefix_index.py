@@ -1,0 +1,97 @@
+"""Prefix index: events applied in order, duplicates ignored, gaps and restarts force a
+resync, tiers tracked per copy, lookups count only an unbroken leading run."""
+
+from __future__ import annotations
+
+from kvtransfer.events import (
+    CLEARED,
+    REMOVED,
+    STORED,
+    EventRecorder,
+    KVEvent,
+    KVEventBatch,
+    Tier,
+)
+from kvtransfer.hashing import block_hashes
+from router.prefix_index import InMemoryPrefixIndex, Overlap
+
+H = block_hashes(list(range(64)), 16)  # 4 chained hashes
+
+
+def batch(worker: str, eid: int, *events: KVEvent, instance: str = "i1") -> KVEventBatch:
+    return KVEventBatch(worker, instance, eid, list(events))
+
+
+def fresh(*workers: str) -> InMemoryPrefixIndex:
+    idx = InMemoryPrefixIndex()
+    for w in workers:
+        idx.resync(w, "i1", 0, [])
+    return idx
+
+
+def test_stored_then_lookup_counts_leading_blocks():
+    idx = fresh("w1", "w2")
+    assert idx.apply(batch("w1", 1, KVEvent(STORED, H[:3])))
+    assert idx.apply(batch("w2", 1, KVEvent(STORED, [H[0], H[2], H[3]])))
+    got = idx.lookup(H)
+    assert got["w1"] == Overlap(device=3)
+    assert got["w2"] == Overlap(device=1)  # H[1] missing: the run stops there
+
+
+def test_removed_and_cleared():
+    idx = fresh("w1")
+    idx.apply(batch("w1", 1, KVEvent(STORED, H)))
+    idx.apply(batch("w1", 2, KVEvent(REMOVED, [H[1]])))
+    assert idx.lookup(H)["w1"].total == 1
+    idx.apply(batch("w1", 3, KVEvent(CLEARED)))
+    assert idx.lookup(H)["w1"].total == 0 and idx.num_blocks("w1") == 0
+
+
+def test_gap_unknown_worker_and_restart_need_resync():
+    idx = fresh("w1")
+    assert idx.apply(batch("w1", 1, KVEvent(STORED, H[:1])))
+    assert idx.apply(batch("w1", 1, KVEvent(STORED, H[:1])))  # duplicate: fine
+    assert not idx.apply(batch("w1", 3, KVEvent(STORED, H[1:2])))  # 2 was lost
+    assert idx.lookup(H)["w1"].total == 1  # the batch after the gap was not applied
+    assert not idx.apply(batch("w9", 1, KVEvent(STORED, H)))  # never synced
+    assert not idx.apply(batch("w1", 2, KVEvent(STORED, H), instance="i2"))  # restarted
+    idx.resync("w1", "i2", 5, [(h, Tier.DEVICE) for h in H[:2]])
+    assert idx.lookup(H)["w1"].total == 2
+    assert idx.apply(batch("w1", 6, KVEvent(STORED, H[2:]), instance="i2"))
+    assert idx.lookup(H)["w1"].total == 4
+
+
+def test_tiers_credit_the_fastest_copy():
+    idx = fresh("w1")
+    idx.apply(batch("w1", 1, KVEvent(STORED, H[:2], tier=Tier.DEVICE),
+                    KVEvent(STORED, H[2:3], tier=Tier.HOST),
+                    KVEvent(STORED, H[3:], tier=Tier.DISK)))
+    assert idx.lookup(H)["w1"] == Overlap(device=2, host=1, disk=1)
+    # H[0] offloaded to host, then evicted from device: still held, now in host.
+    idx.apply(batch("w1", 2, KVEvent(STORED, H[:1], tier=Tier.HOST),
+                    KVEvent(REMOVED, H[:1], tier=Tier.DEVICE)))
+    assert idx.lookup(H)["w1"] == Overlap(device=1, host=2, disk=1)
+
+
+def test_remove_worker_forgets_its_blocks():
+    idx = fresh("w1", "w2")
+    idx.apply(batch("w1", 1, KVEvent(STORED, H)))
+    idx.apply(batch("w2", 1, KVEvent(STORED, H)))
+    idx.remove_worker("w1")
+    assert set(idx.lookup(H)) == {"w2"}
+
+
+def test_recorder_batches_and_numbers_events_and_msgpack_round_trips():
+    rec = EventRecorder("w1", "i1")
+    assert rec.flush() is None
+    for h in H[:3]:
+        rec.record(STORED, h)
+    rec.record(REMOVED, H[0])
+    b1 = rec.flush()
+    assert b1.event_id == 1 and [e.kind for e in b1.events] == [STORED, REMOVED]
+    assert b1.events[0].block_hashes == H[:3]
+    rec.clear()
+    b2 = KVEventBatch.decode(rec.flush().encode())
+    assert b2.event_id == 2 and b2.events[0].kind == CLEARED
+    again = KVEventBatch.decode(b1.encode())
+    assert again == b1
