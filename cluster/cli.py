@@ -101,6 +101,9 @@ def add_routing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-prefill-threshold", type=int, default=0,
                    help="prefill on the decode worker when at most this many prompt tokens "
                         "are not cached there (0: always use a prefill worker)")
+    p.add_argument("--index", default="memory",
+                   help="prefix index: memory (this router only) or redis://HOST:PORT "
+                        "(shared by router replicas)")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -123,7 +126,7 @@ def _router(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name or os.path.basename(args.model.rstrip("/")),
         prefill=[a for a in args.prefill_workers.split(",") if a],
         decode=[a for a in args.decode_workers.split(",") if a], routing=args.routing,
-        local_prefill_threshold=args.local_prefill_threshold)
+        local_prefill_threshold=args.local_prefill_threshold, index=args.index)
     uvicorn.run(create_app(cfg), host=args.host, port=args.port, log_level="warning")
     return 0
 

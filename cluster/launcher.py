@@ -134,7 +134,8 @@ def serve(args: argparse.Namespace) -> int:
                 model.rstrip("/")),
             prefill=[w.address for w in procs if w.role == "prefill"],
             decode=[w.address for w in procs if w.role != "prefill"],
-            routing=args.routing, local_prefill_threshold=args.local_prefill_threshold)
+            routing=args.routing, local_prefill_threshold=args.local_prefill_threshold,
+            index=args.index)
         app = create_app(cfg)
         mode = f"{args.prefill}P{args.decode}D" if args.prefill else f"aggregated x{args.decode}"
         url = f"http://{args.host}:{args.port}"

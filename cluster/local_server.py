@@ -3,12 +3,14 @@ cleanly, checking that no worker process outlives it."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,11 +52,15 @@ def baton_serve(model: str | Path, *args: str, timeout: float = 120.0) -> Iterat
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     url = f"http://127.0.0.1:{port}"
+    log: collections.deque[str] = collections.deque(maxlen=200)
+    # Keep reading its output: a full pipe would block the server's logging.
+    threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True).start()
     deadline = time.monotonic() + timeout
     try:
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"baton serve exited early:\n{proc.stdout.read()}")
+                time.sleep(0.2)
+                raise RuntimeError("baton serve exited early:\n" + "".join(log))
             try:
                 if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                     break
@@ -73,8 +79,6 @@ def baton_serve(model: str | Path, *args: str, timeout: float = 120.0) -> Iterat
         except subprocess.TimeoutExpired:
             proc.kill()
             raise
-        finally:
-            proc.stdout.close()
         deadline = time.monotonic() + 10
         while any(_alive(p) for p in workers) and time.monotonic() < deadline:
             time.sleep(0.1)

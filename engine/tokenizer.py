@@ -36,7 +36,7 @@ class TokenizerBundle:
         except Exception as e:  # tokenizers raises a bare Exception on bad JSON
             raise CheckpointError(f"{path} cannot be loaded: {e}") from None
         conf_path = model_dir / "tokenizer_config.json"
-        conf = json.loads(conf_path.read_text()) if conf_path.is_file() else {}
+        conf = _read_json(conf_path) if conf_path.is_file() else {}
         eos_ids = _eos_ids(model_dir)
 
         def token_str(v):
@@ -96,11 +96,21 @@ class TokenizerBundle:
         return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    return data
+
+
 def _eos_ids(model_dir: Path) -> tuple[int, ...]:
     for name in ("generation_config.json", "config.json"):
         p = model_dir / name
         if p.is_file():
-            eos = json.loads(p.read_text()).get("eos_token_id")
+            eos = _read_json(p).get("eos_token_id")
             if eos is not None:
                 return tuple(eos) if isinstance(eos, list) else (int(eos),)
     return ()
@@ -108,14 +118,20 @@ def _eos_ids(model_dir: Path) -> tuple[int, ...]:
 
 class IncrementalDetokenizer:
     """Text for a stream of token ids, emitted only once complete UTF-8 is known, with
-    stop strings found across chunk boundaries and held back until they cannot match."""
+    stop strings found across chunk boundaries and held back until they cannot match.
+
+    As in vLLM, stop strings count only from token `min_tokens + 1` on (a stop string
+    may still start in earlier text), and the earliest match among them wins."""
 
     def __init__(self, bundle: TokenizerBundle, stop: list[str], skip_special_tokens: bool,
-                 include_stop_str_in_output: bool = False) -> None:
+                 include_stop_str_in_output: bool = False, min_tokens: int = 0) -> None:
         self.bundle = bundle
         self.stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        self.skip_special_tokens = skip_special_tokens
+        self.token_ids: list[int] = []
         self.stop = stop
         self.include_stop = include_stop_str_in_output
+        self.min_tokens = min_tokens
         self.holdback = max((len(s) for s in stop), default=1) - 1
         self.text = ""  # everything decoded so far
         self.emitted = 0  # chars of self.text already handed out
@@ -125,20 +141,38 @@ class IncrementalDetokenizer:
         """Feed one token; returns the newly safe text (may be empty)."""
         if self.stopped:
             return ""
+        self.token_ids.append(token_id)
         chunk = self.stream.step(self.bundle.tokenizer, token_id)
         if chunk:
-            search_from = max(0, len(self.text) - self.holdback)
+            old_len = len(self.text)
             self.text += chunk
-            for s in self.stop:
-                at = self.text.find(s, search_from)
-                if at >= 0:
-                    self.text = self.text[: at + len(s)] if self.include_stop else self.text[:at]
-                    self.stopped = True
-                    return self._take(len(self.text))
+            match = self._find_stop(old_len) if len(self.token_ids) > self.min_tokens else None
+            if match is not None:
+                at, s = match
+                self.text = self.text[: at + len(s)] if self.include_stop else self.text[:at]
+                self.stopped = True
+                return self._take(len(self.text))
         return self._take(len(self.text) - self.holdback)
 
+    def _find_stop(self, old_len: int) -> tuple[int, str] | None:
+        """The earliest stop string ending in the text added after `old_len` (one ending
+        before it was looked for then). Its start is >= emitted: that much is held back."""
+        best: tuple[int, str] | None = None
+        for s in self.stop:
+            at = self.text.find(s, max(0, old_len - len(s) + 1))
+            if at >= 0 and (best is None or at < best[0]):
+                best = (at, s)
+        return best
+
     def flush(self) -> str:
-        """The held-back tail, once the sequence has finished without a stop string."""
+        """The rest of the text, once the sequence has finished without a stop string: the
+        held-back tail, and bytes of an unfinished UTF-8 character the stream is still
+        waiting on (as U+FFFD, like a full decode), so `text == decode(token_ids)`."""
+        if not self.stopped:
+            full = self.bundle.tokenizer.decode(self.token_ids,
+                                                skip_special_tokens=self.skip_special_tokens)
+            if len(full) > len(self.text) and full.startswith(self.text):
+                self.text = full
         return self._take(len(self.text))
 
     def _take(self, upto: int) -> str:

@@ -85,8 +85,13 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: dict) -> ModelConfig:
+        """Raises UnsupportedArchitectureError, KeyError for a missing field and ValueError
+        (naming the field) for a bad one; `from_dir` turns the last two into
+        CheckpointError with the file's path."""
+        if not isinstance(hf, dict):
+            raise ValueError(f"expected a JSON object, got {type(hf).__name__}")
         archs = hf.get("architectures") or []
-        arch = archs[0] if archs else None
+        arch = archs if isinstance(archs, str) else archs[0] if archs else None
         if arch not in SUPPORTED_ARCHITECTURES:
             raise UnsupportedArchitectureError(
                 f"config.json declares architecture {arch!r}; Baton supports "
@@ -99,9 +104,13 @@ class ModelConfig:
                 "sliding-window attention is not supported yet (config.json sets "
                 f"sliding_window={hf.get('sliding_window')!r}); set it to null"
             )
-        num_heads = int(hf["num_attention_heads"])
-        hidden = int(hf["hidden_size"])
-        head_dim = hf.get("head_dim") or hidden // num_heads
+        num_heads = _positive_int(hf, "num_attention_heads")
+        hidden = _positive_int(hf, "hidden_size")
+        head_dim = _positive_int(hf, "head_dim", hidden // num_heads)
+        num_kv_heads = _positive_int(hf, "num_key_value_heads", num_heads)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_attention_heads={num_heads} is not a multiple of "
+                             f"num_key_value_heads={num_kv_heads}")
         rope_theta, scaling = _parse_rope(hf)
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
@@ -111,13 +120,13 @@ class ModelConfig:
         return cls(
             architecture=arch,
             hidden_size=hidden,
-            num_layers=int(hf["num_hidden_layers"]),
+            num_layers=_positive_int(hf, "num_hidden_layers"),
             num_heads=num_heads,
-            num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
-            head_dim=int(head_dim),
-            intermediate_size=int(hf["intermediate_size"]),
-            vocab_size=int(hf["vocab_size"]),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            intermediate_size=_positive_int(hf, "intermediate_size"),
+            vocab_size=_positive_int(hf, "vocab_size"),
+            max_position_embeddings=_positive_int(hf, "max_position_embeddings", 4096),
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=scaling,
@@ -142,6 +151,23 @@ class ModelConfig:
             return cls.from_hf(hf)
         except KeyError as e:
             raise CheckpointError(f"{path} lacks the field {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: {e}") from None
+
+
+_MISSING = object()
+
+
+def _positive_int(hf: dict, key: str, default: object = _MISSING) -> int:
+    """hf[key] (KeyError when absent and no default; null counts as absent) as an int >= 1."""
+    value = hf.get(key)
+    if value is None:
+        if default is _MISSING:
+            raise KeyError(key)
+        value = default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"field {key!r} must be a positive integer, got {value!r}")
+    return value
 
 
 def _parse_rope(hf: dict) -> tuple[float, RopeScaling | None]:

@@ -100,6 +100,9 @@ def load_named_tensors(model: DecoderForCausalLM,
                 continue
             raise CheckpointError(f"unexpected tensor {hf_name!r} in {source} for "
                                   f"{cfg.architecture}")
+        if tuple(tensor.shape) != tuple(expected[hf_name]):
+            raise CheckpointError(f"{hf_name} in {source} has shape {tuple(tensor.shape)}, but "
+                                  f"config.json implies {tuple(expected[hf_name])}")
         name, shard = _route(model, hf_name)
         param = params[name]
         try:

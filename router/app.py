@@ -37,6 +37,7 @@ class RouterConfig:
     decode: list[str] = field(default_factory=list)
     routing: str = "kv"  # kv | round-robin | random | least-loaded
     local_prefill_threshold: int = 0  # uncached prompt tokens at or below: prefill on D
+    index: str = "memory"  # memory | redis://HOST:PORT
     ready_timeout_s: float = 120.0
 
 
@@ -54,7 +55,7 @@ class Router:
         self.tok = load_tokenizer(cfg.model)
         self.metrics = RouterMetrics()
         self.pool = WorkerPool(routing=cfg.routing)
-        self.kv = KVRouter(self.pool) if cfg.routing == "kv" else None
+        self.kv = KVRouter(self.pool, cfg.index) if cfg.routing == "kv" else None
         self.runner = RequestRunner(self.pool, self.metrics, self.kv,
                                     cfg.local_prefill_threshold)
         self._refresher: asyncio.Task | None = None
@@ -78,6 +79,8 @@ class Router:
         while True:
             await asyncio.sleep(0.5)
             await self.pool.refresh()
+            if self.kv is not None:
+                await self.kv.renew_leases()
             for w in self.pool.all:
                 m, labels = self.metrics, (w.address, w.role)
                 m.worker_in_flight.labels(*labels).set(w.in_flight)

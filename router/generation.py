@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import struct
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
+import xxhash
 
 from engine.errors import InvalidRequestError
 from engine.rpc import worker_pb2 as pb
@@ -59,8 +61,9 @@ class RequestRunner:
         handle: pb.KVHandle | None = None
         prefill_w: WorkerHandle | None = None
         t0 = time.perf_counter()
-        overlaps, bs = self.kv.overlaps(prompt) if self.kv else ({}, 16)
-        decode_w = self._pick("decode", set(), overlaps, bs)
+        overlaps, bs = await self.kv.overlaps(prompt) if self.kv else ({}, 16)
+        tie_key = xxhash.xxh3_64_intdigest(struct.pack(f"<{len(prompt)}I", *prompt))
+        decode_w = self._pick("decode", set(), overlaps, bs, tie_key)
         # Conditional disaggregation: when what decode_w lacks of the prompt is short,
         # prefilling it right there beats shipping KV from a prefill worker.
         held = overlaps[decode_w.address].total * bs if decode_w.address in overlaps else 0
@@ -69,7 +72,8 @@ class RequestRunner:
         self.metrics.routing.labels("disaggregated" if disaggregate else "local").inc()
         self.metrics.router_span.labels("route").observe(time.perf_counter() - t0)
         if disaggregate:
-            first, prefill_w = await self._prefill(request_id, prompt, params, overlaps, bs)
+            first, prefill_w = await self._prefill(request_id, prompt, params, overlaps, bs,
+                                                   tie_key)
             generated.append(first.first_token_id)
             top = [top_from_proto(pb.TopLogprobList(items=first.first_top_logprobs))] \
                 if first.first_top_logprobs else []
@@ -84,7 +88,8 @@ class RequestRunner:
         routed: WorkerHandle | None = None
         try:
             for attempt in range(MAX_ATTEMPTS):
-                w = decode_w if attempt == 0 else self._pick("decode", failed, overlaps, bs)
+                w = decode_w if attempt == 0 else self._pick("decode", failed, overlaps, bs,
+                                                             tie_key)
                 req = pb.GenerateRequest(request_id=f"{request_id}-{attempt}",
                                          prompt_token_ids=prompt,
                                          params=params_to_proto(params))
@@ -142,17 +147,17 @@ class RequestRunner:
                 task.add_done_callback(self._background.discard)
 
     def _pick(self, role: str, failed: set[str], overlaps: dict[str, Overlap],
-              block_size: int) -> WorkerHandle:
+              block_size: int, tie_key: int) -> WorkerHandle:
         if self.kv is not None:
-            return self.kv.pick(role, overlaps, block_size, failed)
+            return self.kv.pick(role, overlaps, block_size, failed, tie_key)
         return self.pool.pick(role, exclude=failed)
 
     async def _prefill(self, request_id: str, prompt: list[int], params: SamplingParams,
-                       overlaps: dict[str, Overlap], block_size: int
+                       overlaps: dict[str, Overlap], block_size: int, tie_key: int
                        ) -> tuple[pb.PrefillResponse, WorkerHandle]:
         failed: set[str] = set()
         for _ in range(MAX_ATTEMPTS):
-            w = self._pick("prefill", failed, overlaps, block_size)
+            w = self._pick("prefill", failed, overlaps, block_size, tie_key)
             w.in_flight += 1
             try:
                 resp = await w.stub.Prefill(pb.PrefillRequest(

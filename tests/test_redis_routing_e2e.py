@@ -1,0 +1,119 @@
+"""Two router processes sharing one Redis (Valkey) index route a shared prefix to the same
+worker; killing Redis mid-run loses no request (routing falls back to load only), and
+prefix routing comes back when Redis does."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+
+from cluster.local_server import REPO, free_port
+from cluster.worker_main import READY_PREFIX
+
+pytestmark = pytest.mark.slow
+PRESET = "tiny-llama"
+
+
+def start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "cluster.cli", *args], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_healthy(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"{url} never became healthy"
+        time.sleep(0.2)
+
+
+def drain(p: subprocess.Popen) -> None:
+    """Keep reading a child's output so a full pipe never blocks its logging."""
+    threading.Thread(target=lambda: [None for _ in p.stdout], daemon=True).start()
+
+
+def complete(url: str, prompt: list[int]) -> dict:
+    r = httpx.post(f"{url}/v1/completions", timeout=60, json={
+        "model": PRESET, "prompt": prompt, "max_tokens": 4, "temperature": 0,
+        "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_routers_share_redis_and_survive_its_loss(checkpoint_dir, redis_url):
+    url_redis, server = redis_url
+    model = str(checkpoint_dir(PRESET))
+    procs: list[subprocess.Popen] = []
+    try:
+        addrs = []
+        for _ in range(2):
+            w = start("worker", "--role", "both", "--model", model, "--kv-blocks", "256")
+            procs.append(w)
+            for line in w.stdout:
+                if line.startswith(READY_PREFIX):
+                    addrs.append(line.split()[1])
+                    break
+            drain(w)
+        routers = []
+        for _ in range(2):
+            port = free_port()
+            procs.append(start("router", "--model", model, "--decode-workers", ",".join(addrs),
+                               "--port", str(port), "--index", url_redis))
+            drain(procs[-1])
+            routers.append(f"http://127.0.0.1:{port}")
+        for u in routers:
+            wait_healthy(u)
+
+        rng = random.Random(3)
+        prefix = [rng.randrange(4, 1000) for _ in range(80)]
+
+        def ask(u: str) -> str:
+            body = complete(u, prefix + [rng.randrange(4, 1000) for _ in range(10)])
+            return body["baton_route"][0]["decode"]
+
+        home = ask(routers[0])
+        time.sleep(1.0)  # KV events -> both routers -> Redis
+        assert {ask(routers[1]), ask(routers[0]), ask(routers[1])} == {home}
+
+        # Redis goes away in the middle of a burst: every request still completes.
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(complete, routers[i % 2],
+                                   [rng.randrange(4, 1000) for _ in range(40)])
+                       for i in range(16)]
+            time.sleep(0.05)
+            server.stop()
+            results = [f.result() for f in futures]
+        assert all(r["usage"]["completion_tokens"] == 4 for r in results)
+        assert complete(routers[1], prefix)["usage"]["completion_tokens"] == 4
+
+        server.start()  # same port, empty store
+        deadline = time.monotonic() + 20
+        while True:  # the routers notice, resync from the workers, route by prefix again
+            got = ask(routers[1])
+            if got == home:
+                break
+            assert time.monotonic() < deadline, "prefix routing did not come back"
+            time.sleep(0.5)
+        time.sleep(1.0)
+        assert {ask(routers[0]) for _ in range(3)} == {home}
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+            p.stdout.close()
