@@ -71,6 +71,7 @@ class RequestRunner:
             len(prompt) - held > self.local_prefill_threshold
         self.metrics.routing.labels("disaggregated" if disaggregate else "local").inc()
         self.metrics.router_span.labels("route").observe(time.perf_counter() - t0)
+        local_prefill = 0
         if disaggregate:
             first, prefill_w = await self._prefill(request_id, prompt, params, overlaps, bs,
                                                    tie_key)
@@ -83,6 +84,9 @@ class RequestRunner:
             if first.finish_reason:
                 return
             handle = first.handle if first.HasField("handle") else None
+        else:  # decode_w prefills what it lacks; count it until its first token is back
+            local_prefill = len(prompt) - held
+            decode_w.pending_prefill_tokens += local_prefill
         failed: set[str] = set()
         first_event = not generated
         routed: WorkerHandle | None = None
@@ -107,6 +111,9 @@ class RequestRunner:
                 call = w.stub.Generate(req)
                 try:
                     async for chunk in call:
+                        if local_prefill:
+                            decode_w.pending_prefill_tokens -= local_prefill
+                            local_prefill = 0
                         if chunk.kv_transfer_backend:
                             self.metrics.kv_transfer(chunk.kv_transfer_backend,
                                                      chunk.kv_transfer_bytes,
@@ -139,6 +146,8 @@ class RequestRunner:
                     call.cancel()  # no-op when done; frees the worker's blocks otherwise
             raise WorkerUnavailableError("decode failed on every worker tried")
         finally:
+            if local_prefill:
+                decode_w.pending_prefill_tokens -= local_prefill
             if prefill_w is not None:
                 # Normally the decode worker has released P's blocks already (then this
                 # is a no-op); if the request ended before that, P frees them now.
@@ -158,7 +167,9 @@ class RequestRunner:
         failed: set[str] = set()
         for _ in range(MAX_ATTEMPTS):
             w = self._pick("prefill", failed, overlaps, block_size, tie_key)
+            held = overlaps[w.address].total * block_size if w.address in overlaps else 0
             w.in_flight += 1
+            w.pending_prefill_tokens += len(prompt) - held
             try:
                 resp = await w.stub.Prefill(pb.PrefillRequest(
                     request_id=request_id, prompt_token_ids=prompt,
@@ -176,6 +187,7 @@ class RequestRunner:
                 failed.add(w.address)
             finally:
                 w.in_flight -= 1
+                w.pending_prefill_tokens -= len(prompt) - held
         raise WorkerUnavailableError("prefill failed on every worker tried")
 
     async def _release(self, w: WorkerHandle, request_id: str) -> None:

@@ -153,8 +153,9 @@ class KVRouter:
 def _load(w: WorkerHandle) -> WorkerLoad:
     s = w.status
     if s is None:
-        return WorkerLoad()
+        return WorkerLoad(queued_prefill_tokens=w.pending_prefill_tokens)
     # The router's own in-flight count reacts faster than the polled status.
-    return WorkerLoad(queued_prefill_tokens=s.queued_prefill_tokens,
+    return WorkerLoad(queued_prefill_tokens=max(s.queued_prefill_tokens,
+                                                w.pending_prefill_tokens),
                       active_blocks=s.used_blocks + 4 * w.in_flight,
                       cached_blocks=s.cached_blocks, total_blocks=s.total_blocks)

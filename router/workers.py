@@ -27,6 +27,9 @@ class WorkerHandle:
     channel: grpc.aio.Channel
     healthy: bool = False
     in_flight: int = 0
+    # Prompt tokens this router has sent here whose first token has not come back yet:
+    # an exact, immediate view of the prefill queue (the polled status lags).
+    pending_prefill_tokens: int = 0
     status: pb.WorkerStatus | None = None
     failures: int = 0
 
