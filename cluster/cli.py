@@ -21,6 +21,10 @@ def _make_model(args: argparse.Namespace) -> int:
             print(f"{name:20s} {preset.description}")
         return 0
     if not args.preset or not args.out:
+        if args.preset:
+            from kernels.presets import get_preset
+
+            get_preset(args.preset)  # an unknown preset is the more useful error
         raise BatonError("make-model needs --preset NAME and --out DIR (or --list)")
     out = write_checkpoint(args.preset, args.out, seed=args.seed,
                            shard_size_bytes=int(args.shard_size_gb * 2**30),

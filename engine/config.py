@@ -44,6 +44,8 @@ class EngineConfig:
               f"must be a power of two up to 128, got {self.block_size}")
         check(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "kv-blocks",
               f"must be >= 1, got {self.num_kv_blocks}")
+        check(self.cpu_kv_cache_gb > 0, "cpu-kv-cache-gb",
+              f"must be > 0, got {self.cpu_kv_cache_gb}")
         check(0.0 < self.gpu_memory_utilization <= 1.0, "gpu-memory-utilization",
               f"must be in (0, 1], got {self.gpu_memory_utilization}")
         check(self.max_num_seqs >= 1, "max-num-seqs", f"must be >= 1, got {self.max_num_seqs}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence as Seq
 
 from engine.config import EngineConfig
+from engine.errors import InvalidRequestError
 from engine.llm_engine import LLMEngine, RequestOutput
 from engine.sampling_params import SamplingParams
 
@@ -22,6 +23,9 @@ class LLM:
         if params is None:
             params = SamplingParams()
         plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(plist) != len(prompts):
+            raise InvalidRequestError(f"{len(prompts)} prompts but {len(plist)} sampling "
+                                      "params", param="params")
         arrivals = list(arrival_steps) if arrival_steps is not None else [0] * len(prompts)
         ids = [self._ids(p) for p in prompts]
         pending = sorted(range(len(prompts)), key=lambda i: arrivals[i])

@@ -154,7 +154,8 @@ class LLMEngine:
         if self.detokenize:
             p = seq.params
             self.detok[seq.request_id] = IncrementalDetokenizer(
-                self.tokenizer, p.stop, p.skip_special_tokens, p.include_stop_str_in_output)
+                self.tokenizer, p.stop, p.skip_special_tokens, p.include_stop_str_in_output,
+                p.min_tokens)
 
     def prepare_remote(self, request_id: str, prompt_token_ids: list[int],
                        generated: list[int], logprobs: list[float],
@@ -237,14 +238,18 @@ class LLMEngine:
         detok = self.detok.get(seq.request_id)
         if detok is not None:
             new_text = detok.add_token(new_id)
-            if detok.stopped and not seq.is_finished:
-                self.scheduler.finish(seq, "stop")
+            if detok.stopped:  # a stop string, even on the token that also hit a limit
+                if seq.is_finished:
+                    seq.finish_reason = "stop"
+                else:
+                    self.scheduler.finish(seq, "stop")
             elif seq.is_finished:
                 new_text += detok.flush()
         out = RequestOutput(
             request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids,
             token_ids=seq.output_token_ids, new_token_ids=[new_id],
-            text=detok.text if detok else "", new_text=new_text, finished=seq.is_finished,
+            text=detok.text[: detok.emitted] if detok else "", new_text=new_text,
+            finished=seq.is_finished,
             finish_reason=seq.finish_reason, num_cached_tokens=max(seq.num_cached_tokens, 0),
             logprobs=seq.logprobs, top_logprobs=seq.top_logprobs)
         if seq.is_finished:

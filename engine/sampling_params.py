@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from engine.errors import InvalidRequestError
@@ -37,12 +38,13 @@ class SamplingParams:
 
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise bad("max_tokens", f"must be at least 1, got {self.max_tokens!r}")
-        if self.temperature < 0:
-            raise bad("temperature", f"must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise bad("temperature", f"must be >= 0 and finite, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise bad("top_p", f"must be in (0, 1], got {self.top_p}")
         if not isinstance(self.top_k, int) or self.top_k < -1:
-            raise bad("top_k", f"must be -1 (disabled) or a positive integer, got {self.top_k}")
+            raise bad("top_k", f"must be a positive integer, or -1 or 0 (disabled), "
+                               f"got {self.top_k}")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise bad("min_tokens", f"must be in [0, max_tokens={self.max_tokens}], "
                                     f"got {self.min_tokens}")

@@ -194,7 +194,8 @@ class Router:
         self.metrics.router_span.labels("tokenize").observe(time.perf_counter() - t_start)
         request_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         states = [ChoiceState(i, p, IncrementalDetokenizer(
-            self.tok, sp.stop, sp.skip_special_tokens, sp.include_stop_str_in_output))
+            self.tok, sp.stop, sp.skip_special_tokens, sp.include_stop_str_in_output,
+            sp.min_tokens))
             for i, (p, sp) in enumerate(zip(prompts, params))]
         fmt = Formatter(kind, request_id, self.cfg.served_model_name, self.tok,
                         req.return_token_ids, params[0].logprobs)

@@ -144,6 +144,46 @@ def test_streamed_chunks_add_up(llm: LLM, tok: TokenizerBundle, base) -> None:
     assert engine.block_pool.num_used == 0
 
 
+def stream_engine(llm: LLM, params: SamplingParams) -> list:
+    engine: LLMEngine = llm.engine
+    engine.add_request("x", engine.tokenizer.encode(PROMPT), params)
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    return outs
+
+
+# Known gaps in engine/llm_engine.py (outside this suite's remit to edit); strict, so the
+# marker has to go when the engine is fixed.
+
+
+def test_cumulative_text_is_what_was_streamed(llm: LLM, base) -> None:
+    out, ends = base
+    stop = out.text[: ends[1]] + "\x00"  # matches the first two tokens' text, then never
+    outs = stream_engine(llm, greedy(stop=[stop], max_tokens=4))
+    streamed = ""
+    for o in outs:
+        streamed += o.new_text
+        assert o.text == streamed
+
+
+def test_stop_string_on_the_last_token_reports_stop(llm: LLM, tok: TokenizerBundle,
+                                                    base) -> None:
+    out, ends = base
+    stop = split_stop(tok, out, ends)
+    n = next(i + 1 for i, end in enumerate(ends) if end >= out.text.find(stop) + len(stop))
+    res = llm.generate([PROMPT], greedy(stop=[stop], max_tokens=n))[0]
+    assert res.text == out.text[: out.text.find(stop)]
+    assert res.finish_reason == "stop"
+
+
+def test_stop_strings_wait_for_min_tokens_in_engine(llm: LLM, tok: TokenizerBundle,
+                                                    base) -> None:
+    out, ends = base
+    res = llm.generate([PROMPT], greedy(stop=[split_stop(tok, out, ends)], min_tokens=16))[0]
+    assert (res.text, res.finish_reason) == (out.text, "length")
+
+
 # The streaming detokenizer, fed the ids the tokenizer itself produces.
 
 MULTIBYTE = [
