@@ -23,6 +23,7 @@ from benchmarks.common import H200_BF16_FLOPS, H200_HBM_BYTES_PER_S, write_resul
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
+from engine.scheduler import StepResult
 
 
 def _sync(device: str) -> None:
@@ -59,8 +60,6 @@ def decode_case(engine: LLMEngine, batch: int, context: int, steps: int, device:
         logits = engine.runner.model.compute_logits(hidden[rows])
         tokens = logits.argmax(-1).tolist()  # the host sync of a real step
         t_fwd = time.perf_counter()
-        from engine.scheduler import StepResult
-
         sched.update(out, StepResult(tokens, [0.0] * len(tokens)))
         t1 = time.perf_counter()
         step_times.append(t1 - t0)

@@ -154,11 +154,11 @@ class WorkerService(pb_grpc.WorkerServicer):
             w.unsubscribe_events(q)
 
 
-async def serve(service: WorkerService, port_holder: grpc.aio.Server, ready_line: str) -> None:
+async def serve(service: WorkerService, server: grpc.aio.Server, ready_line: str) -> None:
     """Start the engine thread, announce readiness on stdout, run until SIGTERM/SIGINT."""
     ctx = service.ctx
     ctx.worker.start()
-    await port_holder.start()
+    await server.start()
     print(ready_line, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -166,7 +166,7 @@ async def serve(service: WorkerService, port_holder: grpc.aio.Server, ready_line
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("worker shutting down")
-    await port_holder.stop(grace=2)
+    await server.stop(grace=2)
     ctx.worker.stop()
     ctx.transfer.close()
     await ctx.peers.close()
