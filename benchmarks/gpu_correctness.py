@@ -25,6 +25,7 @@ from engine.sampling_params import SamplingParams
 from kernels.checkpoint_writer import write_config_and_tokenizer
 from kernels.loader import load_named_tensors
 from kernels.weight_init import fill_random_
+from tests.hf_oracle import hf_greedy  # the same oracle the CPU tests use
 
 
 def build_hf(preset: str, device: str, seed: int):
@@ -40,21 +41,6 @@ def build_hf(preset: str, device: str, seed: int):
         for name, p in model.named_parameters():
             fill_random_(p.data, name, config.hidden_size, gen)
     return model.eval()
-
-
-@torch.inference_mode()
-def hf_greedy(model, prompt: list[int], n: int) -> tuple[list[int], list[float]]:
-    dev = next(model.parameters()).device
-    out = model(torch.tensor([prompt], device=dev), use_cache=True)
-    toks, lps = [], []
-    for _ in range(n):
-        logits = out.logits[0, -1].float()
-        t = int(logits.argmax())
-        toks.append(t)
-        lps.append(float(torch.log_softmax(logits, -1)[t]))
-        out = model(torch.tensor([[t]], device=dev), past_key_values=out.past_key_values,
-                    use_cache=True)
-    return toks, lps
 
 
 def agreement(a: list[tuple[list[int], list[float]]], b: list[tuple[list[int], list[float]]],

@@ -42,6 +42,24 @@ def _alive(pid: int) -> bool:
     return stat.exists() and stat.read_text().split()[2] != "Z"
 
 
+def is_healthy(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def wait_healthy(url: str, timeout: float = 60.0, alive=lambda: True) -> None:
+    """Poll the router's /health until it is green; `alive()` false means give up early."""
+    deadline = time.monotonic() + timeout
+    while not is_healthy(url):
+        if not alive():
+            raise RuntimeError(f"the process behind {url} exited before it was healthy")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not become healthy in {timeout:.0f}s")
+        time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def baton_serve(model: str | Path, *args: str, timeout: float = 120.0) -> Iterator[str]:
     """Yields the router's base URL once /health is green; on exit sends SIGTERM and
@@ -55,21 +73,12 @@ def baton_serve(model: str | Path, *args: str, timeout: float = 120.0) -> Iterat
     log: collections.deque[str] = collections.deque(maxlen=200)
     # Keep reading its output: a full pipe would block the server's logging.
     threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True).start()
-    deadline = time.monotonic() + timeout
     try:
-        while True:
-            if proc.poll() is not None:
-                time.sleep(0.2)
-                raise RuntimeError("baton serve exited early:\n" + "".join(log))
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("baton serve did not become healthy")
-            time.sleep(0.25)
-        workers = _children(proc.pid)
+        try:
+            wait_healthy(url, timeout, alive=lambda: proc.poll() is None)
+        except RuntimeError:
+            time.sleep(0.2)
+            raise RuntimeError("baton serve exited early:\n" + "".join(log)) from None
         yield url
     finally:
         workers = _children(proc.pid) if proc.poll() is None else []

@@ -7,12 +7,11 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import httpx
 import pytest
 
-from cluster.local_server import REPO, free_port
+from cluster.local_server import REPO, free_port, wait_healthy
 from cluster.worker_main import READY_PREFIX
 
 pytestmark = pytest.mark.slow
@@ -45,15 +44,7 @@ def test_worker_then_router(checkpoint_dir):
                      "--port", str(port))
         drain(router)
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "router never became healthy"
-            time.sleep(0.2)
+        wait_healthy(url)
         r = httpx.post(f"{url}/v1/completions", json={
             "model": "tiny-llama", "prompt": "Hi", "max_tokens": 5, "temperature": 0},
             timeout=30)

@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 
-from cluster.local_server import REPO, free_port
+from cluster.local_server import REPO, free_port, wait_healthy
 from cluster.worker_main import READY_PREFIX
 
 pytestmark = pytest.mark.slow
@@ -25,18 +25,6 @@ PRESET = "tiny-llama"
 def start(*args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "cluster.cli", *args], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def wait_healthy(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, f"{url} never became healthy"
-        time.sleep(0.2)
 
 
 def drain(p: subprocess.Popen) -> None:
