@@ -1,8 +1,7 @@
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Iterable as _Iterable, Mapping as _Mapping
-from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+from typing import ClassVar as _ClassVar, Iterable as _Iterable, Mapping as _Mapping, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -26,7 +25,7 @@ class SamplingParams(_message.Message):
     min_tokens: int
     stop_token_ids: _containers.RepeatedScalarFieldContainer[int]
     logprobs: int
-    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., ignore_eos: _Optional[bool] = ..., min_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[int] = ...) -> None: ...
+    def __init__(self, max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., ignore_eos: bool = ..., min_tokens: _Optional[int] = ..., stop_token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[int] = ...) -> None: ...
 
 class KVHandle(_message.Message):
     __slots__ = ("worker_address", "agent_name", "base_address", "block_bytes", "block_ids", "num_tokens", "layout", "dtype", "block_size", "backend", "request_id")
@@ -142,7 +141,7 @@ class ReleaseResponse(_message.Message):
     __slots__ = ("released",)
     RELEASED_FIELD_NUMBER: _ClassVar[int]
     released: bool
-    def __init__(self, released: _Optional[bool] = ...) -> None: ...
+    def __init__(self, released: bool = ...) -> None: ...
 
 class ReadBlocksRequest(_message.Message):
     __slots__ = ("request_id", "block_ids")
@@ -218,4 +217,4 @@ class KVEventsMessage(_message.Message):
     last_event_id: int
     block_hashes: _containers.RepeatedScalarFieldContainer[int]
     batch: bytes
-    def __init__(self, snapshot: _Optional[bool] = ..., worker_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., last_event_id: _Optional[int] = ..., block_hashes: _Optional[_Iterable[int]] = ..., batch: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, snapshot: bool = ..., worker_id: _Optional[str] = ..., instance_id: _Optional[str] = ..., last_event_id: _Optional[int] = ..., block_hashes: _Optional[_Iterable[int]] = ..., batch: _Optional[bytes] = ...) -> None: ...
