@@ -154,8 +154,10 @@ def _load(w: WorkerHandle) -> WorkerLoad:
     s = w.status
     if s is None:
         return WorkerLoad(queued_prefill_tokens=w.pending_prefill_tokens)
-    # The router's own in-flight count reacts faster than the polled status.
-    return WorkerLoad(queued_prefill_tokens=max(s.queued_prefill_tokens,
-                                                w.pending_prefill_tokens),
+    # Queued prefill comes from the router's own exact count, not the polled status: a
+    # status up to 0.5 s old can still show a prefill that has finished, and that stale
+    # penalty would send a request away from the worker holding its prefix. (With several
+    # router replicas each counts its own traffic.)
+    return WorkerLoad(queued_prefill_tokens=w.pending_prefill_tokens,
                       active_blocks=s.used_blocks + 4 * w.in_flight,
                       cached_blocks=s.cached_blocks, total_blocks=s.total_blocks)

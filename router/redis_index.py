@@ -66,6 +66,24 @@ return 0
 """
 
 
+# Replace a worker's entries with a snapshot in one step: other routers' lookups never see
+# the worker half-dropped (a non-atomic drop-then-add showed up as misrouted requests).
+_RESYNC = """
+local wblk, meta, worker = KEYS[1], KEYS[2], ARGV[1]
+for _, x in ipairs(redis.call('SMEMBERS', wblk)) do
+  redis.call('HDEL', 'baton:blk:' .. x, worker)
+end
+redis.call('DEL', wblk)
+for i = 5, #ARGV, 2 do
+  redis.call('HSET', 'baton:blk:' .. ARGV[i], worker, ARGV[i + 1])
+  redis.call('SADD', wblk, ARGV[i])
+end
+redis.call('HSET', meta, 'instance', ARGV[2], 'last', ARGV[3])
+redis.call('ZADD', 'baton:workers', ARGV[4], worker)
+return 0
+"""
+
+
 class RedisPrefixIndex:
     def __init__(self, url: str, lease_seconds: float = 10.0) -> None:
         self.url = url
@@ -74,6 +92,7 @@ class RedisPrefixIndex:
                                    socket_connect_timeout=2.0)
         self._apply = self.r.register_script(_APPLY)
         self._drop = self.r.register_script(_DROP)
+        self._resync = self.r.register_script(_RESYNC)
 
     async def close(self) -> None:
         await self.r.aclose()
@@ -94,16 +113,14 @@ class RedisPrefixIndex:
 
     async def resync(self, worker_id: str, instance_id: str, last_event_id: int,
                      blocks: list[tuple[int, Tier]]) -> None:
-        await self.remove_worker(worker_id)
-        pipe = self.r.pipeline(transaction=True)
+        masks: dict[int, int] = {}
         for h, tier in blocks:
-            pipe.hset(f"baton:blk:{h}", worker_id, 1 << int(tier))
-        if blocks:
-            pipe.sadd(f"baton:wblk:{worker_id}", *[str(h) for h, _ in blocks])
-        pipe.hset(f"baton:wmeta:{worker_id}",
-                  mapping={"instance": instance_id, "last": last_event_id})
-        pipe.zadd("baton:workers", {worker_id: time.time() + self.lease_seconds})
-        await pipe.execute()
+            masks[h] = masks.get(h, 0) | (1 << int(tier))
+        args: list = [worker_id, instance_id, last_event_id, time.time() + self.lease_seconds]
+        for h, mask in masks.items():
+            args += [str(h), mask]
+        await self._resync(keys=[f"baton:wblk:{worker_id}", f"baton:wmeta:{worker_id}"],
+                           args=args)
 
     async def remove_worker(self, worker_id: str) -> None:
         await self._drop(keys=[f"baton:wblk:{worker_id}", f"baton:wmeta:{worker_id}"],
