@@ -189,7 +189,9 @@ class Router:
             return error_response(400, f"The model `{req.model}` does not exist; this server "
                                   f"serves `{self.cfg.served_model_name}`.", param="model",
                                   code="model_not_found")
-        prompts = self.prompts_of(req)
+        # Tokenizing a long prompt takes milliseconds: keep it off the event loop, which is
+        # streaming every other request's tokens meanwhile.
+        prompts = await asyncio.to_thread(self.prompts_of, req)
         params = [self.params_of(req, len(p)) for p in prompts]
         self.metrics.router_span.labels("tokenize").observe(time.perf_counter() - t_start)
         request_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
