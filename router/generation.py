@@ -72,25 +72,25 @@ class RequestRunner:
         self.metrics.routing.labels("disaggregated" if disaggregate else "local").inc()
         self.metrics.router_span.labels("route").observe(time.perf_counter() - t0)
         local_prefill = 0
-        if disaggregate:
-            first, prefill_w = await self._prefill(request_id, prompt, params, overlaps, bs,
-                                                   tie_key)
-            generated.append(first.first_token_id)
-            top = [top_from_proto(pb.TopLogprobList(items=first.first_top_logprobs))] \
-                if first.first_top_logprobs else []
-            yield TokenEvent([first.first_token_id], [first.first_logprob], top,
-                             first.finish_reason or None, first.num_cached_tokens,
-                             route={"prefill": prefill_w.address})
-            if first.finish_reason:
-                return
-            handle = first.handle if first.HasField("handle") else None
-        else:  # decode_w prefills what it lacks; count it until its first token is back
-            local_prefill = len(prompt) - held
-            decode_w.pending_prefill_tokens += local_prefill
         failed: set[str] = set()
-        first_event = not generated
         routed: WorkerHandle | None = None
         try:
+            if disaggregate:
+                first, prefill_w = await self._prefill(request_id, prompt, params, overlaps, bs,
+                                                       tie_key)
+                generated.append(first.first_token_id)
+                top = [top_from_proto(pb.TopLogprobList(items=first.first_top_logprobs))] \
+                    if first.first_top_logprobs else []
+                yield TokenEvent([first.first_token_id], [first.first_logprob], top,
+                                 first.finish_reason or None, first.num_cached_tokens,
+                                 route={"prefill": prefill_w.address})
+                if first.finish_reason:
+                    return
+                handle = first.handle if first.HasField("handle") else None
+            else:  # decode_w prefills what it lacks; count it until its first token is back
+                local_prefill = len(prompt) - held
+                decode_w.pending_prefill_tokens += local_prefill
+            first_event = not generated
             for attempt in range(MAX_ATTEMPTS):
                 w = decode_w if attempt == 0 else self._pick("decode", failed, overlaps, bs,
                                                              tie_key)
