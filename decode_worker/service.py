@@ -41,13 +41,8 @@ class DecodeService(WorkerService):
                 q, first, already = await self._admit_remote(request, params, prompt, context)
             else:
                 already = list(request.resume_token_ids)
-                q = ctx.worker.open_stream(rid)
-                try:
-                    await ctx.worker.call(lambda e: e.add_request(rid, prompt, params,
-                                                                  resume=already))
-                except BaseException:
-                    ctx.worker.close_stream(rid)
-                    raise
+                q = await ctx.worker.admit(
+                    rid, lambda e: e.add_request(rid, prompt, params, resume=already))
         except InvalidRequestError as e:
             await abort_invalid(context, e)
             return
@@ -94,8 +89,7 @@ class DecodeService(WorkerService):
             raise
         finally:
             await self._release_remote(handle.worker_address, handle.request_id)
-        q = ctx.worker.open_stream(rid)
-        await ctx.worker.call(lambda e: e.commit_remote(adm))
+        q = await ctx.worker.admit(rid, lambda e: e.commit_remote(adm))
         return q, first, generated
 
     async def _release_remote(self, address: str, rid: str) -> None:

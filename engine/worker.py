@@ -108,13 +108,18 @@ class EngineWorker:
         for q in list(self._streams.values()):
             self.loop.call_soon_threadsafe(q.put_nowait, err)
 
-    def open_stream(self, request_id: str) -> asyncio.Queue:
+    async def admit(self, request_id: str, fn: Callable[[LLMEngine], object]) -> asyncio.Queue:
+        """Open the request's output queue, then run `fn` (which puts it in the batch)
+        under the lock; the queue exists before the first step can produce output, and is
+        dropped again if `fn` fails."""
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = q
+        try:
+            await self.call(fn)
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
         return q
-
-    def close_stream(self, request_id: str) -> None:
-        self._streams.pop(request_id, None)
 
     async def stream(self, request_id: str, q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         """Outputs of a request already admitted; aborts it if the consumer goes away."""
@@ -135,11 +140,7 @@ class EngineWorker:
 
     async def generate(self, request_id: str, prompt: list[int], params: SamplingParams,
                        hold_kv: bool = False) -> AsyncIterator[RequestOutput]:
-        q = self.open_stream(request_id)
-        try:
-            await self.call(lambda e: e.add_request(request_id, prompt, params, hold_kv))
-        except BaseException:
-            self.close_stream(request_id)
-            raise
+        q = await self.admit(request_id,
+                             lambda e: e.add_request(request_id, prompt, params, hold_kv))
         async for out in self.stream(request_id, q):
             yield out
