@@ -36,6 +36,11 @@ def environment() -> dict:
         info.update(gpu=props.name, gpu_count=torch.cuda.device_count(),
                     gpu_memory_gib=round(props.total_memory / 2**30, 1),
                     cuda=torch.version.cuda)
+    for mod in ("flashinfer", "nixl"):
+        try:
+            info[mod] = getattr(__import__(mod), "__version__", "present")
+        except Exception:  # absent or broken: recorded as such
+            info[mod] = None
     try:
         import transformers
 

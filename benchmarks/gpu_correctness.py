@@ -22,6 +22,7 @@ from benchmarks.common import write_result
 from engine.config import EngineConfig
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
+from kernels.attention import resolve_attention_backend
 from kernels.checkpoint_writer import write_config_and_tokenizer
 from kernels.loader import load_named_tensors
 from kernels.weight_init import fill_random_
@@ -60,37 +61,52 @@ def agreement(a: list[tuple[list[int], list[float]]], b: list[tuple[list[int], l
             "logprob_abs_diff_mean": statistics.mean(lp_diffs) if lp_diffs else 0.0}
 
 
-def compare(preset: str, num_prompts: int, new_tokens: int, device: str) -> dict:
+def compare(preset: str, num_prompts: int, new_tokens: int, device: str,
+            backends: tuple[str, ...] = ("auto", "torch")) -> dict:
     hf = build_hf(preset, device, seed=0)
     vocab = hf.config.vocab_size
     rng = random.Random(1)
     prompts = [[rng.randrange(vocab) for _ in range(rng.randint(16, 512))]
                for _ in range(num_prompts)]
     blocks = num_prompts * (512 + new_tokens) // 16 + num_prompts  # room for every prompt
-    llm = LLM(preset, load_format="dummy", device=device, dtype="bfloat16",
-              max_num_batched_tokens=8192, num_kv_blocks=blocks)
-    load_named_tensors(llm.engine.runner.model, hf.named_parameters(), f"transformers {preset}")
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True, logprobs=0)
-    ours = llm.generate(prompts, params)
-    del llm
+    runs = {}
+    head_dim = getattr(hf.config, "head_dim", None) or (
+        hf.config.hidden_size // hf.config.num_attention_heads)
+    for backend in backends:
+        if resolve_attention_backend(backend, head_dim, torch.device(device),
+                                     torch.bfloat16) in runs:
+            continue  # 'auto' fell back to torch for this shape: one run is enough
+        llm = LLM(preset, load_format="dummy", device=device, dtype="bfloat16",
+                  max_num_batched_tokens=8192, num_kv_blocks=blocks, attention_backend=backend)
+        load_named_tensors(llm.engine.runner.model, hf.named_parameters(),
+                           f"transformers {preset}")
+        used = llm.engine.runner.attention_backend
+        runs[used] = [(o.token_ids, o.logprobs) for o in llm.generate(prompts, params)]
+        del llm
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
     ref_bf16 = [hf_greedy(hf, p, new_tokens) for p in prompts]
     hf.float()  # the same weights in float32: who is closer to the exact answer?
     ref_fp32 = [hf_greedy(hf, p, new_tokens) for p in prompts]
     del hf
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    ours_pairs = [(o.token_ids, o.logprobs) for o in ours]
     res = {"preset": preset, "prompts": num_prompts, "new_tokens": new_tokens,
-           "baton_bf16_vs_hf_bf16": agreement(ours_pairs, ref_bf16, new_tokens),
-           "baton_bf16_vs_hf_fp32": agreement(ours_pairs, ref_fp32, new_tokens),
            "hf_bf16_vs_hf_fp32": agreement(ref_bf16, ref_fp32, new_tokens)}
+    for backend, pairs in runs.items():
+        res[f"baton_{backend}_bf16_vs_hf_bf16"] = agreement(pairs, ref_bf16, new_tokens)
+        res[f"baton_{backend}_bf16_vs_hf_fp32"] = agreement(pairs, ref_fp32, new_tokens)
+    if len(runs) == 2:
+        (a, pa), (b, pb) = runs.items()
+        res[f"baton_{a}_vs_baton_{b}"] = agreement(pa, pb, new_tokens)
     print(res, flush=True)
     return res
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--presets", default="tiny-llama,tiny-qwen2,tiny-qwen3,tiny-mistral")
+    ap.add_argument("--presets", default="mini-llama,tiny-llama,tiny-qwen2,tiny-qwen3")
     ap.add_argument("--prompts", type=int, default=50)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--big", default="llama-3.1-8b", help="real-shape preset, fewer prompts")

@@ -54,10 +54,9 @@ def decode_case(engine: LLMEngine, batch: int, context: int, steps: int, device:
         t0 = time.perf_counter()
         out = sched.schedule()
         t_sched = time.perf_counter()
-        input_ids, positions, meta, rows = engine.runner._prepare(out)
+        step = engine.runner._prepare(out)
         t_prep = time.perf_counter()
-        hidden = engine.runner.model(input_ids, positions, engine.runner.kv_layers, meta)
-        logits = engine.runner.model.compute_logits(hidden[rows])
+        logits = engine.runner.forward(step)
         tokens = logits.argmax(-1).tolist()  # the host sync of a real step
         t_fwd = time.perf_counter()
         sched.update(out, StepResult(tokens, [0.0] * len(tokens)))
@@ -115,13 +114,53 @@ def prefill_case(engine: LLMEngine, tokens: int, repeats: int, device: str) -> d
             "mfu": roof / t, "tokens_per_s": tokens / t}
 
 
+def profile_decode(engine: LLMEngine, device: str, steps: int = 8) -> dict:
+    """Where a batch-1 decode step's GPU time goes: kernel totals by name, and the share
+    of the step they fill (the rest is launch gaps and idle time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    mc = engine.model_config
+    engine.add_request("prof", list(range(1, 1025)), SamplingParams(
+        max_tokens=steps + 64, temperature=0.0, ignore_eos=True))
+    while engine.scheduler.waiting or engine.scheduler.running[0].num_output_tokens < 2:
+        engine.step()
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        _sync(device)
+        wall = time.perf_counter() - t0
+    engine.abort_request("prof")
+    rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
+    kernels = [{"name": e.key[:120], "calls_per_step": e.count / steps,
+                "us_per_step": e.device_time_total / steps} for e in rows[:25]]
+    busy = sum(e.device_time_total for e in rows) / steps
+    gemm = sum(e.device_time_total for e in rows if any(
+        k in e.key.lower() for k in ("gemm", "gemv", "cutlass", "nvjet", "sm90_xmma"))) / steps
+    return {"step_ms": wall / steps * 1e3, "kernel_busy_ms": busy / 1e3,
+            "gemm_ms": gemm / 1e3, "weight_bytes": param_bytes(engine),
+            "vocab": mc.vocab_size, "top_kernels": kernels}
+
+
+def report(label: str, d: dict) -> None:
+    print(f"{label} b={d['batch']:4d} ctx={d['context']:5d}: {d['step_ms_median']:8.2f} ms/step,"
+          f" roofline {d['roofline_ms']:6.2f} ms, MBU {d['mbu']:.1%}, "
+          f"CPU share {d['cpu_share']:.1%}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="llama-3.1-8b")
     ap.add_argument("--model", help="checkpoint dir instead of --preset with dummy weights")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--attention-backend", default="torch")
-    ap.add_argument("--batches", default="1:1024,16:2048,64:2048",
+    ap.add_argument("--attention-backend", default="auto")
+    ap.add_argument("--no-cuda-graphs", action="store_true")
+    ap.add_argument("--compare-eager", action="store_true",
+                    help="also time every decode case with CUDA graphs off, same process")
+    ap.add_argument("--profile", action="store_true",
+                    help="kernel-time breakdown of batch-1 decode steps (torch profiler)")
+    ap.add_argument("--batches", default="1:1024,16:2048,64:2048,256:2048",
                     help="batch:context pairs")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--prefill-tokens", type=int, default=4096)
@@ -135,26 +174,35 @@ def main() -> None:
                        load_format="auto" if args.model else "dummy", device=args.device,
                        num_kv_blocks=blocks, max_num_batched_tokens=max(8192, args.prefill_tokens),
                        max_num_seqs=max(b for b, _ in cases), enable_prefix_caching=False,
-                       attention_backend=args.attention_backend)
+                       attention_backend=args.attention_backend,
+                       cuda_graphs=not args.no_cuda_graphs)
     t0 = time.perf_counter()
     engine = LLMEngine(cfg)
     _sync(args.device)
     load_s = time.perf_counter() - t0
-    decode = []
+    decode, eager = [], []
     for batch, context in cases:
         decode.append(decode_case(engine, batch, context, args.steps, args.device))
-        d = decode[-1]
-        print(f"decode b={batch:4d} ctx={context:5d}: {d['step_ms_median']:8.2f} ms/step, "
-              f"roofline {d['roofline_ms']:6.2f} ms, MBU {d['mbu']:.1%}, "
-              f"CPU share {d['cpu_share']:.1%}", flush=True)
+        report("decode", decode[-1])
+        if args.compare_eager and engine.runner.graphs is not None:
+            engine.runner.use_graphs = False
+            eager.append(decode_case(engine, batch, context, args.steps, args.device))
+            engine.runner.use_graphs = True
+            report("eager ", eager[-1])
+    profile = profile_decode(engine, args.device) if args.profile else None
     prefill = prefill_case(engine, args.prefill_tokens, 3, args.device)
     print(f"prefill {args.prefill_tokens} tokens: {prefill['ms_median']:.1f} ms, roofline "
           f"{prefill['roofline_ms']:.1f} ms, MFU {prefill['mfu']:.1%}", flush=True)
     path = write_result(args.out, {
         "benchmark": "offline",
         "model": args.model or args.preset, "load_format": cfg.load_format,
-        "attention_backend": args.attention_backend, "dtype": str(engine.model_config.dtype),
+        "attention_backend": engine.runner.attention_backend,
+        "dtype": str(engine.model_config.dtype),
         "load_seconds": load_s, "kv_blocks": blocks,
+        "cuda_graphs": None if engine.runner.graph_report is None else
+        vars(engine.runner.graph_report),
+        "memory": vars(engine.runner.memory),
+        "decode_eager": eager, "decode_b1_kernel_profile": profile,
         "ceilings": {"hbm_bytes_per_s": H200_HBM_BYTES_PER_S, "bf16_flops": H200_BF16_FLOPS},
         "decode": decode, "prefill": prefill,
     })

@@ -100,7 +100,10 @@ def worker_args_from(args: argparse.Namespace, model: str) -> list[str]:
            "--block-size", str(args.block_size), "--kv-transfer", args.kv_transfer,
            "--max-num-seqs", str(args.max_num_seqs),
            "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-           "--seed", str(args.seed)]
+           "--seed", str(args.seed), "--attention-backend", args.attention_backend,
+           "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    if args.no_cuda_graphs:
+        out.append("--no-cuda-graphs")
     if args.kv_blocks is not None:
         out += ["--kv-blocks", str(args.kv_blocks)]
     if args.max_model_len is not None:

@@ -61,9 +61,11 @@ def wait_healthy(url: str, timeout: float = 60.0, alive=lambda: True) -> None:
 
 
 @contextlib.contextmanager
-def baton_serve(model: str | Path, *args: str, timeout: float = 120.0) -> Iterator[str]:
+def baton_serve(model: str | Path, *args: str, timeout: float = 120.0,
+                log_lines: list[str] | None = None) -> Iterator[str]:
     """Yields the router's base URL once /health is green; on exit sends SIGTERM and
-    asserts that the server and every worker process it started are gone."""
+    asserts that the server and every worker process it started are gone. Pass
+    `log_lines` to receive everything the server and its workers print."""
     port = free_port()
     cmd = [sys.executable, "-m", "cluster.cli", "serve", "--model", str(model),
            "--port", str(port), *args]
@@ -72,7 +74,13 @@ def baton_serve(model: str | Path, *args: str, timeout: float = 120.0) -> Iterat
     url = f"http://127.0.0.1:{port}"
     log: collections.deque[str] = collections.deque(maxlen=200)
     # Keep reading its output: a full pipe would block the server's logging.
-    threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True).start()
+    def pump() -> None:
+        for line in proc.stdout:
+            log.append(line)
+            if log_lines is not None:
+                log_lines.append(line)
+
+    threading.Thread(target=pump, daemon=True).start()
     try:
         try:
             wait_healthy(url, timeout, alive=lambda: proc.poll() is None)

@@ -38,6 +38,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--kv-transfer", default="auto", choices=["auto", "nixl", "tcp"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "flashinfer", "torch"],
+                   help="auto: FlashInfer on CUDA where it runs, else the torch reference")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="run decode steps eagerly (for comparison and debugging)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="fraction of the GPU this worker may use; KV gets what is left")
 
 
 def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
@@ -46,7 +52,9 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         block_size=args.block_size, num_kv_blocks=args.kv_blocks,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
-        seed=args.seed)
+        seed=args.seed, attention_backend=args.attention_backend,
+        cuda_graphs=not args.no_cuda_graphs,
+        gpu_memory_utilization=args.gpu_memory_utilization)
 
 
 async def run_worker(args: argparse.Namespace) -> None:

@@ -25,7 +25,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
-    attention_backend: str = "torch"
+    attention_backend: str = "auto"  # auto: FlashInfer where it runs, else torch
+    cuda_graphs: bool = True  # decode CUDA graphs (FlashInfer backend only)
     seed: int = 0
     tp: int = 1
 
@@ -53,4 +54,6 @@ class EngineConfig:
               f"must be >= 1, got {self.max_num_batched_tokens}")
         check(self.max_model_len is None or self.max_model_len >= 2, "max-model-len",
               f"must be >= 2, got {self.max_model_len}")
+        check(self.attention_backend in ("auto", "torch", "flashinfer"), "attention-backend",
+              f"must be auto, torch or flashinfer, got {self.attention_backend!r}")
         check(self.tp >= 1, "tp", f"must be >= 1, got {self.tp}")

@@ -89,7 +89,7 @@ class LLMEngine:
         mc = self.model_config
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings,
                                  mc.max_position_embeddings)
-        self.runner = ModelRunner(mc, cfg, model_dir)
+        self.runner = ModelRunner(mc, cfg, model_dir, max_model_len=self.max_model_len)
         # Every block stored in / evicted from the prefix cache becomes a KV event; the
         # worker publishes one batch per step to routers' prefix indexes.
         self.events = EventRecorder(worker_id="local", instance_id=uuid.uuid4().hex)

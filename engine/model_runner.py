@@ -10,20 +10,41 @@ layout. Rationale and costs: docs/kv_layout.md.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from engine.config import EngineConfig
+from engine.cuda_graphs import DEFAULT_BUCKETS, DecodeGraphs, GraphCaptureReport
 from engine.scheduler import Scheduler, SchedulerOutput, StepResult
-from kernels.attention import AttentionMetadata
+from kernels.attention import AttentionMetadata, resolve_attention_backend
+from kernels.attention.flashinfer_backend import FlashInferPlanner, PageLists
 from kernels.config import ModelConfig
+from kernels.layers import fused
 from kernels.loader import init_dummy_weights, load_weights
 from kernels.models import build_model
 from kernels.parallel import ParallelContext
 from kernels.sampling import SamplingBatch, sample
 
 log = logging.getLogger(__name__)
+
+# Held back from the KV cache for decode graphs (they share one pool; the largest
+# bucket's activations dominate). Measured use is logged after capture.
+GRAPH_RESERVE_BYTES = 1 * 2**30
+
+
+@dataclass
+class MemoryReport:
+    weights_bytes: int = 0
+    activation_peak_bytes: int = 0
+    graph_bytes: int = 0
+    kv_cache_bytes: int = 0
+
+    def summary(self) -> str:
+        g = 2**30
+        return (f"weights {self.weights_bytes / g:.2f} GiB, activation peak "
+                f"{self.activation_peak_bytes / g:.2f} GiB, CUDA graphs {self.graph_bytes / g:.2f}"
+                f" GiB, KV cache {self.kv_cache_bytes / g:.2f} GiB")
 
 
 @dataclass(frozen=True)
@@ -41,27 +62,70 @@ class KVCacheSpec:
         return self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim * itemsize
 
 
+@dataclass
+class StepInputs:
+    """One step's flattened inputs, built on the host from the scheduler's output."""
+
+    ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slots: list[int] = field(default_factory=list)
+    tables: list[list[int]] = field(default_factory=list)
+    query_lens: list[int] = field(default_factory=list)
+    seq_lens: list[int] = field(default_factory=list)
+    logits_rows: list[int] = field(default_factory=list)
+    decode_only: bool = False
+
+
 class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, cfg: EngineConfig, model_dir: str | None,
-                 pc: ParallelContext | None = None) -> None:
+                 pc: ParallelContext | None = None, max_model_len: int | None = None) -> None:
         self.cfg = cfg
         self.model_cfg = model_cfg
         self.device = torch.device(cfg.device)
         self.pc = pc or ParallelContext()
-        self.model = build_model(model_cfg, self.pc, cfg.attention_backend, self.device)
+        self.max_model_len = max_model_len or model_cfg.max_position_embeddings
+        self.attention_backend = resolve_attention_backend(
+            cfg.attention_backend, model_cfg.head_dim, self.device, model_cfg.dtype)
+        self.model = build_model(model_cfg, self.pc, self.attention_backend, self.device)
         if cfg.load_format == "dummy":
             init_dummy_weights(self.model, seed=cfg.seed, progress=True)
         else:
             load_weights(self.model, model_dir, progress=model_cfg.num_params() > 1e9)
         self.model.eval()
+        self.planner: FlashInferPlanner | None = None
+        if self.attention_backend == "flashinfer":
+            fused.enable(self.model)  # FlashInfer's norm/RoPE/SwiGLU kernels ride along
+            m = model_cfg
+            self.planner = FlashInferPlanner(
+                self.pc.shard(m.num_heads, "num_attention_heads"),
+                self.pc.shard(m.num_kv_heads, "num_key_value_heads"),
+                m.head_dim, cfg.block_size, m.dtype, self.device)
+        self.memory = MemoryReport()
         self.kv_spec = self._size_kv_cache()
         s = self.kv_spec
-        self.kv_cache = torch.zeros(s.num_blocks, s.num_layers, 2, s.block_size,
+        # One block past the pool's: the scratch block padded graph rows write into.
+        self.kv_cache = torch.zeros(s.num_blocks + 1, s.num_layers, 2, s.block_size,
                                     s.num_kv_heads, s.head_dim, dtype=s.dtype, device=self.device)
         self.kv_layers = [self.kv_cache[:, i] for i in range(s.num_layers)]
         self.default_generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
-        log.info("KV cache: %d blocks of %d tokens (%.1f MiB each), %d tokens in all",
-                 s.num_blocks, s.block_size, s.block_bytes / 2**20, s.num_blocks * s.block_size)
+        self.memory.kv_cache_bytes = s.num_blocks * s.block_bytes
+        self.graphs: DecodeGraphs | None = None
+        self.use_graphs = True  # benchmarks flip this to time eager decode in one process
+        self.graph_report: GraphCaptureReport | None = None
+        if self.planner is not None and cfg.cuda_graphs:
+            self.graphs = DecodeGraphs(
+                self.model, self.kv_layers, self.planner, scratch_block=s.num_blocks,
+                block_size=s.block_size,
+                max_blocks_per_seq=-(-self.max_model_len // s.block_size),
+                buckets=[b for b in DEFAULT_BUCKETS if b <= cfg.max_num_seqs] or [1],
+                device=self.device)
+            self.graph_report = self.graphs.capture()
+            self.memory.graph_bytes = self.graph_report.memory_bytes
+        tokens = s.num_blocks * s.block_size
+        log.info("attention backend %s; KV cache: %d blocks of %d tokens (%.2f MiB each), "
+                 "%d tokens = %.1f concurrent sequences at max_model_len %d; %s",
+                 self.attention_backend, s.num_blocks, s.block_size, s.block_bytes / 2**20,
+                 tokens, tokens / self.max_model_len, self.max_model_len, self.memory.summary())
 
     def _size_kv_cache(self) -> KVCacheSpec:
         m = self.model_cfg
@@ -70,23 +134,68 @@ class ModelRunner:
         if self.cfg.num_kv_blocks is not None:
             n = self.cfg.num_kv_blocks
         elif self.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.device)
-            reserve = total * (1 - self.cfg.gpu_memory_utilization) + 2 * 2**30  # activations
-            n = int(max(free - reserve, 0) // probe.block_bytes)
+            n = self._blocks_from_gpu_memory(probe)
         else:
             n = int(self.cfg.cpu_kv_cache_gb * 2**30 // probe.block_bytes)
-            n = min(n, -(-self.cfg.max_num_seqs * m.max_position_embeddings // probe.block_size))
+            n = min(n, -(-self.cfg.max_num_seqs * self.max_model_len // probe.block_size))
         if n < 1:
-            raise MemoryError("no memory left for the KV cache after loading the weights")
+            raise MemoryError("no memory left for the KV cache after loading the weights "
+                              f"({self.memory.summary()}); lower --max-num-batched-tokens or "
+                              "raise --gpu-memory-utilization")
         return KVCacheSpec(n, m.num_layers, self.cfg.block_size, heads, m.head_dim, m.dtype)
+
+    def _blocks_from_gpu_memory(self, probe: KVCacheSpec) -> int:
+        """KV gets what is left of `gpu_memory_utilization` x the card after the weights,
+        the peak activations of the largest step (measured by running one) and a reserve
+        for CUDA graphs; never more than is actually free (other processes share GPUs)."""
+        dev = self.device
+        torch.cuda.synchronize(dev)
+        self.memory.weights_bytes = torch.cuda.memory_allocated(dev)
+        self.memory.activation_peak_bytes = self._profile_activations(probe)
+        free, total = torch.cuda.mem_get_info(dev)
+        graphs = GRAPH_RESERVE_BYTES if (self.planner is not None and self.cfg.cuda_graphs) else 0
+        budget = self.cfg.gpu_memory_utilization * total - (total - free)
+        budget -= self.memory.activation_peak_bytes + graphs
+        return int(max(budget, 0) // probe.block_bytes)
+
+    @torch.inference_mode()
+    def _profile_activations(self, probe: KVCacheSpec) -> int:
+        """Runs the largest prefill the scheduler can issue (one sequence of
+        max_num_batched_tokens, logits for max_num_seqs rows) on a throwaway cache."""
+        dev = self.device
+        n = max(1, min(self.cfg.max_num_batched_tokens, self.max_model_len))
+        bs = probe.block_size
+        blocks = -(-n // bs)
+        kv = torch.zeros(blocks + 1, probe.num_layers, 2, bs, probe.num_kv_heads,
+                         probe.head_dim, dtype=probe.dtype, device=dev)
+        layers = [kv[:, i] for i in range(probe.num_layers)]
+        table = list(range(blocks))
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        meta = AttentionMetadata(
+            slot_mapping=torch.arange(n, device=dev), block_tables=torch.tensor([table],
+                                                                                device=dev),
+            seq_lens=torch.tensor([n], device=dev), query_lens_cpu=[n], seq_lens_cpu=[n],
+            block_size=bs)
+        if self.planner is not None:
+            meta.plan = self.planner.plan(PageLists.build([table], [n], [n], bs), False)
+        ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        hidden = self.model(ids, torch.arange(n, device=dev), layers, meta)
+        rows = min(n, self.cfg.max_num_seqs)
+        self.model.compute_logits(hidden[:rows]).log_softmax(-1)
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev) - base
+        del kv, layers, hidden, meta
+        torch.cuda.empty_cache()
+        return peak
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, scheduler: Scheduler) -> StepResult:
-        input_ids, positions, meta, logits_rows = self._prepare(out)
-        hidden = self.model(input_ids, positions, self.kv_layers, meta)
-        if not logits_rows:
+        step = self._prepare(out)
+        logits = self.forward(step)
+        if logits is None:
             return StepResult([], [])
-        logits = self.model.compute_logits(hidden[logits_rows])
         batch = self._sampling_batch(out, scheduler)
         res = sample(logits, batch, self.default_generator)
         token_ids = res.token_ids.tolist()
@@ -97,38 +206,55 @@ class ModelRunner:
             top = [list(zip(ids[r][:k], lps[r][:k])) for r, k in enumerate(batch.num_logprobs)]
         return StepResult(token_ids, logprobs, top)
 
-    def _prepare(self, out: SchedulerOutput):
+    def forward(self, step: StepInputs) -> torch.Tensor | None:
+        """Runs the step's forward pass; logits [rows that sample, vocab] in float32."""
+        if not step.logits_rows:
+            self._forward_eager(step)
+            return None
+        if (self.graphs is not None and self.use_graphs and step.decode_only
+                and self.graphs.bucket_for(len(step.ids)) is not None):
+            return self.graphs.run(step.ids, step.positions, step.slots, step.tables,
+                                   step.seq_lens)
+        hidden = self._forward_eager(step)
+        return self.model.compute_logits(hidden[step.logits_rows])
+
+    def _forward_eager(self, step: StepInputs) -> torch.Tensor:
+        dev = self.device
         bs = self.cfg.block_size
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        q_lens, seq_lens, logits_rows = [], [], []
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(step.slots, dtype=torch.int64, device=dev),
+            block_tables=None, seq_lens=None, query_lens_cpu=step.query_lens,
+            seq_lens_cpu=step.seq_lens, block_size=bs)
+        if self.planner is not None:
+            pages = PageLists.build(step.tables, step.query_lens, step.seq_lens, bs)
+            meta.plan = self.planner.plan(pages, step.decode_only)
+        else:  # the torch reference path reads padded tables and lengths on the device
+            width = max(len(t) for t in step.tables)
+            meta.block_tables = torch.tensor([t + [0] * (width - len(t)) for t in step.tables],
+                                             dtype=torch.int64, device=dev)
+            meta.seq_lens = torch.tensor(step.seq_lens, dtype=torch.int64, device=dev)
+        return self.model(torch.tensor(step.ids, dtype=torch.int64, device=dev),
+                          torch.tensor(step.positions, dtype=torch.int64, device=dev),
+                          self.kv_layers, meta)
+
+    def _prepare(self, out: SchedulerOutput) -> StepInputs:
+        bs = self.cfg.block_size
+        step = StepInputs()
         for item in out.scheduled:
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed_tokens
-            ids.extend(seq.token_ids[start : start + n])
+            step.ids.extend(seq.token_ids[start : start + n])
             positions = range(start, start + n)
-            pos.extend(positions)
+            step.positions.extend(positions)
             table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in positions)
-            q_lens.append(n)
-            seq_lens.append(start + n)
+            step.slots.extend(table[p // bs] * bs + p % bs for p in positions)
+            step.tables.append(table)
+            step.query_lens.append(n)
+            step.seq_lens.append(start + n)
             if item.samples:
-                logits_rows.append(len(ids) - 1)
-        max_blocks = max(len(item.seq.block_table) for item in out.scheduled)
-        tables = [item.seq.block_table + [0] * (max_blocks - len(item.seq.block_table))
-                  for item in out.scheduled]
-        dev = self.device
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int64, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int64, device=dev),
-            query_lens_cpu=q_lens,
-            seq_lens_cpu=seq_lens,
-            block_size=bs,
-        )
-        return (torch.tensor(ids, dtype=torch.int64, device=dev),
-                torch.tensor(pos, dtype=torch.int64, device=dev), meta, logits_rows)
+                step.logits_rows.append(len(step.ids) - 1)
+        step.decode_only = all(n == 1 for n in step.query_lens)
+        return step
 
     def _sampling_batch(self, out: SchedulerOutput, scheduler: Scheduler) -> SamplingBatch:
         rows = [item.seq for item in out.scheduled if item.samples]

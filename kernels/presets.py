@@ -253,6 +253,14 @@ PRESETS: dict[str, Preset] = {
             "CPU benchmark shape: 4 layers, 8 KiB of KV per token, 32k context",
         ),
         _preset(
+            "mini-llama",
+            "llama3",
+            _llama(hidden=1024, layers=4, heads=8, kv_heads=2, inter=2816, vocab=4096,
+                   max_pos=8192, original_max=8192, tie=True, dtype="bfloat16"),
+            "GPU test shape: the 8B model's head_dim 128 and 4:1 GQA in 4 small layers; "
+            "tied head (as Llama 3.2 1B/3B) for peaked logits",
+        ),
+        _preset(
             "llama-3.1-8b",
             "llama3",
             _llama(**_LLAMA_8B),

@@ -23,7 +23,7 @@ class TorchPagedAttention:
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 kv_layer: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """q: [T, Hq, D]; k, v: [T, Hkv, D] for the new tokens. Returns [T, Hq, D]."""
-        write_kv(kv_layer, k, v, meta.slot_mapping, meta.block_size)
+        write_kv(kv_layer, k, v, meta)
         if meta.is_decode_only:
             return self._decode(q, kv_layer, meta)
         return self._prefill(q, kv_layer, meta)
@@ -69,8 +69,8 @@ class TorchPagedAttention:
 
 
 def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_mapping: torch.Tensor, block_size: int) -> None:
-    blocks = torch.div(slot_mapping, block_size, rounding_mode="floor")
-    offsets = slot_mapping % block_size
-    kv_layer[blocks, 0, offsets] = k.to(kv_layer.dtype)
-    kv_layer[blocks, 1, offsets] = v.to(kv_layer.dtype)
+             meta: AttentionMetadata) -> None:
+    if meta.slot_blocks is None:
+        meta.split_slots()
+    kv_layer[meta.slot_blocks, 0, meta.slot_offsets] = k.to(kv_layer.dtype)
+    kv_layer[meta.slot_blocks, 1, meta.slot_offsets] = v.to(kv_layer.dtype)

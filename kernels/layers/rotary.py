@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from kernels.config import RopeScaling
+from kernels.layers import fused
 
 
 def inv_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None) -> torch.Tensor:
@@ -44,10 +45,19 @@ class RotaryEmbedding(nn.Module):
         # [max_positions, head_dim // 2] each; float32 so bf16 models rotate like HF.
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
+        self.use_fused_kernels = False  # kernels.layers.fused.enable() turns it on
+        self._cos_sin: torch.Tensor | None = None  # [positions, head_dim] for the fused path
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor,
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, Hq, D], k: [T, Hk, D], positions: [T]."""
+        if self.use_fused_kernels:
+            if self._cos_sin is None:
+                self._cos_sin = torch.cat([self.cos, self.sin], dim=-1).contiguous()
+            t = q.shape[0]
+            qf, kf = q.reshape(t, -1), k.reshape(t, -1)  # views when rows are packed
+            fused.rope_(positions, qf, kf, self.head_dim, self._cos_sin)
+            return qf.view_as(q), kf.view_as(k)
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)

@@ -15,6 +15,7 @@ from torch import nn
 
 from kernels.attention import AttentionMetadata
 from kernels.config import ModelConfig
+from kernels.layers import fused
 from kernels.layers.activation import silu_and_mul
 from kernels.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from kernels.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -65,8 +66,12 @@ class MLP(nn.Module):
                                                        cfg.dtype)
         self.down_proj = RowParallelLinear(i, cfg.hidden_size, False, pc, cfg.dtype)
 
+        self.use_fused_kernels = False  # kernels.layers.fused.enable() turns it on
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)
+        act = fused.silu_and_mul(gate_up) if self.use_fused_kernels else silu_and_mul(gate_up)
+        return self.down_proj(act)
 
 
 class DecoderLayer(nn.Module):
@@ -102,6 +107,7 @@ class DecoderModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        meta.split_slots()  # once per forward: every layer writes K/V to the same slots
         residual = None
         for layer, kv_layer in zip(self.layers, kv_caches):
             x, residual = layer(positions, x, residual, kv_layer, meta)

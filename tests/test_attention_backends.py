@@ -1,0 +1,78 @@
+"""Attention backend choice and FlashInfer's host-side page lists (CPU), and the GPU fast
+path against the torch reference (GPU only; skipped without CUDA)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cluster.launcher import worker_args_from
+from cluster.worker_main import add_engine_args, engine_config
+from engine.config import ConfigError, EngineConfig
+from kernels.attention import resolve_attention_backend
+from kernels.attention.flashinfer_backend import PageLists
+
+
+def test_page_lists_are_flashinfer_csr() -> None:
+    # Three sequences, block size 4: a fresh prefill, a cached prefix + chunk, a decode.
+    pages = PageLists.build(tables=[[7, 3], [1, 2, 9, 5], [4]], query_lens=[6, 3, 1],
+                            seq_lens=[6, 13, 4], block_size=4)
+    assert pages.qo_indptr.tolist() == [0, 6, 9, 10]
+    assert pages.kv_indptr.tolist() == [0, 2, 6, 7]
+    # Only the blocks holding context are listed, even when the table has more.
+    assert pages.kv_indices.tolist() == [7, 3, 1, 2, 9, 5, 4]
+    assert pages.last_page_len.tolist() == [2, 1, 4]
+    assert all(t.dtype == torch.int32 for t in (pages.qo_indptr, pages.kv_indptr,
+                                                 pages.kv_indices, pages.last_page_len))
+
+
+def test_auto_backend_is_torch_on_cpu_and_explicit_flashinfer_says_why() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_attention_backend("auto", 128, cpu, torch.bfloat16) == "torch"
+    assert resolve_attention_backend("torch", 128, cpu, torch.bfloat16) == "torch"
+    with pytest.raises(ValueError, match="--attention-backend flashinfer: FlashInfer needs a CUDA"):
+        resolve_attention_backend("flashinfer", 128, cpu, torch.bfloat16)
+    with pytest.raises(ValueError, match="unknown 'flash'"):
+        resolve_attention_backend("flash", 128, cpu, torch.bfloat16)
+
+
+def test_engine_config_rejects_unknown_backend_naming_the_flag() -> None:
+    with pytest.raises(ConfigError, match="--attention-backend"):
+        EngineConfig(model="x", attention_backend="xformers")
+
+
+def test_fast_path_flags_reach_the_workers() -> None:
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    p.add_argument("--kv-transfer-dummy", default=None)
+    args = p.parse_args(["--attention-backend", "torch", "--no-cuda-graphs",
+                         "--gpu-memory-utilization", "0.45"])
+    cfg = engine_config(args, "tiny-llama")
+    assert (cfg.attention_backend, cfg.cuda_graphs, cfg.gpu_memory_utilization) == \
+        ("torch", False, 0.45)
+    forwarded = worker_args_from(args, "tiny-llama")
+    assert forwarded[forwarded.index("--attention-backend") + 1] == "torch"
+    assert "--no-cuda-graphs" in forwarded
+    assert forwarded[forwarded.index("--gpu-memory-utilization") + 1] == "0.45"
+
+
+@pytest.mark.gpu
+def test_flashinfer_path_matches_torch_path_on_gpu() -> None:
+    """Greedy tokens of the fast path (FlashInfer, fused kernels, decode graphs) equal the
+    torch reference path's on a head_dim-128 model, mixed prompt lengths, one batch."""
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+
+    prompts = [[(7 * i + j) % 4000 + 1 for j in range(n)] for i, n in
+               enumerate([5, 17, 130, 300, 64, 1, 999])]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    outs = {}
+    for backend in ("flashinfer", "torch"):
+        llm = LLM("mini-llama", load_format="dummy", device="cuda", dtype="bfloat16",
+                  num_kv_blocks=512, attention_backend=backend)
+        assert llm.engine.runner.attention_backend == backend
+        outs[backend] = [o.token_ids for o in llm.generate(prompts, params)]
+        del llm
+    assert outs["flashinfer"] == outs["torch"]
