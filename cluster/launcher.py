@@ -102,6 +102,8 @@ def worker_args_from(args: argparse.Namespace, model: str) -> list[str]:
            "--max-num-batched-tokens", str(args.max_num_batched_tokens),
            "--seed", str(args.seed), "--attention-backend", args.attention_backend,
            "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    if args.tp > 1:
+        out += ["--tp", str(args.tp)]
     if args.no_cuda_graphs:
         out.append("--no-cuda-graphs")
     if args.kv_blocks is not None:

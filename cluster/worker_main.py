@@ -42,6 +42,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="auto: FlashInfer on CUDA where it runs, else the torch reference")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="run decode steps eagerly (for comparison and debugging)")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks per worker (GPUs device..device+tp-1)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="fraction of the GPU this worker may use; KV gets what is left")
 
@@ -54,11 +56,15 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
         seed=args.seed, attention_backend=args.attention_backend,
         cuda_graphs=not args.no_cuda_graphs,
-        gpu_memory_utilization=args.gpu_memory_utilization)
+        gpu_memory_utilization=args.gpu_memory_utilization, tp=args.tp)
 
 
 async def run_worker(args: argparse.Namespace) -> None:
     cfg = engine_config(args, args.model)
+    if cfg.tp > 1 and args.role != "both":
+        raise SystemExit(f"--tp {cfg.tp} with --role {args.role}: tensor-parallel workers "
+                         "serve aggregated (--role both) for now; moving each rank's KV shard "
+                         "between prefill and decode workers is not implemented yet")
     engine = LLMEngine(cfg, detokenize=False, kv_lease_seconds=args.kv_lease_seconds)
     server = grpc.aio.server(options=GRPC_OPTIONS)
     port = server.add_insecure_port(f"{args.host}:{args.port}")

@@ -14,6 +14,15 @@ class LLM:
     def __init__(self, model: str, **engine_kwargs) -> None:
         self.engine = LLMEngine(EngineConfig(model=model, **engine_kwargs))
 
+    def close(self) -> None:
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def generate(self, prompts: Seq[str | list[int]],
                  params: SamplingParams | Seq[SamplingParams] | None = None,
                  arrival_steps: Seq[int] | None = None) -> list[RequestOutput]:

@@ -18,8 +18,10 @@ from engine.model_runner import ModelRunner
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence
+from engine.tensor_parallel import TPLeader, rank_device
 from engine.tokenizer import IncrementalDetokenizer, TokenizerBundle
 from kernels.config import ModelConfig
+from kernels.parallel import ParallelContext
 from kvtransfer.block_pool import BlockPool
 from kvtransfer.events import EventRecorder, KVEventBatch, Tier
 
@@ -89,7 +91,18 @@ class LLMEngine:
         mc = self.model_config
         self.max_model_len = min(cfg.max_model_len or mc.max_position_embeddings,
                                  mc.max_position_embeddings)
-        self.runner = ModelRunner(mc, cfg, model_dir, max_model_len=self.max_model_len)
+        self.tp: TPLeader | None = None
+        runner_cfg = cfg
+        if cfg.tp > 1:  # followers start first: the runner's set-up is collective
+            pc = ParallelContext(0, cfg.tp)  # fail here, before spawning, if it cannot split
+            for total, what in ((mc.num_heads, "num_attention_heads"),
+                                (mc.num_kv_heads, "num_key_value_heads"),
+                                (mc.intermediate_size, "intermediate_size")):
+                pc.shard(total, what)
+            self.tp = TPLeader(cfg)
+            runner_cfg = dataclasses.replace(cfg, device=rank_device(cfg, 0))
+        self.runner = ModelRunner(mc, runner_cfg, model_dir, max_model_len=self.max_model_len,
+                                  tp=self.tp)
         # Every block stored in / evicted from the prefix cache becomes a KV event; the
         # worker publishes one batch per step to routers' prefix indexes.
         self.events = EventRecorder(worker_id="local", instance_id=uuid.uuid4().hex)
@@ -106,6 +119,12 @@ class LLMEngine:
         self.seqs: dict[str, Sequence] = {}
         # Prefill role: finished requests whose blocks wait for the decode side (deadline).
         self.held: dict[str, tuple[Sequence, float]] = {}
+
+    def close(self) -> None:
+        """Stops tensor-parallel followers (nothing to do for one process)."""
+        if self.tp is not None:
+            self.tp.close()
+            self.tp = None
 
     @property
     def block_pool(self) -> BlockPool:

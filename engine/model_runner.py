@@ -9,6 +9,7 @@ layout. Rationale and costs: docs/kv_layout.md.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ import torch
 from engine.config import EngineConfig
 from engine.cuda_graphs import DEFAULT_BUCKETS, DecodeGraphs, GraphCaptureReport
 from engine.scheduler import Scheduler, SchedulerOutput, StepResult
+from engine.tensor_parallel import TPComm
 from kernels.attention import AttentionMetadata, resolve_attention_backend
 from kernels.attention.flashinfer_backend import FlashInferPlanner, PageLists
 from kernels.config import ModelConfig
@@ -78,11 +80,12 @@ class StepInputs:
 
 class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, cfg: EngineConfig, model_dir: str | None,
-                 pc: ParallelContext | None = None, max_model_len: int | None = None) -> None:
+                 max_model_len: int | None = None, tp: TPComm | None = None) -> None:
         self.cfg = cfg
         self.model_cfg = model_cfg
         self.device = torch.device(cfg.device)
-        self.pc = pc or ParallelContext()
+        self.tp = tp  # None: one process; else this rank's view of the TP group
+        self.pc = tp.pc if tp is not None else ParallelContext()
         self.max_model_len = max_model_len or model_cfg.max_position_embeddings
         self.attention_backend = resolve_attention_backend(
             cfg.attention_backend, model_cfg.head_dim, self.device, model_cfg.dtype)
@@ -102,6 +105,9 @@ class ModelRunner:
                 m.head_dim, cfg.block_size, m.dtype, self.device)
         self.memory = MemoryReport()
         self.kv_spec = self._size_kv_cache()
+        if self.tp is not None:  # every rank must hold the same number of blocks
+            self.kv_spec = dataclasses.replace(
+                self.kv_spec, num_blocks=self.tp.agree_min(self.kv_spec.num_blocks))
         s = self.kv_spec
         # One block past the pool's: the scratch block padded graph rows write into.
         self.kv_cache = torch.zeros(s.num_blocks + 1, s.num_layers, 2, s.block_size,
@@ -207,7 +213,10 @@ class ModelRunner:
         return StepResult(token_ids, logprobs, top)
 
     def forward(self, step: StepInputs) -> torch.Tensor | None:
-        """Runs the step's forward pass; logits [rows that sample, vocab] in float32."""
+        """Runs the step's forward pass; logits [rows that sample, vocab] in float32.
+        Under tensor parallelism the leader first sends the step to the other ranks."""
+        if self.tp is not None and self.pc.tp_rank == 0:
+            self.tp.broadcast_step(step)
         if not step.logits_rows:
             self._forward_eager(step)
             return None

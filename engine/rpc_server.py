@@ -168,5 +168,6 @@ async def serve(service: WorkerService, server: grpc.aio.Server, ready_line: str
     log.info("worker shutting down")
     await server.stop(grace=2)
     ctx.worker.stop()
+    ctx.engine.close()  # tensor-parallel followers leave with the leader
     ctx.transfer.close()
     await ctx.peers.close()

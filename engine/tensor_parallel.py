@@ -1,0 +1,170 @@
+"""Tensor parallelism across processes: one leader (the worker the router talks to) and
+`tp - 1` follower processes, one per extra GPU (or CPU process in tests).
+
+The leader owns the scheduler, the block pool and sampling; every rank owns a model
+shard and its KV shard (KV heads split across ranks). Each step the leader broadcasts
+the step's host-side inputs (`StepInputs`, msgpack) over a gloo group, then every rank
+runs the same forward; the all-reduces inside the model (and the lm_head's all-gather)
+go over the default group: NCCL on GPUs, gloo on CPU. Followers only ever run forwards,
+so the engine above the model runner is unchanged.
+
+Startup is collective too: memory profiling, the KV block count (every rank takes the
+smallest any rank can afford) and CUDA-graph capture run in the same order on all ranks.
+Followers die with the leader (PR_SET_PDEATHSIG) and leave on an empty broadcast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import msgpack
+import torch
+import torch.distributed as dist
+
+from engine.config import EngineConfig
+from kernels.parallel import ParallelContext
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+STEP_FIELDS = ("ids", "positions", "slots", "tables", "query_lens", "seq_lens", "logits_rows",
+               "decode_only")
+
+
+def rank_device(cfg: EngineConfig, rank: int) -> str:
+    """Rank r of a worker on cuda:k uses cuda:k+r; on CPU every rank is 'cpu'."""
+    if cfg.device == "cpu":
+        return "cpu"
+    base = int(cfg.device.split(":")[1]) if ":" in cfg.device else 0
+    return f"cuda:{base + rank}"
+
+
+class TPComm:
+    """What a rank's model runner needs from the group: its placement and agreement."""
+
+    def __init__(self, rank: int, world: int, init_method: str, device: str) -> None:
+        self.pc = ParallelContext(rank, world)
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        if device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(device))
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
+        # Step metadata is host data: a gloo group keeps it off the GPU stream.
+        self.control = dist.new_group(backend="gloo") if backend == "nccl" else None
+
+    def agree_min(self, n: int) -> int:
+        t = torch.tensor([n], dtype=torch.int64)
+        if self.control is None and dist.get_backend() != "gloo":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control)
+        return int(t.item())
+
+    def broadcast_step(self, step) -> object | None:
+        """Leader: sends `step` (None = shut down). Followers: pass None, get the step."""
+        if self.pc.tp_rank == 0:
+            payload = b"" if step is None else msgpack.packb(
+                [getattr(step, f) for f in STEP_FIELDS])
+            size = torch.tensor([len(payload)], dtype=torch.int64)
+        else:
+            size = torch.zeros(1, dtype=torch.int64)
+        dist.broadcast(size, src=0, group=self.control)
+        n = int(size.item())
+        if n == 0:
+            return None
+        buf = (torch.frombuffer(bytearray(payload), dtype=torch.uint8) if self.pc.tp_rank == 0
+               else torch.empty(n, dtype=torch.uint8))
+        dist.broadcast(buf, src=0, group=self.control)
+        if self.pc.tp_rank == 0:
+            return step
+        from engine.model_runner import StepInputs
+
+        return StepInputs(**dict(zip(STEP_FIELDS, msgpack.unpackb(buf.numpy().tobytes()))))
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    import ctypes
+    import signal
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class TPLeader(TPComm):
+    """Rank 0: spawns the followers, then joins the group with them."""
+
+    def __init__(self, cfg: EngineConfig) -> None:
+        if cfg.device.startswith("cuda"):
+            need = int(rank_device(cfg, cfg.tp - 1).split(":")[1]) + 1
+            if torch.cuda.device_count() < need:
+                raise RuntimeError(f"--tp {cfg.tp} on {cfg.device} needs GPUs up to "
+                                   f"cuda:{need - 1}; this machine has "
+                                   f"{torch.cuda.device_count()}")
+        init = f"tcp://127.0.0.1:{_free_port()}"
+        cfg_json = json.dumps(dataclasses.asdict(cfg))
+        env = dict(os.environ)
+        env.setdefault("NCCL_NVLS_ENABLE", "0")
+        env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+        env.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+        self.followers = [
+            subprocess.Popen([sys.executable, "-m", "engine.tensor_parallel", "--rank", str(r),
+                              "--init", init, "--config", cfg_json], cwd=REPO, env=env,
+                             preexec_fn=_die_with_parent)
+            for r in range(1, cfg.tp)]
+        log.info("tensor parallel: rank 0 on %s, %d follower processes", cfg.device,
+                 len(self.followers))
+        super().__init__(0, cfg.tp, init, rank_device(cfg, 0))
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            self.broadcast_step(None)
+        super().close()
+        for p in self.followers:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def follower_main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="a tensor-parallel follower rank (internal)")
+    ap.add_argument("--rank", type=int, required=True)
+    ap.add_argument("--init", required=True)
+    ap.add_argument("--config", required=True)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING,
+                        format=f"%(asctime)s tp-rank{args.rank} %(name)s %(message)s")
+    cfg = EngineConfig(**json.loads(args.config))
+    device = rank_device(cfg, args.rank)
+    comm = TPComm(args.rank, cfg.tp, args.init, device)
+    from engine.llm_engine import resolve_model
+    from engine.model_runner import ModelRunner
+
+    mc, model_dir, _ = resolve_model(cfg)
+    max_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
+    runner = ModelRunner(mc, dataclasses.replace(cfg, device=device), model_dir,
+                         max_model_len=max_len, tp=comm)
+    with torch.inference_mode():
+        while (step := comm.broadcast_step(None)) is not None:
+            runner.forward(step)
+    comm.close()
+
+
+if __name__ == "__main__":
+    follower_main()
