@@ -9,16 +9,19 @@ routers share it.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from itertools import compress, repeat
 
 from kvtransfer.events import CLEARED, REMOVED, STORED, KVEventBatch, Tier
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Overlap:
-    """Leading blocks of a request held by one worker, split by tier."""
+    """Leading blocks of a request held by one worker, split by tier. Immutable, so a
+    lookup can hand the same value to many workers."""
 
     device: int = 0
     host: int = 0
@@ -28,26 +31,36 @@ class Overlap:
     def total(self) -> int:
         return self.device + self.host + self.disk
 
-    def add(self, tier: Tier) -> None:
-        if tier == Tier.DEVICE:
-            self.device += 1
-        elif tier == Tier.HOST:
-            self.host += 1
-        else:
-            self.disk += 1
+
+NO_OVERLAP = Overlap()
+_BITS = bytes.maketrans(b"01", b"\0\1")  # "0"/"1" digits -> false/true selectors
 
 
 @dataclass
 class _WorkerState:
     instance_id: str
     last_event_id: int
-    blocks: dict[int, int] = field(default_factory=dict)  # hash -> tier bitmask
+    bit: int  # 1 << the worker's slot
+    blocks: dict[int, int]  # hash -> tier bitmask (bit t: a copy in tier t)
 
 
 class InMemoryPrefixIndex:
+    """Each worker owns one bit (its slot); per block hash the index keeps the bitmask of
+    the workers holding a copy, so a lookup costs one dict probe and one AND per block
+    however many workers share the prefix, and applying an event touches two dicts.
+
+    Invariants (`check()`): bit w is set in `_holders[h]` iff h is in worker w's `blocks`;
+    `_slow[h]` = (workers whose fastest copy of h is in host, ... in disk) and exists only
+    when one of them is non-zero, so a device-only cluster never consults it.
+    """
+
     def __init__(self) -> None:
         self._workers: dict[str, _WorkerState] = {}
-        self._holders: dict[int, dict[str, Tier]] = {}
+        self._names: list[str | None] = []  # slot -> worker
+        self._live = 0  # bits of the workers we follow
+        self._holders: dict[int, int] = {}
+        self._slow: dict[int, tuple[int, int]] = {}
+        self._runs = [NO_OVERLAP]  # _runs[n] == Overlap(device=n), shared by lookups
 
     @property
     def workers(self) -> list[str]:
@@ -71,13 +84,11 @@ class InMemoryPrefixIndex:
             return False
         for ev in batch.events:
             if ev.kind == STORED:
-                for h in ev.block_hashes:
-                    self._store(batch.worker_id, state, h, ev.tier)
+                self._store(state, ev.block_hashes, ev.tier)
             elif ev.kind == REMOVED:
-                for h in ev.block_hashes:
-                    self._remove(batch.worker_id, state, h, ev.tier)
+                self._remove(state, ev.block_hashes, ev.tier)
             elif ev.kind == CLEARED:
-                self._drop_blocks(batch.worker_id, state)
+                self._drop_blocks(state)
         state.last_event_id = batch.event_id
         return True
 
@@ -85,59 +96,160 @@ class InMemoryPrefixIndex:
                blocks: list[tuple[int, Tier]]) -> None:
         """Replace what we know of a worker with its snapshot (taken at last_event_id)."""
         self.remove_worker(worker_id)
-        state = _WorkerState(instance_id, last_event_id)
+        slot = (~self._live & (self._live + 1)).bit_length() - 1  # the lowest free one
+        if slot == len(self._names):
+            self._names.append(None)
+        state = _WorkerState(instance_id, last_event_id, 1 << slot, {})
         self._workers[worker_id] = state
+        self._names[slot] = worker_id
+        self._live |= state.bit
+        by_tier: dict[Tier, list[int]] = {}
         for h, tier in blocks:
-            self._store(worker_id, state, h, tier)
+            by_tier.setdefault(tier, []).append(h)
+        for tier, hashes in by_tier.items():
+            self._store(state, hashes, tier)
 
     def remove_worker(self, worker_id: str) -> None:
         state = self._workers.pop(worker_id, None)
         if state is not None:
-            self._drop_blocks(worker_id, state)
+            self._drop_blocks(state)
+            self._live &= ~state.bit
+            self._names[state.bit.bit_length() - 1] = None
 
-    def lookup(self, block_hashes: list[int]) -> dict[str, Overlap]:
-        out = {w: Overlap() for w in self._workers}
-        alive = set(self._workers)
-        for h in block_hashes:
-            holders = self._holders.get(h)
-            if not holders:
-                break
-            alive &= holders.keys()
-            if not alive:
-                break
-            for w in alive:
-                out[w].add(best_tier(holders[w]))
+    def lookup(self, block_hashes: Sequence[int]) -> dict[str, Overlap]:
+        # Walk the blocks while any worker still holds an unbroken run; `alive` only ever
+        # loses bits, so each worker's run length is where its bit left. The probes are
+        # the cost (a cold 1M-entry dict), so the loop does nothing else.
+        alive = self._live
+        if not alive:
+            return {}
+        ends: list[tuple[int, int]] = []  # (run length, workers whose run ends there)
+        for i, mask in enumerate(map(self._holders.get, block_hashes, repeat(0))):
+            held = mask & alive
+            if held != alive:
+                ends.append((i, alive ^ held))
+                alive = held
+                if not held:
+                    break
+        else:
+            ends.append((len(block_hashes), alive))
+
+        out = dict.fromkeys(self._workers, NO_OVERLAP)
+        runs = self._runs
+        for n, mask in ends:
+            if n:
+                while len(runs) <= n:
+                    runs.append(Overlap(device=len(runs)))
+                out.update(zip(self._members(mask), repeat(runs[n])))
+        if self._slow:
+            self._split_tiers(out, block_hashes, ends)
         return out
 
-    # Per worker and block: a bitmask of the tiers holding a copy (a block can sit in HBM
-    # and in host DRAM at once); lookups credit the fastest one.
-    def _store(self, worker_id: str, state: _WorkerState, h: int, tier: Tier) -> None:
-        mask = state.blocks.get(h, 0) | (1 << tier)
-        state.blocks[h] = mask
-        self._holders.setdefault(h, {})[worker_id] = mask
+    def check(self) -> None:
+        """Assert the invariants (tests call this after every step)."""
+        holders: dict[int, int] = {}
+        slow: dict[int, list[int]] = {}
+        for name, state in self._workers.items():
+            assert self._names[state.bit.bit_length() - 1] == name and self._live & state.bit
+            for h, mask in state.blocks.items():
+                assert 0 < mask < 8, (name, h, mask)
+                holders[h] = holders.get(h, 0) | state.bit
+                best = mask & -mask
+                if best > 1:
+                    slow.setdefault(h, [0, 0])[best // 4] |= state.bit
+        assert holders == self._holders
+        assert {h: tuple(m) for h, m in slow.items()} == self._slow
+        assert bin(self._live).count("1") == len(self._workers)
 
-    def _remove(self, worker_id: str, state: _WorkerState, h: int, tier: Tier) -> None:
-        mask = state.blocks.get(h, 0) & ~(1 << tier)
-        holders = self._holders.get(h)
-        if mask:
-            state.blocks[h] = mask
-            if holders is not None:
-                holders[worker_id] = mask
-            return
-        state.blocks.pop(h, None)
-        if holders is not None:
-            holders.pop(worker_id, None)
-            if not holders:
-                del self._holders[h]
+    def _members(self, mask: int) -> Iterator[str]:
+        """The workers whose bits are set in mask; the bits are walked in C, not Python."""
+        return compress(self._names, format(mask, "b")[::-1].encode().translate(_BITS))
 
-    def _drop_blocks(self, worker_id: str, state: _WorkerState) -> None:
+    def _split_tiers(self, out: dict[str, Overlap], block_hashes: Sequence[int],
+                     ends: list[tuple[int, int]]) -> None:
+        """Move each block counted as device to the tier its worker's fastest copy is in."""
+        counts: dict[int, list[int]] = {}  # slot -> [host, disk]
+        alive, get, pending = self._live, self._slow.get, iter(ends)
+        end, gone = next(pending)
+        for i, h in enumerate(block_hashes[: ends[-1][0]]):
+            while end <= i:
+                alive &= ~gone
+                end, gone = next(pending)
+            slow = get(h)
+            if slow is None:
+                continue
+            for t, mask in enumerate(slow):
+                mask &= alive
+                while mask:
+                    low = mask & -mask
+                    counts.setdefault(low.bit_length() - 1, [0, 0])[t] += 1
+                    mask ^= low
+        for slot, (host, disk) in counts.items():
+            name = self._names[slot]
+            out[name] = Overlap(out[name].device - host - disk, host, disk)
+
+    # A block can sit in HBM and host DRAM at once: per worker and block a bitmask of the
+    # tiers holding a copy; lookups credit the fastest one. Hot loops: locals only, and
+    # the tier bookkeeping (`_set_best`) only when a non-device tier is involved.
+    def _store(self, state: _WorkerState, hashes: list[int], tier: Tier) -> None:
+        tbit, bit = 1 << tier, state.bit
+        blocks, holders = state.blocks, self._holders
+        setdefault, hget = blocks.setdefault, holders.get
+        for h in hashes:
+            old = setdefault(h, tbit)
+            if old == tbit:  # new to the worker (or already held in just this tier)
+                others = hget(h, 0)
+                holders[h] = others | bit if others else bit  # alone: one shared int
+                if tbit > 1:
+                    self._set_best(h, bit, tbit)
+            elif not old & tbit:  # a copy in another tier: add this one
+                new = blocks[h] = old | tbit
+                if (old & -old) != (new & -new):
+                    self._set_best(h, bit, new & -new)
+
+    def _remove(self, state: _WorkerState, hashes: list[int], tier: Tier) -> None:
+        tbit, bit, keep = 1 << tier, state.bit, ~state.bit
+        blocks, holders = state.blocks, self._holders
+        pop = blocks.pop
+        for h in hashes:
+            old = pop(h, 0)
+            if old == tbit:  # its last copy: the worker no longer holds h
+                rest = holders[h] & keep
+                if rest:
+                    holders[h] = rest
+                else:
+                    del holders[h]
+                if tbit > 1:
+                    self._set_best(h, bit, 0)
+            elif old:  # copies in other tiers stay
+                new = blocks[h] = old & ~tbit
+                if (old & -old) != (new & -new):
+                    self._set_best(h, bit, new & -new)
+
+    def _drop_blocks(self, state: _WorkerState) -> None:
+        holders, keep = self._holders, ~state.bit
         for h in state.blocks:
-            holders = self._holders.get(h)
-            if holders is not None:
-                holders.pop(worker_id, None)
-                if not holders:
-                    del self._holders[h]
+            rest = holders[h] & keep
+            if rest:
+                holders[h] = rest
+            else:
+                del holders[h]
+        if self._slow:
+            for h, mask in state.blocks.items():
+                if not mask & 1:
+                    self._set_best(h, state.bit, 0)
         state.blocks.clear()
+
+    def _set_best(self, h: int, bit: int, best: int) -> None:
+        """Record that the fastest copy `bit`'s worker has of h is in tier bit `best`
+        (1 device, 2 host, 4 disk; 0: none)."""
+        host, disk = self._slow.get(h, (0, 0))
+        host = host | bit if best == 2 else host & ~bit
+        disk = disk | bit if best == 4 else disk & ~bit
+        if host or disk:
+            self._slow[h] = (host, disk)
+        else:
+            self._slow.pop(h, None)
 
 
 def best_tier(mask: int) -> Tier:

@@ -132,15 +132,15 @@ class RedisPrefixIndex:
         for h in block_hashes:
             pipe.hgetall(f"baton:blk:{h}")
         live, *rows = await pipe.execute()
-        out = {w: Overlap() for w in live}
+        counts = {w: [0, 0, 0] for w in live}  # per tier
         alive = set(live)
         for row in rows:
             alive &= row.keys()
             if not alive:
                 break
             for w in alive:
-                out[w].add(best_tier(int(row[w])))
-        return out
+                counts[w][best_tier(int(row[w]))] += 1
+        return {w: Overlap(*c) for w, c in counts.items()}
 
     async def expired_workers(self) -> list[str]:
         return await self.r.zrangebyscore("baton:workers", "-inf", time.time())

@@ -3,6 +3,8 @@ resync, tiers tracked per copy, lookups count only an unbroken leading run."""
 
 from __future__ import annotations
 
+import random
+
 from kvtransfer.events import (
     CLEARED,
     REMOVED,
@@ -13,7 +15,7 @@ from kvtransfer.events import (
     Tier,
 )
 from kvtransfer.hashing import block_hashes
-from router.prefix_index import InMemoryPrefixIndex, Overlap
+from router.prefix_index import InMemoryPrefixIndex, Overlap, best_tier
 
 H = block_hashes(list(range(64)), 16)  # 4 chained hashes
 
@@ -95,3 +97,75 @@ def test_recorder_batches_and_numbers_events_and_msgpack_round_trips():
     assert b2.event_id == 2 and b2.events[0].kind == CLEARED
     again = KVEventBatch.decode(b1.encode())
     assert again == b1
+
+
+def test_many_workers_and_reused_slots():
+    """More workers than a machine word has bits; a removed worker's slot is reused."""
+    idx = fresh(*(f"w{i}" for i in range(70)))
+    for i in range(70):
+        assert idx.apply(batch(f"w{i}", 1, KVEvent(STORED, H[: i % 5])))
+    assert {w: o.total for w, o in idx.lookup(H).items()} == {
+        f"w{i}": i % 5 for i in range(70)}
+    idx.remove_worker("w3")
+    idx.resync("w70", "i1", 0, [(h, Tier.HOST) for h in H])
+    got = idx.lookup(H)
+    assert "w3" not in got and got["w70"] == Overlap(host=4) and got["w69"].total == 4
+    idx.check()
+    assert InMemoryPrefixIndex().lookup(H) == {}
+
+
+def naive_lookup(model: dict[str, dict[int, int]], hashes: list[int]) -> dict[str, Overlap]:
+    out = {}
+    for w, blocks in model.items():
+        counts = [0, 0, 0]
+        for h in hashes:
+            if h not in blocks:
+                break
+            counts[best_tier(blocks[h])] += 1
+        out[w] = Overlap(*counts)
+    return out
+
+
+def test_random_events_match_a_naive_model():
+    """Worker bitmasks, tier bookkeeping and slot reuse against a dict-of-dicts model."""
+    rng = random.Random(0)
+    pool = block_hashes(list(range(16 * 24)), 16)
+    idx, model, eids = InMemoryPrefixIndex(), {}, {}
+    for _ in range(2000):
+        w = f"w{rng.randrange(6)}"
+        r = rng.random()
+        if w not in model or r < 0.02:
+            snap = [(h, Tier(rng.randrange(3))) for h in pool[: rng.randrange(len(pool))]]
+            idx.resync(w, "i1", 0, snap)
+            model[w], eids[w] = {}, 0
+            for h, t in snap:
+                model[w][h] = model[w].get(h, 0) | 1 << t
+        elif r < 0.04:
+            idx.remove_worker(w)
+            del model[w]
+        else:
+            events = []
+            for _ in range(rng.randint(1, 4)):
+                a = rng.randrange(len(pool))
+                kind = CLEARED if rng.random() < 0.03 else rng.choice([STORED, REMOVED])
+                ev = KVEvent(kind, [] if kind == CLEARED else pool[a : a + rng.randint(1, 8)],
+                             tier=Tier(rng.choice([0, 0, 1, 2])))
+                events.append(ev)
+                blocks = model[w]
+                if kind == CLEARED:
+                    blocks.clear()
+                for h in ev.block_hashes:
+                    mask = blocks.get(h, 0)
+                    mask = mask | 1 << ev.tier if kind == STORED else mask & ~(1 << ev.tier)
+                    if mask:
+                        blocks[h] = mask
+                    else:
+                        blocks.pop(h, None)
+            eids[w] += 1
+            assert idx.apply(batch(w, eids[w], *events))
+        idx.check()
+        query = pool[: rng.randrange(len(pool) + 1)]
+        if query and rng.random() < 0.3:
+            query[rng.randrange(len(query))] = 12345  # a block nobody holds
+        assert idx.lookup(query) == naive_lookup(model, query)
+    assert any(o.host or o.disk for o in idx.lookup(pool).values())
