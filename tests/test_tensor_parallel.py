@@ -15,7 +15,7 @@ from tests.hf_oracle import hf_greedy, load_hf
 def _prompts() -> list[list[int]]:
     # Mixed lengths incl. one over the chunk size and two sharing a prefix.
     base = [(13 * i) % 1000 + 3 for i in range(150)]
-    return [[5, 6, 7], base, base[:100] + [9, 9, 9], [(7 * i) % 997 + 2 for i in range(300)]]
+    return [[5, 6, 7], base, [*base[:100], 9, 9, 9], [(7 * i) % 997 + 2 for i in range(300)]]
 
 
 @pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen3"])
