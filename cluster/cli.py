@@ -78,6 +78,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     p = sub.add_parser("serve", help="router + workers on this machine (the embedded default)")
     p.add_argument("--prefill", type=int, default=1, help="prefill workers (0: aggregated)")
     p.add_argument("--decode", type=int, default=1, help="decode workers")
+    p.add_argument("--prefill-gpus", default="",
+                   help="GPUs for the prefill pool, e.g. 0 or 0,1 (each worker takes --tp)")
+    p.add_argument("--decode-gpus", default="",
+                   help="GPUs for the decode (or aggregated) pool, e.g. 1 or 2,3")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     add_routing_args(p)

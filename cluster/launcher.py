@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from cluster.placement import Placement, place_workers, shared_gpus
 from cluster.worker_main import READY_PREFIX
 
 log = logging.getLogger(__name__)
@@ -55,18 +56,27 @@ def spawn_worker(role: str, worker_args: list[str], ready: threading.Event,
     return wp
 
 
-def start_workers(roles: list[str], worker_args: list[str], timeout: float
-                  ) -> list[WorkerProcess]:
+def start_workers(roles: list[str], worker_args: list[str], timeout: float,
+                  placements: list[Placement] | None = None) -> list[WorkerProcess]:
     procs: list[WorkerProcess] = []
     events = []
     env = dict(os.environ)
+    env.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off (shared hosts)
+    env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    env.setdefault("NVSHMEM_DISABLE_NVLS", "1")
     if "--device" not in worker_args or worker_args[worker_args.index("--device") + 1] == "cpu":
         # CPU workers share the cores: without this each would spawn one torch thread per
         # core and they would thrash each other (decode steps doubled on 2 cores).
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(roles))))
-    for role in roles:
+    for i, role in enumerate(roles):
         ev = threading.Event()
-        spawn_worker(role, worker_args, ev, procs, env)
+        args, wenv = worker_args, env
+        if placements and placements[i].gpus:  # the worker sees its GPUs as cuda:0..tp-1
+            args = list(worker_args)
+            args[args.index("--device") + 1] = "cuda:0"
+            wenv = {**env, "CUDA_VISIBLE_DEVICES": placements[i].visible_devices}
+            log.info("%s worker %d on GPU(s) %s", role, i, placements[i].visible_devices)
+        spawn_worker(role, args, ev, procs, wenv)
         events.append(ev)
     deadline = time.monotonic() + timeout
     for wp, ev in zip(procs, events):
@@ -117,6 +127,14 @@ def worker_args_from(args: argparse.Namespace, model: str) -> list[str]:
     return out
 
 
+def _gpu_count(device: str) -> int:
+    if not device.startswith("cuda"):
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -132,7 +150,13 @@ def serve(args: argparse.Namespace) -> int:
         model = str(default_model_dir())
         log.info("no --model: serving the embedded tiny model at %s", model)
     roles = ["prefill"] * args.prefill + (["decode"] if args.prefill else ["both"]) * args.decode
-    procs = start_workers(roles, worker_args_from(args, model), args.ready_timeout)
+    placements = place_workers(roles, args.device, args.tp, _gpu_count(args.device),
+                               args.prefill_gpus, args.decode_gpus)
+    if shared := shared_gpus(placements):
+        log.warning("GPU(s) %s serve more than one worker: give each a share with "
+                    "--gpu-memory-utilization (now %.2f)", sorted(shared),
+                    args.gpu_memory_utilization)
+    procs = start_workers(roles, worker_args_from(args, model), args.ready_timeout, placements)
     try:
         cfg = RouterConfig(
             model=model, served_model_name=args.served_model_name or os.path.basename(

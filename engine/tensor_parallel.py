@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import logging
 import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import msgpack
@@ -35,6 +38,7 @@ from kernels.parallel import ParallelContext
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
+COLLECTIVE_TIMEOUT_S = 300
 STEP_FIELDS = ("ids", "positions", "slots", "tables", "query_lens", "seq_lens", "logits_rows",
                "decode_only")
 
@@ -55,7 +59,10 @@ class TPComm:
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if device.startswith("cuda"):
             torch.cuda.set_device(torch.device(device))
-        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
+        # A bounded wait: a rank that never arrives (crashed at start-up) fails the others
+        # instead of hanging them (NCCL aborts timed-out collectives).
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
         # Step metadata is host data: a gloo group keeps it off the GPU stream.
         self.control = dist.new_group(backend="gloo") if backend == "nccl" else None
 
@@ -128,9 +135,24 @@ class TPLeader(TPComm):
             for r in range(1, cfg.tp)]
         log.info("tensor parallel: rank 0 on %s, %d follower processes", cfg.device,
                  len(self.followers))
+        self._closing = False
+        threading.Thread(target=self._watch_followers, daemon=True).start()
         super().__init__(0, cfg.tp, init, rank_device(cfg, 0))
 
+    def _watch_followers(self) -> None:
+        """A rank that dies leaves the others blocked in a collective: the worker cannot
+        serve any more, so it exits at once and the router retries its requests on
+        another worker (clearer, and sooner, than a collective timeout)."""
+        while not self._closing:
+            for p in self.followers:
+                if p.poll() is not None and not self._closing:
+                    log.error("tensor-parallel rank (pid %d) exited with code %s; this worker "
+                              "stops", p.pid, p.returncode)
+                    os._exit(1)
+            time.sleep(0.5)
+
     def close(self) -> None:
+        self._closing = True
         if dist.is_initialized():
             self.broadcast_step(None)
         super().close()

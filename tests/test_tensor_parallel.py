@@ -46,3 +46,57 @@ def test_tp_that_does_not_divide_the_kv_heads_names_the_flag(checkpoint_dir) -> 
 def test_tp_config_is_validated() -> None:
     with pytest.raises(ValueError, match="--tp"):
         EngineConfig(model="x", tp=0)
+
+
+def test_baton_serve_with_a_tp2_worker(checkpoint_dir) -> None:
+    """The whole stack: router + one aggregated worker whose model is split over two
+    processes; completions over HTTP equal transformers' greedy tokens."""
+    import httpx
+
+    from cluster.local_server import baton_serve
+    from engine.tokenizer import TokenizerBundle
+
+    model_dir = checkpoint_dir("tiny-llama")
+    tok = TokenizerBundle.from_dir(model_dir)
+    hf = load_hf(model_dir)
+    texts = ["Hello there, how are you?", "The quick brown fox " * 20]
+    with baton_serve(model_dir, "--prefill", "0", "--decode", "1", "--tp", "2",
+                     "--kv-blocks", "128") as url:
+        for text in texts:
+            r = httpx.post(f"{url}/v1/completions", timeout=60, json={
+                "model": "tiny-llama", "prompt": text, "max_tokens": 10, "temperature": 0,
+                "ignore_eos": True, "return_token_ids": True})
+            assert r.status_code == 200, r.text
+            got = r.json()["choices"][0]["token_ids"]
+            assert got == hf_greedy(hf, tok.encode(text), 10)[0]
+
+
+def test_a_dead_rank_takes_its_worker_down_and_requests_go_elsewhere(checkpoint_dir) -> None:
+    """SIGKILL one follower rank: its worker exits at once (instead of hanging in a
+    collective) and the router keeps answering from the other worker."""
+    import os
+    import signal
+    import time
+
+    import httpx
+
+    from cluster.local_server import _alive, _children, baton_serve
+
+    model_dir = checkpoint_dir("tiny-llama")
+    body = {"model": "tiny-llama", "prompt": "Hello", "max_tokens": 4, "temperature": 0}
+    with baton_serve(model_dir, "--prefill", "0", "--decode", "2", "--tp", "2",
+                     "--kv-blocks", "64") as url:
+        assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
+        serve_pid = next(p for p in _children(os.getpid())
+                         if _children(p))
+        workers = _children(serve_pid)
+        victim_worker = workers[0]
+        follower = _children(victim_worker)[0]
+        os.kill(follower, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while _alive(victim_worker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(victim_worker), "worker kept running without its rank"
+        for _ in range(4):
+            r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+            assert r.status_code == 200, r.text

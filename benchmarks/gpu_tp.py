@@ -1,0 +1,80 @@
+"""Tensor parallelism on GPUs: TP=2 against TP=1 in one run.
+
+    source scripts/gpu_env.sh && python -m benchmarks.gpu_tp --out $OUT/gpu_tp.json
+
+1. Greedy agreement of `mini-llama` (bf16, FlashInfer, CUDA graphs) at TP=2 vs TP=1 on the
+   same random weights (dummy weights are drawn per full tensor, then sharded).
+2. Decode step time of the `llama-3.1-8b` shape at each TP size, same cases as
+   benchmarks/offline.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+
+from benchmarks.common import write_result
+from benchmarks.gpu_correctness import agreement
+from benchmarks.offline import decode_case
+from engine.config import EngineConfig
+from engine.llm import LLM
+from engine.llm_engine import LLMEngine
+from engine.sampling_params import SamplingParams
+
+
+def tp_agreement(tp_sizes: list[int], prompts: int, new_tokens: int) -> dict:
+    rng = random.Random(1)
+    batch = [[rng.randrange(4096) for _ in range(rng.randint(16, 512))] for _ in range(prompts)]
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True, logprobs=0)
+    runs = {}
+    for tp in tp_sizes:
+        with LLM("mini-llama", load_format="dummy", device="cuda", dtype="bfloat16", tp=tp,
+                 num_kv_blocks=4096) as llm:
+            runs[tp] = [(o.token_ids, o.logprobs) for o in llm.generate(batch, params)]
+    base = runs[tp_sizes[0]]
+    return {f"tp{tp}_vs_tp{tp_sizes[0]}": agreement(runs[tp], base, new_tokens)
+            for tp in tp_sizes[1:]}
+
+
+def decode_times(preset: str, tp: int, cases: list[tuple[int, int]], steps: int) -> list[dict]:
+    blocks = max(b * (c + 3 * steps + 64) for b, c in cases) // 16 + 64
+    engine = LLMEngine(EngineConfig(model=preset, load_format="dummy", device="cuda", tp=tp,
+                                    num_kv_blocks=blocks, max_num_batched_tokens=8192,
+                                    max_num_seqs=max(b for b, _ in cases),
+                                    enable_prefix_caching=False))
+    try:
+        out = []
+        for b, c in cases:
+            d = decode_case(engine, b, c, steps, "cuda")
+            d["tp"] = tp
+            out.append(d)
+            print(f"tp={tp} b={b} ctx={c}: {d['step_ms_median']:.2f} ms", flush=True)
+        return out
+    finally:
+        engine.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tp", default="1,2")
+    ap.add_argument("--prompts", type=int, default=50)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--preset", default="llama-3.1-8b")
+    ap.add_argument("--batches", default="1:1024,64:2048")
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--out", default="benchmarks/results/gpu_tp.json")
+    args = ap.parse_args()
+    sizes = [int(x) for x in args.tp.split(",")]
+    cases = [tuple(int(x) for x in c.split(":")) for c in args.batches.split(",")]
+    result: dict = {"benchmark": "gpu_tp", "tp_sizes": sizes}
+    result["mini_llama_agreement"] = tp_agreement(sizes, args.prompts, args.new_tokens)
+    print(result["mini_llama_agreement"], flush=True)
+    write_result(args.out, result)
+    result["decode"] = []
+    for tp in sizes:
+        result["decode"] += decode_times(args.preset, tp, cases, args.steps)
+        write_result(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
