@@ -71,8 +71,12 @@ def start_workers(roles: list[str], worker_args: list[str], timeout: float,
     for i, role in enumerate(roles):
         ev = threading.Event()
         args, wenv = worker_args, env
+        if "--disk-kv-dir" in worker_args:  # each worker its own G3 directory, kept
+            args = list(worker_args)        # across restarts of the same layout
+            j = args.index("--disk-kv-dir") + 1
+            args[j] = os.path.join(args[j], f"{role}-{i}")
         if placements and placements[i].gpus:  # the worker sees its GPUs as cuda:0..tp-1
-            args = list(worker_args)
+            args = list(args)
             args[args.index("--device") + 1] = "cuda:0"
             wenv = {**env, "CUDA_VISIBLE_DEVICES": placements[i].visible_devices}
             log.info("%s worker %d on GPU(s) %s", role, i, placements[i].visible_devices)
@@ -114,6 +118,10 @@ def worker_args_from(args: argparse.Namespace, model: str) -> list[str]:
            "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
     if args.tp > 1:
         out += ["--tp", str(args.tp)]
+    if args.host_kv_gb:
+        out += ["--host-kv-gb", str(args.host_kv_gb)]
+    if args.disk_kv_dir:
+        out += ["--disk-kv-dir", args.disk_kv_dir, "--disk-kv-gb", str(args.disk_kv_gb)]
     if args.no_cuda_graphs:
         out.append("--no-cuda-graphs")
     if args.kv_blocks is not None:

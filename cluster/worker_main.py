@@ -42,6 +42,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="auto: FlashInfer on CUDA where it runs, else the torch reference")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="run decode steps eagerly (for comparison and debugging)")
+    p.add_argument("--host-kv-gb", type=float, default=0.0,
+                   help="host DRAM tier for KV blocks evicted from the device (GiB)")
+    p.add_argument("--disk-kv-dir", default=None,
+                   help="directory for the disk KV tier (kept across restarts)")
+    p.add_argument("--disk-kv-gb", type=float, default=0.0, help="disk KV tier size (GiB)")
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel ranks per worker (GPUs device..device+tp-1)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
@@ -56,7 +61,8 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
         seed=args.seed, attention_backend=args.attention_backend,
         cuda_graphs=not args.no_cuda_graphs,
-        gpu_memory_utilization=args.gpu_memory_utilization, tp=args.tp)
+        gpu_memory_utilization=args.gpu_memory_utilization, tp=args.tp,
+        host_kv_gb=args.host_kv_gb, disk_kv_dir=args.disk_kv_dir, disk_kv_gb=args.disk_kv_gb)
 
 
 async def run_worker(args: argparse.Namespace) -> None:

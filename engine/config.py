@@ -29,6 +29,13 @@ class EngineConfig:
     cuda_graphs: bool = True  # decode CUDA graphs (FlashInfer backend only)
     seed: int = 0
     tp: int = 1
+    # Tiered KV cache below the device: host DRAM (G2) and disk files (G3). Sizes in GiB,
+    # or in blocks (the *_blocks fields win; tests use them for tiny tiers).
+    host_kv_gb: float = 0.0
+    host_kv_blocks: int | None = None
+    disk_kv_dir: str | None = None
+    disk_kv_gb: float = 0.0
+    disk_kv_blocks: int | None = None
 
     def __post_init__(self) -> None:
         def check(ok: bool, flag: str, msg: str) -> None:
@@ -56,4 +63,10 @@ class EngineConfig:
               f"must be >= 2, got {self.max_model_len}")
         check(self.attention_backend in ("auto", "torch", "flashinfer"), "attention-backend",
               f"must be auto, torch or flashinfer, got {self.attention_backend!r}")
+        for flag, v in (("host-kv-gb", self.host_kv_gb), ("disk-kv-gb", self.disk_kv_gb),
+                        ("host-kv-blocks", self.host_kv_blocks or 0),
+                        ("disk-kv-blocks", self.disk_kv_blocks or 0)):
+            check(v >= 0, flag, f"must be >= 0, got {v}")
+        check(not ((self.disk_kv_gb or self.disk_kv_blocks) and not self.disk_kv_dir),
+              "disk-kv-dir", "is needed with --disk-kv-gb/--disk-kv-blocks")
         check(self.tp >= 1, "tp", f"must be >= 1, got {self.tp}")

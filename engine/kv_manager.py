@@ -6,11 +6,14 @@ from __future__ import annotations
 from engine.sequence import Sequence
 from kvtransfer.block_pool import BlockPool
 from kvtransfer.hashing import ROOT_PARENT_HASH, block_hashes
+from kvtransfer.tiered_store import TieredStore
 
 
 class KVCacheManager:
-    def __init__(self, pool: BlockPool, extra_key: bytes = b"") -> None:
+    def __init__(self, pool: BlockPool, extra_key: bytes = b"",
+                 tiers: TieredStore | None = None) -> None:
         self.pool = pool
+        self.tiers = tiers
         self.block_size = pool.block_size
         self.extra_key = extra_key
 
@@ -37,12 +40,38 @@ class KVCacheManager:
         self._extend_hashes(seq, max_tokens)
         hits: list[int] = []
         bs = self.block_size
-        for i in range(max_tokens // bs):
+        n = max_tokens // bs
+        for i in range(n):
             block_id = self.pool.lookup(seq.block_hashes[i], seq.token_ids[i * bs : (i + 1) * bs])
             if block_id is None:
                 break
             hits.append(block_id)
+        if self.tiers is not None and len(hits) < n:
+            self._onboard(seq, hits, n)
         return hits
+
+    def _onboard(self, seq: Sequence, hits: list[int], n: int) -> None:
+        """Extend `hits` with blocks found in host memory or on disk, copied into fresh
+        device blocks that are then cached like any other. Hits are held while blocks
+        are allocated, so making room never evicts the prefix being assembled."""
+        assert self.tiers is not None
+        bs = self.block_size
+        self.pool.touch(hits)
+        held = list(hits)
+        try:
+            for i in range(len(hits), n):
+                tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+                if self.tiers.lookup(seq.block_hashes[i], tokens) is None or \
+                        self.pool.num_free == 0:
+                    break
+                block_id = self.pool.allocate(1)[0]
+                held.append(block_id)
+                if not self.tiers.load(seq.block_hashes[i], tokens, block_id):
+                    break
+                self.pool.cache_block(block_id, seq.block_hashes[i], tokens)
+                hits.append(block_id)
+        finally:
+            self.pool.free(list(reversed(held)))
 
     def allocate(self, seq: Sequence, num_new_tokens: int,
                  cached_blocks: list[int] | None = None) -> bool:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import xxhash
 
 from engine.config import ConfigError, EngineConfig
 from engine.errors import InvalidRequestError
@@ -24,6 +25,7 @@ from kernels.config import ModelConfig
 from kernels.parallel import ParallelContext
 from kvtransfer.block_pool import BlockPool
 from kvtransfer.events import EventRecorder, KVEventBatch, Tier
+from kvtransfer.tiered_store import TieredStore
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,23 @@ class RequestOutput:
     num_cached_tokens: int
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+
+
+def make_tiered_store(cfg: EngineConfig, runner: ModelRunner, events: EventRecorder,
+                      mc: ModelConfig) -> TieredStore | None:
+    """G2/G3 sized from the config, or None when neither is asked for."""
+    block_bytes = runner.kv_spec.block_bytes
+    host = cfg.host_kv_blocks if cfg.host_kv_blocks is not None else \
+        int(cfg.host_kv_gb * 2**30 // block_bytes)
+    disk = cfg.disk_kv_blocks if cfg.disk_kv_blocks is not None else \
+        int(cfg.disk_kv_gb * 2**30 // block_bytes)
+    if host <= 0 and (disk <= 0 or not cfg.disk_kv_dir):
+        return None
+    # Disk blocks are only valid for the same weights, dtype and cache layout.
+    ident = xxhash.xxh3_128_digest(repr((
+        cfg.model, cfg.load_format, cfg.seed, sorted(dataclasses.asdict(mc).items(), key=str),
+        dataclasses.astuple(runner.kv_spec), runner.pc.tp_rank, runner.pc.tp_size)).encode())
+    return TieredStore(runner.kv_cache, host, events, cfg.disk_kv_dir, disk, ident)
 
 
 def resolve_model(cfg: EngineConfig) -> tuple[ModelConfig, str | None, TokenizerBundle | None]:
@@ -108,7 +127,10 @@ class LLMEngine:
         self.events = EventRecorder(worker_id="local", instance_id=uuid.uuid4().hex)
         pool = BlockPool(self.runner.kv_spec.num_blocks, cfg.block_size,
                          cfg.enable_prefix_caching, on_event=self.events.record)
-        self.kv = KVCacheManager(pool)
+        self.tiers = make_tiered_store(cfg, self.runner, self.events, mc)
+        if self.tiers is not None:
+            pool.on_evict = self.tiers.offload
+        self.kv = KVCacheManager(pool, tiers=self.tiers)
         tok_eos = self.tokenizer.eos_token_ids if self.tokenizer else ()
         eos = tuple(dict.fromkeys(mc.eos_token_ids + tok_eos))
         sched_cfg = SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens,
@@ -121,7 +143,14 @@ class LLMEngine:
         self.held: dict[str, tuple[Sequence, float]] = {}
 
     def close(self) -> None:
-        """Stops tensor-parallel followers (nothing to do for one process)."""
+        """Stops tensor-parallel followers and flushes disk KV writes."""
+        if self.tiers is not None:
+            st = self.tiers.stats
+            log.info("tiered KV totals: offloaded host %d disk %d; hits host %d disk %d; "
+                     "bad disk blocks dropped %d", st.offloaded_to_host, st.offloaded_to_disk,
+                     st.hits["host"], st.hits["disk"], st.dropped_bad_disk_blocks)
+            self.tiers.close()
+            self.tiers = None
         if self.tp is not None:
             self.tp.close()
             self.tp = None
@@ -214,6 +243,8 @@ class LLMEngine:
         later batches on top."""
         pending = self.events.flush()
         blocks = [(h, Tier.DEVICE) for h in self.block_pool.cached_hashes()]
+        if self.tiers is not None:
+            blocks += self.tiers.snapshot()
         return pending, blocks, self.events.next_event_id - 1
 
     def release(self, request_id: str) -> bool:

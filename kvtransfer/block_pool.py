@@ -25,6 +25,9 @@ class Block:
 
 # (kind, block_hash) with kind "stored" or "removed": what the prefix index needs.
 BlockEventSink = Callable[[str, int], None]
+# (block_id, block_hash, token_ids) of a cached block about to be reused: the last chance
+# to copy its contents down a tier (kvtransfer.tiered_store).
+EvictionSink = Callable[[int, int, tuple[int, ...]], None]
 
 
 class OutOfBlocksError(RuntimeError):
@@ -33,7 +36,8 @@ class OutOfBlocksError(RuntimeError):
 
 class BlockPool:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 on_event: BlockEventSink | None = None) -> None:
+                 on_event: BlockEventSink | None = None,
+                 on_evict: EvictionSink | None = None) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
@@ -43,6 +47,7 @@ class BlockPool:
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self._by_hash: dict[int, int] = {}
         self._on_event = on_event
+        self.on_evict = on_evict
 
     @property
     def num_free(self) -> int:
@@ -83,6 +88,9 @@ class BlockPool:
         for _ in range(n):
             block_id, _ = self._free.popitem(last=False)
             block = self.blocks[block_id]
+            if (self.on_evict is not None and block.block_hash is not None
+                    and self._by_hash.get(block.block_hash) == block_id):
+                self.on_evict(block_id, block.block_hash, block.token_ids)
             self._drop_hash(block)
             block.ref_count = 1
             out.append(block_id)

@@ -1,0 +1,196 @@
+"""G3: KV blocks as files on local disk (NVMe), one file per block, surviving restarts.
+
+File layout (little-endian): magic b"BATONKV1", identity (16 bytes: model, weights,
+dtype and cache layout, so another model's blocks are never served), block hash (u64),
+token count (u32), token ids (u32 each), payload length (u64), xxh3-64 of the payload,
+payload. Files are written to a temporary name and renamed, so a reader sees a whole
+file or none; a file that fails any check when read (truncated, corrupted, foreign) is
+deleted and treated as a miss: the block is recomputed, never served.
+
+Writes happen on a background thread; until one lands, its bytes stay in `pending` and
+are served from there. Eviction is LRU over reads and writes within a block budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import struct
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import xxhash
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"BATONKV1"
+_HEAD = struct.Struct("<8s16sQI")  # magic, identity, block hash, token count
+_TAIL = struct.Struct("<QQ")  # payload length, payload checksum
+
+
+def encode_block(identity: bytes, block_hash: int, tokens: tuple[int, ...],
+                 payload: bytes) -> bytes:
+    return b"".join((_HEAD.pack(MAGIC, identity, block_hash, len(tokens)),
+                     struct.pack(f"<{len(tokens)}I", *tokens),
+                     _TAIL.pack(len(payload), xxhash.xxh3_64_intdigest(payload)), payload))
+
+
+def decode_block(data: bytes, identity: bytes) -> tuple[int, tuple[int, ...], bytes]:
+    """(block hash, tokens, payload); ValueError naming what is wrong otherwise."""
+    if len(data) < _HEAD.size:
+        raise ValueError("truncated header")
+    magic, ident, block_hash, n = _HEAD.unpack_from(data)
+    if magic != MAGIC:
+        raise ValueError("not a Baton KV block")
+    if ident != identity:
+        raise ValueError("written by another model or cache layout")
+    off = _HEAD.size + 4 * n
+    if len(data) < off + _TAIL.size:
+        raise ValueError("truncated token list")
+    tokens = struct.unpack_from(f"<{n}I", data, _HEAD.size)
+    size, checksum = _TAIL.unpack_from(data, off)
+    payload = data[off + _TAIL.size:]
+    if len(payload) != size:
+        raise ValueError(f"payload is {len(payload)} bytes, header says {size}")
+    if xxhash.xxh3_64_intdigest(payload) != checksum:
+        raise ValueError("payload checksum mismatch")
+    return block_hash, tokens, payload
+
+
+class DiskTier:
+    def __init__(self, directory: str | Path, identity: bytes, capacity_blocks: int,
+                 on_event: Callable[[str, int], None]) -> None:
+        self.dir = Path(directory) / identity.hex()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.identity = identity
+        self.capacity = capacity_blocks
+        self._on_event = on_event
+        self._lock = threading.Lock()
+        self._index: OrderedDict[int, tuple[int, ...]] = OrderedDict()  # hash -> tokens, LRU
+        self.pending: dict[int, bytes] = {}  # encoded files not yet on disk
+        self._writes: queue.Queue[tuple[int, bytes] | None] = queue.Queue()
+        self.dropped_bad = 0
+        self._scan()
+        self._writer = threading.Thread(target=self._write_loop, daemon=True,
+                                        name="baton-disk-kv")
+        self._writer.start()
+
+    def _path(self, block_hash: int) -> Path:
+        return self.dir / f"{block_hash:016x}.kvb"
+
+    def _scan(self) -> None:
+        """Warm restart: index the blocks a previous run left, oldest first."""
+        files = sorted(self.dir.glob("*.kvb"), key=lambda p: p.stat().st_mtime)
+        for path in files:
+            try:
+                head = path.read_bytes()[: _HEAD.size]
+                magic, ident, block_hash, n = _HEAD.unpack(head)
+                if magic != MAGIC or ident != self.identity:
+                    raise ValueError("foreign file")
+                with path.open("rb") as f:
+                    f.seek(_HEAD.size)
+                    tokens = struct.unpack(f"<{n}I", f.read(4 * n))
+            except (ValueError, struct.error, OSError) as e:
+                log.warning("disk KV: dropping %s (%s)", path.name, e)
+                path.unlink(missing_ok=True)
+                self.dropped_bad += 1
+                continue
+            self._index[block_hash] = tokens
+            self._on_event("stored", block_hash)
+        for p in self.dir.glob("*.tmp"):
+            p.unlink(missing_ok=True)  # a write cut short by the last shutdown
+        self._evict_over_capacity()
+        if self._index:
+            log.info("disk KV: found %d blocks from an earlier run in %s", len(self._index),
+                     self.dir)
+
+    def __contains__(self, block_hash: int) -> bool:
+        return block_hash in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def hashes(self) -> list[int]:
+        return list(self._index)
+
+    def tokens(self, block_hash: int) -> tuple[int, ...] | None:
+        return self._index.get(block_hash)
+
+    def put(self, block_hash: int, tokens: tuple[int, ...], payload: bytes) -> None:
+        if block_hash in self._index or self.capacity < 1:
+            return
+        data = encode_block(self.identity, block_hash, tokens, payload)
+        with self._lock:
+            self.pending[block_hash] = data
+        self._index[block_hash] = tokens
+        self._on_event("stored", block_hash)
+        self._writes.put((block_hash, data))
+        self._evict_over_capacity()
+
+    def get(self, block_hash: int) -> bytes | None:
+        """The block's payload, or None (and the file gone) when it fails a check."""
+        if block_hash not in self._index:
+            return None
+        with self._lock:
+            data = self.pending.get(block_hash)
+        try:
+            if data is None:
+                data = self._path(block_hash).read_bytes()
+            got_hash, tokens, payload = decode_block(data, self.identity)
+            if got_hash != block_hash or tokens != self._index[block_hash]:
+                raise ValueError("holds another block")
+        except (OSError, ValueError) as e:
+            log.warning("disk KV: block %016x unusable (%s); recomputing it", block_hash, e)
+            self.dropped_bad += 1
+            self._drop(block_hash)
+            return None
+        self._index.move_to_end(block_hash)
+        return payload
+
+    def _drop(self, block_hash: int) -> None:
+        if self._index.pop(block_hash, None) is not None:
+            self._on_event("removed", block_hash)
+        with self._lock:
+            self.pending.pop(block_hash, None)
+        self._path(block_hash).unlink(missing_ok=True)
+
+    def _evict_over_capacity(self) -> None:
+        while len(self._index) > self.capacity:
+            self._drop(next(iter(self._index)))
+
+    def _write_loop(self) -> None:
+        while (item := self._writes.get()) is not None:
+            block_hash, data = item
+            path = self._path(block_hash)
+            tmp = path.with_suffix(".tmp")
+            try:
+                with self._lock:
+                    if self.pending.get(block_hash) is not data:
+                        continue  # evicted (or replaced) before it was written
+                tmp.write_bytes(data)
+                os.replace(tmp, path)
+            except OSError as e:
+                log.warning("disk KV: cannot write %s (%s)", path, e)
+            finally:
+                with self._lock:
+                    if self.pending.get(block_hash) is data:
+                        del self.pending[block_hash]
+            if block_hash not in self._index:  # evicted while being written
+                path.unlink(missing_ok=True)
+
+    def flush(self) -> None:
+        """Wait until every queued write is on disk (tests, shutdown)."""
+        done = threading.Event()
+        while True:
+            with self._lock:
+                if not self.pending:
+                    break
+            done.wait(0.01)
+
+    def close(self) -> None:
+        self.flush()
+        self._writes.put(None)
+        self._writer.join(timeout=5)

@@ -1,0 +1,132 @@
+"""G2 (host DRAM) and G3 (disk) below the device KV cache (G1).
+
+Offload on eviction: when the block pool is about to reuse a cached G1 block, its
+contents are copied down to G2 first (on a GPU: on the compute stream into pinned
+memory, non-blocking, so it is ordered before the kernels that overwrite the block and
+costs the step no host sync). A block pushed out of G2 goes to G3 (written by a
+background thread). A prefix hit in G2 or G3 is copied back into a fresh G1 block
+before the step that needs it, and from then on is an ordinary G1 hit.
+
+Every move is a KV event with its tier, so the router's prefix index credits a worker
+for what it holds in each tier. Contents are keyed by the block's chained hash and
+checked against its token ids, like G1 hits.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kvtransfer.disk_tier import DiskTier
+from kvtransfer.events import EventRecorder, Tier
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TierStats:
+    offloaded_to_host: int = 0
+    offloaded_to_disk: int = 0
+    hits: dict[str, int] = field(default_factory=lambda: {"host": 0, "disk": 0})
+    dropped_bad_disk_blocks: int = 0
+
+
+class TieredStore:
+    def __init__(self, kv_cache: torch.Tensor, host_blocks: int, events: EventRecorder,
+                 disk_dir: str | Path | None = None, disk_blocks: int = 0,
+                 identity: bytes = b"\0" * 16) -> None:
+        self.kv_cache = kv_cache  # [num_blocks(+scratch), ...]: one block is one region
+        self.events = events
+        self.block_shape = tuple(kv_cache.shape[1:])
+        pin = kv_cache.is_cuda
+        self.host = torch.empty((max(host_blocks, 0), *self.block_shape), dtype=kv_cache.dtype,
+                                pin_memory=pin)
+        self._host_index: OrderedDict[int, tuple[int, tuple[int, ...]]] = OrderedDict()
+        self._free_slots = list(range(host_blocks - 1, -1, -1))
+        self._slot_ready: dict[int, torch.cuda.Event] = {}
+        self.disk = (DiskTier(disk_dir, identity, disk_blocks,
+                              lambda kind, h: events.record(kind, h, Tier.DISK))
+                     if disk_dir is not None and disk_blocks > 0 else None)
+        self.stats = TierStats()
+        log.info("tiered KV: host %d blocks (%.2f GiB%s), disk %s", host_blocks,
+                 self.host.numel() * self.host.element_size() / 2**30,
+                 ", pinned" if pin else "",
+                 f"{disk_blocks} blocks in {self.disk.dir}" if self.disk else "off")
+
+    # -- offload ------------------------------------------------------------------------
+    def offload(self, block_id: int, block_hash: int, tokens: tuple[int, ...]) -> None:
+        """Called by the block pool just before it reuses a cached block."""
+        if block_hash in self._host_index or (self.disk and block_hash in self.disk):
+            return
+        if len(self.host) == 0:
+            if self.disk is not None:
+                self.disk.put(block_hash, tokens, self._payload(self.kv_cache[block_id]))
+                self.stats.offloaded_to_disk += 1
+            return
+        if not self._free_slots:
+            self._demote_oldest()
+        slot = self._free_slots.pop()
+        self.host[slot].copy_(self.kv_cache[block_id], non_blocking=True)
+        if self.kv_cache.is_cuda:
+            ev = torch.cuda.Event()
+            ev.record()
+            self._slot_ready[slot] = ev
+        self._host_index[block_hash] = (slot, tokens)
+        self.events.record("stored", block_hash, Tier.HOST)
+        self.stats.offloaded_to_host += 1
+
+    def _demote_oldest(self) -> None:
+        block_hash, (slot, tokens) = self._host_index.popitem(last=False)
+        self.events.record("removed", block_hash, Tier.HOST)
+        if self.disk is not None and block_hash not in self.disk:
+            self.disk.put(block_hash, tokens, self._payload(self.host[slot], slot))
+            self.stats.offloaded_to_disk += 1
+        self._free_slots.append(slot)
+
+    def _payload(self, block: torch.Tensor, slot: int | None = None) -> bytes:
+        if slot is not None and slot in self._slot_ready:
+            self._slot_ready.pop(slot).synchronize()
+        host = block if block.device.type == "cpu" else block.cpu()
+        return host.contiguous().view(torch.uint8).numpy().tobytes()
+
+    # -- lookup and onboarding ------------------------------------------------------------
+    def lookup(self, block_hash: int, tokens: tuple[int, ...]) -> Tier | None:
+        hit = self._host_index.get(block_hash)
+        if hit is not None:
+            return Tier.HOST if hit[1] == tokens else None
+        if self.disk is not None and self.disk.tokens(block_hash) == tokens:
+            return Tier.DISK
+        return None
+
+    def load(self, block_hash: int, tokens: tuple[int, ...], block_id: int) -> bool:
+        """Copy the block into G1 block `block_id`; False when it is gone or unusable."""
+        hit = self._host_index.get(block_hash)
+        if hit is not None and hit[1] == tokens:
+            self._host_index.move_to_end(block_hash)
+            self.kv_cache[block_id].copy_(self.host[hit[0]], non_blocking=True)
+            self.stats.hits["host"] += 1
+            return True
+        if self.disk is None:
+            return False
+        payload = self.disk.get(block_hash)
+        self.stats.dropped_bad_disk_blocks = self.disk.dropped_bad
+        if payload is None:
+            return False
+        src = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        self.kv_cache[block_id].view(-1).view(torch.uint8).copy_(src)
+        self.stats.hits["disk"] += 1
+        return True
+
+    def snapshot(self) -> list[tuple[int, Tier]]:
+        out = [(h, Tier.HOST) for h in self._host_index]
+        if self.disk is not None:
+            out += [(h, Tier.DISK) for h in self.disk.hashes() if h not in self._host_index]
+        return out
+
+    def close(self) -> None:
+        if self.disk is not None:
+            self.disk.close()
