@@ -86,12 +86,10 @@ class DiskTier:
         files = sorted(self.dir.glob("*.kvb"), key=lambda p: p.stat().st_mtime)
         for path in files:
             try:
-                head = path.read_bytes()[: _HEAD.size]
-                magic, ident, block_hash, n = _HEAD.unpack(head)
-                if magic != MAGIC or ident != self.identity:
-                    raise ValueError("foreign file")
-                with path.open("rb") as f:
-                    f.seek(_HEAD.size)
+                with path.open("rb") as f:  # headers only: payloads are checked on read
+                    magic, ident, block_hash, n = _HEAD.unpack(f.read(_HEAD.size))
+                    if magic != MAGIC or ident != self.identity:
+                        raise ValueError("foreign file")
                     tokens = struct.unpack(f"<{n}I", f.read(4 * n))
             except (ValueError, struct.error, OSError) as e:
                 log.warning("disk KV: dropping %s (%s)", path.name, e)
