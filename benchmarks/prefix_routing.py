@@ -1,8 +1,13 @@
-"""Prefix-aware routing benchmark: a multi-turn chat workload (S system prompts x U users
-x T turns, each turn extending its conversation, jittered arrivals) against 2 workers
-whose KV capacity holds about half of the working set; `kv`, `round-robin` and `random`
-routing measured in the same run, plus the hit ratio of an oracle: one shared LRU cache
-of the same total size replaying the same requests.
+"""Prefix-aware routing under an offered-load sweep: multi-turn chat sessions (each on
+one of S system prompts, T turns, every turn re-sending the conversation so far plus a
+new message) arrive as a Poisson process at each rate of `--rates` against 2 aggregated
+workers whose KV capacity holds about half of the working set. At every rate `kv`,
+`round-robin` and `random` routing serve the same sessions (same arrivals, same tokens)
+on a fresh server, and an oracle (one shared LRU cache of the same total size replaying
+the same requests) gives the best hit ratio any routing could reach.
+
+Sessions arrive open-loop, so a policy that recomputes more prefill saturates at a lower
+rate, and past saturation its queue (and TTFT) grows for as long as arrivals continue.
 
     python -m benchmarks.prefix_routing --out benchmarks/results/prefix_routing_cpu.json
 """
@@ -11,12 +16,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import math
+import os
 import random
 import statistics
 import tempfile
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -26,19 +35,43 @@ from cluster.local_server import baton_serve
 from kernels.checkpoint_writer import write_checkpoint
 from kvtransfer.hashing import block_hashes
 
+BLOCK = 16
+
+
+@dataclass(frozen=True)
+class Session:
+    sid: int
+    start: float  # arrival offset (s) at load 1
+    system: list[int]
+    messages: list[list[int]]  # one per turn
+    thinks: list[float]  # seconds between a turn's last token and the next turn, at load 1
+
+
+def make_sessions(args) -> list[Session]:
+    rng = random.Random(args.seed)
+    systems = [[rng.randrange(4, 1000) for _ in range(args.system_len)]
+               for _ in range(args.systems)]
+    out, t = [], 0.0
+    for s in range(args.sessions):
+        msgs = [[rng.randrange(4, 1000) for _ in range(args.msg_len)]
+                for _ in range(args.turns)]
+        thinks = [rng.uniform(0.5, 1.5) * args.think for _ in range(args.turns)]
+        out.append(Session(s, t, systems[s % args.systems], msgs, thinks))
+        t += rng.expovariate(args.rate)
+    return out
+
 
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
-async def user_session(client: httpx.AsyncClient, url: str, model: str, system: list[int],
-                       turns: int, msg_len: int, out_len: int, rng: random.Random,
-                       log: list[dict], jitter: float) -> None:
-    history = list(system)
-    await asyncio.sleep(rng.uniform(0, jitter))
-    for _ in range(turns):
-        prompt = history + [rng.randrange(4, 1000) for _ in range(msg_len)]
+async def run_session(client: httpx.AsyncClient, url: str, model: str, s: Session,
+                      load: float, out_len: int, t_start: float, log: list[dict]) -> None:
+    await asyncio.sleep(max(0.0, t_start + s.start / load - time.perf_counter()))
+    history = list(s.system)
+    for turn, msg in enumerate(s.messages):
+        prompt = history + msg
         t0 = time.perf_counter()
         ttft, tokens, cached = None, [], 0
         async with client.stream("POST", f"{url}/v1/completions", json={
@@ -56,42 +89,57 @@ async def user_session(client: httpx.AsyncClient, url: str, model: str, system: 
                     if ttft is None and ch.get("token_ids"):
                         ttft = time.perf_counter() - t0
                     tokens += ch.get("token_ids", [])
-        log.append({"prompt": prompt, "output": tokens, "ttft": ttft, "cached": cached,
-                    "t": t0})
+        log.append({"session": s.sid, "turn": turn, "prompt": prompt, "output": tokens,
+                    "ttft": ttft, "cached": cached, "t": t0, "end": time.perf_counter()})
         history = prompt + tokens
-        await asyncio.sleep(rng.uniform(0.5 * jitter, 1.5 * jitter))
+        await asyncio.sleep(s.thinks[turn] / load)
 
 
-async def workload(url: str, model: str, args, seed: int) -> tuple[list[dict], float]:
-    rng = random.Random(seed)
-    systems = [[rng.randrange(4, 1000) for _ in range(args.system_len)]
-               for _ in range(args.systems)]
+async def watch_workers(client: httpx.AsyncClient, url: str, samples: list[dict],
+                        stop: asyncio.Event) -> None:
+    """Sample every worker's in-flight count (the router's own) every 0.25 s."""
+    while not stop.is_set():
+        try:
+            body = (await client.get(f"{url}/health", timeout=2)).json()
+            samples.append({w["address"]: w["in_flight"] for w in body["workers"]})
+        except (httpx.HTTPError, ValueError):
+            pass
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.25)
+
+
+async def workload(url: str, model: str, sessions: list[Session], load: float,
+                   out_len: int) -> tuple[list[dict], list[dict], float]:
     log: list[dict] = []
-    t0 = time.perf_counter()
-    async with httpx.AsyncClient(timeout=300) as client:
-        await asyncio.gather(*(user_session(
-            client, url, model, systems[u % args.systems], args.turns, args.msg_len,
-            args.out_len, random.Random(seed * 1000 + u), log, args.jitter)
-            for u in range(args.users)))
-    return log, time.perf_counter() - t0
+    samples: list[dict] = []
+    stop = asyncio.Event()
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        watcher = asyncio.create_task(watch_workers(client, url, samples, stop))
+        t0 = time.perf_counter()
+        await asyncio.gather(*(run_session(client, url, model, s, load, out_len, t0, log)
+                               for s in sessions))
+        wall = time.perf_counter() - t0
+        stop.set()
+        await watcher
+    return log, samples, wall
 
 
-def oracle_hit_ratio(log: list[dict], capacity_blocks: int, block_size: int) -> float:
+def oracle_hit_ratio(log: list[dict], capacity_blocks: int) -> float:
     """One LRU cache of every worker's blocks together, fed in the order requests ran."""
     lru: OrderedDict[int, None] = OrderedDict()
     hit = total = 0
     for rec in sorted(log, key=lambda r: r["t"]):
         prompt = rec["prompt"]
-        hashes = block_hashes(prompt[: len(prompt) - 1], block_size)
         n = 0
-        for h in hashes:
+        for h in block_hashes(prompt[: len(prompt) - 1], BLOCK):
             if h not in lru:
                 break
             n += 1
             lru.move_to_end(h)
-        hit += n * block_size
+        hit += n * BLOCK
         total += len(prompt)
-        for h in block_hashes(prompt + rec["output"], block_size):
+        for h in block_hashes(prompt + rec["output"], BLOCK):
             lru[h] = None
             lru.move_to_end(h)
             while len(lru) > capacity_blocks:
@@ -99,64 +147,132 @@ def oracle_hit_ratio(log: list[dict], capacity_blocks: int, block_size: int) -> 
     return hit / total
 
 
-def summarize(log: list[dict], wall: float) -> dict:
+def peak_active_tokens(log: list[dict], system_len: int, systems: int) -> int:
+    """Most tokens of live conversations (first request sent .. last token back) at once,
+    plus every system prompt once: what a perfect cache would hold at the busiest time."""
+    spans: dict[int, list[float]] = {}
+    size: dict[int, int] = {}
+    for r in log:
+        sp = spans.setdefault(r["session"], [r["t"], r["end"]])
+        sp[0], sp[1] = min(sp[0], r["t"]), max(sp[1], r["end"])
+        own = len(r["prompt"]) + len(r["output"]) - system_len
+        size[r["session"]] = max(size.get(r["session"], 0), own)
+    events = sorted([(a, size[s]) for s, (a, _) in spans.items()]
+                    + [(b, -size[s]) for s, (_, b) in spans.items()])
+    live = peak = 0
+    for _, delta in events:
+        live += delta
+        peak = max(peak, live)
+    return peak + systems * system_len
+
+
+def summarize(log: list[dict], samples: list[dict], wall: float, loadavg: tuple) -> dict:
     ttfts = [r["ttft"] for r in log if r["ttft"] is not None]
     prompt = sum(len(r["prompt"]) for r in log)
+    cached = sum(r["cached"] for r in log)
+    workers = sorted({a for s in samples for a in s})
+    in_flight = [statistics.mean(s.get(a, 0) for s in samples) for a in workers] \
+        if samples else []
     return {"requests": len(log), "ttft_p50_ms": 1e3 * pct(ttfts, 0.5),
-            "ttft_p99_ms": 1e3 * pct(ttfts, 0.99),
+            "ttft_p90_ms": 1e3 * pct(ttfts, 0.9), "ttft_p99_ms": 1e3 * pct(ttfts, 0.99),
             "ttft_mean_ms": 1e3 * statistics.mean(ttfts),
-            "hit_ratio": sum(r["cached"] for r in log) / prompt,
+            "hit_ratio": cached / prompt,
+            "prefill_tokens_computed": prompt - cached,
             "output_tokens_per_s": sum(len(r["output"]) for r in log) / wall,
-            "wall_s": wall}
+            "wall_s": wall,
+            "mean_in_flight_per_worker": in_flight,
+            "busier_worker_share": max(in_flight) / sum(in_flight)
+            if in_flight and sum(in_flight) else None,
+            "loadavg_1m_start_end": [loadavg[0], os.getloadavg()[0]]}
+
+
+def wait_for_idle(limit_s: float) -> list[float]:
+    """Sleep until the 1-minute load average is below 1.0 (shared machine), up to limit_s."""
+    deadline = time.monotonic() + limit_s
+    while os.getloadavg()[0] >= 1.0 and time.monotonic() < deadline:
+        print(f"load average {os.getloadavg()[0]:.2f}: waiting", flush=True)
+        time.sleep(30)
+    return list(os.getloadavg())
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="small-llama")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--kv-blocks", type=int, default=192, help="per worker")
+    ap.add_argument("--kv-blocks", type=int, default=0,
+                    help="per worker; 0: half the working set over all workers")
     ap.add_argument("--systems", type=int, default=4)
     ap.add_argument("--system-len", type=int, default=256)
-    ap.add_argument("--users", type=int, default=24)
-    ap.add_argument("--turns", type=int, default=5)
-    ap.add_argument("--msg-len", type=int, default=64)
+    ap.add_argument("--sessions", type=int, default=48)
+    ap.add_argument("--turns", type=int, default=6)
+    ap.add_argument("--msg-len", type=int, default=96)
     ap.add_argument("--out-len", type=int, default=16)
-    ap.add_argument("--jitter", type=float, default=1.0, help="seconds between turns (mean)")
+    ap.add_argument("--rate", type=float, default=1.2, help="session arrivals/s at load 1")
+    ap.add_argument("--think", type=float, default=2.5,
+                    help="mean seconds between turns at load 1")
+    ap.add_argument("--loads", default="1,2,3,4",
+                    help="time compression factors: load x replays the trace x times faster")
     ap.add_argument("--policies", default="kv,round-robin,random")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--wait-idle", type=float, default=600,
+                    help="seconds to wait for a 1-minute load average below 1.0")
     ap.add_argument("--out", default="benchmarks/results/prefix_routing_cpu.json")
     args = ap.parse_args()
 
+    sessions = make_sessions(args)
+    working_set = args.systems * args.system_len + args.sessions * args.turns * (
+        args.msg_len + args.out_len)
+    kv_blocks = args.kv_blocks or math.ceil(working_set / 2 / BLOCK / args.workers)
+    capacity = args.workers * kv_blocks * BLOCK
+    print(f"working set {working_set} tokens, KV capacity {capacity} tokens "
+          f"({capacity / working_set:.0%})", flush=True)
     work = Path(tempfile.mkdtemp(prefix="baton-prefix-"))
     model_dir = write_checkpoint(args.preset, work / args.preset, progress=False)
-    working_set = args.systems * args.system_len + args.users * args.turns * (
-        args.msg_len + args.out_len)
-    capacity = args.workers * args.kv_blocks * 16
-    print(f"working set ~{working_set} tokens, KV capacity {capacity} tokens "
-          f"({capacity / working_set:.0%})", flush=True)
-    results, oracle = {}, None
-    for policy in args.policies.split(","):
-        with baton_serve(model_dir, "--prefill", "0", "--decode", str(args.workers),
-                         "--kv-blocks", str(args.kv_blocks), "--routing", policy) as url:
-            log, wall = asyncio.run(workload(url, args.preset, args, args.seed))
-        results[policy] = summarize(log, wall)
-        if oracle is None:
-            oracle = oracle_hit_ratio(log, args.workers * args.kv_blocks, 16)
-        print(policy, json.dumps(results[policy]), flush=True)
-    base = results.get("round-robin")
-    kv = results.get("kv")
-    ratios = {}
-    if base and kv:
-        ratios = {"ttft_p50_round_robin_over_kv": base["ttft_p50_ms"] / kv["ttft_p50_ms"],
-                  "kv_hit_ratio_over_oracle": kv["hit_ratio"] / oracle}
-    print("oracle hit ratio", oracle, ratios, flush=True)
+    loadavg_start = wait_for_idle(args.wait_idle)
+    levels = []
+    for load in (float(x) for x in args.loads.split(",")):
+        level: dict = {"load": load, "session_rate_per_s": args.rate * load,
+                       "request_rate_per_s": args.rate * load * args.turns,
+                       "think_s": args.think / load, "policies": {}}
+        for policy in args.policies.split(","):
+            loadavg = os.getloadavg()
+            # Aggregated workers move no KV: TCP transfer, because the default NIXL agent's
+            # UCX progress thread busy-polls a whole core per worker on this 2-core machine.
+            with baton_serve(model_dir, "--prefill", "0", "--decode", str(args.workers),
+                             "--kv-blocks", str(kv_blocks), "--kv-transfer", "tcp",
+                             "--routing", policy) as url:
+                log, samples, wall = asyncio.run(
+                    workload(url, args.preset, sessions, load, args.out_len))
+            level["policies"][policy] = summarize(log, samples, wall, loadavg)
+            if "oracle_hit_ratio" not in level:
+                level["oracle_hit_ratio"] = oracle_hit_ratio(log, capacity // BLOCK)
+                level["peak_active_tokens"] = peak_active_tokens(log, args.system_len,
+                                                                 args.systems)
+            print(f"load {load} {policy}", json.dumps(level["policies"][policy]), flush=True)
+        p = level["policies"]
+        if "kv" in p and "round-robin" in p:
+            level["ratios"] = {
+                "ttft_p50_round_robin_over_kv": p["round-robin"]["ttft_p50_ms"]
+                / p["kv"]["ttft_p50_ms"],
+                "ttft_p99_round_robin_over_kv": p["round-robin"]["ttft_p99_ms"]
+                / p["kv"]["ttft_p99_ms"],
+                "kv_hit_ratio_over_oracle": p["kv"]["hit_ratio"] / level["oracle_hit_ratio"]}
+            if "random" in p:
+                level["ratios"]["ttft_p50_random_over_kv"] = \
+                    p["random"]["ttft_p50_ms"] / p["kv"]["ttft_p50_ms"]
+        print(f"load {load} oracle {level['oracle_hit_ratio']:.3f}",
+              json.dumps(level.get("ratios", {})), flush=True)
+        levels.append(level)
+    three_x = [lv["load"] for lv in levels
+               if lv.get("ratios", {}).get("ttft_p50_round_robin_over_kv", 0) >= 3]
     write_result(args.out, {
         "benchmark": "prefix_routing", "preset": args.preset, "workers": args.workers,
-        "kv_blocks_per_worker": args.kv_blocks, "working_set_tokens": working_set,
+        "kv_blocks_per_worker": kv_blocks, "working_set_tokens": working_set,
         "capacity_tokens": capacity, "workload": {k: getattr(args, k) for k in (
-            "systems", "system_len", "users", "turns", "msg_len", "out_len", "jitter",
-            "seed")},
-        "policies": results, "oracle_hit_ratio": oracle, "ratios": ratios})
+            "systems", "system_len", "sessions", "turns", "msg_len", "out_len", "rate",
+            "think", "seed")},
+        "loadavg_start": loadavg_start, "loadavg_end": list(os.getloadavg()),
+        "levels": levels, "loads_with_3x_lower_ttft_p50": three_x})
 
 
 if __name__ == "__main__":
