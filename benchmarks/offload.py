@@ -24,7 +24,8 @@ from cluster.local_server import baton_serve
 from kernels.checkpoint_writer import write_checkpoint
 
 TOTALS = re.compile(r"tiered KV totals: offloaded host (\d+) disk (\d+); hits host (\d+) "
-                    r"disk (\d+); bad disk blocks dropped (\d+)")
+                    r"disk (\d+); bad disk blocks dropped (\d+); disk hits skipped (\d+) "
+                    r"\(slower than recompute: disk (\S+) ms/block, prefill (\S+) ms/block\)")
 
 
 def run_mode(model: str, load: list[str], args: argparse.Namespace, flags: list[str]) -> dict:
@@ -39,8 +40,9 @@ def run_mode(model: str, load: list[str], args: argparse.Namespace, flags: list[
     found = [m.groups() for ln in logs if (m := TOTALS.search(ln))]
     if found:
         keys = ("offloaded_host", "offloaded_disk", "hit_blocks_host", "hit_blocks_disk",
-                "bad_disk_blocks")
-        res["tiers"] = dict(zip(keys, map(int, found[-1])))
+                "bad_disk_blocks", "disk_hits_skipped")
+        res["tiers"] = dict(zip(keys, map(int, found[-1][:6])))
+        res["tiers"]["disk_ms_per_block"], res["tiers"]["prefill_ms_per_block"] = found[-1][6:]
     return res
 
 

@@ -78,8 +78,9 @@ def start_workers(roles: list[str], worker_args: list[str], timeout: float,
         if placements and placements[i].gpus:  # the worker sees its GPUs as cuda:0..tp-1
             args = list(args)
             args[args.index("--device") + 1] = "cuda:0"
-            wenv = {**env, "CUDA_VISIBLE_DEVICES": placements[i].visible_devices}
-            log.info("%s worker %d on GPU(s) %s", role, i, placements[i].visible_devices)
+            visible = physical_gpus(placements[i].gpus, env.get("CUDA_VISIBLE_DEVICES"))
+            wenv = {**env, "CUDA_VISIBLE_DEVICES": visible}
+            log.info("%s worker %d on GPU(s) %s", role, i, visible)
         spawn_worker(role, args, ev, procs, wenv)
         events.append(ev)
     deadline = time.monotonic() + timeout
@@ -94,6 +95,15 @@ def start_workers(roles: list[str], worker_args: list[str], timeout: float,
                 raise RuntimeError(f"{wp.role} worker not ready after {timeout:.0f}s")
             ev.wait(0.1)
     return procs
+
+
+def physical_gpus(gpus: tuple[int, ...], launcher_visible: str | None) -> str:
+    """GPU indices are the launcher's own view: under CUDA_VISIBLE_DEVICES=2,3, GPU 0 of
+    `--decode-gpus 0` is physical GPU 2, so a restricted `baton serve` stays inside its set."""
+    if not launcher_visible:
+        return ",".join(map(str, gpus))
+    seen = [d.strip() for d in launcher_visible.split(",") if d.strip()]
+    return ",".join(seen[g] for g in gpus)
 
 
 def stop_workers(procs: list[WorkerProcess], grace: float = 5.0) -> None:

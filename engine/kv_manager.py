@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from engine.sequence import Sequence
 from kvtransfer.block_pool import BlockPool
+from kvtransfer.events import Tier
 from kvtransfer.hashing import ROOT_PARENT_HASH, block_hashes
 from kvtransfer.tiered_store import TieredStore
 
@@ -16,6 +17,9 @@ class KVCacheManager:
         self.tiers = tiers
         self.block_size = pool.block_size
         self.extra_key = extra_key
+        # Measured by the engine (moving average over prefill-sized steps): what computing
+        # one block costs, against which disk hits are weighed.
+        self.recompute_s_per_block: float | None = None
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -61,8 +65,10 @@ class KVCacheManager:
         try:
             for i in range(len(hits), n):
                 tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
-                if self.tiers.lookup(seq.block_hashes[i], tokens) is None or \
-                        self.pool.num_free == 0:
+                tier = self.tiers.lookup(seq.block_hashes[i], tokens)
+                if tier is None or self.pool.num_free == 0 or (
+                        tier == Tier.DISK
+                        and not self.tiers.disk_worth_it(self.recompute_s_per_block)):
                     break
                 block_id = self.pool.allocate(1)[0]
                 held.append(block_id)

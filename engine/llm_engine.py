@@ -64,6 +64,10 @@ def make_tiered_store(cfg: EngineConfig, runner: ModelRunner, events: EventRecor
     return TieredStore(runner.kv_cache, host, events, cfg.disk_kv_dir, disk, ident)
 
 
+def _ms(seconds: float | None) -> str:
+    return "?" if seconds is None else f"{seconds * 1e3:.3f}"
+
+
 def resolve_model(cfg: EngineConfig) -> tuple[ModelConfig, str | None, TokenizerBundle | None]:
     """Model config, checkpoint dir and tokenizer for `cfg.model` (a dir, or a preset name
     with load_format=dummy)."""
@@ -147,8 +151,11 @@ class LLMEngine:
         if self.tiers is not None:
             st = self.tiers.stats
             log.info("tiered KV totals: offloaded host %d disk %d; hits host %d disk %d; "
-                     "bad disk blocks dropped %d", st.offloaded_to_host, st.offloaded_to_disk,
-                     st.hits["host"], st.hits["disk"], st.dropped_bad_disk_blocks)
+                     "bad disk blocks dropped %d; disk hits skipped %d (slower than "
+                     "recompute: disk %s ms/block, prefill %s ms/block)",
+                     st.offloaded_to_host, st.offloaded_to_disk, st.hits["host"],
+                     st.hits["disk"], st.dropped_bad_disk_blocks, st.disk_hits_skipped,
+                     _ms(self.tiers.disk_s_per_block), _ms(self.kv.recompute_s_per_block))
             self.tiers.close()
             self.tiers = None
         if self.tp is not None:
@@ -274,13 +281,27 @@ class LLMEngine:
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
+        t0 = time.perf_counter()
         result = self.runner.execute(out, self.scheduler)
+        if self.tiers is not None:
+            self._measure_prefill(out, time.perf_counter() - t0)
         self.scheduler.update(out, result)
         outputs = []
         for item in out.scheduled:
             if item.samples:
                 outputs.append(self._output(item.seq))
         return outputs
+
+    def _measure_prefill(self, out, seconds: float) -> None:
+        """Seconds per block of a prefill-sized step (the sampled logits come back to
+        the host, so the step has finished on the device when execute returns)."""
+        tokens = sum(item.num_new_tokens for item in out.scheduled)
+        if tokens < 256:
+            return
+        per_block = seconds / tokens * self.cfg.block_size
+        prev = self.kv.recompute_s_per_block
+        self.kv.recompute_s_per_block = per_block if prev is None else \
+            0.8 * prev + 0.2 * per_block
 
     def _output(self, seq: Sequence) -> RequestOutput:
         new_id = seq.token_ids[-1]

@@ -7,8 +7,10 @@ payload. Files are written to a temporary name and renamed, so a reader sees a w
 file or none; a file that fails any check when read (truncated, corrupted, foreign) is
 deleted and treated as a miss: the block is recomputed, never served.
 
-Writes happen on a background thread; until one lands, its bytes stay in `pending` and
-are served from there. Eviction is LRU over reads and writes within a block budget.
+Writes happen on a background thread, which also checksums and frames the block (the
+engine thread only hands over the payload); until a write lands, the payload stays in
+`pending` and is served from there. Reads go into one buffer and are checked in place:
+no copies beyond the file read. Eviction is LRU over reads and writes within a budget.
 """
 
 from __future__ import annotations
@@ -31,15 +33,22 @@ _HEAD = struct.Struct("<8s16sQI")  # magic, identity, block hash, token count
 _TAIL = struct.Struct("<QQ")  # payload length, payload checksum
 
 
-def encode_block(identity: bytes, block_hash: int, tokens: tuple[int, ...],
-                 payload: bytes) -> bytes:
+def encode_header(identity: bytes, block_hash: int, tokens: tuple[int, ...],
+                  payload: bytes | memoryview) -> bytes:
+    """Everything before the payload; the payload follows as is (no copy to join them)."""
     return b"".join((_HEAD.pack(MAGIC, identity, block_hash, len(tokens)),
                      struct.pack(f"<{len(tokens)}I", *tokens),
-                     _TAIL.pack(len(payload), xxhash.xxh3_64_intdigest(payload)), payload))
+                     _TAIL.pack(len(payload), xxhash.xxh3_64_intdigest(payload))))
 
 
-def decode_block(data: bytes, identity: bytes) -> tuple[int, tuple[int, ...], bytes]:
-    """(block hash, tokens, payload); ValueError naming what is wrong otherwise."""
+def encode_block(identity: bytes, block_hash: int, tokens: tuple[int, ...],
+                 payload: bytes) -> bytes:
+    return encode_header(identity, block_hash, tokens, payload) + payload
+
+
+def decode_block(data: bytes | bytearray, identity: bytes
+                 ) -> tuple[int, tuple[int, ...], memoryview]:
+    """(block hash, tokens, payload view into `data`); ValueError naming what is wrong."""
     if len(data) < _HEAD.size:
         raise ValueError("truncated header")
     magic, ident, block_hash, n = _HEAD.unpack_from(data)
@@ -52,7 +61,7 @@ def decode_block(data: bytes, identity: bytes) -> tuple[int, tuple[int, ...], by
         raise ValueError("truncated token list")
     tokens = struct.unpack_from(f"<{n}I", data, _HEAD.size)
     size, checksum = _TAIL.unpack_from(data, off)
-    payload = data[off + _TAIL.size:]
+    payload = memoryview(data)[off + _TAIL.size:]
     if len(payload) != size:
         raise ValueError(f"payload is {len(payload)} bytes, header says {size}")
     if xxhash.xxh3_64_intdigest(payload) != checksum:
@@ -70,8 +79,8 @@ class DiskTier:
         self._on_event = on_event
         self._lock = threading.Lock()
         self._index: OrderedDict[int, tuple[int, ...]] = OrderedDict()  # hash -> tokens, LRU
-        self.pending: dict[int, bytes] = {}  # encoded files not yet on disk
-        self._writes: queue.Queue[tuple[int, bytes] | None] = queue.Queue()
+        self.pending: dict[int, bytes] = {}  # payloads not yet on disk
+        self._writes: queue.Queue[tuple[int, tuple[int, ...], bytes] | None] = queue.Queue()
         self.dropped_bad = 0
         self._scan()
         self._writer = threading.Thread(target=self._write_loop, daemon=True,
@@ -120,23 +129,26 @@ class DiskTier:
     def put(self, block_hash: int, tokens: tuple[int, ...], payload: bytes) -> None:
         if block_hash in self._index or self.capacity < 1:
             return
-        data = encode_block(self.identity, block_hash, tokens, payload)
         with self._lock:
-            self.pending[block_hash] = data
+            self.pending[block_hash] = payload
         self._index[block_hash] = tokens
         self._on_event("stored", block_hash)
-        self._writes.put((block_hash, data))
+        self._writes.put((block_hash, tokens, payload))
         self._evict_over_capacity()
 
-    def get(self, block_hash: int) -> bytes | None:
+    def get(self, block_hash: int) -> bytes | memoryview | None:
         """The block's payload, or None (and the file gone) when it fails a check."""
         if block_hash not in self._index:
             return None
         with self._lock:
-            data = self.pending.get(block_hash)
+            payload = self.pending.get(block_hash)
+        if payload is not None:
+            self._index.move_to_end(block_hash)
+            return payload
         try:
-            if data is None:
-                data = self._path(block_hash).read_bytes()
+            with self._path(block_hash).open("rb", buffering=0) as f:
+                data = bytearray(os.fstat(f.fileno()).st_size)  # writable: torch reads it
+                f.readinto(data)
             got_hash, tokens, payload = decode_block(data, self.identity)
             if got_hash != block_hash or tokens != self._index[block_hash]:
                 raise ValueError("holds another block")
@@ -161,20 +173,23 @@ class DiskTier:
 
     def _write_loop(self) -> None:
         while (item := self._writes.get()) is not None:
-            block_hash, data = item
+            block_hash, tokens, payload = item
             path = self._path(block_hash)
             tmp = path.with_suffix(".tmp")
             try:
                 with self._lock:
-                    if self.pending.get(block_hash) is not data:
+                    if self.pending.get(block_hash) is not payload:
                         continue  # evicted (or replaced) before it was written
-                tmp.write_bytes(data)
+                header = encode_header(self.identity, block_hash, tokens, payload)
+                with tmp.open("wb") as f:
+                    f.write(header)
+                    f.write(payload)
                 os.replace(tmp, path)
             except OSError as e:
                 log.warning("disk KV: cannot write %s (%s)", path, e)
             finally:
                 with self._lock:
-                    if self.pending.get(block_hash) is data:
+                    if self.pending.get(block_hash) is payload:
                         del self.pending[block_hash]
             if block_hash not in self._index:  # evicted while being written
                 path.unlink(missing_ok=True)

@@ -11,6 +11,9 @@ fi
 for t in .whl/flashinfer/*.tar.xz; do
   [ -e "$t" ] && { [ -d /tmp/site/flashinfer ] || tar -xJf "$t" -C /tmp/site || return 1; }
 done
+for t in .whl/nixl/*.tar.xz; do
+  [ -e "$t" ] && { [ -d /tmp/site/nixl_cu13 ] || tar -xJf "$t" -C /tmp/site || return 1; }
+done
 # Kernels compiled on an earlier machine (scripts/gpu_flashinfer_aot.sh) load as AOT
 # modules: no nvcc, no ninja, no minutes of JIT.
 for so in .fi-aot/*.so; do

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Prepare (here, where PyPI is reachable) what the GPU machines lack, in sets under .whl/:
 #   base       serving stack: fastapi, starlette, uvicorn, pydantic, redis, protobuf (~5 MiB)
-#   nixl       nixl-cu13 + the nixl meta package (~56 MiB)
+#   nixl       nixl-cu13 trimmed by scripts/trim_nixl.py (UCX/POSIX/GDS plugins, CUDA and
+#              shared-memory transports) as one tar.xz, plus the nixl meta package (~8 MiB;
+#              the wheel is 56 MiB)
 #   flashinfer flashinfer-python 0.7.4 trimmed to the sources the H200 paths JIT-compile
 #              (decode, prefill, page, norm, rope, activation, sampling), as one tar.xz,
 #              plus apache-tvm-ffi and einops (~21 MiB; the whole wheel is 97 MiB)
-# One device call carries at most 64 MiB, so nixl and flashinfer travel in different calls.
+# All three sets (~33 MiB) and .fi-aot (~13 MiB) fit the 64 MiB one device call carries.
 # Usage: scripts/gpu_wheels.sh [base] [nixl] [flashinfer]     (default: all three)
 # Then carry e.g. .whl/base and .whl/flashinfer, and begin the command with
 # `source scripts/gpu_env.sh`.
@@ -46,13 +48,25 @@ prepare_flashinfer() {
   rm -rf "$tmp"
 }
 
+prepare_nixl() {
+  dl nixl nixl==1.5.1
+  local tmp
+  tmp=$(mktemp -d)
+  "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp "${platforms[@]}" -d "$tmp" nixl-cu13==1.5.1
+  (cd "$tmp" && "$PY" -m zipfile -e nixl_cu13-*.whl site >/dev/null)
+  "$PY" scripts/trim_nixl.py "$tmp/site"
+  (cd "$tmp/site" && tar -cf - . | xz -T0 -6 > "$OLDPWD/.whl/nixl/nixl-cu13-trimmed-1.5.1.tar.xz")
+  rm -rf "$tmp"
+}
+
 sets=("$@")
 [ ${#sets[@]} -eq 0 ] && sets=(base nixl flashinfer)
 for s in "${sets[@]}"; do
   case "$s" in
     base) dl base fastapi==0.115.12 starlette==0.46.2 uvicorn pydantic pydantic-core \
             annotated-types typing-inspection redis "protobuf>=7.35" ;;
-    nixl) dl nixl nixl-cu13==1.5.1 nixl==1.5.1 ;;
+    nixl) prepare_nixl ;;
     flashinfer) prepare_flashinfer ;;
     *) echo "unknown set $s (base, nixl, flashinfer)" >&2; exit 2 ;;
   esac

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from cluster.launcher import physical_gpus
 from cluster.placement import PlacementError, place_workers, shared_gpus
 
 
@@ -51,3 +52,10 @@ def test_bad_placements_name_the_flag(kwargs, message) -> None:
 def test_tp_larger_than_the_machine() -> None:
     with pytest.raises(PlacementError, match="--tp 4: this machine has 2"):
         place_workers(["both"], "cuda", 4, 2)
+
+
+def test_gpu_indices_follow_the_launchers_visible_devices() -> None:
+    # `CUDA_VISIBLE_DEVICES=2,3 baton serve --decode-gpus 1` must land on physical GPU 3.
+    assert physical_gpus((0,), None) == "0"
+    assert physical_gpus((1,), "2,3") == "3"
+    assert physical_gpus((0, 1), "GPU-a, GPU-b") == "GPU-a,GPU-b"

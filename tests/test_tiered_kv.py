@@ -97,6 +97,25 @@ def test_disk_tier_serves_corrupt_blocks_never_and_survives_restart(reference, t
     assert sum(cached >= 144 for _, cached in restarted) >= 1
 
 
+def test_disk_hits_slower_than_recompute_are_skipped(reference, tmp_path) -> None:
+    # A fast GPU next to a slow disk: when a disk load measures slower than recomputing a
+    # block, the engine recomputes (output unchanged) and only probes the disk now and then.
+    model, expected = reference
+    with LLM(str(model), num_kv_blocks=40, host_kv_blocks=2, disk_kv_dir=str(tmp_path),
+             disk_kv_blocks=400) as llm:
+        run(llm, conversations())
+        run(llm, filler())
+        tiers = llm.engine.tiers
+        tiers.disk_s_per_block = 10.0  # as if every disk read took 10 s
+        before = tiers.stats.hits["disk"]
+        again = run(llm, conversations())
+        assert [t for t, _ in again] == expected
+        assert tiers.stats.disk_hits_skipped > 0
+        assert tiers.stats.hits["disk"] - before <= tiers.stats.disk_hits_skipped // 31 + 1
+        assert llm.engine.kv.recompute_s_per_block is not None  # measured by the engine
+        assert_clean(llm)
+
+
 def test_tier_moves_are_kv_events(reference) -> None:
     model, _ = reference
     with LLM(str(model), num_kv_blocks=40, host_kv_blocks=128) as llm:
