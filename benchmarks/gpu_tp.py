@@ -22,33 +22,37 @@ from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
 
 
-def tp_agreement(tp_sizes: list[int], prompts: int, new_tokens: int) -> dict:
+def tp_agreement(tp_sizes: list[int], prompts: int, new_tokens: int,
+                 tp_graphs: bool = False) -> dict:
     rng = random.Random(1)
     batch = [[rng.randrange(4096) for _ in range(rng.randint(16, 512))] for _ in range(prompts)]
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True, logprobs=0)
     runs = {}
     for tp in tp_sizes:
         with LLM("mini-llama", load_format="dummy", device="cuda", dtype="bfloat16", tp=tp,
-                 num_kv_blocks=4096) as llm:
+                 num_kv_blocks=4096, tp_cuda_graphs=tp_graphs) as llm:
             runs[tp] = [(o.token_ids, o.logprobs) for o in llm.generate(batch, params)]
     base = runs[tp_sizes[0]]
     return {f"tp{tp}_vs_tp{tp_sizes[0]}": agreement(runs[tp], base, new_tokens)
             for tp in tp_sizes[1:]}
 
 
-def decode_times(preset: str, tp: int, cases: list[tuple[int, int]], steps: int) -> list[dict]:
+def decode_times(preset: str, tp: int, cases: list[tuple[int, int]], steps: int,
+                 tp_graphs: bool = False) -> list[dict]:
     blocks = max(b * (c + 3 * steps + 64) for b, c in cases) // 16 + 64
     engine = LLMEngine(EngineConfig(model=preset, load_format="dummy", device="cuda", tp=tp,
                                     num_kv_blocks=blocks, max_num_batched_tokens=8192,
                                     max_num_seqs=max(b for b, _ in cases),
-                                    enable_prefix_caching=False))
+                                    enable_prefix_caching=False, tp_cuda_graphs=tp_graphs))
     try:
         out = []
         for b, c in cases:
             d = decode_case(engine, b, c, steps, "cuda")
             d["tp"] = tp
+            d["cuda_graphs"] = tp == 1 or tp_graphs
             out.append(d)
-            print(f"tp={tp} b={b} ctx={c}: {d['step_ms_median']:.2f} ms", flush=True)
+            print(f"tp={tp} graphs={d['cuda_graphs']} b={b} ctx={c}: "
+                  f"{d['step_ms_median']:.2f} ms", flush=True)
         return out
     finally:
         engine.close()
@@ -62,18 +66,26 @@ def main() -> None:
     ap.add_argument("--preset", default="llama-3.1-8b")
     ap.add_argument("--batches", default="1:1024,64:2048")
     ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--tp-graphs", default="0,1",
+                    help="for TP > 1: eager (0) and/or CUDA graphs with captured all-reduces (1)")
+    ap.add_argument("--skip-agreement", action="store_true")
     ap.add_argument("--out", default="benchmarks/results/gpu_tp.json")
     args = ap.parse_args()
     sizes = [int(x) for x in args.tp.split(",")]
     cases = [tuple(int(x) for x in c.split(":")) for c in args.batches.split(",")]
-    result: dict = {"benchmark": "gpu_tp", "tp_sizes": sizes}
-    result["mini_llama_agreement"] = tp_agreement(sizes, args.prompts, args.new_tokens)
-    print(result["mini_llama_agreement"], flush=True)
-    write_result(args.out, result)
+    graph_modes = [bool(int(x)) for x in args.tp_graphs.split(",")]
+    result: dict = {"benchmark": "gpu_tp", "preset": args.preset, "tp_sizes": sizes}
+    if not args.skip_agreement:
+        for g in graph_modes:
+            key = "mini_llama_agreement" + ("_tp_graphs" if g else "")
+            result[key] = tp_agreement(sizes, args.prompts, args.new_tokens, g)
+            print(key, result[key], flush=True)
+            write_result(args.out, result)
     result["decode"] = []
     for tp in sizes:
-        result["decode"] += decode_times(args.preset, tp, cases, args.steps)
-        write_result(args.out, result)
+        for g in graph_modes if tp > 1 else [False]:
+            result["decode"] += decode_times(args.preset, tp, cases, args.steps, g)
+            write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -134,6 +134,8 @@ def worker_args_from(args: argparse.Namespace, model: str) -> list[str]:
         out += ["--disk-kv-dir", args.disk_kv_dir, "--disk-kv-gb", str(args.disk_kv_gb)]
     if args.no_cuda_graphs:
         out.append("--no-cuda-graphs")
+    if args.tp_cuda_graphs:
+        out.append("--tp-cuda-graphs")
     if args.kv_blocks is not None:
         out += ["--kv-blocks", str(args.kv_blocks)]
     if args.max_model_len is not None:

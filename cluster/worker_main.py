@@ -42,6 +42,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="auto: FlashInfer on CUDA where it runs, else the torch reference")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="run decode steps eagerly (for comparison and debugging)")
+    p.add_argument("--tp-cuda-graphs", action="store_true",
+                   help="with --tp: capture decode graphs with their all-reduces")
     p.add_argument("--host-kv-gb", type=float, default=0.0,
                    help="host DRAM tier for KV blocks evicted from the device (GiB)")
     p.add_argument("--disk-kv-dir", default=None,
@@ -60,7 +62,7 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
         seed=args.seed, attention_backend=args.attention_backend,
-        cuda_graphs=not args.no_cuda_graphs,
+        cuda_graphs=not args.no_cuda_graphs, tp_cuda_graphs=args.tp_cuda_graphs,
         gpu_memory_utilization=args.gpu_memory_utilization, tp=args.tp,
         host_kv_gb=args.host_kv_gb, disk_kv_dir=args.disk_kv_dir, disk_kv_gb=args.disk_kv_gb)
 

@@ -29,6 +29,10 @@ class EngineConfig:
     cuda_graphs: bool = True  # decode CUDA graphs (FlashInfer backend only)
     seed: int = 0
     tp: int = 1
+    # Decode graphs under --tp capture the NCCL all-reduces too. Off until measured on
+    # GPUs (benchmarks/gpu_tp.py runs both ways); eager TP pays ~0.1 ms of CPU per
+    # collective, 64 per 8B step.
+    tp_cuda_graphs: bool = False
     # Tiered KV cache below the device: host DRAM (G2) and disk files (G3). Sizes in GiB,
     # or in blocks (the *_blocks fields win; tests use them for tiny tiers).
     host_kv_gb: float = 0.0

@@ -118,10 +118,10 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         self.use_graphs = True  # benchmarks flip this to time eager decode in one process
         self.graph_report: GraphCaptureReport | None = None
-        if self.planner is not None and cfg.cuda_graphs and self.pc.tp_size > 1:
-            # Not yet verified on GPUs: capturing the all-reduces through torch.distributed
-            # inside a graph. Eager decode until it is.
-            log.warning("CUDA graphs are off under --tp %d (eager decode)", self.pc.tp_size)
+        if self.planner is not None and cfg.cuda_graphs and self.pc.tp_size > 1 \
+                and not cfg.tp_cuda_graphs:
+            log.warning("CUDA graphs are off under --tp %d (eager decode; "
+                        "tp_cuda_graphs turns them on)", self.pc.tp_size)
         elif self.planner is not None and cfg.cuda_graphs:
             self.graphs = DecodeGraphs(
                 self.model, self.kv_layers, self.planner, scratch_block=s.num_blocks,
@@ -164,7 +164,8 @@ class ModelRunner:
         self.memory.activation_peak_bytes = self._profile_activations(probe)
         free, total = torch.cuda.mem_get_info(dev)
         graphs = GRAPH_RESERVE_BYTES if (self.planner is not None and self.cfg.cuda_graphs
-                                          and self.pc.tp_size == 1) else 0
+                                          and (self.pc.tp_size == 1 or self.cfg.tp_cuda_graphs)
+                                          ) else 0
         budget = self.cfg.gpu_memory_utilization * total - (total - free)
         budget -= self.memory.activation_peak_bytes + graphs
         return int(max(budget, 0) // probe.block_bytes)

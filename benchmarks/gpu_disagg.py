@@ -1,0 +1,170 @@
+"""Disaggregated against aggregated serving on two GPUs, same run, same requests.
+
+    source scripts/gpu_env.sh && python -m benchmarks.gpu_disagg --out $OUT/gpu_disagg.json
+
+Layouts (llama-3.1-8b shape, random bf16 weights):
+- `1P1D`: one prefill worker on GPU0, one decode worker on GPU1, KV moved by `--kv-transfer`;
+- `2xagg`: two aggregated workers, one per GPU, the router spreading requests.
+
+Per layout: (1) the TTFT of a lone 4k-token prompt (what disaggregation adds: one KV
+transfer), then (2) a mixed open-loop load: chat requests (short prompt, long answer)
+arrive with long-prompt requests (document questions) mixed in, so on an aggregated worker
+long prefills land in the middle of others' decoding. Reported: TTFT and ITL p50/p99 per
+class, and goodput = requests per second that met TTFT <= 1 s and a mean inter-token gap
+<= 25 ms (DistServe's definition, the thresholds of the issue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import time
+
+import httpx
+
+from benchmarks import gpu_serve
+from benchmarks.common import write_result
+from cluster.local_server import baton_serve
+
+LAYOUTS = {  # name: (workers, GPU placement)
+    "1P1D": (["--prefill", "1", "--decode", "1"], ["--prefill-gpus", "0", "--decode-gpus", "1"]),
+    "2xagg": (["--prefill", "0", "--decode", "2"], ["--decode-gpus", "0,1"]),
+}
+
+
+def pct(xs: list[float], q: float) -> float:
+    return gpu_serve.pct(xs, q)
+
+
+async def lone_ttft(url: str, in_len: int, repeats: int, vocab: int) -> dict:
+    rng = random.Random(7)
+    ttfts = []
+    async with httpx.AsyncClient(timeout=120) as client:
+        for i in range(repeats + 1):
+            prompt = [rng.randrange(vocab) for _ in range(in_len)]
+            r = await gpu_serve.one_request(client, url, prompt, 2)
+            if i:  # the first is a warm-up
+                ttfts.append(r["ttft"])
+    return {"prompt_tokens": in_len, "repeats": repeats,
+            "ttft_ms_median": 1e3 * statistics.median(ttfts),
+            "ttft_ms_all": [1e3 * t for t in ttfts]}
+
+
+async def mixed_load(url: str, args: argparse.Namespace, rate: float, vocab: int) -> dict:
+    """Open loop: Poisson arrivals for `duration` seconds; each arrival is a long-prompt
+    request with probability `long_share`, else a chat request."""
+    rng = random.Random(int(rate * 1000))
+    arrivals, t = [], 0.0
+    while t < args.duration:
+        t += rng.expovariate(rate)
+        kind = "long" if rng.random() < args.long_share else "chat"
+        in_len, out_len = (args.long_in, args.long_out) if kind == "long" else \
+            (args.chat_in, args.chat_out)
+        arrivals.append((t, kind, [rng.randrange(vocab) for _ in range(in_len)], out_len))
+    results: list[dict] = []
+    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as client:
+        t0 = time.perf_counter()
+
+        async def fire(at: float, kind: str, prompt: list[int], out_len: int) -> None:
+            await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
+            try:
+                r = await gpu_serve.one_request(client, url, prompt, out_len)
+                r["kind"] = kind
+            except (httpx.HTTPError, RuntimeError) as e:
+                r = {"kind": kind, "error": str(e)[:200]}
+            results.append(r)
+
+        await asyncio.gather(*(fire(*a) for a in arrivals))
+        wall = time.perf_counter() - t0
+    ok = [r for r in results if "error" not in r]
+    out: dict = {"rate_per_s": rate, "requests": len(results), "errors": len(results) - len(ok),
+                 "wall_s": wall}
+    for kind in ("chat", "long", "all"):
+        rs = [r for r in ok if kind == "all" or r["kind"] == kind]
+        if not rs:
+            continue
+        ttft = [r["ttft"] for r in rs]
+        gaps = [g for r in rs for g in r["gaps"]]
+        out[kind] = {"n": len(rs), "ttft_p50_ms": 1e3 * pct(ttft, 0.5),
+                     "ttft_p99_ms": 1e3 * pct(ttft, 0.99),
+                     "itl_p50_ms": 1e3 * pct(gaps, 0.5) if gaps else None,
+                     "itl_p99_ms": 1e3 * pct(gaps, 0.99) if gaps else None}
+    good = [r for r in ok if r["ttft"] <= args.slo_ttft and
+            (not r["gaps"] or statistics.mean(r["gaps"]) <= args.slo_itl)]
+    out["goodput_req_per_s"] = len(good) / wall
+    out["slo_attainment"] = len(good) / max(len(results), 1)
+    out["output_tokens_per_s"] = sum(r["chunks"] for r in ok) / wall
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="llama-3.1-8b")
+    ap.add_argument("--layouts", default="1P1D,2xagg,2xagg@2048")
+    ap.add_argument("--kv-transfer", default="nixl")
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run of this script")
+    ap.add_argument("--lone-in", type=int, default=4000)
+    ap.add_argument("--lone-repeats", type=int, default=8)
+    ap.add_argument("--rates", default="4,8", help="requests per second (open loop)")
+    ap.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per rate")
+    ap.add_argument("--long-share", type=float, default=0.2)
+    ap.add_argument("--chat-in", type=int, default=256)
+    ap.add_argument("--chat-out", type=int, default=256)
+    ap.add_argument("--long-in", type=int, default=8000)
+    ap.add_argument("--long-out", type=int, default=32)
+    ap.add_argument("--slo-ttft", type=float, default=1.0)
+    ap.add_argument("--slo-itl", type=float, default=0.025)
+    ap.add_argument("--serve-args", default="--max-num-batched-tokens 8192")
+    ap.add_argument("--out", default="benchmarks/results/gpu_disagg.json")
+    args = ap.parse_args()
+    rates = [float(x) for x in args.rates.split(",")]
+    result: dict = {"benchmark": "gpu_disagg", "preset": args.preset,
+                    "kv_transfer": args.kv_transfer, "workload": {
+                        k: getattr(args, k) for k in (
+                            "lone_in", "lone_repeats", "duration", "long_share", "chat_in",
+                            "chat_out", "long_in", "long_out", "slo_ttft", "slo_itl")},
+                    "layouts": {}}
+    model, load = args.preset, ["--load-format", "dummy"]
+    if args.device == "cpu":
+        import tempfile
+        from pathlib import Path
+
+        from kernels.checkpoint_writer import write_checkpoint
+
+        model, load = str(write_checkpoint(
+            args.preset, Path(tempfile.mkdtemp()) / args.preset, progress=False)), []
+    for name in args.layouts.split(","):
+        # "2xagg@2048": the layout with another prefill chunk (max batched tokens), the
+        # knob an aggregated deployment tunes to keep long prefills from stalling decode.
+        base, _, chunk = name.partition("@")
+        workers, gpus = LAYOUTS[base]
+        serve_args = args.serve_args.split() + (["--max-num-batched-tokens", chunk] if chunk
+                                                else [])
+        flags = [*workers, *(gpus if args.device != "cpu" else []), "--device", args.device,
+                 *load, "--kv-transfer", args.kv_transfer, *serve_args]
+        entry: dict = {"flags": flags}
+        result["layouts"][name] = entry
+        print(f"=== {name}: baton serve {' '.join(flags)}", flush=True)
+        with baton_serve(model, *flags, timeout=300) as url:
+            gpu_serve.MODEL_NAME[0] = httpx.get(f"{url}/v1/models").json()["data"][0]["id"]
+            vocab = 128000 if args.device != "cpu" else 250
+            entry["lone"] = asyncio.run(lone_ttft(url, args.lone_in, args.lone_repeats, vocab))
+            print(name, "lone", entry["lone"]["ttft_ms_median"], flush=True)
+            write_result(args.out, result)
+            entry["mixed"] = []
+            for rate in rates:
+                entry["mixed"].append(asyncio.run(mixed_load(url, args, rate, vocab)))
+                print(name, "mixed", entry["mixed"][-1], flush=True)
+                write_result(args.out, result)
+    lay = result["layouts"]
+    if "1P1D" in lay and "2xagg" in lay and "lone" in lay["1P1D"] and "lone" in lay["2xagg"]:
+        result["added_ttft_4k_1p1d_over_agg"] = (
+            lay["1P1D"]["lone"]["ttft_ms_median"] / lay["2xagg"]["lone"]["ttft_ms_median"] - 1)
+    write_result(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
