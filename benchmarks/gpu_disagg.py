@@ -25,6 +25,7 @@ import time
 import httpx
 
 from benchmarks import gpu_serve
+from benchmarks import serve as serve_bench
 from benchmarks.common import write_result
 from cluster.local_server import baton_serve
 
@@ -115,6 +116,8 @@ def main() -> None:
     ap.add_argument("--chat-out", type=int, default=256)
     ap.add_argument("--long-in", type=int, default=8000)
     ap.add_argument("--long-out", type=int, default=32)
+    ap.add_argument("--transfer-sizes", default="1024,4096,16384,65536",
+                    help="1P1D: prompt sizes whose KV pull is timed (empty: skip)")
     ap.add_argument("--slo-ttft", type=float, default=1.0)
     ap.add_argument("--slo-itl", type=float, default=0.025)
     ap.add_argument("--serve-args", default="--max-num-batched-tokens 8192")
@@ -154,6 +157,11 @@ def main() -> None:
             entry["lone"] = asyncio.run(lone_ttft(url, args.lone_in, args.lone_repeats, vocab))
             print(name, "lone", entry["lone"]["ttft_ms_median"], flush=True)
             write_result(args.out, result)
+            if base == "1P1D" and args.transfer_sizes:  # KV bytes and seconds per pull
+                entry["transfer"] = serve_bench.transfer(
+                    url, gpu_serve.MODEL_NAME[0], [int(x) for x in args.transfer_sizes.split(",")],
+                    vocab, 2)
+                write_result(args.out, result)
             entry["mixed"] = []
             for rate in rates:
                 entry["mixed"].append(asyncio.run(mixed_load(url, args, rate, vocab)))
