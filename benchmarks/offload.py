@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--kv-blocks", type=int, default=80, help="device (G1) blocks")
     ap.add_argument("--host-kv-gb", type=float, default=0.06)
     ap.add_argument("--disk-kv-gb", type=float, default=0.2)
+    ap.add_argument("--disk-mode-host-gb", type=float, default=0.002,
+                    help="host tier in the host+disk modes (tiny: hits come from disk)")
     ap.add_argument("--systems", type=int, default=4)
     ap.add_argument("--system-len", type=int, default=384)
     ap.add_argument("--sessions", type=int, default=8)
@@ -76,8 +78,8 @@ def main() -> None:
     g1_tokens = args.kv_blocks * 16
     print(f"working set ~{working_set} tokens, G1 {g1_tokens} tokens "
           f"({working_set / g1_tokens:.1f}x)", flush=True)
-    def disk(i: int) -> list[str]:  # a tiny host tier, so hits come from the files
-        return ["--host-kv-gb", "0.002", "--disk-kv-dir", str(work / f"disk{i}"),
+    def disk(i: int) -> list[str]:  # a small host tier, so most hits come from the files
+        return ["--host-kv-gb", str(args.disk_mode_host_gb), "--disk-kv-dir", str(work / f"disk{i}"),
                 "--disk-kv-gb", str(args.disk_kv_gb)]
 
     modes = {"off": lambda i: [], "host": lambda i: ["--host-kv-gb", str(args.host_kv_gb)],

@@ -28,6 +28,8 @@ import xxhash
 
 log = logging.getLogger(__name__)
 
+Buffer = bytes | bytearray | memoryview  # or any buffer-protocol object (numpy arrays)
+
 MAGIC = b"BATONKV1"
 _HEAD = struct.Struct("<8s16sQI")  # magic, identity, block hash, token count
 _TAIL = struct.Struct("<QQ")  # payload length, payload checksum
@@ -79,8 +81,12 @@ class DiskTier:
         self._on_event = on_event
         self._lock = threading.Lock()
         self._index: OrderedDict[int, tuple[int, ...]] = OrderedDict()  # hash -> tokens, LRU
-        self.pending: dict[int, bytes] = {}  # payloads not yet on disk
-        self._writes: queue.Queue[tuple[int, tuple[int, ...], bytes] | None] = queue.Queue()
+        # Payloads not yet on disk, with the wait that makes them readable (a device copy
+        # still in flight). A payload may live in a host-tier slot that stays reserved
+        # until its `done` callback runs on the writer thread.
+        self.pending: dict[int, tuple[Buffer, Callable[[], None] | None]] = {}
+        self._writes: queue.Queue[tuple | None] = queue.Queue()
+        self._queued = 0  # puts the writer has not finished with (guarded by _lock)
         self.dropped_bad = 0
         self._scan()
         self._writer = threading.Thread(target=self._write_loop, daemon=True,
@@ -126,23 +132,34 @@ class DiskTier:
     def tokens(self, block_hash: int) -> tuple[int, ...] | None:
         return self._index.get(block_hash)
 
-    def put(self, block_hash: int, tokens: tuple[int, ...], payload: bytes) -> None:
+    def put(self, block_hash: int, tokens: tuple[int, ...], payload: Buffer,
+            ready: Callable[[], None] | None = None,
+            done: Callable[[], None] | None = None) -> None:
+        """Queue a block for writing. `ready()` (on the writer thread, before reading the
+        payload) waits for the payload to be filled; `done()` runs exactly once when the
+        payload's memory may be reused, written or not."""
         if block_hash in self._index or self.capacity < 1:
+            if done is not None:
+                done()
             return
         with self._lock:
-            self.pending[block_hash] = payload
+            self.pending[block_hash] = (payload, ready)
+            self._queued += 1
         self._index[block_hash] = tokens
         self._on_event("stored", block_hash)
-        self._writes.put((block_hash, tokens, payload))
+        self._writes.put((block_hash, tokens, payload, ready, done))
         self._evict_over_capacity()
 
-    def get(self, block_hash: int) -> bytes | memoryview | None:
+    def get(self, block_hash: int) -> Buffer | None:
         """The block's payload, or None (and the file gone) when it fails a check."""
         if block_hash not in self._index:
             return None
         with self._lock:
-            payload = self.pending.get(block_hash)
-        if payload is not None:
+            entry = self.pending.get(block_hash)
+        if entry is not None:
+            payload, ready = entry
+            if ready is not None:
+                ready()
             self._index.move_to_end(block_hash)
             return payload
         try:
@@ -173,33 +190,41 @@ class DiskTier:
 
     def _write_loop(self) -> None:
         while (item := self._writes.get()) is not None:
-            block_hash, tokens, payload = item
+            block_hash, tokens, payload, ready, done = item
             path = self._path(block_hash)
             tmp = path.with_suffix(".tmp")
             try:
                 with self._lock:
-                    if self.pending.get(block_hash) is not payload:
-                        continue  # evicted (or replaced) before it was written
+                    entry = self.pending.get(block_hash)
+                if entry is None or entry[0] is not payload:
+                    continue  # evicted (or replaced) before it was written
+                if ready is not None:
+                    ready()
                 header = encode_header(self.identity, block_hash, tokens, payload)
                 with tmp.open("wb") as f:
                     f.write(header)
                     f.write(payload)
                 os.replace(tmp, path)
-            except OSError as e:
+            except Exception as e:  # the thread must live on: slots wait on `done`
                 log.warning("disk KV: cannot write %s (%s)", path, e)
             finally:
                 with self._lock:
-                    if self.pending.get(block_hash) is payload:
+                    entry = self.pending.get(block_hash)
+                    if entry is not None and entry[0] is payload:
                         del self.pending[block_hash]
+                if done is not None:
+                    done()
+                with self._lock:
+                    self._queued -= 1
             if block_hash not in self._index:  # evicted while being written
                 path.unlink(missing_ok=True)
 
     def flush(self) -> None:
-        """Wait until every queued write is on disk (tests, shutdown)."""
+        """Wait until the writer has finished every queued put (tests, shutdown)."""
         done = threading.Event()
         while True:
             with self._lock:
-                if not self.pending:
+                if not self._queued:
                     break
             done.wait(0.01)
 

@@ -21,6 +21,7 @@ checked against its token ids, like G1 hits.
 from __future__ import annotations
 
 import logging
+import queue
 import time
 import warnings
 from collections import OrderedDict
@@ -57,6 +58,9 @@ class TieredStore:
         self._host_index: OrderedDict[int, tuple[int, tuple[int, ...]]] = OrderedDict()
         self._free_slots = list(range(host_blocks - 1, -1, -1))
         self._slot_ready: dict[int, torch.cuda.Event] = {}
+        # Slots demoted to disk stay reserved until the writer thread has read them; it
+        # hands them back here, so the engine thread never waits on a device copy or disk.
+        self._returned: queue.SimpleQueue[int] = queue.SimpleQueue()
         self.disk = (DiskTier(disk_dir, identity, disk_blocks,
                               lambda kind, h: events.record(kind, h, Tier.DISK))
                      if disk_dir is not None and disk_blocks > 0 else None)
@@ -78,9 +82,7 @@ class TieredStore:
                 self.disk.put(block_hash, tokens, self._payload(self.kv_cache[block_id]))
                 self.stats.offloaded_to_disk += 1
             return
-        if not self._free_slots:
-            self._demote_oldest()
-        slot = self._free_slots.pop()
+        slot = self._take_slot()
         self.host[slot].copy_(self.kv_cache[block_id], non_blocking=True)
         if self.kv_cache.is_cuda:
             ev = torch.cuda.Event()
@@ -90,17 +92,42 @@ class TieredStore:
         self.events.record("stored", block_hash, Tier.HOST)
         self.stats.offloaded_to_host += 1
 
+    def _take_slot(self) -> int:
+        self._reclaim()
+        if not self._free_slots and self._host_index:
+            self._demote_oldest()
+            self._reclaim()
+        if not self._free_slots:  # every slot is on its way to disk: wait for one
+            self._free_slots.append(self._returned.get())
+        return self._free_slots.pop()
+
+    def _reclaim(self) -> None:
+        while True:
+            try:
+                self._free_slots.append(self._returned.get_nowait())
+            except queue.Empty:
+                return
+
     def _demote_oldest(self) -> None:
         block_hash, (slot, tokens) = self._host_index.popitem(last=False)
         self.events.record("removed", block_hash, Tier.HOST)
-        if self.disk is not None and block_hash not in self.disk:
-            self.disk.put(block_hash, tokens, self._payload(self.host[slot], slot))
-            self.stats.offloaded_to_disk += 1
-        self._free_slots.append(slot)
+        if self.disk is None or block_hash in self.disk:
+            self._free_slots.append(slot)
+            return
+        ev = self._slot_ready.pop(slot, None)
+        self.disk.put(block_hash, tokens, self.host[slot].view(-1).view(torch.uint8).numpy(),
+                      ready=ev.synchronize if ev is not None else None,
+                      done=lambda: self._returned.put(slot))
+        self.stats.offloaded_to_disk += 1
 
-    def _payload(self, block: torch.Tensor, slot: int | None = None) -> bytes:
-        if slot is not None and slot in self._slot_ready:
-            self._slot_ready.pop(slot).synchronize()
+    def settle(self) -> None:
+        """Wait for queued disk writes and take their slots back (tests, shutdown)."""
+        if self.disk is not None:
+            self.disk.flush()
+        self._reclaim()
+
+    @staticmethod
+    def _payload(block: torch.Tensor) -> bytes:
         host = block if block.device.type == "cpu" else block.cpu()
         return host.contiguous().view(torch.uint8).numpy().tobytes()
 

@@ -34,6 +34,7 @@ def assert_clean(llm: LLM) -> None:
     pool.check_integrity()
     assert pool.num_used == 0
     tiers = llm.engine.tiers
+    tiers.settle()
     assert len(tiers._free_slots) + len(tiers._host_index) == len(tiers.host)
 
 
@@ -144,4 +145,18 @@ def test_disk_block_codec_rejects_every_kind_of_damage(tmp_path: Path) -> None:
     tier.flush()
     assert tier.hashes() == [2, 3] and ("removed", 1) in seen
     assert sorted(p.name for p in tier.dir.glob("*.kvb")) == [f"{2:016x}.kvb", f"{3:016x}.kvb"]
+    tier.close()
+
+
+def test_disk_writes_release_their_buffers_exactly_once(tmp_path: Path) -> None:
+    # Host-tier slots demoted to disk stay reserved until `done`: it must run once per
+    # put, whether the block was written, evicted before its write, or already on disk.
+    calls: list[int] = []
+    tier = DiskTier(tmp_path, b"i" * 16, 2, lambda k, h: None)
+    for h in (1, 2, 3, 3):
+        tier.put(h, (h,), bytearray(b"x" * 8), ready=lambda: None,
+                 done=lambda h=h: calls.append(h))
+    tier.flush()
+    assert sorted(calls) == [1, 2, 3, 3]
+    assert tier.get(3) == b"x" * 8 and tier.get(1) is None
     tier.close()
