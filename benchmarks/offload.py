@@ -79,8 +79,8 @@ def main() -> None:
     print(f"working set ~{working_set} tokens, G1 {g1_tokens} tokens "
           f"({working_set / g1_tokens:.1f}x)", flush=True)
     def disk(i: int) -> list[str]:  # a small host tier, so most hits come from the files
-        return ["--host-kv-gb", str(args.disk_mode_host_gb), "--disk-kv-dir", str(work / f"disk{i}"),
-                "--disk-kv-gb", str(args.disk_kv_gb)]
+        return ["--host-kv-gb", str(args.disk_mode_host_gb),
+                "--disk-kv-dir", str(work / f"disk{i}"), "--disk-kv-gb", str(args.disk_kv_gb)]
 
     modes = {"off": lambda i: [], "host": lambda i: ["--host-kv-gb", str(args.host_kv_gb)],
              "host+disk": disk}
