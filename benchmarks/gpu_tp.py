@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import argparse
 import random
+import time
+
+import torch
 
 from benchmarks.common import write_result
 from benchmarks.gpu_correctness import agreement
@@ -58,6 +61,40 @@ def decode_times(preset: str, tp: int, cases: list[tuple[int, int]], steps: int,
         engine.close()
 
 
+def profile_tp(preset: str, tp: int, steps: int = 8) -> dict:
+    """Rank 0's view of batch-1 decode steps: GPU kernel time by name and CPU time by op,
+    to say where a TP step's time goes (kernels, collectives waiting, or the host)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    engine = LLMEngine(EngineConfig(model=preset, load_format="dummy", device="cuda", tp=tp,
+                                    num_kv_blocks=2048, max_num_seqs=8, cuda_graphs=False,
+                                    enable_prefix_caching=False))
+    try:
+        engine.add_request("prof", list(range(1, 1025)), SamplingParams(
+            max_tokens=steps + 64, temperature=0.0, ignore_eos=True))
+        while engine.scheduler.waiting or engine.scheduler.running[0].num_output_tokens < 4:
+            engine.step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                engine.step()
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+        rows = prof.key_averages()
+        gpu = sorted(rows, key=lambda e: -e.device_time_total)
+        cpu = sorted(rows, key=lambda e: -e.self_cpu_time_total)
+        return {"tp": tp, "step_ms": wall / steps * 1e3,
+                "kernel_busy_ms": sum(e.device_time_total for e in rows) / steps / 1e3,
+                "top_kernels": [{"name": e.key[:100], "calls_per_step": e.count / steps,
+                                 "us_per_step": e.device_time_total / steps} for e in gpu[:15]],
+                "top_cpu_ops": [{"name": e.key[:100], "calls_per_step": e.count / steps,
+                                 "self_cpu_us_per_step": e.self_cpu_time_total / steps}
+                                for e in cpu[:15]]}
+    finally:
+        engine.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tp", default="1,2")
@@ -69,12 +106,25 @@ def main() -> None:
     ap.add_argument("--tp-graphs", default="0,1",
                     help="for TP > 1: eager (0) and/or CUDA graphs with captured all-reduces (1)")
     ap.add_argument("--skip-agreement", action="store_true")
+    ap.add_argument("--profile-only", action="store_true",
+                    help="only the rank-0 profile of eager batch-1 decode at each TP size")
     ap.add_argument("--out", default="benchmarks/results/gpu_tp.json")
     args = ap.parse_args()
     sizes = [int(x) for x in args.tp.split(",")]
     cases = [tuple(int(x) for x in c.split(":")) for c in args.batches.split(",")]
     graph_modes = [bool(int(x)) for x in args.tp_graphs.split(",")]
     result: dict = {"benchmark": "gpu_tp", "preset": args.preset, "tp_sizes": sizes}
+    if args.profile_only:
+        result["profiles"] = []
+        for tp in sizes:
+            result["profiles"].append(profile_tp(args.preset, tp))
+            prof = result["profiles"][-1]
+            print(f"tp={tp}: step {prof['step_ms']:.2f} ms, kernels busy "
+                  f"{prof['kernel_busy_ms']:.2f} ms", flush=True)
+            for row in prof["top_cpu_ops"][:8]:
+                print("   cpu", row, flush=True)
+            write_result(args.out, result)
+        return
     if not args.skip_agreement:
         for g in graph_modes:
             key = "mini_llama_agreement" + ("_tp_graphs" if g else "")
