@@ -25,7 +25,8 @@ from kernels.checkpoint_writer import write_checkpoint
 
 TOTALS = re.compile(r"tiered KV totals: offloaded host (\d+) disk (\d+); hits host (\d+) "
                     r"disk (\d+); bad disk blocks dropped (\d+); disk hits skipped (\d+) "
-                    r"\(slower than recompute: disk (\S+) ms/block, prefill (\S+) ms/block\)")
+                    r"\(slower than recompute: disk (\S+) ms/block, prefill (\S+) ms/block\)"
+                    r"(?:; disk writes dropped (\d+) \(disk behind\); offloads skipped (\d+))?")
 
 
 def run_mode(model: str, load: list[str], args: argparse.Namespace, flags: list[str]) -> dict:
@@ -42,7 +43,10 @@ def run_mode(model: str, load: list[str], args: argparse.Namespace, flags: list[
         keys = ("offloaded_host", "offloaded_disk", "hit_blocks_host", "hit_blocks_disk",
                 "bad_disk_blocks", "disk_hits_skipped")
         res["tiers"] = dict(zip(keys, map(int, found[-1][:6])))
-        res["tiers"]["disk_ms_per_block"], res["tiers"]["prefill_ms_per_block"] = found[-1][6:]
+        res["tiers"]["disk_ms_per_block"], res["tiers"]["prefill_ms_per_block"] = found[-1][6:8]
+        if found[-1][8] is not None:
+            res["tiers"]["disk_writes_dropped"] = int(found[-1][8])
+            res["tiers"]["offloads_skipped_busy"] = int(found[-1][9])
     return res
 
 
@@ -64,6 +68,8 @@ def main() -> None:
     ap.add_argument("--think", type=float, default=1.0, help="seconds between turns (mean)")
     ap.add_argument("--rate", type=float, default=1.0, help="session arrivals per second")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--modes", default="off,host,host+disk")
+    ap.add_argument("--no-warm-restart", action="store_true")
     ap.add_argument("--repeats", type=int, default=2,
                     help="rounds of all modes, interleaved (the machine is shared and noisy)")
     ap.add_argument("--out", default="benchmarks/results/offload_cpu.json")
@@ -84,15 +90,19 @@ def main() -> None:
 
     modes = {"off": lambda i: [], "host": lambda i: ["--host-kv-gb", str(args.host_kv_gb)],
              "host+disk": disk}
-    runs: dict[str, list[dict]] = {m: [] for m in [*modes, "host+disk, warm restart"]}
+    modes = {m: f for m, f in modes.items() if m in args.modes.split(",")}
+    warm = "host+disk" in modes and not args.no_warm_restart
+    runs: dict[str, list[dict]] = {m: [] for m in [*modes, *(["host+disk, warm restart"]
+                                                               if warm else [])]}
     load_avg = {"start": os.getloadavg()}
     for i in range(args.repeats):
         for mode, flags in modes.items():
             runs[mode].append(run_mode(model, load, args, flags(i)))
             print(mode, json.dumps(runs[mode][-1]), flush=True)
-    # The same workload again on the last disk directory: a restarted worker's blocks.
-    runs["host+disk, warm restart"].append(run_mode(model, load, args, disk(args.repeats - 1)))
-    print("warm restart", json.dumps(runs["host+disk, warm restart"][-1]), flush=True)
+    if warm:  # the same workload again on the last disk directory: a restarted worker's
+        runs["host+disk, warm restart"].append(  # blocks
+            run_mode(model, load, args, disk(args.repeats - 1)))
+        print("warm restart", json.dumps(runs["host+disk, warm restart"][-1]), flush=True)
     results = {m: {"ttft_p50_ms_median": statistics.median(r["ttft_p50_ms"] for r in rs),
                    "ttft_p99_ms_median": statistics.median(r["ttft_p99_ms"] for r in rs),
                    "hit_ratio": rs[-1]["hit_ratio"], "tiers": rs[-1].get("tiers"), "runs": rs}

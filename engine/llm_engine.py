@@ -152,10 +152,12 @@ class LLMEngine:
             st = self.tiers.stats
             log.info("tiered KV totals: offloaded host %d disk %d; hits host %d disk %d; "
                      "bad disk blocks dropped %d; disk hits skipped %d (slower than "
-                     "recompute: disk %s ms/block, prefill %s ms/block)",
+                     "recompute: disk %s ms/block, prefill %s ms/block); disk writes dropped "
+                     "%d (disk behind); offloads skipped %d (host slots all being written)",
                      st.offloaded_to_host, st.offloaded_to_disk, st.hits["host"],
                      st.hits["disk"], st.dropped_bad_disk_blocks, st.disk_hits_skipped,
-                     _ms(self.tiers.disk_s_per_block), _ms(self.kv.recompute_s_per_block))
+                     _ms(self.tiers.disk_s_per_block), _ms(self.kv.recompute_s_per_block),
+                     st.disk_writes_dropped, st.offloads_skipped_busy)
             self.tiers.close()
             self.tiers = None
         if self.tp is not None:

@@ -93,6 +93,12 @@ class DiskTier:
                                         name="baton-disk-kv")
         self._writer.start()
 
+    @property
+    def backlog(self) -> int:
+        """Puts queued or being written: how far the disk is behind."""
+        with self._lock:
+            return self._queued
+
     def _path(self, block_hash: int) -> Path:
         return self.dir / f"{block_hash:016x}.kvb"
 

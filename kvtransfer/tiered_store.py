@@ -43,6 +43,10 @@ class TierStats:
     hits: dict[str, int] = field(default_factory=lambda: {"host": 0, "disk": 0})
     dropped_bad_disk_blocks: int = 0
     disk_hits_skipped: int = 0  # slower than recomputing, by the measured costs
+    # Write-behind is best effort: when the disk falls behind, blocks leave G2 without a
+    # copy on disk, and an offload finding every slot still being written is skipped.
+    disk_writes_dropped: int = 0
+    offloads_skipped_busy: int = 0
 
 
 class TieredStore:
@@ -66,6 +70,9 @@ class TieredStore:
                      if disk_dir is not None and disk_blocks > 0 else None)
         self.stats = TierStats()
         self.disk_s_per_block: float | None = None  # measured, moving average
+        # Most blocks that may wait for the disk writer (reserved host slots); past it,
+        # demoted blocks are dropped rather than queued.
+        self.max_disk_backlog = max(1, min(256, host_blocks // 2))
         self._disk_decisions = 0
         log.info("tiered KV: host %d blocks (%.2f GiB%s), disk %s", host_blocks,
                  self.host.numel() * self.host.element_size() / 2**30,
@@ -83,6 +90,9 @@ class TieredStore:
                 self.stats.offloaded_to_disk += 1
             return
         slot = self._take_slot()
+        if slot is None:
+            self.stats.offloads_skipped_busy += 1
+            return
         self.host[slot].copy_(self.kv_cache[block_id], non_blocking=True)
         if self.kv_cache.is_cuda:
             ev = torch.cuda.Event()
@@ -92,14 +102,14 @@ class TieredStore:
         self.events.record("stored", block_hash, Tier.HOST)
         self.stats.offloaded_to_host += 1
 
-    def _take_slot(self) -> int:
+    def _take_slot(self) -> int | None:
+        """A free host slot, or None when every one is still being written to disk: the
+        engine thread never waits for the disk (the block is simply not kept)."""
         self._reclaim()
         if not self._free_slots and self._host_index:
             self._demote_oldest()
             self._reclaim()
-        if not self._free_slots:  # every slot is on its way to disk: wait for one
-            self._free_slots.append(self._returned.get())
-        return self._free_slots.pop()
+        return self._free_slots.pop() if self._free_slots else None
 
     def _reclaim(self) -> None:
         while True:
@@ -112,6 +122,10 @@ class TieredStore:
         block_hash, (slot, tokens) = self._host_index.popitem(last=False)
         self.events.record("removed", block_hash, Tier.HOST)
         if self.disk is None or block_hash in self.disk:
+            self._free_slots.append(slot)
+            return
+        if self.disk.backlog >= self.max_disk_backlog:
+            self.stats.disk_writes_dropped += 1
             self._free_slots.append(slot)
             return
         ev = self._slot_ready.pop(slot, None)

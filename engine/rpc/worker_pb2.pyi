@@ -157,6 +157,36 @@ class BlockData(_message.Message):
     data: bytes
     def __init__(self, data: _Optional[bytes] = ...) -> None: ...
 
+class NcclConnectRequest(_message.Message):
+    __slots__ = ("peer", "unique_id")
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    UNIQUE_ID_FIELD_NUMBER: _ClassVar[int]
+    peer: str
+    unique_id: bytes
+    def __init__(self, peer: _Optional[str] = ..., unique_id: _Optional[bytes] = ...) -> None: ...
+
+class NcclConnectResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class NcclSendRequest(_message.Message):
+    __slots__ = ("request_id", "peer", "seq", "block_ids", "run_lengths")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_IDS_FIELD_NUMBER: _ClassVar[int]
+    RUN_LENGTHS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    peer: str
+    seq: int
+    block_ids: _containers.RepeatedScalarFieldContainer[int]
+    run_lengths: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., peer: _Optional[str] = ..., seq: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ..., run_lengths: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class NcclSendResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class StatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

@@ -64,6 +64,16 @@ class WorkerStub(object):
                 request_serializer=engine_dot_rpc_dot_worker__pb2.KVEventsRequest.SerializeToString,
                 response_deserializer=engine_dot_rpc_dot_worker__pb2.KVEventsMessage.FromString,
                 _registered_method=True)
+        self.NcclConnect = channel.unary_unary(
+                '/baton.worker.Worker/NcclConnect',
+                request_serializer=engine_dot_rpc_dot_worker__pb2.NcclConnectRequest.SerializeToString,
+                response_deserializer=engine_dot_rpc_dot_worker__pb2.NcclConnectResponse.FromString,
+                _registered_method=True)
+        self.NcclSend = channel.unary_unary(
+                '/baton.worker.Worker/NcclSend',
+                request_serializer=engine_dot_rpc_dot_worker__pb2.NcclSendRequest.SerializeToString,
+                response_deserializer=engine_dot_rpc_dot_worker__pb2.NcclSendResponse.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer(object):
@@ -105,6 +115,18 @@ class WorkerServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def NcclConnect(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def NcclSend(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -137,6 +159,16 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.KVEvents,
                     request_deserializer=engine_dot_rpc_dot_worker__pb2.KVEventsRequest.FromString,
                     response_serializer=engine_dot_rpc_dot_worker__pb2.KVEventsMessage.SerializeToString,
+            ),
+            'NcclConnect': grpc.unary_unary_rpc_method_handler(
+                    servicer.NcclConnect,
+                    request_deserializer=engine_dot_rpc_dot_worker__pb2.NcclConnectRequest.FromString,
+                    response_serializer=engine_dot_rpc_dot_worker__pb2.NcclConnectResponse.SerializeToString,
+            ),
+            'NcclSend': grpc.unary_unary_rpc_method_handler(
+                    servicer.NcclSend,
+                    request_deserializer=engine_dot_rpc_dot_worker__pb2.NcclSendRequest.FromString,
+                    response_serializer=engine_dot_rpc_dot_worker__pb2.NcclSendResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -301,6 +333,60 @@ class Worker(object):
             '/baton.worker.Worker/KVEvents',
             engine_dot_rpc_dot_worker__pb2.KVEventsRequest.SerializeToString,
             engine_dot_rpc_dot_worker__pb2.KVEventsMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NcclConnect(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.worker.Worker/NcclConnect',
+            engine_dot_rpc_dot_worker__pb2.NcclConnectRequest.SerializeToString,
+            engine_dot_rpc_dot_worker__pb2.NcclConnectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def NcclSend(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/baton.worker.Worker/NcclSend',
+            engine_dot_rpc_dot_worker__pb2.NcclSendRequest.SerializeToString,
+            engine_dot_rpc_dot_worker__pb2.NcclSendResponse.FromString,
             options,
             channel_credentials,
             insecure,
