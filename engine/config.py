@@ -40,6 +40,10 @@ class EngineConfig:
     disk_kv_dir: str | None = None
     disk_kv_gb: float = 0.0
     disk_kv_blocks: int | None = None
+    # Bounded (default): when the disk writer falls behind, blocks leave the host tier
+    # without a disk copy rather than stall the engine. Lossless: the engine waits (tests,
+    # and machines whose disk outruns eviction).
+    disk_kv_lossless: bool = False
 
     def __post_init__(self) -> None:
         def check(ok: bool, flag: str, msg: str) -> None:

@@ -61,7 +61,8 @@ def make_tiered_store(cfg: EngineConfig, runner: ModelRunner, events: EventRecor
     ident = xxhash.xxh3_128_digest(repr((
         cfg.model, cfg.load_format, cfg.seed, sorted(dataclasses.asdict(mc).items(), key=str),
         dataclasses.astuple(runner.kv_spec), runner.pc.tp_rank, runner.pc.tp_size)).encode())
-    return TieredStore(runner.kv_cache, host, events, cfg.disk_kv_dir, disk, ident)
+    return TieredStore(runner.kv_cache, host, events, cfg.disk_kv_dir, disk, ident,
+                       lossless_disk=cfg.disk_kv_lossless)
 
 
 def _ms(seconds: float | None) -> str:

@@ -52,7 +52,7 @@ class TierStats:
 class TieredStore:
     def __init__(self, kv_cache: torch.Tensor, host_blocks: int, events: EventRecorder,
                  disk_dir: str | Path | None = None, disk_blocks: int = 0,
-                 identity: bytes = b"\0" * 16) -> None:
+                 identity: bytes = b"\0" * 16, lossless_disk: bool = False) -> None:
         self.kv_cache = kv_cache  # [num_blocks(+scratch), ...]: one block is one region
         self.events = events
         self.block_shape = tuple(kv_cache.shape[1:])
@@ -73,6 +73,7 @@ class TieredStore:
         # Most blocks that may wait for the disk writer (reserved host slots); past it,
         # demoted blocks are dropped rather than queued.
         self.max_disk_backlog = max(1, min(256, host_blocks // 2))
+        self.lossless_disk = lossless_disk  # wait for the writer instead of dropping
         self._disk_decisions = 0
         log.info("tiered KV: host %d blocks (%.2f GiB%s), disk %s", host_blocks,
                  self.host.numel() * self.host.element_size() / 2**30,
@@ -109,6 +110,8 @@ class TieredStore:
         if not self._free_slots and self._host_index:
             self._demote_oldest()
             self._reclaim()
+        if not self._free_slots and self.lossless_disk and self.disk is not None:
+            self._free_slots.append(self._returned.get())
         return self._free_slots.pop() if self._free_slots else None
 
     def _reclaim(self) -> None:
@@ -124,7 +127,7 @@ class TieredStore:
         if self.disk is None or block_hash in self.disk:
             self._free_slots.append(slot)
             return
-        if self.disk.backlog >= self.max_disk_backlog:
+        if not self.lossless_disk and self.disk.backlog >= self.max_disk_backlog:
             self.stats.disk_writes_dropped += 1
             self._free_slots.append(slot)
             return

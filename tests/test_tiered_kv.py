@@ -63,7 +63,7 @@ def test_blocks_come_back_from_host_memory_token_exact(reference) -> None:
 def test_disk_tier_serves_corrupt_blocks_never_and_survives_restart(reference, tmp_path) -> None:
     model, expected = reference
     kw = {"num_kv_blocks": 40, "host_kv_blocks": 2, "disk_kv_dir": str(tmp_path),
-          "disk_kv_blocks": 400}
+          "disk_kv_blocks": 400, "disk_kv_lossless": True}
     with LLM(str(model), **kw) as llm:
         run(llm, conversations())
         run(llm, filler())
@@ -103,7 +103,7 @@ def test_disk_hits_slower_than_recompute_are_skipped(reference, tmp_path) -> Non
     # block, the engine recomputes (output unchanged) and only probes the disk now and then.
     model, expected = reference
     with LLM(str(model), num_kv_blocks=40, host_kv_blocks=2, disk_kv_dir=str(tmp_path),
-             disk_kv_blocks=400) as llm:
+             disk_kv_blocks=400, disk_kv_lossless=True) as llm:
         run(llm, conversations())
         run(llm, filler())
         tiers = llm.engine.tiers
@@ -160,3 +160,20 @@ def test_disk_writes_release_their_buffers_exactly_once(tmp_path: Path) -> None:
     assert sorted(calls) == [1, 2, 3, 3]
     assert tier.get(3) == b"x" * 8 and tier.get(1) is None
     tier.close()
+
+
+def test_bounded_write_behind_drops_instead_of_waiting(reference, tmp_path) -> None:
+    # The default never stalls the engine on the disk: whatever the writer cannot take
+    # is dropped (counted), and outputs stay exact (dropped blocks are recomputed).
+    model, expected = reference
+    with LLM(str(model), num_kv_blocks=40, host_kv_blocks=2, disk_kv_dir=str(tmp_path),
+             disk_kv_blocks=400) as llm:
+        tiers = llm.engine.tiers
+        assert tiers.max_disk_backlog == 1 and not tiers.lossless_disk
+        run(llm, conversations())
+        run(llm, filler())
+        again = run(llm, conversations())
+        assert [t for t, _ in again] == expected
+        st = tiers.stats
+        assert st.offloaded_to_disk + st.disk_writes_dropped + st.offloads_skipped_busy > 0
+        assert_clean(llm)
