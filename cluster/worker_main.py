@@ -13,6 +13,7 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.rpc import worker_pb2_grpc as pb_grpc
 from engine.rpc_server import GRPC_OPTIONS, WorkerContext, serve
+from kvtransfer.transfer import BACKENDS
 from prefill_worker.service import PrefillService
 
 READY_PREFIX = "BATON_WORKER_READY"
@@ -36,7 +37,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--kv-transfer", default="auto", choices=["auto", "nixl", "tcp"])
+    p.add_argument("--kv-transfer", default="auto", choices=BACKENDS,
+                   help="auto: nixl where it loads, else tcp; nccl (GPUs, CuPy) only when "
+                        "asked for")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attention-backend", default="auto", choices=["auto", "flashinfer", "torch"],
                    help="auto: FlashInfer on CUDA where it runs, else the torch reference")

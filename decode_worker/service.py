@@ -76,7 +76,12 @@ class DecodeService(WorkerService):
                         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                             "no KV blocks free on the decode worker")
                     await asyncio.sleep(0.01)
-            first = pb.TokenChunk(kv_transfer_backend=ctx.transfer.name)
+            own = ctx.transfer.name
+            if own != "tcp" and handle.backend and handle.backend != own:  # tcp reads any
+                raise RuntimeError(f"the prefill worker offers its KV over {handle.backend}, "
+                                   f"this decode worker pulls with {own}: start both with "
+                                   "the same --kv-transfer")
+            first = pb.TokenChunk(kv_transfer_backend=own)
             src = list(handle.block_ids[adm.num_local_hit_blocks : len(adm.fill_block_ids)
                                         + adm.num_local_hit_blocks])
             t0 = time.perf_counter()

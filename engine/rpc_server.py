@@ -1,5 +1,6 @@
-"""The gRPC worker service: the RPCs every role shares (Status, Release, ReadBlocks) and
-the server lifecycle. The roles' own RPCs live in prefill_worker/ and decode_worker/."""
+"""The gRPC worker service: the RPCs every role shares (Status, Release, ReadBlocks, and
+the prefill side of the nccl transfer: NcclConnect, NcclSend) and the server lifecycle.
+The roles' own RPCs live in prefill_worker/ and decode_worker/."""
 
 from __future__ import annotations
 
@@ -15,7 +16,16 @@ from engine.llm_engine import LLMEngine
 from engine.rpc import worker_pb2 as pb
 from engine.rpc import worker_pb2_grpc as pb_grpc
 from engine.worker import EngineWorker
-from kvtransfer.transfer import KVTransferBackend, PeerInfo, create_backend
+from kvtransfer.transfer import (
+    KVTransferBackend,
+    PeerInfo,
+    PlanRejected,
+    SendPlan,
+    create_backend,
+    split_runs,
+)
+from kvtransfer.transfer.nccl import NcclBackend
+from kvtransfer.transfer.nccl_link import LinkBroken
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +37,8 @@ KV_LAYOUT = "block,layer,kv,token,head,dim"
 
 
 class PeerChannels:
-    """One gRPC channel per peer worker, opened on first use."""
+    """One gRPC channel per peer worker, opened on first use; the transfer backends'
+    `ControlPlane`."""
 
     def __init__(self) -> None:
         self._stubs: dict[str, pb_grpc.WorkerStub] = {}
@@ -50,6 +61,20 @@ class PeerChannels:
             pb.ReadBlocksRequest(request_id=request_id, block_ids=block_ids))
         return [chunk.data async for chunk in call]
 
+    async def nccl_connect(self, address: str, peer: str, unique_id: bytes) -> None:
+        await self.stub(address).NcclConnect(
+            pb.NcclConnectRequest(peer=peer, unique_id=unique_id))
+
+    async def nccl_send(self, address: str, plan: SendPlan) -> None:
+        req = pb.NcclSendRequest(request_id=plan.request_id, peer=plan.peer, seq=plan.seq,
+                                 block_ids=plan.block_ids, run_lengths=plan.run_lengths)
+        try:
+            await self.stub(address).NcclSend(req)
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise PlanRejected(e.details()) from e
+            raise
+
     async def close(self) -> None:
         for ch in self._channels:
             await ch.close()
@@ -68,8 +93,7 @@ class WorkerContext:
         engine.events.worker_id = address  # routers know workers by address
         agent = f"baton-{role}-{os.getpid()}-{address.rsplit(':', 1)[-1]}"
         self.transfer: KVTransferBackend = create_backend(
-            kv_transfer, engine.runner.kv_cache, agent, self.peers.fetch_metadata,
-            self.peers.read_blocks)
+            kv_transfer, engine.runner.kv_cache, agent, self.peers)
 
     @property
     def engine(self) -> LLMEngine:
@@ -89,6 +113,14 @@ class WorkerContext:
     def peer_of(handle: pb.KVHandle) -> PeerInfo:
         return PeerInfo(handle.worker_address, handle.agent_name, handle.base_address,
                         handle.block_bytes)
+
+
+def check_held(e: LLMEngine, request_id: str, block_ids) -> None:
+    """A peer may read only blocks this worker holds for that request."""
+    held = e.held.get(request_id)
+    owned = set(held[0].block_table) if held else set()
+    if not set(block_ids) <= owned:
+        raise InvalidRequestError(f"blocks not held for {request_id!r}")
 
 
 async def abort_invalid(context: grpc.aio.ServicerContext, e: InvalidRequestError) -> None:
@@ -126,10 +158,7 @@ class WorkerService(pb_grpc.WorkerServicer):
 
     async def ReadBlocks(self, request, context):
         def read(e: LLMEngine) -> list[bytes]:
-            held = e.held.get(request.request_id)
-            owned = set(held[0].block_table) if held else set()
-            if not set(request.block_ids) <= owned:
-                raise InvalidRequestError(f"blocks not held for {request.request_id!r}")
+            check_held(e, request.request_id, request.block_ids)
             return self.ctx.transfer.read_blocks(list(request.block_ids))
 
         try:
@@ -140,6 +169,41 @@ class WorkerService(pb_grpc.WorkerServicer):
         for chunk in chunks:
             yield pb.BlockData(data=chunk)
 
+    async def NcclConnect(self, request, context):
+        backend = await self._nccl(context)
+        try:
+            await backend.accept(request.peer, request.unique_id)
+        except Exception as e:  # a join that failed or timed out: the caller retries later
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                f"NCCL join with {request.peer} failed: {e}")
+        return pb.NcclConnectResponse()
+
+    async def NcclSend(self, request, context):
+        backend = await self._nccl(context)
+        ids = list(request.block_ids)
+
+        def check(e: LLMEngine):
+            check_held(e, request.request_id, ids)
+            return backend.compute_marker()  # between steps: the KV is written by now
+
+        try:
+            runs = split_runs(ids, list(request.run_lengths))
+            after = await self.ctx.worker.call(check)
+        except ValueError as e:  # InvalidRequestError too: nothing is queued
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        try:
+            backend.queue_send(request.peer, request.seq, runs, after)
+        except LinkBroken as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        return pb.NcclSendResponse()
+
+    async def _nccl(self, context: grpc.aio.ServicerContext) -> NcclBackend:
+        backend = self.ctx.transfer
+        if not isinstance(backend, NcclBackend):
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                f"this worker moves KV with {backend.name}, not nccl: start "
+                                "both sides with the same --kv-transfer")
+        return backend
 
     async def KVEvents(self, request, context):
         w = self.ctx.worker

@@ -1,9 +1,20 @@
 """KV block transfer backends behind one interface (`KVTransferBackend`): `nixl` (one-sided
-READ by the decode worker from the prefill worker's registered KV memory) and `tcp`
-(blocks streamed over the prefill worker's gRPC channel). `create_backend("auto")` takes
-NIXL when it loads and says why when it falls back."""
+READ by the decode worker from the prefill worker's registered KV memory), `nccl` (NCCL
+send/recv between the two GPUs, one communicator per worker pair) and `tcp` (blocks
+streamed over the prefill worker's gRPC channel). `create_backend("auto")` takes NIXL when
+it loads and says why when it falls back."""
 
-from kvtransfer.transfer.base import BlockRun, KVTransferBackend, PeerInfo, coalesce
-from kvtransfer.transfer.registry import create_backend
+from kvtransfer.transfer.base import (
+    BlockRun,
+    ControlPlane,
+    KVTransferBackend,
+    PeerInfo,
+    PlanRejected,
+    SendPlan,
+    coalesce,
+    split_runs,
+)
+from kvtransfer.transfer.registry import BACKENDS, create_backend
 
-__all__ = ["BlockRun", "KVTransferBackend", "PeerInfo", "coalesce", "create_backend"]
+__all__ = ["BACKENDS", "BlockRun", "ControlPlane", "KVTransferBackend", "PeerInfo",
+           "PlanRejected", "SendPlan", "coalesce", "create_backend", "split_runs"]

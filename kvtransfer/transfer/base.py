@@ -6,6 +6,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -33,6 +34,38 @@ def coalesce(src_ids: Sequence[int], dst_ids: Sequence[int]) -> list[BlockRun]:
     return runs
 
 
+def split_runs(block_ids: Sequence[int], run_lengths: Sequence[int]) -> list[tuple[int, int]]:
+    """(first block, count) of each run, checking that `run_lengths` cut `block_ids` into
+    runs of consecutive ids: how a prefill worker reads the runs a decode worker asks for."""
+    if any(n <= 0 for n in run_lengths) or sum(run_lengths) != len(block_ids):
+        raise ValueError(f"run lengths {list(run_lengths)[:8]}... do not cover "
+                         f"{len(block_ids)} blocks")
+    runs, i = [], 0
+    for n in run_lengths:
+        start = block_ids[i]
+        if list(block_ids[i : i + n]) != list(range(start, start + n)):
+            raise ValueError(f"blocks {list(block_ids[i : i + n])[:8]} are not one run")
+        runs.append((start, n))
+        i += n
+    return runs
+
+
+@dataclass(frozen=True)
+class SendPlan:
+    """One nccl pull as the decode worker asks for it (NcclSend on the wire)."""
+
+    request_id: str
+    peer: str  # the decode worker's transfer name
+    seq: int  # transfers over this link before this one
+    block_ids: tuple[int, ...]  # source blocks, in the order they are sent
+    run_lengths: tuple[int, ...]
+
+
+class PlanRejected(Exception):
+    """The prefill worker refused a send plan before queuing anything (the blocks are not
+    held for that request, or the plan is malformed); the link stays usable."""
+
+
 @dataclass(frozen=True)
 class PeerInfo:
     """What a decode worker needs about the prefill worker holding a request's KV."""
@@ -47,6 +80,24 @@ class PeerInfo:
 MetadataFetcher = Callable[[str], Awaitable[bytes]]
 # Streams raw block bytes from a prefill worker: (address, request_id, block_ids) -> chunks.
 BlockReader = Callable[[str, str, list[int]], Awaitable[list[bytes]]]
+# Asks a prefill worker to join an NCCL communicator: (address, our name, unique id).
+NcclConnector = Callable[[str, str, bytes], Awaitable[None]]
+# Asks a prefill worker to queue the sends of one pull: (address, plan).
+NcclSendRequester = Callable[[str, SendPlan], Awaitable[None]]
+
+
+class ControlPlane(Protocol):
+    """The calls a decode worker's backend makes to prefill workers (over gRPC:
+    `engine.rpc_server.PeerChannels`); each backend takes the ones it needs."""
+
+    async def fetch_metadata(self, address: str) -> bytes: ...
+
+    async def read_blocks(self, address: str, request_id: str, block_ids: list[int]
+                          ) -> list[bytes]: ...
+
+    async def nccl_connect(self, address: str, peer: str, unique_id: bytes) -> None: ...
+
+    async def nccl_send(self, address: str, plan: SendPlan) -> None: ...
 
 
 class KVTransferBackend(abc.ABC):

@@ -1,0 +1,230 @@
+"""The data path of the nccl backend, without a control plane. An `NcclLink` owns one
+2-rank NCCL communicator (CuPy's `cupy.cuda.nccl`) between a prefill worker (rank 0, which
+sends) and a decode worker (rank 1, which receives), a CUDA stream of its own and a thread
+that joins the communicator and then runs transfers one at a time, in submission order.
+
+A transfer is a list of block runs (first block, count); each run is one contiguous region
+of the KV tensor, so it moves with one ncclSend on one side and one ncclRecv on the other,
+grouped (`groupStart`/`groupEnd`) so NCCL runs them together. NCCL pairs the k-th send with
+the k-th receive, so both sides must submit the same runs in the same order: that order is
+the protocol, and callers serialize transfers per link. The benchmark
+(benchmarks/gpu_transfer.py) drives links directly, with a pipe for control."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import queue
+import threading
+from collections.abc import Sequence
+
+log = logging.getLogger(__name__)
+
+SENDER, RECEIVER = 0, 1  # ranks: prefill, decode
+UNIQUE_ID_BYTES = 128
+# NCCL documents at most 2048 operations between groupStart and groupEnd; longer transfers
+# are issued as consecutive groups, split the same way on both sides.
+MAX_OPS_PER_GROUP = 1024
+
+Runs = Sequence[tuple[int, int]]  # (first block, count), in transfer order
+
+
+class LinkBroken(RuntimeError):
+    """The link failed or was aborted; its two sides may disagree on what moved, so it is
+    never used again (the backend makes a new one)."""
+
+
+def unique_id_to_bytes(uid: Sequence[int]) -> bytes:
+    """CuPy gives the ncclUniqueId as 128 C chars (signed on x86, unsigned on Arm)."""
+    if len(uid) != UNIQUE_ID_BYTES:
+        raise ValueError(f"an NCCL unique id has {UNIQUE_ID_BYTES} bytes, got {len(uid)}")
+    return bytes(b & 0xFF for b in uid)
+
+
+def new_unique_id() -> bytes:
+    """A fresh ncclUniqueId; its maker hosts the rendezvous while the two ranks join."""
+    from cupy.cuda import nccl
+
+    return unique_id_to_bytes(nccl.get_unique_id())
+
+
+def unique_id_candidates(data: bytes) -> list[tuple[int, ...]]:
+    """The id as CuPy takes it back: signed chars first, then unsigned (CuPy rejects the
+    wrong one with OverflowError before it calls NCCL, so trying both is safe)."""
+    if len(data) != UNIQUE_ID_BYTES:
+        raise ValueError(f"an NCCL unique id has {UNIQUE_ID_BYTES} bytes, got {len(data)}")
+    signed = tuple(b - 256 if b > 127 else b for b in data)
+    unsigned = tuple(data)
+    return [signed] if signed == unsigned else [signed, unsigned]
+
+
+def run_extents(runs: Runs, block_bytes: int) -> list[tuple[int, int]]:
+    """(byte offset into the KV tensor, byte count) of each run, in order."""
+    return [(start * block_bytes, count * block_bytes) for start, count in runs]
+
+
+def group_batches(num_ops: int, max_ops: int = MAX_OPS_PER_GROUP) -> list[range]:
+    """Consecutive operation index ranges, one NCCL group each."""
+    return [range(i, min(i + max_ops, num_ops)) for i in range(0, num_ops, max_ops)]
+
+
+def compute_marker(device: int, compute_stream: int = 0):
+    """A CUDA event recorded now on the compute stream. Recorded between engine steps
+    (under the engine lock: a step ends with a host sync), it completes at once, so a
+    transfer waiting on it does not also wait for the step running when its turn comes."""
+    import cupy
+
+    with cupy.cuda.Device(device):
+        event = cupy.cuda.Event(disable_timing=True)
+        cupy.cuda.runtime.eventRecord(event.ptr, compute_stream)
+    return event
+
+
+class NcclLink:
+    """One side of a prefill-decode link over the KV tensor at `base_address` on `device`.
+    `ready` resolves once the communicator is joined (both sides must join concurrently);
+    transfers submitted before that wait behind the join."""
+
+    def __init__(self, rank: int, unique_id: bytes, device: int, base_address: int,
+                 block_bytes: int, name: str, compute_stream: int = 0) -> None:
+        if rank not in (SENDER, RECEIVER):
+            raise ValueError(f"rank must be {SENDER} (sender) or {RECEIVER} (receiver)")
+        self.rank = rank
+        self.device = device
+        self.base_address = base_address
+        self.block_bytes = block_bytes
+        self.name = name
+        # The stream the engine computes on: transfers start after the work queued on it.
+        self.compute_stream = compute_stream
+        self._uid = unique_id_candidates(unique_id)
+        self.ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self.broken = False
+        self._comm = None
+        self._lock = threading.Lock()  # `broken` and `_comm` change together
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=f"nccl-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, runs: Runs, after=None) -> concurrent.futures.Future[int]:
+        """Queue one transfer of these runs (sent from rank 0, received on rank 1); the
+        future gives the bytes moved once the transfer stream has finished them. It starts
+        after CUDA event `after` (see `compute_marker`), or by default after all the work
+        queued on the compute stream when its turn comes."""
+        fut: concurrent.futures.Future[int] = concurrent.futures.Future()
+        if self.broken:
+            fut.set_exception(LinkBroken(f"NCCL link {self.name} is broken"))
+        else:
+            self._jobs.put((fut, list(runs), after))
+        return fut
+
+    def abort(self) -> None:
+        """Abort the communicator (kernels waiting on a dead peer return) and stop the
+        thread. Any thread may call it, more than once."""
+        with self._lock:
+            self.broken = True
+            comm, self._comm = self._comm, None
+        self._jobs.put(None)
+        if comm is not None:
+            try:
+                comm.abort()
+            except Exception as e:  # already torn down: nothing left to stop
+                log.warning("NCCL link %s: abort failed: %s", self.name, e)
+
+    def _run(self) -> None:
+        if not self.ready.set_running_or_notify_cancel():
+            return
+        try:
+            self._join()
+        except BaseException as e:
+            self.broken = True
+            self.ready.set_exception(e)
+            self._fail_queued(e)
+            return
+        self.ready.set_result(None)
+        while (job := self._jobs.get()) is not None:
+            fut, runs, after = job
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(self._transfer(runs, after))
+            except BaseException as e:
+                self.broken = True  # the sides may now disagree on what moved
+                fut.set_exception(e)
+                break
+        self._fail_queued(LinkBroken(f"NCCL link {self.name} is closed"))
+
+    def _fail_queued(self, err: BaseException) -> None:
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None and job[0].set_running_or_notify_cancel():
+                job[0].set_exception(err)
+
+    def _join(self) -> None:
+        import cupy
+        from cupy.cuda import nccl
+
+        cupy.cuda.runtime.setDevice(self.device)  # this thread's device, for NCCL too
+        self._stream = cupy.cuda.Stream(non_blocking=True)  # never waits on the compute stream
+        self._after_compute = cupy.cuda.Event(disable_timing=True)
+        self._done = cupy.cuda.Event(disable_timing=True)
+        comm = None
+        for uid in self._uid:
+            try:
+                comm = nccl.NcclCommunicator(2, uid, self.rank)
+                break
+            except OverflowError:  # this CuPy reads the id with the other char signedness
+                continue
+        if comm is None:
+            raise ValueError("CuPy accepts the NCCL unique id neither as signed nor as "
+                             "unsigned chars")
+        with self._lock:
+            aborted = self.broken
+            if not aborted:
+                self._comm = comm
+        if aborted:  # while joining
+            comm.abort()
+            raise LinkBroken(f"NCCL link {self.name} was aborted while joining")
+        # The first send/recv between two ranks sets up their connection, which needs both
+        # sides; doing it here keeps that cost (and that rendezvous) out of the first pull.
+        scratch = cupy.zeros(1, dtype=cupy.uint8)
+        op = comm.send if self.rank == SENDER else comm.recv
+        op(scratch.data.ptr, 1, nccl.NCCL_INT8, 1 - self.rank, self._stream.ptr)
+        self._stream.synchronize()
+        if self._comm is None:
+            raise LinkBroken(f"NCCL link {self.name} was aborted while connecting")
+
+    def _transfer(self, runs: Runs, after) -> int:
+        from cupy.cuda import nccl, runtime
+
+        comm = self._comm
+        if comm is None:
+            raise LinkBroken(f"NCCL link {self.name} is aborted")
+        # Invariant: a transfer touches its blocks only after the compute work queued before
+        # it was asked for: on the prefill side the step that wrote them, on the decode side
+        # any copy or kernel still reading blocks that were freed and handed to this pull
+        # (a host-tier offload of an evicted block, say).
+        if after is None:
+            runtime.eventRecord(self._after_compute.ptr, self.compute_stream)
+            after = self._after_compute
+        self._stream.wait_event(after)
+        op = comm.send if self.rank == SENDER else comm.recv
+        peer = 1 - self.rank
+        extents = run_extents(runs, self.block_bytes)
+        for batch in group_batches(len(extents)):
+            nccl.groupStart()
+            try:
+                for i in batch:
+                    offset, nbytes = extents[i]
+                    op(self.base_address + offset, nbytes, nccl.NCCL_INT8, peer,
+                       self._stream.ptr)
+            finally:
+                nccl.groupEnd()
+        self._done.record(self._stream)
+        self._done.synchronize()  # GIL released; abort() from another thread ends a hang
+        if self._comm is None:
+            raise LinkBroken(f"NCCL link {self.name} was aborted during a transfer")
+        comm.check_async_error()
+        return sum(nbytes for _, nbytes in extents)

@@ -1,0 +1,99 @@
+"""The nccl transfer backend on CPU: its pure pieces (run splitting, unique-id bytes, group
+batching), the wire messages and the flag's errors without CUDA. The transfers themselves
+need two GPUs: tests/test_nccl_gpu.py and benchmarks/gpu_transfer.py (not yet run)."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+
+from engine.rpc import worker_pb2 as pb
+from engine.rpc import worker_pb2_grpc as pb_grpc
+from kvtransfer.transfer import create_backend, split_runs
+from kvtransfer.transfer.nccl_link import (
+    group_batches,
+    run_extents,
+    unique_id_candidates,
+    unique_id_to_bytes,
+)
+
+# -- pure pieces --------------------------------------------------------------------------
+
+
+def test_split_runs_reads_the_runs_a_decode_worker_cut():
+    assert split_runs([5, 6, 7, 20, 3, 4], [3, 1, 2]) == [(5, 3), (20, 1), (3, 2)]
+    assert split_runs([], []) == []
+
+
+@pytest.mark.parametrize("ids,lengths", [([5, 6, 8], [3]), ([5, 6], [1]), ([5, 6], [2, 0]),
+                                         ([5, 6], [3, -1])])
+def test_split_runs_rejects_plans_that_are_not_runs(ids, lengths):
+    with pytest.raises(ValueError):
+        split_runs(ids, lengths)
+
+
+def test_unique_id_survives_the_wire_in_both_char_signednesses():
+    raw = bytes(range(64, 192))  # values above 127 included
+    signed = tuple(b - 256 if b > 127 else b for b in raw)  # what CuPy gives on x86
+    assert unique_id_to_bytes(signed) == raw
+    assert unique_id_to_bytes(tuple(raw)) == raw  # ... and on Arm
+    assert unique_id_candidates(raw) == [signed, tuple(raw)]
+    assert unique_id_candidates(bytes(128)) == [tuple(bytes(128))]
+    with pytest.raises(ValueError):
+        unique_id_candidates(b"short")
+
+
+def test_runs_become_byte_extents_in_groups_of_bounded_size():
+    assert run_extents([(3, 2), (0, 1)], 4096) == [(3 * 4096, 2 * 4096), (0, 4096)]
+    batches = group_batches(2500, max_ops=1024)
+    assert [len(b) for b in batches] == [1024, 1024, 452]
+    assert [i for b in batches for i in b] == list(range(2500))
+    assert group_batches(0) == []
+
+
+def test_nccl_messages_round_trip_and_are_served():
+    req = pb.NcclSendRequest(request_id="r1", peer="baton-decode-1-5000", seq=7,
+                             block_ids=[5, 6, 7, 20], run_lengths=[3, 1])
+    back = pb.NcclSendRequest.FromString(req.SerializeToString())
+    assert back == req and list(back.run_lengths) == [3, 1] and back.seq == 7
+    conn = pb.NcclConnectRequest(peer="d", unique_id=bytes(range(128)))
+    assert pb.NcclConnectRequest.FromString(conn.SerializeToString()).unique_id == \
+        bytes(range(128))
+    assert hasattr(pb_grpc.WorkerStub, "__init__")
+    assert {"NcclConnect", "NcclSend"} <= set(dir(pb_grpc.WorkerServicer))
+
+
+# -- the flag -----------------------------------------------------------------------------
+
+
+class _NoControl:
+    async def fetch_metadata(self, address):
+        raise AssertionError
+
+    async def read_blocks(self, address, request_id, block_ids):
+        raise AssertionError
+
+    async def nccl_connect(self, address, peer, unique_id):
+        raise AssertionError
+
+    async def nccl_send(self, address, plan):
+        raise AssertionError
+
+
+def test_nccl_without_cuda_is_an_error_naming_the_flag():
+    kv = torch.zeros(8, 4)
+    with pytest.raises(RuntimeError, match=r"--kv-transfer nccl: .*--device cuda"):
+        create_backend("nccl", kv, "w", _NoControl())
+    with pytest.raises(ValueError, match="nccl"):
+        create_backend("nvlink", kv, "w", _NoControl())
+    assert create_backend("auto", kv, "w", _NoControl()).name in ("nixl", "tcp")
+
+
+def test_worker_cli_takes_nccl():
+    from cluster.worker_main import add_engine_args
+
+    p = argparse.ArgumentParser()
+    add_engine_args(p)
+    assert p.parse_args(["--kv-transfer", "nccl"]).kv_transfer == "nccl"
