@@ -4,11 +4,14 @@ in-memory one, idempotent under several appliers, and leases that expire."""
 from __future__ import annotations
 
 import asyncio
+import random
 import time
+
+import redis
 
 from kvtransfer.events import CLEARED, REMOVED, STORED, KVEvent, KVEventBatch, Tier
 from kvtransfer.hashing import block_hashes
-from router.prefix_index import Overlap
+from router.prefix_index import InMemoryPrefixIndex, Overlap
 from router.redis_index import RedisPrefixIndex
 
 H = block_hashes(list(range(64)), 16)
@@ -63,6 +66,75 @@ def test_expired_lease_hides_a_worker(redis_url):
         assert await idx.expired_workers() == ["w1"]
         await idx.renew_lease("w1")
         assert (await idx.lookup(H))["w1"].total == 4
+        await idx.renew_lease("w9")  # live but never synced: holds nothing
+        assert (await idx.lookup(H))["w9"] == Overlap()
         await idx.close()
+
+    run(scenario())
+
+
+def check_layout(url: str) -> None:
+    """The invariants of router/redis_index.py: byte p of a block's string is non-zero iff
+    the block is in the set of slot p's worker; no string is all zeros; slots are unique."""
+    r = redis.Redis.from_url(url)
+    slots = {w.decode(): int(p) for w, p in r.hgetall("baton:slots").items()}
+    assert len(set(slots.values())) == len(slots)
+    held: dict[int, set[str]] = {}
+    for key in r.scan_iter("baton:b:*"):
+        v = r.get(key)
+        assert any(v) and max(v) < 8, (key, v)
+        for p, mask in enumerate(v):
+            if mask:
+                held.setdefault(p, set()).add(key.decode().removeprefix("baton:b:"))
+    for w, p in slots.items():
+        assert {x.decode() for x in r.smembers(f"baton:wblk:{w}")} == held.pop(p, set()), w
+    assert not held, held  # nothing left behind by a freed slot
+    r.close()
+
+
+def test_random_events_match_the_in_memory_index(redis_url):
+    """Stores, removals, clears in every tier, resyncs, removals and slot reuse, applied
+    through two router replicas (sometimes both): the same answers as the in-memory index."""
+    url, _ = redis_url
+    rng = random.Random(1)
+    pool = block_hashes(list(range(16 * 24)), 16)
+
+    async def scenario():
+        routers = [RedisPrefixIndex(url), RedisPrefixIndex(url)]
+        mem, eids = InMemoryPrefixIndex(), {}
+        for step in range(400):
+            w = f"w{rng.randrange(10)}"
+            r = rng.random()
+            if w not in eids or r < 0.02:
+                snap = [(h, Tier(rng.randrange(3))) for h in pool[: rng.randrange(len(pool))]]
+                mem.resync(w, "i1", 0, snap)
+                await rng.choice(routers).resync(w, "i1", 0, snap)
+                eids[w] = 0
+            elif r < 0.05:
+                mem.remove_worker(w)
+                await rng.choice(routers).remove_worker(w)
+                del eids[w]
+            else:
+                events = []
+                for _ in range(rng.randint(1, 4)):
+                    a = rng.randrange(len(pool))
+                    kind = CLEARED if rng.random() < 0.03 else rng.choice([STORED, REMOVED])
+                    events.append(KVEvent(kind, [] if kind == CLEARED else
+                                          pool[a : a + rng.randint(1, 8)],
+                                          tier=Tier(rng.choice([0, 0, 1, 2]))))
+                eids[w] += 1
+                assert mem.apply(b(w, eids[w], *events))
+                for idx in rng.sample(routers, rng.randint(1, 2)):
+                    assert await idx.apply(b(w, eids[w], *events))
+            if step % 10 == 0:
+                check_layout(url)
+            query = pool[: rng.randrange(len(pool) + 1)]
+            if query and rng.random() < 0.3:
+                query[rng.randrange(len(query))] = 12345  # a block nobody holds
+            assert await rng.choice(routers).lookup(query) == mem.lookup(query)
+        check_layout(url)
+        assert any(o.host or o.disk for o in mem.lookup(pool).values())
+        for idx in routers:
+            await idx.close()
 
     run(scenario())
