@@ -120,6 +120,12 @@ class KVTransferBackend(abc.ABC):
     def metadata(self) -> bytes:
         return b""
 
+    def check_layout(self, peer: PeerInfo) -> None:
+        """Blocks are copied byte for byte: both sides must cut the cache the same way."""
+        if peer.block_bytes != self.block_bytes:
+            raise ValueError(f"peer blocks are {peer.block_bytes} bytes, ours "
+                             f"{self.block_bytes}: layouts differ")
+
     @abc.abstractmethod
     async def pull(self, peer: PeerInfo, request_id: str, src_block_ids: Sequence[int],
                    dst_block_ids: Sequence[int]) -> int:

@@ -164,9 +164,7 @@ class NcclBackend(KVTransferBackend):
                    dst_block_ids: Sequence[int]) -> int:
         if not src_block_ids:
             return 0
-        if peer.block_bytes != self.block_bytes:
-            raise ValueError(f"peer blocks are {peer.block_bytes} bytes, ours "
-                             f"{self.block_bytes}: layouts differ")
+        self.check_layout(peer)
         runs = coalesce(src_block_ids, dst_block_ids)
         nbytes = sum(r.count for r in runs) * self.block_bytes
         entry = await self._link_to(peer)

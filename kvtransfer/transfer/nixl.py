@@ -52,9 +52,7 @@ class NixlBackend(KVTransferBackend):
                    dst_block_ids: Sequence[int]) -> int:
         if not src_block_ids:
             return 0
-        if peer.block_bytes != self.block_bytes:
-            raise ValueError(f"peer blocks are {peer.block_bytes} bytes, ours "
-                             f"{self.block_bytes}: layouts differ")
+        self.check_layout(peer)
         remote_name = await self._ensure_peer(peer)
         bb = self.block_bytes
         runs = coalesce(src_block_ids, dst_block_ids)

@@ -5,15 +5,7 @@
 #   run(kind="nvidia-h200-x2", carry=[".whl/base", ".whl/flashinfer", ".whl/nixl", ".fi-aot"],
 #       command="bash scripts/gpu_calls/x2_tp_graphs_offload.sh")
 set -u
-source scripts/gpu_env.sh || exit 1
-export NCCL_DEBUG=WARN
-step() {  # step NAME SECONDS CMD...
-  local name=$1 lim=$2; shift 2
-  echo "=== $name start $(date +%T)"
-  timeout -k 10 "$lim" "$@" > "$OUT/$name.log" 2>&1
-  echo "=== $name rc=$? end $(date +%T)"
-  grep -v "NIXL INFO\|^\s*$\|random weights" "$OUT/$name.log" | tail -n 8 | cut -c1-1500
-}
+source scripts/gpu_calls/steps.sh
 ( CUDA_VISIBLE_DEVICES=1 step offload 300 python -m benchmarks.offload --device cuda \
     --preset llama-3.1-8b --kv-blocks 1024 --host-kv-gb 24 --disk-kv-gb 24 --systems 4 \
     --system-len 2048 --sessions 20 --turns 6 --msg-len 512 --out-len 64 --think 1.0 \

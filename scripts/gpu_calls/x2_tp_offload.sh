@@ -6,15 +6,7 @@
 #       command="bash scripts/gpu_calls/x2_tp_offload.sh")
 # Every step has its own time limit and log under $OUT, so one hang costs one step.
 set -u
-source scripts/gpu_env.sh || exit 1
-export NCCL_DEBUG=WARN
-step() {  # step NAME SECONDS CMD...
-  local name=$1 lim=$2; shift 2
-  echo "=== $name start $(date +%T)"
-  timeout -k 10 "$lim" "$@" > "$OUT/$name.log" 2>&1
-  echo "=== $name rc=$? end $(date +%T)"
-  grep -v "NIXL INFO\|^\s*$" "$OUT/$name.log" | tail -n 6
-}
+source scripts/gpu_calls/steps.sh
 nvidia-smi --query-gpu=index,name,memory.used --format=csv > "$OUT/gpus.txt"
 python -c "import nixl, flashinfer; print('nixl', nixl.__file__, 'flashinfer', flashinfer.__version__)"
 ( CUDA_VISIBLE_DEVICES=1 step offload 330 python -m benchmarks.offload --device cuda \

@@ -5,16 +5,7 @@
 #   run(kind="nvidia-h200-x2", carry=[".whl/base", ".whl/flashinfer", ".whl/nixl", ".fi-aot"],
 #       command="bash scripts/gpu_calls/x2_tp_profile_offload.sh")
 set -u
-source scripts/gpu_env.sh || exit 1
-export NCCL_DEBUG=WARN
-step() {  # step NAME SECONDS CMD...
-  local name=$1 lim=$2; shift 2
-  echo "=== $name start $(date +%T)"
-  timeout -k 10 "$lim" "$@" > "$OUT/$name.log" 2>&1
-  echo "=== $name rc=$? end $(date +%T)"
-  grep -v "NIXL INFO\|^\s*$\|random weights\|UserWarning\|return func" "$OUT/$name.log" \
-    | tail -n 24 | cut -c1-700
-}
+source scripts/gpu_calls/steps.sh
 ( CUDA_VISIBLE_DEVICES=1 step offload 260 python -m benchmarks.offload --device cuda \
     --preset llama-3.1-8b --kv-blocks 1024 --host-kv-gb 24 --disk-kv-gb 24 \
     --disk-mode-host-gb 2 --systems 4 --system-len 2048 --sessions 20 --turns 6 \

@@ -5,15 +5,7 @@
 #   run(kind="nvidia-h200-x2", carry=[".whl/base", ".whl/nixl"],
 #       command="bash scripts/gpu_calls/x2_transfer.sh")
 set -u
-source scripts/gpu_env.sh || exit 1
-export NCCL_DEBUG=WARN
-step() {  # step NAME SECONDS CMD...
-  local name=$1 lim=$2; shift 2
-  echo "=== $name start $(date +%T)"
-  timeout -k 10 "$lim" "$@" > "$OUT/$name.log" 2>&1
-  echo "=== $name rc=$? end $(date +%T)"
-  grep -v "NIXL INFO\|^\s*$\|UserWarning" "$OUT/$name.log" | tail -n 30 | cut -c1-300
-}
+source scripts/gpu_calls/steps.sh
 step transfer 420 python -m benchmarks.gpu_transfer --phase-timeout 130 \
   --out "$OUT/gpu_transfer.json"
 step nccl_tests 150 python -m pytest -q -x tests/test_nccl_gpu.py
