@@ -46,7 +46,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="run decode steps eagerly (for comparison and debugging)")
     p.add_argument("--tp-cuda-graphs", action="store_true",
-                   help="with --tp: capture decode graphs with their all-reduces")
+                   help="with --tp: capture decode graphs with their all-reduces "
+                        "(experimental: hung on H200s, see docs/multi_gpu.md)")
     p.add_argument("--host-kv-gb", type=float, default=0.0,
                    help="host DRAM tier for KV blocks evicted from the device (GiB)")
     p.add_argument("--disk-kv-dir", default=None,

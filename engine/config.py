@@ -29,9 +29,9 @@ class EngineConfig:
     cuda_graphs: bool = True  # decode CUDA graphs (FlashInfer backend only)
     seed: int = 0
     tp: int = 1
-    # Decode graphs under --tp capture the NCCL all-reduces too. Off until measured on
-    # GPUs (benchmarks/gpu_tp.py runs both ways); eager TP pays ~0.1 ms of CPU per
-    # collective, 64 per 8B step.
+    # Decode graphs under --tp, capturing torch.distributed's NCCL all-reduces too.
+    # Experimental: capture hung on two H200s (docs/multi_gpu.md), so eager TP (host-bound,
+    # ~80 us of CPU per all-reduce, 65 per 8B step) is the default.
     tp_cuda_graphs: bool = False
     # Tiered KV cache below the device: host DRAM (G2) and disk files (G3). Sizes in GiB,
     # or in blocks (the *_blocks fields win; tests use them for tiny tiers).
