@@ -131,7 +131,8 @@ def worker_args_from(args: argparse.Namespace, model: str) -> list[str]:
     if args.host_kv_gb:
         out += ["--host-kv-gb", str(args.host_kv_gb)]
     if args.disk_kv_dir:
-        out += ["--disk-kv-dir", args.disk_kv_dir, "--disk-kv-gb", str(args.disk_kv_gb)]
+        out += ["--disk-kv-dir", args.disk_kv_dir, "--disk-kv-gb", str(args.disk_kv_gb),
+                "--disk-kv-policy", args.disk_kv_policy]
     if args.no_cuda_graphs:
         out.append("--no-cuda-graphs")
     if args.tp_cuda_graphs:

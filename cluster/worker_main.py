@@ -53,6 +53,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disk-kv-dir", default=None,
                    help="directory for the disk KV tier (kept across restarts)")
     p.add_argument("--disk-kv-gb", type=float, default=0.0, help="disk KV tier size (GiB)")
+    p.add_argument("--disk-kv-policy", default="all", choices=["all", "reused"],
+                   help="reused: write to disk only blocks seen more than once")
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel ranks per worker (GPUs device..device+tp-1)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
@@ -68,7 +70,8 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         seed=args.seed, attention_backend=args.attention_backend,
         cuda_graphs=not args.no_cuda_graphs, tp_cuda_graphs=args.tp_cuda_graphs,
         gpu_memory_utilization=args.gpu_memory_utilization, tp=args.tp,
-        host_kv_gb=args.host_kv_gb, disk_kv_dir=args.disk_kv_dir, disk_kv_gb=args.disk_kv_gb)
+        host_kv_gb=args.host_kv_gb, disk_kv_dir=args.disk_kv_dir, disk_kv_gb=args.disk_kv_gb,
+        disk_kv_policy=args.disk_kv_policy)
 
 
 async def run_worker(args: argparse.Namespace) -> None:

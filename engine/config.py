@@ -44,6 +44,7 @@ class EngineConfig:
     # without a disk copy rather than stall the engine. Lossless: the engine waits (tests,
     # and machines whose disk outruns eviction).
     disk_kv_lossless: bool = False
+    disk_kv_policy: str = "all"  # "reused": write to disk only blocks seen more than once
 
     def __post_init__(self) -> None:
         def check(ok: bool, flag: str, msg: str) -> None:
@@ -56,6 +57,8 @@ class EngineConfig:
               f"must be cpu or cuda, got {self.device!r}")
         check(self.dtype in (None, "float32", "bfloat16", "float16"), "dtype",
               f"must be float32, bfloat16 or float16, got {self.dtype!r}")
+        check(self.disk_kv_policy in ("all", "reused"), "disk-kv-policy",
+              f"must be 'all' or 'reused', got {self.disk_kv_policy!r}")
         check(self.block_size in (1, 2, 4, 8, 16, 32, 64, 128), "block-size",
               f"must be a power of two up to 128, got {self.block_size}")
         check(self.num_kv_blocks is None or self.num_kv_blocks >= 1, "kv-blocks",

@@ -62,7 +62,7 @@ def make_tiered_store(cfg: EngineConfig, runner: ModelRunner, events: EventRecor
         cfg.model, cfg.load_format, cfg.seed, sorted(dataclasses.asdict(mc).items(), key=str),
         dataclasses.astuple(runner.kv_spec), runner.pc.tp_rank, runner.pc.tp_size)).encode())
     return TieredStore(runner.kv_cache, host, events, cfg.disk_kv_dir, disk, ident,
-                       lossless_disk=cfg.disk_kv_lossless)
+                       lossless_disk=cfg.disk_kv_lossless, disk_policy=cfg.disk_kv_policy)
 
 
 def _ms(seconds: float | None) -> str:

@@ -47,12 +47,14 @@ class TierStats:
     # copy on disk, and an offload finding every slot still being written is skipped.
     disk_writes_dropped: int = 0
     offloads_skipped_busy: int = 0
+    disk_writes_skipped_unused: int = 0  # policy "reused": seen once, not worth a write
 
 
 class TieredStore:
     def __init__(self, kv_cache: torch.Tensor, host_blocks: int, events: EventRecorder,
                  disk_dir: str | Path | None = None, disk_blocks: int = 0,
-                 identity: bytes = b"\0" * 16, lossless_disk: bool = False) -> None:
+                 identity: bytes = b"\0" * 16, lossless_disk: bool = False,
+                 disk_policy: str = "all") -> None:
         self.kv_cache = kv_cache  # [num_blocks(+scratch), ...]: one block is one region
         self.events = events
         self.block_shape = tuple(kv_cache.shape[1:])
@@ -74,6 +76,14 @@ class TieredStore:
         # demoted blocks are dropped rather than queued.
         self.max_disk_backlog = max(1, min(256, host_blocks // 2))
         self.lossless_disk = lossless_disk  # wait for the writer instead of dropping
+        # "all": every block leaving G2 goes to disk; "reused": only blocks seen more than
+        # once (hit in G2, or offloaded again after being dropped), so one-off prompts do
+        # not wear the disk or push reused blocks out of it.
+        if disk_policy not in ("all", "reused"):
+            raise ValueError(f"disk KV policy must be 'all' or 'reused', got {disk_policy!r}")
+        self.disk_policy = disk_policy
+        self._reused: set[int] = set()  # in G2 and hit there at least once
+        self._offloaded: OrderedDict[int, None] = OrderedDict()  # recent offloads (bounded)
         self._disk_decisions = 0
         log.info("tiered KV: host %d blocks (%.2f GiB%s), disk %s", host_blocks,
                  self.host.numel() * self.host.element_size() / 2**30,
@@ -102,6 +112,13 @@ class TieredStore:
         self._host_index[block_hash] = (slot, tokens)
         self.events.record("stored", block_hash, Tier.HOST)
         self.stats.offloaded_to_host += 1
+        if self.disk_policy == "reused":
+            if block_hash in self._offloaded:  # back after being dropped: seen twice
+                self._reused.add(block_hash)
+            self._offloaded[block_hash] = None
+            self._offloaded.move_to_end(block_hash)
+            while len(self._offloaded) > 4 * len(self.host):
+                self._offloaded.popitem(last=False)
 
     def _take_slot(self) -> int | None:
         """A free host slot, or None when every one is still being written to disk: the
@@ -124,7 +141,13 @@ class TieredStore:
     def _demote_oldest(self) -> None:
         block_hash, (slot, tokens) = self._host_index.popitem(last=False)
         self.events.record("removed", block_hash, Tier.HOST)
+        reused = block_hash in self._reused
+        self._reused.discard(block_hash)
         if self.disk is None or block_hash in self.disk:
+            self._free_slots.append(slot)
+            return
+        if self.disk_policy == "reused" and not reused:
+            self.stats.disk_writes_skipped_unused += 1
             self._free_slots.append(slot)
             return
         if not self.lossless_disk and self.disk.backlog >= self.max_disk_backlog:
@@ -164,6 +187,7 @@ class TieredStore:
             self._host_index.move_to_end(block_hash)
             self.kv_cache[block_id].copy_(self.host[hit[0]], non_blocking=True)
             self.stats.hits["host"] += 1
+            self._reused.add(block_hash)
             return True
         if self.disk is None:
             return False

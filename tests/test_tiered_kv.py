@@ -177,3 +177,31 @@ def test_bounded_write_behind_drops_instead_of_waiting(reference, tmp_path) -> N
         st = tiers.stats
         assert st.offloaded_to_disk + st.disk_writes_dropped + st.offloads_skipped_busy > 0
         assert_clean(llm)
+
+
+def test_reused_policy_writes_only_blocks_seen_twice(reference, tmp_path) -> None:
+    # One-off prompts never reach the disk; a conversation that comes back (recomputed
+    # after its blocks were dropped) is written on its next way down, and outputs stay exact.
+    model, expected = reference
+    with LLM(str(model), num_kv_blocks=40, host_kv_blocks=2, disk_kv_dir=str(tmp_path),
+             disk_kv_blocks=400, disk_kv_lossless=True, disk_kv_policy="reused") as llm:
+        tiers = llm.engine.tiers
+        run(llm, conversations())
+        run(llm, filler())
+        tiers.settle()
+        # Only blocks hit in host memory (used twice) went down; the rest were skipped.
+        assert tiers.stats.offloaded_to_disk <= tiers.stats.hits["host"]
+        assert tiers.stats.disk_writes_skipped_unused > 0
+        before = tiers.stats.offloaded_to_disk
+        assert [t for t, _ in run(llm, conversations())] == expected
+        run(llm, filler())
+        tiers.settle()
+        assert tiers.stats.offloaded_to_disk > before
+        assert_clean(llm)
+
+
+def test_disk_policy_is_checked() -> None:
+    from engine.config import ConfigError, EngineConfig
+
+    with pytest.raises(ConfigError, match="disk-kv-policy"):
+        EngineConfig(model="tiny-llama", disk_kv_policy="sometimes")
