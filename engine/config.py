@@ -40,10 +40,11 @@ class EngineConfig:
     disk_kv_dir: str | None = None
     disk_kv_gb: float = 0.0
     disk_kv_blocks: int | None = None
-    # Bounded (default): when the disk writer falls behind, blocks leave the host tier
-    # without a disk copy rather than stall the engine. Lossless: the engine waits (tests,
-    # and machines whose disk outruns eviction).
-    disk_kv_lossless: bool = False
+    # Bounded: when the disk writer falls behind, blocks leave the host tier without a
+    # disk copy rather than stall the engine. Lossless: the engine waits for the writer.
+    # None picks by device: bounded on GPUs (a step is a few ms, it must not wait on a
+    # disk), lossless on CPU (a step takes far longer than writing a block).
+    disk_kv_lossless: bool | None = None
     disk_kv_policy: str = "all"  # "reused": write to disk only blocks seen more than once
 
     def __post_init__(self) -> None:

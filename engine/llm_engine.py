@@ -61,8 +61,10 @@ def make_tiered_store(cfg: EngineConfig, runner: ModelRunner, events: EventRecor
     ident = xxhash.xxh3_128_digest(repr((
         cfg.model, cfg.load_format, cfg.seed, sorted(dataclasses.asdict(mc).items(), key=str),
         dataclasses.astuple(runner.kv_spec), runner.pc.tp_rank, runner.pc.tp_size)).encode())
+    lossless = cfg.disk_kv_lossless if cfg.disk_kv_lossless is not None \
+        else not runner.kv_cache.is_cuda
     return TieredStore(runner.kv_cache, host, events, cfg.disk_kv_dir, disk, ident,
-                       lossless_disk=cfg.disk_kv_lossless, disk_policy=cfg.disk_kv_policy)
+                       lossless_disk=lossless, disk_policy=cfg.disk_kv_policy)
 
 
 def _ms(seconds: float | None) -> str:

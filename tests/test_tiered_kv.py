@@ -163,11 +163,11 @@ def test_disk_writes_release_their_buffers_exactly_once(tmp_path: Path) -> None:
 
 
 def test_bounded_write_behind_drops_instead_of_waiting(reference, tmp_path) -> None:
-    # The default never stalls the engine on the disk: whatever the writer cannot take
-    # is dropped (counted), and outputs stay exact (dropped blocks are recomputed).
+    # The GPU default never stalls the engine on the disk: whatever the writer cannot
+    # take is dropped (counted), and outputs stay exact (dropped blocks are recomputed).
     model, expected = reference
     with LLM(str(model), num_kv_blocks=40, host_kv_blocks=2, disk_kv_dir=str(tmp_path),
-             disk_kv_blocks=400) as llm:
+             disk_kv_blocks=400, disk_kv_lossless=False) as llm:
         tiers = llm.engine.tiers
         assert tiers.max_disk_backlog == 1 and not tiers.lossless_disk
         run(llm, conversations())
