@@ -73,21 +73,56 @@ def test_expired_lease_hides_a_worker(redis_url):
     run(scenario())
 
 
+def test_many_workers_and_reused_slots(redis_url):
+    """More workers than distinct answers fit in one byte of the reply; a removed worker's
+    slot is reused; the answers equal the in-memory index's."""
+    url, _ = redis_url
+    pool = block_hashes(list(range(16 * 300)), 16)
+
+    async def scenario():
+        idx, mem = RedisPrefixIndex(url), InMemoryPrefixIndex()
+        for i in range(300):
+            snap = [(h, Tier.DEVICE if i % 7 else Tier.HOST) for h in pool[: i % 290]]
+            mem.resync(f"w{i}", "i1", 0, snap)
+            await idx.resync(f"w{i}", "i1", 0, snap)
+        got = await idx.lookup(pool)
+        assert got == mem.lookup(pool) and got["w289"] == Overlap(device=289)
+        assert len(set(got.values())) > 256
+        for w in ("w3", "w10"):
+            mem.remove_worker(w)
+            await idx.remove_worker(w)
+        mem.resync("w300", "i1", 0, [(h, Tier.DISK) for h in pool[:5]])
+        await idx.resync("w300", "i1", 0, [(h, Tier.DISK) for h in pool[:5]])
+        got = await idx.lookup(pool[:200])
+        assert got == mem.lookup(pool[:200]) and got["w300"] == Overlap(disk=5)
+        assert "w3" not in got
+        check_layout(url)
+        await idx.close()
+
+    run(scenario())
+
+
 def check_layout(url: str) -> None:
-    """The invariants of router/redis_index.py: byte p of a block's string is non-zero iff
-    the block is in the set of slot p's worker; no string is all zeros; slots are unique."""
+    """The invariants of router/redis_index.py: byte p of a block's value is non-zero iff
+    the key is in the set of slot p's worker; no value is all zeros; one slot per worker
+    and at most one lease per slot."""
     r = redis.Redis.from_url(url)
     slots = {w.decode(): int(p) for w, p in r.hgetall("baton:slots").items()}
     assert len(set(slots.values())) == len(slots)
-    held: dict[int, set[str]] = {}
-    for key in r.scan_iter("baton:b:*"):
+    leases = [x.decode().split(" ", 1) for x in r.zrange("baton:leases", 0, -1)]
+    assert all(slots[w] == int(p) for p, w in leases) and len(leases) == len(slots)
+    roster = (r.get("baton:roster") or b"").decode()
+    assert sorted(roster.split("\n") if roster else []) == sorted(f"{p} {w}" for w, p in
+                                                                  slots.items())
+    held: dict[int, set[bytes]] = {}
+    for key in r.scan_iter(b"baton:b:*"):
         v = r.get(key)
-        assert any(v) and max(v) < 8, (key, v)
+        assert len(key) == 16 and any(v) and max(v) < 8, (key, v)
         for p, mask in enumerate(v):
             if mask:
-                held.setdefault(p, set()).add(key.decode().removeprefix("baton:b:"))
+                held.setdefault(p, set()).add(key)
     for w, p in slots.items():
-        assert {x.decode() for x in r.smembers(f"baton:wblk:{w}")} == held.pop(p, set()), w
+        assert r.smembers(f"baton:wblk:{w}") == held.pop(p, set()), w
     assert not held, held  # nothing left behind by a freed slot
     r.close()
 
