@@ -27,16 +27,13 @@ import httpx
 from benchmarks import gpu_serve
 from benchmarks import serve as serve_bench
 from benchmarks.common import write_result
+from benchmarks.gpu_serve import pct
 from cluster.local_server import baton_serve
 
 LAYOUTS = {  # name: (workers, GPU placement)
     "1P1D": (["--prefill", "1", "--decode", "1"], ["--prefill-gpus", "0", "--decode-gpus", "1"]),
     "2xagg": (["--prefill", "0", "--decode", "2"], ["--decode-gpus", "0,1"]),
 }
-
-
-def pct(xs: list[float], q: float) -> float:
-    return gpu_serve.pct(xs, q)
 
 
 async def lone_ttft(url: str, in_len: int, repeats: int, vocab: int) -> dict:
