@@ -83,7 +83,11 @@ class TieredStore:
             raise ValueError(f"disk KV policy must be 'all' or 'reused', got {disk_policy!r}")
         self.disk_policy = disk_policy
         self._reused: set[int] = set()  # in G2 and hit there at least once
-        self._offloaded: OrderedDict[int, None] = OrderedDict()  # recent offloads (bounded)
+        # Recent offloads (hashes only), so a block dropped and recomputed is known as seen
+        # twice. It must outlive a whole pass over the disk's worth of blocks, or a
+        # conversation that returns after the host tier turned over is never written.
+        self._offloaded: OrderedDict[int, None] = OrderedDict()
+        self._ghost_limit = max(4 * host_blocks, disk_blocks if self.disk else 0, 1024)
         self._disk_decisions = 0
         log.info("tiered KV: host %d blocks (%.2f GiB%s), disk %s", host_blocks,
                  self.host.numel() * self.host.element_size() / 2**30,
@@ -117,7 +121,7 @@ class TieredStore:
                 self._reused.add(block_hash)
             self._offloaded[block_hash] = None
             self._offloaded.move_to_end(block_hash)
-            while len(self._offloaded) > 4 * len(self.host):
+            while len(self._offloaded) > self._ghost_limit:
                 self._offloaded.popitem(last=False)
 
     def _take_slot(self) -> int | None:
