@@ -8,7 +8,7 @@ TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: serve test lint install clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml setup.py router/_block_map.c
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch 2.13.0 is a local CPU build on dev/CI machines; a bare `torch` would pull CUDA.

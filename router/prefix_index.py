@@ -9,11 +9,11 @@ routers share it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import compress, repeat
 
 from kvtransfer.events import CLEARED, REMOVED, STORED, KVEventBatch, Tier
+from router.block_map import BlockMap, slots
 
 log = logging.getLogger(__name__)
 
@@ -33,21 +33,22 @@ class Overlap:
 
 
 NO_OVERLAP = Overlap()
-_BITS = bytes.maketrans(b"01", b"\0\1")  # "0"/"1" digits -> false/true selectors
 
 
 @dataclass
 class _WorkerState:
     instance_id: str
     last_event_id: int
-    bit: int  # 1 << the worker's slot
+    slot: int
+    bit: int  # 1 << slot
     blocks: dict[int, int]  # hash -> tier bitmask (bit t: a copy in tier t)
 
 
 class InMemoryPrefixIndex:
     """Each worker owns one bit (its slot); per block hash the index keeps the bitmask of
-    the workers holding a copy, so a lookup costs one dict probe and one AND per block
-    however many workers share the prefix, and applying an event touches two dicts.
+    the workers holding a copy (`_holders`, a `BlockMap`), so a lookup costs one probe and
+    one AND per block however many workers share the prefix, and an event updates the
+    worker's dict and, for the blocks it gains or loses, the map.
 
     Invariants (`check()`): bit w is set in `_holders[h]` iff h is in worker w's `blocks`;
     `_slow[h]` = (workers whose fastest copy of h is in host, ... in disk) and exists only
@@ -58,7 +59,7 @@ class InMemoryPrefixIndex:
         self._workers: dict[str, _WorkerState] = {}
         self._names: list[str | None] = []  # slot -> worker
         self._live = 0  # bits of the workers we follow
-        self._holders: dict[int, int] = {}
+        self._holders = BlockMap()
         self._slow: dict[int, tuple[int, int]] = {}
         self._runs = [NO_OVERLAP]  # _runs[n] == Overlap(device=n), shared by lookups
 
@@ -99,7 +100,7 @@ class InMemoryPrefixIndex:
         slot = (~self._live & (self._live + 1)).bit_length() - 1  # the lowest free one
         if slot == len(self._names):
             self._names.append(None)
-        state = _WorkerState(instance_id, last_event_id, 1 << slot, {})
+        state = _WorkerState(instance_id, last_event_id, slot, 1 << slot, {})
         self._workers[worker_id] = state
         self._names[slot] = worker_id
         self._live |= state.bit
@@ -114,35 +115,20 @@ class InMemoryPrefixIndex:
         if state is not None:
             self._drop_blocks(state)
             self._live &= ~state.bit
-            self._names[state.bit.bit_length() - 1] = None
+            self._names[state.slot] = None
 
     def lookup(self, block_hashes: Sequence[int]) -> dict[str, Overlap]:
-        # Walk the blocks while any worker still holds an unbroken run; `alive` only ever
-        # loses bits, so each worker's run length is where its bit left. The probes are
-        # the cost (a cold 1M-entry dict), so the loop does nothing else.
-        alive = self._live
-        if not alive:
+        if not self._live:
             return {}
-        ends: list[tuple[int, int]] = []  # (run length, workers whose run ends there)
-        for i, mask in enumerate(map(self._holders.get, block_hashes, repeat(0))):
-            held = mask & alive
-            if held != alive:
-                ends.append((i, alive ^ held))
-                alive = held
-                if not held:
-                    break
-        else:
-            ends.append((len(block_hashes), alive))
-
-        out = dict.fromkeys(self._workers, NO_OVERLAP)
+        # Per slot, the worker's leading blocks (in any tier) as Overlap(device=n).
         runs = self._runs
-        for n, mask in ends:
-            if n:
-                while len(runs) <= n:
-                    runs.append(Overlap(device=len(runs)))
-                out.update(zip(self._members(mask), repeat(runs[n])))
+        while len(runs) <= len(block_hashes):
+            runs.append(Overlap(device=len(runs)))
+        found = self._holders.run_lengths(block_hashes, self._live, runs)
+        out = dict(zip(self._names, found))
+        out.pop(None, None)  # free slots
         if self._slow:
-            self._split_tiers(out, block_hashes, ends)
+            self._split_tiers(out, block_hashes, [o.device for o in found])
         return out
 
     def check(self) -> None:
@@ -150,90 +136,82 @@ class InMemoryPrefixIndex:
         holders: dict[int, int] = {}
         slow: dict[int, list[int]] = {}
         for name, state in self._workers.items():
-            assert self._names[state.bit.bit_length() - 1] == name and self._live & state.bit
+            assert state.bit == 1 << state.slot
+            assert self._names[state.slot] == name and self._live & state.bit
             for h, mask in state.blocks.items():
                 assert 0 < mask < 8, (name, h, mask)
                 holders[h] = holders.get(h, 0) | state.bit
                 best = mask & -mask
                 if best > 1:
                     slow.setdefault(h, [0, 0])[best // 4] |= state.bit
-        assert holders == self._holders
+        self._holders.check()
+        assert holders == self._holders.to_dict()
         assert {h: tuple(m) for h, m in slow.items()} == self._slow
         assert bin(self._live).count("1") == len(self._workers)
 
-    def _members(self, mask: int) -> Iterator[str]:
-        """The workers whose bits are set in mask; the bits are walked in C, not Python."""
-        return compress(self._names, format(mask, "b")[::-1].encode().translate(_BITS))
-
     def _split_tiers(self, out: dict[str, Overlap], block_hashes: Sequence[int],
-                     ends: list[tuple[int, int]]) -> None:
+                     lengths: list[int]) -> None:
         """Move each block counted as device to the tier its worker's fastest copy is in."""
         counts: dict[int, list[int]] = {}  # slot -> [host, disk]
-        alive, get, pending = self._live, self._slow.get, iter(ends)
-        end, gone = next(pending)
-        for i, h in enumerate(block_hashes[: ends[-1][0]]):
-            while end <= i:
-                alive &= ~gone
-                end, gone = next(pending)
+        get = self._slow.get
+        for i, h in enumerate(block_hashes[: max(lengths)]):
             slow = get(h)
             if slow is None:
                 continue
             for t, mask in enumerate(slow):
-                mask &= alive
-                while mask:
-                    low = mask & -mask
-                    counts.setdefault(low.bit_length() - 1, [0, 0])[t] += 1
-                    mask ^= low
+                for slot in slots(mask):
+                    if i < lengths[slot]:  # within the worker's run
+                        counts.setdefault(slot, [0, 0])[t] += 1
         for slot, (host, disk) in counts.items():
             name = self._names[slot]
             out[name] = Overlap(out[name].device - host - disk, host, disk)
 
     # A block can sit in HBM and host DRAM at once: per worker and block a bitmask of the
-    # tiers holding a copy; lookups credit the fastest one. Hot loops: locals only, and
-    # the tier bookkeeping (`_set_best`) only when a non-device tier is involved.
+    # tiers holding a copy; lookups credit the fastest one. Hot loops: locals only, one
+    # map call per event, and the tier bookkeeping (`_set_best`) only when a non-device
+    # tier is involved.
     def _store(self, state: _WorkerState, hashes: list[int], tier: Tier) -> None:
         tbit, bit = 1 << tier, state.bit
-        blocks, holders = state.blocks, self._holders
-        setdefault, hget = blocks.setdefault, holders.get
+        blocks, setdefault = state.blocks, state.blocks.setdefault
+        if tbit == 1:  # device, the common case: one pass, no tier bookkeeping
+            self._holders.add([h for h in hashes if setdefault(h, 1) == 1], state.slot)
+            if self._slow:  # some copies are in slower tiers only: they gain a device one
+                for h in hashes:
+                    old = blocks[h]
+                    if not old & 1:
+                        blocks[h] = old | 1
+                        self._set_best(h, bit, 1)
+            return
+        gained = []
         for h in hashes:
             old = setdefault(h, tbit)
             if old == tbit:  # new to the worker (or already held in just this tier)
-                others = hget(h, 0)
-                holders[h] = others | bit if others else bit  # alone: one shared int
-                if tbit > 1:
-                    self._set_best(h, bit, tbit)
+                gained.append(h)
+                self._set_best(h, bit, tbit)
             elif not old & tbit:  # a copy in another tier: add this one
                 new = blocks[h] = old | tbit
                 if (old & -old) != (new & -new):
                     self._set_best(h, bit, new & -new)
+        self._holders.add(gained, state.slot)
 
     def _remove(self, state: _WorkerState, hashes: list[int], tier: Tier) -> None:
-        tbit, bit, keep = 1 << tier, state.bit, ~state.bit
-        blocks, holders = state.blocks, self._holders
-        pop = blocks.pop
+        tbit, bit = 1 << tier, state.bit
+        blocks, pop = state.blocks, state.blocks.pop
+        lost = []
         for h in hashes:
             old = pop(h, 0)
             if old == tbit:  # its last copy: the worker no longer holds h
-                rest = holders[h] & keep
-                if rest:
-                    holders[h] = rest
-                else:
-                    del holders[h]
+                lost.append(h)
                 if tbit > 1:
                     self._set_best(h, bit, 0)
             elif old:  # copies in other tiers stay
                 new = blocks[h] = old & ~tbit
                 if (old & -old) != (new & -new):
                     self._set_best(h, bit, new & -new)
+        self._holders.discard(lost, state.slot)
 
     def _drop_blocks(self, state: _WorkerState) -> None:
-        holders, keep = self._holders, ~state.bit
-        for h in state.blocks:
-            rest = holders[h] & keep
-            if rest:
-                holders[h] = rest
-            else:
-                del holders[h]
+        self._holders.discard(list(state.blocks), state.slot)
         if self._slow:
             for h, mask in state.blocks.items():
                 if not mask & 1:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from kvtransfer.events import (
     CLEARED,
     REMOVED,
@@ -15,6 +17,8 @@ from kvtransfer.events import (
     Tier,
 )
 from kvtransfer.hashing import block_hashes
+from router import prefix_index
+from router.block_map import BlockMap, DictBlockMap
 from router.prefix_index import InMemoryPrefixIndex, Overlap, best_tier
 
 H = block_hashes(list(range(64)), 16)  # 4 chained hashes
@@ -114,6 +118,26 @@ def test_many_workers_and_reused_slots():
     assert InMemoryPrefixIndex().lookup(H) == {}
 
 
+def test_duplicates_and_back_and_forth_in_one_batch():
+    """Hashes repeated within an event, and a block stored, removed and stored again
+    within one batch; hash 0 and 2**64 - 1 are blocks like any other."""
+    idx = fresh("w1", "w2")
+    hs = [0, *H[:2], 2**64 - 1]
+    assert idx.apply(batch("w1", 1, KVEvent(STORED, [hs[0], hs[0], hs[1], hs[0]]),
+                           KVEvent(REMOVED, [hs[1], hs[1]]),
+                           KVEvent(STORED, hs + hs)))
+    assert idx.apply(batch("w2", 1, KVEvent(STORED, hs[:3]), KVEvent(REMOVED, [hs[0]] * 3),
+                           KVEvent(STORED, [hs[0]]), KVEvent(REMOVED, [hs[2], hs[2]])))
+    idx.check()
+    assert idx.num_blocks("w1") == 4 and idx.num_blocks("w2") == 2
+    assert idx.lookup(hs) == {"w1": Overlap(device=4), "w2": Overlap(device=2)}
+    assert idx.apply(batch("w1", 2, KVEvent(REMOVED, [0, 0]), KVEvent(STORED, [0, 0])))
+    assert idx.apply(batch("w1", 3, KVEvent(STORED, [0], tier=Tier.HOST),
+                           KVEvent(REMOVED, [0]), KVEvent(STORED, [0])))
+    idx.check()
+    assert idx.lookup(hs)["w1"] == Overlap(device=4)
+
+
 def naive_lookup(model: dict[str, dict[int, int]], hashes: list[int]) -> dict[str, Overlap]:
     out = {}
     for w, blocks in model.items():
@@ -126,8 +150,12 @@ def naive_lookup(model: dict[str, dict[int, int]], hashes: list[int]) -> dict[st
     return out
 
 
-def test_random_events_match_a_naive_model():
-    """Worker bitmasks, tier bookkeeping and slot reuse against a dict-of-dicts model."""
+@pytest.mark.parametrize("block_map", [BlockMap, DictBlockMap],
+                         ids=["c" if BlockMap is not DictBlockMap else "c-not-built", "dict"])
+def test_random_events_match_a_naive_model(monkeypatch, block_map):
+    """Worker bitmasks, tier bookkeeping and slot reuse against a dict-of-dicts model, with
+    each implementation of the hash -> workers map."""
+    monkeypatch.setattr(prefix_index, "BlockMap", block_map)
     rng = random.Random(0)
     pool = block_hashes(list(range(16 * 24)), 16)
     idx, model, eids = InMemoryPrefixIndex(), {}, {}
