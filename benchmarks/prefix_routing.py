@@ -122,7 +122,19 @@ async def workload(url: str, model: str, sessions: list[Session], load: float,
         wall = time.perf_counter() - t0
         stop.set()
         await watcher
-    return log, samples, wall
+        picks = kv_picks((await client.get(f"{url}/metrics")).text)
+    return log, samples, wall, picks
+
+
+def kv_picks(metrics_text: str) -> dict[str, float]:
+    """The router's `baton_kv_route_picks` counters by outcome (decode role: the
+    aggregated workers), empty under other policies."""
+    out: dict[str, float] = {}
+    for line in metrics_text.splitlines():
+        if line.startswith("baton_kv_route_picks_total{") and 'role="decode"' in line:
+            outcome = line.split('outcome="')[1].split('"')[0]
+            out[outcome] = float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def oracle_hit_ratio(log: list[dict], capacity_blocks: int) -> float:
@@ -241,9 +253,11 @@ def main() -> None:
             with baton_serve(model_dir, "--prefill", "0", "--decode", str(args.workers),
                              "--kv-blocks", str(kv_blocks), "--kv-transfer", "tcp",
                              "--routing", policy) as url:
-                log, samples, wall = asyncio.run(
+                log, samples, wall, picks = asyncio.run(
                     workload(url, args.preset, sessions, load, args.out_len))
             level["policies"][policy] = summarize(log, samples, wall, loadavg)
+            if picks:
+                level["policies"][policy]["kv_route_picks"] = picks
             if "oracle_hit_ratio" not in level:
                 level["oracle_hit_ratio"] = oracle_hit_ratio(log, capacity // BLOCK)
                 level["peak_active_tokens"] = peak_active_tokens(log, args.system_len,

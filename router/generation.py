@@ -158,7 +158,12 @@ class RequestRunner:
     def _pick(self, role: str, failed: set[str], overlaps: dict[str, Overlap],
               block_size: int, tie_key: int) -> WorkerHandle:
         if self.kv is not None:
-            return self.kv.pick(role, overlaps, block_size, failed, tie_key)
+            w = self.kv.pick(role, overlaps, block_size, failed, tie_key)
+            pool = self.pool.prefill if role == "prefill" else self.pool.decode
+            candidates = [c.address for c in pool if c.healthy and c.address not in failed]
+            self.metrics.kv_picks.labels(role, KVRouter.outcome(w.address, candidates,
+                                                                overlaps)).inc()
+            return w
         return self.pool.pick(role, exclude=failed)
 
     async def _prefill(self, request_id: str, prompt: list[int], params: SamplingParams,

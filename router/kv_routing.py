@@ -149,6 +149,17 @@ class KVRouter:
         picked, _ = choose(sorted(live), overlaps, loads, block_size, self.weights, rng)
         return live[picked]
 
+    @staticmethod
+    def outcome(picked: str, candidates: list[str], overlaps: dict[str, Overlap]) -> str:
+        """How a pick relates to the prefix: "new_prefix" (no candidate holds any of it),
+        "best_prefix" (the pick holds as much as any candidate) or "diverted" (load sent
+        it away from a worker holding more), so operators see what load costs in hits."""
+        best = max((overlaps[c].total for c in candidates if c in overlaps), default=0)
+        if best == 0:
+            return "new_prefix"
+        got = overlaps[picked].total if picked in overlaps else 0
+        return "best_prefix" if got >= best else "diverted"
+
 
 def _load(w: WorkerHandle) -> WorkerLoad:
     s = w.status

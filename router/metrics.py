@@ -35,6 +35,10 @@ class RouterMetrics:
         self.routing = Counter("baton_routing_decisions",
                                "prefill placement: on a prefill worker, or local on decode",
                                ["kind"], registry=r)
+        self.kv_picks = Counter("baton_kv_route_picks",
+                                "KV-aware picks: to the best prefix holder, diverted from it "
+                                "by load, or a prefix no worker holds", ["role", "outcome"],
+                                registry=r)
         self.router_span = Histogram("baton_router_span_seconds",
                                      "router's own time per request, by stage", ["stage"],
                                      registry=r, buckets=_SPAN_BUCKETS)

@@ -39,6 +39,11 @@ def test_shared_prefixes_stick_to_their_worker(checkpoint_dir):
             time.sleep(0.3)  # let the KV events of this request reach the router
         assert len(homes["a"]) == 1 and len(homes["b"]) == 1, homes
         assert homes["a"] != homes["b"], "the second prefix should go to the emptier worker"
+        # Two new prefixes, then six picks of the worker holding them; none diverted.
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'baton_kv_route_picks_total{outcome="new_prefix",role="decode"} 2.0' in metrics
+        assert 'baton_kv_route_picks_total{outcome="best_prefix",role="decode"} 6.0' in metrics
+        assert 'outcome="diverted",role="decode"' not in metrics
 
 
 def test_mostly_cached_prompt_is_prefilled_locally(checkpoint_dir):

@@ -61,3 +61,16 @@ def test_score_units():
         4 + 2 * W.host + 2 * W.disk)
     assert score(Overlap(), WorkerLoad(queued_prefill_tokens=32, total_blocks=10), 16,
                  W) == pytest.approx(-2.0)
+
+
+@pytest.mark.parametrize(("picked", "overlaps", "outcome"), [
+    ("a", {}, "new_prefix"),
+    ("a", {"a": Overlap(device=3), "b": Overlap(device=1)}, "best_prefix"),
+    ("b", {"a": Overlap(device=3), "b": Overlap(device=1)}, "diverted"),
+    ("b", {"a": Overlap(device=2), "b": Overlap(host=2)}, "best_prefix"),  # ties count
+    ("a", {"c": Overlap(device=5)}, "new_prefix"),  # c is not a candidate (failed)
+])
+def test_pick_outcome(picked, overlaps, outcome):
+    from router.kv_routing import KVRouter
+
+    assert KVRouter.outcome(picked, ["a", "b"], overlaps) == outcome
