@@ -224,7 +224,8 @@ def main() -> None:
                     help="mean seconds between turns at load 1")
     ap.add_argument("--loads", default="1,2,3,4",
                     help="time compression factors: load x replays the trace x times faster")
-    ap.add_argument("--policies", default="kv,round-robin,random")
+    ap.add_argument("--policies", default="kv,round-robin,random",
+                    help="routing policies; kv@NAME=X+NAME=Y adds kv with those --route-weights")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--wait-idle", type=float, default=600,
                     help="seconds to wait for a 1-minute load average below 1.0")
@@ -250,9 +251,12 @@ def main() -> None:
             loadavg = os.getloadavg()
             # Aggregated workers move no KV: TCP transfer, because the default NIXL agent's
             # UCX progress thread busy-polls a whole core per worker on this 2-core machine.
+            # "kv@active_decode=0.02+host=0.5": kv routing with those --route-weights.
+            routing, _, weights = policy.partition("@")
+            extra = ["--route-weights", weights.replace("+", ",")] if weights else []
             with baton_serve(model_dir, "--prefill", "0", "--decode", str(args.workers),
                              "--kv-blocks", str(kv_blocks), "--kv-transfer", "tcp",
-                             "--routing", policy) as url:
+                             "--routing", routing, *extra) as url:
                 log, samples, wall, picks = asyncio.run(
                     workload(url, args.preset, sessions, load, args.out_len))
             level["policies"][policy] = summarize(log, samples, wall, loadavg)

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 
 from kernels.errors import BatonError
+from router.policy import PolicyWeights
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -109,9 +110,20 @@ def add_routing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-prefill-threshold", type=int, default=0,
                    help="prefill on the decode worker when at most this many prompt tokens "
                         "are not cached there (0: always use a prefill worker)")
+    p.add_argument("--route-weights", default=PolicyWeights(), type=_route_weights,
+                   metavar="NAME=X,...",
+                   help="KV routing score weights, e.g. active_decode=0.05,host=0.5 "
+                        "(router/policy.py PolicyWeights; default: its defaults)")
     p.add_argument("--index", default="memory",
                    help="prefix index: memory (this router only) or redis://HOST:PORT "
                         "(shared by router replicas)")
+
+
+def _route_weights(spec: str) -> PolicyWeights:
+    try:
+        return PolicyWeights.parse(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -134,7 +146,8 @@ def _router(args: argparse.Namespace) -> int:
         served_model_name=args.served_model_name or os.path.basename(args.model.rstrip("/")),
         prefill=[a for a in args.prefill_workers.split(",") if a],
         decode=[a for a in args.decode_workers.split(",") if a], routing=args.routing,
-        local_prefill_threshold=args.local_prefill_threshold, index=args.index)
+        local_prefill_threshold=args.local_prefill_threshold, index=args.index,
+        route_weights=args.route_weights)
     uvicorn.run(create_app(cfg), host=args.host, port=args.port, log_level="warning")
     return 0
 

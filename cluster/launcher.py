@@ -185,7 +185,7 @@ def serve(args: argparse.Namespace) -> int:
             prefill=[w.address for w in procs if w.role == "prefill"],
             decode=[w.address for w in procs if w.role != "prefill"],
             routing=args.routing, local_prefill_threshold=args.local_prefill_threshold,
-            index=args.index)
+            index=args.index, route_weights=args.route_weights)
         app = create_app(cfg)
         mode = f"{args.prefill}P{args.decode}D" if args.prefill else f"aggregated x{args.decode}"
         url = f"http://{args.host}:{args.port}"

@@ -22,6 +22,7 @@ from router.errors import WorkerUnavailableError, error_response
 from router.generation import RequestRunner
 from router.kv_routing import KVRouter
 from router.metrics import RouterMetrics
+from router.policy import PolicyWeights
 from router.protocol import ChatCompletionRequest, CompletionRequest
 from router.responses import ChoiceState, Delta, Formatter
 from router.workers import WorkerPool
@@ -38,6 +39,7 @@ class RouterConfig:
     routing: str = "kv"  # kv | round-robin | random | least-loaded
     local_prefill_threshold: int = 0  # uncached prompt tokens at or below: prefill on D
     index: str = "memory"  # memory | redis://HOST:PORT
+    route_weights: PolicyWeights = field(default_factory=PolicyWeights)
     ready_timeout_s: float = 120.0
 
 
@@ -55,7 +57,8 @@ class Router:
         self.tok = load_tokenizer(cfg.model)
         self.metrics = RouterMetrics()
         self.pool = WorkerPool(routing=cfg.routing)
-        self.kv = KVRouter(self.pool, cfg.index) if cfg.routing == "kv" else None
+        self.kv = (KVRouter(self.pool, cfg.index, cfg.route_weights)
+                   if cfg.routing == "kv" else None)
         self.runner = RequestRunner(self.pool, self.metrics, self.kv,
                                     cfg.local_prefill_threshold)
         self._refresher: asyncio.Task | None = None

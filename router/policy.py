@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 from router.prefix_index import Overlap
 
@@ -28,6 +28,26 @@ class PolicyWeights:
     active_decode: float = 0.1  # per block held by running sequences
     occupancy: float = 2.0  # times the fraction of the cache in use
     temperature: float = 0.0  # 0: argmax; > 0: softmax sampling over scores
+
+    @classmethod
+    def parse(cls, spec: str) -> PolicyWeights:
+        """`"active_decode=0.05,host=0.5"`: the defaults with those fields changed
+        (`--route-weights`); ValueError naming a bad field or value."""
+        names = {f.name for f in fields(cls)}
+        changes: dict[str, float] = {}
+        for item in filter(None, (p.strip() for p in spec.split(","))):
+            name, sep, value = item.partition("=")
+            if not sep or name.strip() not in names:
+                raise ValueError(f"{item!r}: expected NAME=NUMBER with NAME one of "
+                                 f"{', '.join(sorted(names))}")
+            try:
+                number = float(value)
+            except ValueError:
+                raise ValueError(f"{item!r}: {value!r} is not a number") from None
+            if number < 0 or not math.isfinite(number):
+                raise ValueError(f"{item!r}: weights are finite and >= 0")
+            changes[name.strip()] = number
+        return replace(cls(), **changes)
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,8 @@ def test_worker_then_router(checkpoint_dir):
 @pytest.mark.parametrize("args,flag", [
     (["serve", "--prefill", "-1"], "--prefill"),
     (["worker", "--role", "bogus"], "--role"),
+    (["serve", "--route-weights", "devce=1"], "--route-weights"),
+    (["router", "--route-weights", "host=-1"], "--route-weights"),
     (["make-model", "--preset", "nope", "--out", "/tmp/x"], "preset"),
     (["generate", "--model", "/no/such/dir", "--prompt", "x"], "--model"),
 ])

@@ -74,3 +74,13 @@ def test_pick_outcome(picked, overlaps, outcome):
     from router.kv_routing import KVRouter
 
     assert KVRouter.outcome(picked, ["a", "b"], overlaps) == outcome
+
+
+def test_weights_parse():
+    w = PolicyWeights.parse("active_decode=0.05, host=0.5,")
+    assert (w.active_decode, w.host, w.device) == (0.05, 0.5, PolicyWeights().device)
+    assert PolicyWeights.parse("") == PolicyWeights()
+    for bad, says in [("devce=1", "devce"), ("host", "NAME=NUMBER"), ("host=x", "'x'"),
+                      ("disk=-1", ">= 0"), ("disk=inf", ">= 0")]:
+        with pytest.raises(ValueError, match=says):
+            PolicyWeights.parse(bad)
