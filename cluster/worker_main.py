@@ -11,8 +11,9 @@ import grpc
 from decode_worker.service import DecodeService
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
+from engine.rpc import GRPC_OPTIONS
 from engine.rpc import worker_pb2_grpc as pb_grpc
-from engine.rpc_server import GRPC_OPTIONS, WorkerContext, serve
+from engine.rpc_server import WorkerContext, serve
 from kvtransfer.transfer import BACKENDS
 from prefill_worker.service import PrefillService
 

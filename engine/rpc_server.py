@@ -5,6 +5,7 @@ The roles' own RPCs live in prefill_worker/ and decode_worker/."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -13,6 +14,7 @@ import grpc
 
 from engine.errors import InvalidRequestError
 from engine.llm_engine import LLMEngine
+from engine.rpc import GRPC_OPTIONS
 from engine.rpc import worker_pb2 as pb
 from engine.rpc import worker_pb2_grpc as pb_grpc
 from engine.worker import EngineWorker
@@ -29,10 +31,6 @@ from kvtransfer.transfer.nccl_link import LinkBroken
 
 log = logging.getLogger(__name__)
 
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", 64 << 20),
-    ("grpc.max_receive_message_length", 64 << 20),
-]
 KV_LAYOUT = "block,layer,kv,token,head,dim"
 
 
@@ -221,6 +219,11 @@ class WorkerService(pb_grpc.WorkerServicer):
 async def serve(service: WorkerService, server: grpc.aio.Server, ready_line: str) -> None:
     """Start the engine thread, announce readiness on stdout, run until SIGTERM/SIGINT."""
     ctx = service.ctx
+    # Everything alive now (torch, the model, the engine) lives as long as the process:
+    # move it out of the collector's reach, or every full collection walks it while
+    # holding the GIL (100+ ms on a small CPU), stalling steps and token streams.
+    gc.collect()
+    gc.freeze()
     ctx.worker.start()
     await server.start()
     print(ready_line, flush=True)

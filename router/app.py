@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 import uuid
@@ -268,6 +269,11 @@ def create_app(cfg: RouterConfig) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         await router.start()
+        # Imports and startup state live for the whole process: freeze them, so a full
+        # collection (otherwise ~60 ms on a small CPU, in the middle of some request's
+        # routing) only walks what requests allocate.
+        gc.collect()
+        gc.freeze()
         yield
         await router.stop()
 

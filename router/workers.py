@@ -11,9 +11,9 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from engine.rpc import GRPC_OPTIONS
 from engine.rpc import worker_pb2 as pb
 from engine.rpc import worker_pb2_grpc as pb_grpc
-from engine.rpc_server import GRPC_OPTIONS
 from router.errors import WorkerUnavailableError
 
 log = logging.getLogger(__name__)

@@ -47,7 +47,7 @@ def test_router_side_modules_are_torch_free() -> None:
     out = run(
         "import sys\n"
         "import engine.sampling_params, engine.tokenizer, kvtransfer.hashing\n"
-        "import engine.errors, engine.config\n"
+        "import engine.errors, engine.config, router.app, cluster.cli\n"
         "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
     assert out == "[]"
 
