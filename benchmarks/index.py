@@ -341,6 +341,8 @@ def main() -> None:
         mem, found = pinned(core, lambda: bench_memory(wl, prompts, stream, args.repeats,
                                                                 args.trials))
         mem["pinned_to_cpu"] = core
+        from router.block_map import BlockMap
+        mem["block_map"] = f"{BlockMap.__module__}.{BlockMap.__qualname__}"  # C or dict
         mem["overlaps"] = overlap_stats(found)
         print("memory", mem, flush=True)
         result["memory"] = mem
