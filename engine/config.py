@@ -82,3 +82,9 @@ class EngineConfig:
         check(not ((self.disk_kv_gb or self.disk_kv_blocks) and not self.disk_kv_dir),
               "disk-kv-dir", "is needed with --disk-kv-gb/--disk-kv-blocks")
         check(self.tp >= 1, "tp", f"must be >= 1, got {self.tp}")
+        # The host/disk tiers copy the leader's KV shard only; followers would keep stale
+        # KV for blocks brought back from a lower tier (wrong tokens, no error).
+        check(self.tp == 1 or not (self.host_kv_gb or self.host_kv_blocks or self.disk_kv_gb
+                                   or self.disk_kv_blocks),
+              "tp", f"{self.tp} cannot be combined with --host-kv-gb/--disk-kv-gb yet: "
+              "the KV tiers hold one rank's shard")
