@@ -15,7 +15,7 @@ from cluster.local_server import baton_serve, wait_pools_empty
 from tests.hf_oracle import hf_greedy, load_hf
 
 pytestmark = pytest.mark.slow
-PRESET = "tiny-llama"
+PRESET = "tiny-llama-untied"  # a tied tiny model echoes its input whatever the KV
 MAX_NEW = 12
 TEXTS = ["Hello there, how are you today?", "The quick brown fox", "1, 2, 3, 4,",
          "Grüße aus München — ça va? 你好，世界 🙂", "def fibonacci(n):\n    return",
