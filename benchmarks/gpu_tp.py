@@ -52,7 +52,9 @@ def decode_times(preset: str, tp: int, cases: list[tuple[int, int]], steps: int,
         for b, c in cases:
             d = decode_case(engine, b, c, steps, "cuda")
             d["tp"] = tp
-            d["cuda_graphs"] = tp == 1 or tp_graphs
+            d["cuda_graphs"] = engine.runner.graphs is not None  # what ran, not what was asked
+            d["tp_comm"] = ("cupy-nccl" if engine.runner.pc.comm is not None
+                            else "torch.distributed" if tp > 1 else None)
             out.append(d)
             print(f"tp={tp} graphs={d['cuda_graphs']} b={b} ctx={c}: "
                   f"{d['step_ms_median']:.2f} ms", flush=True)

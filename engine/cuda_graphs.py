@@ -14,6 +14,17 @@ replayed each step, removes that launch cost. Graphs need static addresses, so:
 
 All buckets share one memory pool (captured largest first), so their activations cost
 about as much as the largest bucket's alone.
+
+Under tensor parallelism each rank captures its own graphs, and a graph holds the step's
+all-reduces and the lm_head's all-gather: NCCL calls of the group's own communicator
+(kernels/tp_comm.py) on the capture stream; torch.distributed's hung in capture, so the
+runner captures under TP only with that communicator. Capture is collective (the warm-up
+forwards all-reduce), so every rank captures the same buckets in the same order; every rank
+gets the same step, so each replays the same bucket. The leader's step broadcast (gloo,
+host memory) and `_fill` run before the replay, outside the graph. A follower never syncs
+its host, yet its `_fill` cannot overwrite inputs a previous replay still reads: the leader
+sends the next step only after sampling from the last replay, and sampling waits for that
+replay's final all-gather, which every follower reaches only after its attention layers.
 """
 
 from __future__ import annotations

@@ -104,6 +104,7 @@ class ModelRunner:
                 self.pc.shard(m.num_kv_heads, "num_key_value_heads"),
                 m.head_dim, cfg.block_size, m.dtype, self.device)
         self.memory = MemoryReport()
+        self.graphs_off_reason = self._graphs_off_reason()
         self.kv_spec = self._size_kv_cache()
         if self.tp is not None:  # every rank must hold the same number of blocks
             self.kv_spec = dataclasses.replace(
@@ -116,13 +117,15 @@ class ModelRunner:
         self.default_generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.memory.kv_cache_bytes = s.num_blocks * s.block_bytes
         self.graphs: DecodeGraphs | None = None
-        self.use_graphs = True  # benchmarks flip this to time eager decode in one process
+        # Benchmarks flip this to time eager decode in one process. Never under TP: followers
+        # would still replay graphs, and their collectives would not match the leader's.
+        self.use_graphs = True
         self.graph_report: GraphCaptureReport | None = None
-        if self.planner is not None and cfg.cuda_graphs and self.pc.tp_size > 1 \
-                and not cfg.tp_cuda_graphs:
-            log.warning("CUDA graphs are off under --tp %d (eager decode; "
-                        "tp_cuda_graphs turns them on)", self.pc.tp_size)
-        elif self.planner is not None and cfg.cuda_graphs:
+        if self.graphs_off_reason is not None:
+            if self.pc.tp_size > 1 and self.pc.tp_rank == 0:
+                log.warning("CUDA graphs are off under --tp %d (eager decode): %s",
+                            self.pc.tp_size, self.graphs_off_reason)
+        else:
             self.graphs = DecodeGraphs(
                 self.model, self.kv_layers, self.planner, scratch_block=s.num_blocks,
                 block_size=s.block_size,
@@ -136,6 +139,20 @@ class ModelRunner:
                  "%d tokens = %.1f concurrent sequences at max_model_len %d; %s",
                  self.attention_backend, s.num_blocks, s.block_size, s.block_bytes / 2**20,
                  tokens, tokens / self.max_model_len, self.max_model_len, self.memory.summary())
+
+    def _graphs_off_reason(self) -> str | None:
+        """Why decode steps run eagerly, or None when they are captured. Under TP a graph
+        replays the step's all-reduces too, so it needs the group's own NCCL communicator:
+        torch.distributed's all-reduce hung in capture (docs/multi_gpu.md)."""
+        if self.planner is None:
+            return "decode graphs need the FlashInfer backend"
+        if not self.cfg.cuda_graphs:
+            return "cuda_graphs is off"
+        if self.pc.tp_size > 1 and not self.cfg.tp_cuda_graphs:
+            return "tp_cuda_graphs turns them on"
+        if self.pc.tp_size > 1 and self.pc.comm is None:
+            return "tp_cuda_graphs needs CuPy's NCCL for the all-reduces (not loaded)"
+        return None
 
     def _size_kv_cache(self) -> KVCacheSpec:
         m = self.model_cfg
@@ -163,9 +180,7 @@ class ModelRunner:
         self.memory.weights_bytes = torch.cuda.memory_allocated(dev)
         self.memory.activation_peak_bytes = self._profile_activations(probe)
         free, total = torch.cuda.mem_get_info(dev)
-        graphs = GRAPH_RESERVE_BYTES if (self.planner is not None and self.cfg.cuda_graphs
-                                          and (self.pc.tp_size == 1 or self.cfg.tp_cuda_graphs)
-                                          ) else 0
+        graphs = GRAPH_RESERVE_BYTES if self.graphs_off_reason is None else 0
         budget = self.cfg.gpu_memory_utilization * total - (total - free)
         budget -= self.memory.activation_peak_bytes + graphs
         return int(max(budget, 0) // probe.block_bytes)

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from engine.config import EngineConfig
+from kernels import tp_comm
 from kernels.parallel import ParallelContext
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,21 @@ class TPComm:
                                 timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
         # Step metadata is host data: a gloo group keeps it off the GPU stream.
         self.control = dist.new_group(backend="gloo") if backend == "nccl" else None
+        if self.control is not None:
+            self.pc = dataclasses.replace(self.pc, comm=self._gpu_comm(device))
+
+    def _gpu_comm(self, device: str) -> tp_comm.NcclComm | None:
+        """The group's own NCCL communicator, or None: torch.distributed's (see tp_comm)."""
+        reason = tp_comm.unavailable_reason()
+        # Every rank must take the same path, or their all-reduces would never meet.
+        if self.agree_min(int(reason is None)) == 0:
+            if self.pc.tp_rank == 0:
+                log.warning("tensor parallel: all-reduces go through torch.distributed "
+                            "(~80 us of host time each, no decode CUDA graphs under --tp): %s",
+                            reason or "a follower rank cannot load CuPy's NCCL")
+            return None
+        return tp_comm.NcclComm(self.pc.tp_rank, self.pc.tp_size, torch.device(device),
+                                self.control)
 
     def agree_min(self, n: int) -> int:
         t = torch.tensor([n], dtype=torch.int64)
@@ -95,6 +111,8 @@ class TPComm:
         return StepInputs(**dict(zip(STEP_FIELDS, msgpack.unpackb(buf.numpy().tobytes()))))
 
     def close(self) -> None:
+        if self.pc.comm is not None:
+            self.pc.comm.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 
