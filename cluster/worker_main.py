@@ -48,7 +48,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="run decode steps eagerly (for comparison and debugging)")
     p.add_argument("--tp-cuda-graphs", action="store_true",
                    help="with --tp: capture decode graphs with their all-reduces "
-                        "(experimental: hung on H200s, see docs/multi_gpu.md)")
+                        "(CuPy NCCL; experimental, see docs/multi_gpu.md)")
     p.add_argument("--host-kv-gb", type=float, default=0.0,
                    help="host DRAM tier for KV blocks evicted from the device (GiB)")
     p.add_argument("--disk-kv-dir", default=None,
@@ -77,10 +77,10 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
 
 async def run_worker(args: argparse.Namespace) -> None:
     cfg = engine_config(args, args.model)
-    if cfg.tp > 1 and args.role != "both":
-        raise SystemExit(f"--tp {cfg.tp} with --role {args.role}: tensor-parallel workers "
-                         "serve aggregated (--role both) for now; moving each rank's KV shard "
-                         "between prefill and decode workers is not implemented yet")
+    if cfg.tp > 1 and args.kv_transfer not in ("auto", "tcp"):
+        raise SystemExit(f"--kv-transfer {args.kv_transfer} with --tp {cfg.tp}: a "
+                         "tensor-parallel worker moves KV over tcp only for now (its ranks' "
+                         "shards go through the leader); use --kv-transfer tcp or auto")
     engine = LLMEngine(cfg, detokenize=False, kv_lease_seconds=args.kv_lease_seconds)
     server = grpc.aio.server(options=GRPC_OPTIONS)
     port = server.add_insecure_port(f"{args.host}:{args.port}")

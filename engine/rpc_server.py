@@ -28,6 +28,7 @@ from kvtransfer.transfer import (
 )
 from kvtransfer.transfer.nccl import NcclBackend
 from kvtransfer.transfer.nccl_link import LinkBroken
+from kvtransfer.transfer.tcp import ShardedTcpBackend
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +91,25 @@ class WorkerContext:
         self.peers = PeerChannels()
         engine.events.worker_id = address  # routers know workers by address
         agent = f"baton-{role}-{os.getpid()}-{address.rsplit(':', 1)[-1]}"
-        self.transfer: KVTransferBackend = create_backend(
-            kv_transfer, engine.runner.kv_cache, agent, self.peers)
+        self.transfer: KVTransferBackend = (
+            self._sharded_backend(engine, kv_transfer) if engine.tp is not None
+            else create_backend(kv_transfer, engine.runner.kv_cache, agent, self.peers))
+
+    def _sharded_backend(self, engine: LLMEngine, kv_transfer: str) -> KVTransferBackend:
+        """A tensor-parallel worker's KV is split over its ranks, and only the leader talks
+        to other workers: tcp, gathering and scattering shards through the TP group."""
+        if kv_transfer not in ("auto", "tcp"):
+            raise ValueError(f"--kv-transfer {kv_transfer} with --tp {engine.cfg.tp}: a "
+                             "tensor-parallel worker moves KV over tcp only for now "
+                             "(use --kv-transfer tcp or auto)")
+        tp, kv = engine.tp, engine.runner.kv_cache
+
+        async def scatter(block_ids: list[int], blocks) -> None:
+            await self.worker.call(lambda e: tp.write_kv(kv, block_ids, blocks))
+
+        log.info("KV transfer: tcp through the %d tensor-parallel ranks", engine.cfg.tp)
+        return ShardedTcpBackend(kv, self.peers.read_blocks, engine.cfg.tp,
+                                 lambda ids: tp.read_kv(kv, ids), scatter)
 
     @property
     def engine(self) -> LLMEngine:

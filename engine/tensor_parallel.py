@@ -42,6 +42,17 @@ REPO = Path(__file__).resolve().parents[1]
 COLLECTIVE_TIMEOUT_S = 300
 STEP_FIELDS = ("ids", "positions", "slots", "tables", "query_lens", "seq_lens", "logits_rows",
                "decode_only")
+HEAD_DIM = 4  # of the KV cache [block, layer, k/v, token, head, dim]: what ranks split
+
+
+@dataclasses.dataclass(frozen=True)
+class KVCommand:
+    """Sent to followers instead of a step: `read` gathers their shards of `block_ids` to
+    the leader, `write` scatters full-head blocks to them (KV transfer between a prefill
+    and a decode worker, which only the leader talks to)."""
+
+    op: str  # "read" | "write"
+    block_ids: list[int]
 
 
 def rank_device(cfg: EngineConfig, rank: int) -> str:
@@ -93,7 +104,8 @@ class TPComm:
         """Leader: sends `step` (None = shut down). Followers: pass None, get the step."""
         if self.pc.tp_rank == 0:
             payload = b"" if step is None else msgpack.packb(
-                [getattr(step, f) for f in STEP_FIELDS])
+                {"kv": step.op, "ids": step.block_ids} if isinstance(step, KVCommand)
+                else [getattr(step, f) for f in STEP_FIELDS])
             size = torch.tensor([len(payload)], dtype=torch.int64)
         else:
             size = torch.zeros(1, dtype=torch.int64)
@@ -108,7 +120,53 @@ class TPComm:
             return step
         from engine.model_runner import StepInputs
 
-        return StepInputs(**dict(zip(STEP_FIELDS, msgpack.unpackb(buf.numpy().tobytes()))))
+        msg = msgpack.unpackb(buf.numpy().tobytes())
+        if isinstance(msg, dict):
+            return KVCommand(msg["kv"], msg["ids"])
+        return StepInputs(**dict(zip(STEP_FIELDS, msg)))
+
+    # KV shards of a block list, moved through the group (gloo on CPU, NCCL on GPUs). The
+    # leader runs these between steps (under the engine lock); followers in their loop.
+    def read_kv(self, kv_cache: torch.Tensor, block_ids: list[int]) -> torch.Tensor | None:
+        """Leader: the blocks with every rank's heads, on the CPU; followers: None."""
+        if self.pc.tp_rank == 0:
+            self.broadcast_step(KVCommand("read", list(block_ids)))
+        idx = torch.tensor(block_ids, dtype=torch.int64, device=kv_cache.device)
+        shard = kv_cache[idx].contiguous()
+        if self.pc.tp_rank != 0:
+            dist.gather(shard, dst=0)
+            return None
+        parts = [torch.empty_like(shard) for _ in range(self.pc.tp_size)]
+        dist.gather(shard, parts, dst=0)
+        return torch.cat(parts, dim=HEAD_DIM).cpu()
+
+    def write_kv(self, kv_cache: torch.Tensor, block_ids: list[int],
+                 full: torch.Tensor | None = None) -> None:
+        """Leader: store full-head blocks `full` (each rank keeps its heads); followers:
+        receive their part (full is None)."""
+        if self.pc.tp_rank == 0:
+            self.broadcast_step(KVCommand("write", list(block_ids)))
+        idx = torch.tensor(block_ids, dtype=torch.int64, device=kv_cache.device)
+        mine = torch.empty((len(block_ids), *kv_cache.shape[1:]), dtype=kv_cache.dtype,
+                           device=kv_cache.device)
+        parts = None
+        if self.pc.tp_rank == 0:
+            parts = [p.contiguous() for p in
+                     full.to(kv_cache.device).chunk(self.pc.tp_size, dim=HEAD_DIM)]
+        dist.scatter(mine, parts, src=0)
+        kv_cache[idx] = mine
+
+    def serve(self, runner) -> None:
+        """A follower's life: run each step the leader sends, or move KV, until told to
+        stop."""
+        while (msg := self.broadcast_step(None)) is not None:
+            if isinstance(msg, KVCommand):
+                if msg.op == "read":
+                    self.read_kv(runner.kv_cache, msg.block_ids)
+                else:
+                    self.write_kv(runner.kv_cache, msg.block_ids)
+            else:
+                runner.forward(msg)
 
     def close(self) -> None:
         if self.pc.comm is not None:
@@ -201,8 +259,7 @@ def follower_main(argv: list[str] | None = None) -> None:
     runner = ModelRunner(mc, dataclasses.replace(cfg, device=device), model_dir,
                          max_model_len=max_len, tp=comm)
     with torch.inference_mode():
-        while (step := comm.broadcast_step(None)) is not None:
-            runner.forward(step)
+        comm.serve(runner)
     comm.close()
 
 

@@ -106,3 +106,96 @@ def test_a_dead_rank_takes_its_worker_down_and_requests_go_elsewhere(checkpoint_
         for _ in range(4):
             r = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
             assert r.status_code == 200, r.text
+
+
+def _prompts_for_hf(n: int = 3) -> list[list[int]]:
+    return [[(13 * i + c) % 1000 + 3 for i in range(40 + 37 * c)] for c in range(n)]
+
+
+def _complete(url: str, model: str, prompt: list[int]) -> dict:
+    import httpx
+
+    r = httpx.post(f"{url}/v1/completions", timeout=60, json={
+        "model": model, "prompt": prompt, "max_tokens": 10, "temperature": 0,
+        "ignore_eos": True, "return_token_ids": True})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_disaggregated_tp2_prefill_and_decode(checkpoint_dir) -> None:
+    """1P1D with both workers at TP=2: the prefill leader gathers its ranks' KV shards,
+    the decode leader scatters them to its ranks; tokens equal transformers' (untied
+    model: wrong KV in any rank's heads shows)."""
+    from cluster.local_server import baton_serve
+
+    model_dir = checkpoint_dir("tiny-llama-untied")
+    hf = load_hf(model_dir)
+    with baton_serve(model_dir, "--prefill", "1", "--decode", "1", "--tp", "2",
+                     "--kv-transfer", "tcp", "--kv-blocks", "128") as url:
+        for prompt in _prompts_for_hf():
+            body = _complete(url, "tiny-llama-untied", prompt)
+            assert "prefill" in body["baton_route"][0]
+            assert body["choices"][0]["token_ids"] == hf_greedy(hf, prompt, 10)[0]
+
+
+def test_prefill_tp2_hands_kv_to_a_tp1_decode_worker(checkpoint_dir) -> None:
+    """Full-head blocks on the wire: a TP=2 prefill worker and a TP=1 decode worker
+    exchange KV (re-sharded on the way), and tokens still equal transformers'."""
+    import subprocess
+    import sys
+    import threading
+
+    from cluster.local_server import REPO, free_port, wait_healthy
+    from cluster.worker_main import READY_PREFIX
+
+    model_dir = str(checkpoint_dir("tiny-llama-untied"))
+    hf = load_hf(model_dir)
+    procs: list[subprocess.Popen] = []
+
+    def start(*args: str) -> subprocess.Popen:
+        p = subprocess.Popen([sys.executable, "-m", "cluster.cli", *args], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        procs.append(p)
+        return p
+
+    def address_of(p: subprocess.Popen) -> str:
+        for line in p.stdout:
+            if line.startswith(READY_PREFIX):
+                threading.Thread(target=lambda: [None for _ in p.stdout], daemon=True).start()
+                return line.split()[1]
+        raise AssertionError("worker exited before it was ready")
+
+    try:
+        prefill = address_of(start("worker", "--role", "prefill", "--model", model_dir,
+                                   "--tp", "2", "--kv-blocks", "128", "--kv-transfer", "tcp"))
+        decode = address_of(start("worker", "--role", "decode", "--model", model_dir,
+                                  "--kv-blocks", "128", "--kv-transfer", "tcp"))
+        port = free_port()
+        router = start("router", "--model", model_dir, "--prefill-workers", prefill,
+                       "--decode-workers", decode, "--port", str(port))
+        threading.Thread(target=lambda: [None for _ in router.stdout], daemon=True).start()
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url)
+        for prompt in _prompts_for_hf():
+            body = _complete(url, "tiny-llama-untied", prompt)
+            assert body["baton_route"][0]["prefill"] == prefill
+            assert body["choices"][0]["token_ids"] == hf_greedy(hf, prompt, 10)[0]
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)
+
+
+def test_tp_worker_refuses_other_kv_transports(checkpoint_dir) -> None:
+    import subprocess
+    import sys
+
+    from cluster.local_server import REPO
+
+    p = subprocess.run([sys.executable, "-m", "cluster.cli", "worker", "--role", "prefill",
+                        "--model", str(checkpoint_dir("tiny-llama")), "--tp", "2",
+                        "--kv-transfer", "nixl"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode != 0
+    assert "--kv-transfer nixl with --tp 2" in p.stderr and "Traceback" not in p.stderr

@@ -4,7 +4,7 @@ on each side and bounded by the channel's throughput."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import torch
 
@@ -29,7 +29,52 @@ class TcpBackend(KVTransferBackend):
         if len(data) != expected:
             raise ValueError(f"peer sent {len(data)} bytes, expected {expected}")
         flat = torch.frombuffer(bytearray(data), dtype=self.kv_cache.dtype)
-        blocks = flat.view(len(dst_block_ids), *self.kv_cache.shape[1:])
-        idx = torch.tensor(list(dst_block_ids), dtype=torch.int64)
-        self.kv_cache[idx.to(self.kv_cache.device)] = blocks.to(self.kv_cache.device)
+        await self._store(list(dst_block_ids), flat.view(len(dst_block_ids), *self.wire_shape))
         return expected
+
+    @property
+    def wire_shape(self) -> tuple[int, ...]:
+        """One block as it travels."""
+        return tuple(self.kv_cache.shape[1:])
+
+    async def _store(self, block_ids: list[int], blocks: torch.Tensor) -> None:
+        idx = torch.tensor(block_ids, dtype=torch.int64)
+        self.kv_cache[idx.to(self.kv_cache.device)] = blocks.to(self.kv_cache.device)
+
+
+# (block ids) -> those blocks with every rank's KV heads, on the CPU; run between steps.
+ShardGather = Callable[[list[int]], torch.Tensor]
+# (block ids, full-head blocks) -> each rank stores its heads; waits for a step boundary.
+ShardScatter = Callable[[list[int], torch.Tensor], Awaitable[None]]
+
+
+class ShardedTcpBackend(TcpBackend):
+    """tcp for a tensor-parallel worker, whose KV heads are split over its ranks (the
+    head dim of the cache, in rank order). Blocks travel with every head: the leader
+    gathers its followers' shards to serve ReadBlocks and scatters pulled blocks to them,
+    so a prefill worker and a decode worker of different --tp still exchange KV (the wire
+    format is that of a --tp 1 worker)."""
+
+    HEAD_DIM = 4  # of the cache [block, layer, k/v, token, head, dim]
+
+    def __init__(self, kv_cache: torch.Tensor, reader: BlockReader, tp: int,
+                 gather: ShardGather, scatter: ShardScatter) -> None:
+        super().__init__(kv_cache, reader)
+        self.block_bytes *= tp  # full-head blocks on the wire
+        self._tp, self._gather, self._scatter = tp, gather, scatter
+
+    @property
+    def wire_shape(self) -> tuple[int, ...]:
+        shape = list(self.kv_cache.shape[1:])
+        shape[self.HEAD_DIM - 1] *= self._tp
+        return tuple(shape)
+
+    def read_blocks(self, block_ids: Sequence[int], max_chunk_bytes: int = 4 << 20
+                    ) -> list[bytes]:
+        ids = list(block_ids)
+        per_chunk = max(1, max_chunk_bytes // self.block_bytes)
+        return [self._gather(ids[i : i + per_chunk]).contiguous().view(torch.uint8)
+                .numpy().tobytes() for i in range(0, len(ids), per_chunk)]
+
+    async def _store(self, block_ids: list[int], blocks: torch.Tensor) -> None:
+        await self._scatter(block_ids, blocks)
