@@ -4,7 +4,9 @@ on, in the same run: TTFT p50/p99, prefix hit ratio, and hits per tier.
 
     python -m benchmarks.offload --out benchmarks/results/offload_cpu.json
 
-Per-tier hit counts come from the worker's own totals, logged at shutdown.
+Per-tier hit counts come from the worker's own totals, logged at shutdown. Mode
+`host+disk/no-prefetch` (only when named in --modes) is host+disk with disk reads made at
+admission instead of ahead of it (`--no-disk-kv-prefetch`).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from kernels.checkpoint_writer import write_checkpoint
 TOTALS = re.compile(r"tiered KV totals: offloaded host (\d+) disk (\d+); hits host (\d+) "
                     r"disk (\d+); bad disk blocks dropped (\d+); disk hits skipped (\d+) "
                     r"\(slower than recompute: disk (\S+) ms/block, prefill (\S+) ms/block\)"
-                    r"(?:; disk writes dropped (\d+) \(disk behind\); offloads skipped (\d+))?")
+                    r"(?:; disk writes dropped (\d+) \(disk behind\); offloads skipped (\d+))?"
+                    r"(?:.*?; disk read-ahead (\d+) blocks: ready (\d+), waited for (\d+), "
+                    r"late (\d+), unused (\d+))?")
 
 
 def run_mode(model: str, load: list[str], args: argparse.Namespace, flags: list[str]) -> dict:
@@ -35,7 +39,7 @@ def run_mode(model: str, load: list[str], args: argparse.Namespace, flags: list[
                      "--decode", "1", "--kv-blocks", str(args.kv_blocks), *flags,
                      log_lines=logs, timeout=300) as url:
         start_load = os.getloadavg()
-        log, samples, wall = asyncio.run(workload(
+        log, samples, wall, _ = asyncio.run(workload(
             url, Path(model).name, make_sessions(args), 1.0, args.out_len))
     res = summarize(log, samples, wall, start_load)
     found = [m.groups() for ln in logs if (m := TOTALS.search(ln))]
@@ -47,6 +51,10 @@ def run_mode(model: str, load: list[str], args: argparse.Namespace, flags: list[
         if found[-1][8] is not None:
             res["tiers"]["disk_writes_dropped"] = int(found[-1][8])
             res["tiers"]["offloads_skipped_busy"] = int(found[-1][9])
+        if found[-1][10] is not None:
+            keys = ("prefetched", "prefetch_hits", "prefetch_waits", "prefetch_late",
+                    "prefetch_unused")
+            res["tiers"].update(zip(keys, map(int, found[-1][10:15])))
     return res
 
 
@@ -88,8 +96,11 @@ def main() -> None:
         return ["--host-kv-gb", str(args.disk_mode_host_gb),
                 "--disk-kv-dir", str(work / f"disk{i}"), "--disk-kv-gb", str(args.disk_kv_gb)]
 
+    def disk_no_prefetch(i: int) -> list[str]:  # its own directory: no warm start
+        return [*disk(i)[:3], str(work / f"disk-np{i}"), *disk(i)[4:], "--no-disk-kv-prefetch"]
+
     modes = {"off": lambda i: [], "host": lambda i: ["--host-kv-gb", str(args.host_kv_gb)],
-             "host+disk": disk}
+             "host+disk": disk, "host+disk/no-prefetch": disk_no_prefetch}
     modes = {m: f for m, f in modes.items() if m in args.modes.split(",")}
     warm = "host+disk" in modes and not args.no_warm_restart
     runs: dict[str, list[dict]] = {m: [] for m in [*modes, *(["host+disk, warm restart"]
@@ -108,7 +119,7 @@ def main() -> None:
                    "hit_ratio": rs[-1]["hit_ratio"], "tiers": rs[-1].get("tiers"), "runs": rs}
                for m, rs in runs.items()}
     load_avg["end"] = os.getloadavg()
-    off = results["off"]["ttft_p50_ms_median"]
+    off = results["off"]["ttft_p50_ms_median"] if "off" in results else None
     write_result(args.out, {
         "benchmark": "offload", "preset": args.preset, "device": args.device,
         "g1_blocks": args.kv_blocks, "working_set_tokens": working_set,
@@ -117,7 +128,7 @@ def main() -> None:
                                                    "msg_len", "out_len", "think", "rate", "seed")},
         "modes": results,
         "ttft_p50_off_over_on": {m: off / r["ttft_p50_ms_median"] for m, r in results.items()
-                                 if m != "off"}})
+                                 if m != "off" and off is not None}})
 
 
 if __name__ == "__main__":

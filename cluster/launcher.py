@@ -133,6 +133,8 @@ def worker_args_from(args: argparse.Namespace, model: str) -> list[str]:
     if args.disk_kv_dir:
         out += ["--disk-kv-dir", args.disk_kv_dir, "--disk-kv-gb", str(args.disk_kv_gb),
                 "--disk-kv-policy", args.disk_kv_policy]
+        if args.no_disk_kv_prefetch:
+            out.append("--no-disk-kv-prefetch")
     if args.no_cuda_graphs:
         out.append("--no-cuda-graphs")
     if args.tp_cuda_graphs:

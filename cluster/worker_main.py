@@ -56,6 +56,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--disk-kv-gb", type=float, default=0.0, help="disk KV tier size (GiB)")
     p.add_argument("--disk-kv-policy", default="all", choices=["all", "reused"],
                    help="reused: write to disk only blocks seen more than once")
+    p.add_argument("--no-disk-kv-prefetch", action="store_true",
+                   help="read disk KV hits when a request is admitted, not ahead of it")
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel ranks per worker (GPUs device..device+tp-1)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
@@ -72,7 +74,7 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         cuda_graphs=not args.no_cuda_graphs, tp_cuda_graphs=args.tp_cuda_graphs,
         gpu_memory_utilization=args.gpu_memory_utilization, tp=args.tp,
         host_kv_gb=args.host_kv_gb, disk_kv_dir=args.disk_kv_dir, disk_kv_gb=args.disk_kv_gb,
-        disk_kv_policy=args.disk_kv_policy)
+        disk_kv_policy=args.disk_kv_policy, disk_kv_prefetch=not args.no_disk_kv_prefetch)
 
 
 async def run_worker(args: argparse.Namespace) -> None:

@@ -29,9 +29,9 @@ class EngineConfig:
     cuda_graphs: bool = True  # decode CUDA graphs (FlashInfer backend only)
     seed: int = 0
     tp: int = 1
-    # Decode graphs under --tp, capturing torch.distributed's NCCL all-reduces too.
-    # Experimental: capture hung on two H200s (docs/multi_gpu.md), so eager TP (host-bound,
-    # ~80 us of CPU per all-reduce, 65 per 8B step) is the default.
+    # Decode graphs under --tp, with the all-reduces of the group's CuPy NCCL communicator
+    # inside (kernels/tp_comm.py; without CuPy they stay off). Off until measured on GPUs:
+    # capturing torch.distributed's all-reduce hung on two H200s (docs/multi_gpu.md).
     tp_cuda_graphs: bool = False
     # Tiered KV cache below the device: host DRAM (G2) and disk files (G3). Sizes in GiB,
     # or in blocks (the *_blocks fields win; tests use them for tiny tiers).
@@ -46,6 +46,9 @@ class EngineConfig:
     # disk), lossless on CPU (a step takes far longer than writing a block).
     disk_kv_lossless: bool | None = None
     disk_kv_policy: str = "all"  # "reused": write to disk only blocks seen more than once
+    # Read disk hits ahead of admission on a background thread, into a staging area of one
+    # step's worth of blocks (max_num_batched_tokens / block_size) of host memory.
+    disk_kv_prefetch: bool = True
 
     def __post_init__(self) -> None:
         def check(ok: bool, flag: str, msg: str) -> None:

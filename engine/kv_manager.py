@@ -3,6 +3,8 @@ sequence's block table as its computed tokens catch up, and caching full blocks.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from engine.sequence import Sequence
 from kvtransfer.block_pool import BlockPool
 from kvtransfer.events import Tier
@@ -67,8 +69,8 @@ class KVCacheManager:
                 tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
                 tier = self.tiers.lookup(seq.block_hashes[i], tokens)
                 if tier is None or self.pool.num_free == 0 or (
-                        tier == Tier.DISK
-                        and not self.tiers.disk_worth_it(self.recompute_s_per_block)):
+                        tier == Tier.DISK and not self.tiers.disk_ready(
+                            seq.block_hashes[i:n], tokens, self.recompute_s_per_block)):
                     break
                 block_id = self.pool.allocate(1)[0]
                 held.append(block_id)
@@ -78,6 +80,38 @@ class KVCacheManager:
                 hits.append(block_id)
         finally:
             self.pool.free(list(reversed(held)))
+
+    def prefetch(self, seqs: Iterable[Sequence], new_pass: bool = True) -> None:
+        """Start reading ahead the disk blocks these waiting sequences (in admission order)
+        would hit, while staging room lasts, so their admission copies from host memory
+        instead of reading files. The walk is `find_cached_prefix`'s (device hits, then
+        lower-tier hits up to the first miss), device hits by hash alone: a hint, which
+        admission checks. `new_pass`: these are all the sequences worth reading for now
+        (what earlier passes asked for and this one does not may go)."""
+        if self.tiers is None or not self.tiers.prefetching or not self.pool.enable_prefix_caching:
+            return
+        if new_pass:
+            self.tiers.begin_prefetch_pass()
+        bs = self.block_size
+        for seq in seqs:
+            if seq.block_table:
+                continue
+            max_tokens = seq.num_tokens - 1
+            self._extend_hashes(seq, max_tokens)
+            # Hashes suffice for a hint and keep long prompts cheap (this runs every step).
+            # The device evicts tails first: a held last block means a held prefix.
+            n, start = max_tokens // bs, 0
+            if n == 0 or self.pool.holds(seq.block_hashes[n - 1]):
+                continue
+            while start < n and self.pool.holds(seq.block_hashes[start]):
+                start += 1
+            for i in range(start, n):
+                tokens = tuple(seq.token_ids[i * bs : (i + 1) * bs])
+                tier = self.tiers.lookup(seq.block_hashes[i], tokens)
+                if tier is None:
+                    break
+                if tier == Tier.DISK and not self.tiers.prefetch(seq.block_hashes[i], tokens):
+                    return  # staging is full
 
     def allocate(self, seq: Sequence, num_new_tokens: int,
                  cached_blocks: list[int] | None = None) -> bool:

@@ -63,8 +63,10 @@ def make_tiered_store(cfg: EngineConfig, runner: ModelRunner, events: EventRecor
         dataclasses.astuple(runner.kv_spec), runner.pc.tp_rank, runner.pc.tp_size)).encode())
     lossless = cfg.disk_kv_lossless if cfg.disk_kv_lossless is not None \
         else not runner.kv_cache.is_cuda
+    prefetch = cfg.max_num_batched_tokens // cfg.block_size if cfg.disk_kv_prefetch else 0
     return TieredStore(runner.kv_cache, host, events, cfg.disk_kv_dir, disk, ident,
-                       lossless_disk=lossless, disk_policy=cfg.disk_kv_policy)
+                       lossless_disk=lossless, disk_policy=cfg.disk_kv_policy,
+                       prefetch_blocks=prefetch)
 
 
 def _ms(seconds: float | None) -> str:
@@ -156,11 +158,13 @@ class LLMEngine:
             log.info("tiered KV totals: offloaded host %d disk %d; hits host %d disk %d; "
                      "bad disk blocks dropped %d; disk hits skipped %d (slower than "
                      "recompute: disk %s ms/block, prefill %s ms/block); disk writes dropped "
-                     "%d (disk behind); offloads skipped %d (host slots all being written)",
+                     "%d (disk behind); offloads skipped %d (host slots all being written); "
+                     "disk read-ahead %d blocks: ready %d, waited for %d, late %d, unused %d",
                      st.offloaded_to_host, st.offloaded_to_disk, st.hits["host"],
                      st.hits["disk"], st.dropped_bad_disk_blocks, st.disk_hits_skipped,
                      _ms(self.tiers.disk_s_per_block), _ms(self.kv.recompute_s_per_block),
-                     st.disk_writes_dropped, st.offloads_skipped_busy)
+                     st.disk_writes_dropped, st.offloads_skipped_busy, st.prefetched,
+                     st.prefetch_hits, st.prefetch_waits, st.prefetch_late, st.prefetch_unused)
             self.tiers.close()
             self.tiers = None
         if self.tp is not None:

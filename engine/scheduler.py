@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from itertools import islice
 
 from engine.kv_manager import KVCacheManager
 from engine.sequence import Sequence, SequenceStatus
@@ -64,8 +65,13 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0  # lifetime count, for metrics and tests
 
+    # Waiting requests, from the head of the queue, whose disk (G3) blocks are read ahead
+    # each step (KVCacheManager.prefetch): the ones the next steps will admit.
+    PREFETCH_LOOKAHEAD = 8
+
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+        self.kv.prefetch((seq,), new_pass=False)
 
     @property
     def num_unfinished(self) -> int:
@@ -113,6 +119,7 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, n, n == seq.num_uncomputed_tokens))
             budget -= n
+        self.kv.prefetch(islice(self.waiting, self.PREFETCH_LOOKAHEAD))
         return out
 
     def update(self, out: SchedulerOutput, result: StepResult) -> list[Sequence]:

@@ -70,6 +70,10 @@ class BlockPool:
             return None  # a 64-bit collision: never serve another prompt's KV
         return block_id
 
+    def holds(self, block_hash: int) -> bool:
+        """Some block is cached under this hash: a hint only (`lookup` checks the tokens)."""
+        return block_hash in self._by_hash
+
     def is_free(self, block_id: int) -> bool:
         return block_id in self._free
 

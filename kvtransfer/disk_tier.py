@@ -10,7 +10,10 @@ deleted and treated as a miss: the block is recomputed, never served.
 Writes happen on a background thread, which also checksums and frames the block (the
 engine thread only hands over the payload); until a write lands, the payload stays in
 `pending` and is served from there. Reads go into one buffer and are checked in place:
-no copies beyond the file read. Eviction is LRU over reads and writes within a budget.
+no copies beyond the file read. `read_into` reads a block into a caller's buffer and
+touches nothing but the file, so a prefetch thread may call it (kvtransfer.disk_prefetch);
+everything else runs on the engine thread. Eviction is LRU over reads and writes within a
+budget.
 """
 
 from __future__ import annotations
@@ -48,9 +51,8 @@ def encode_block(identity: bytes, block_hash: int, tokens: tuple[int, ...],
     return encode_header(identity, block_hash, tokens, payload) + payload
 
 
-def decode_block(data: bytes | bytearray, identity: bytes
-                 ) -> tuple[int, tuple[int, ...], memoryview]:
-    """(block hash, tokens, payload view into `data`); ValueError naming what is wrong."""
+def _decode_header(data: Buffer, identity: bytes) -> tuple[int, tuple[int, ...], int, int, int]:
+    """(block hash, tokens, payload offset, payload length, checksum) of a file's start."""
     if len(data) < _HEAD.size:
         raise ValueError("truncated header")
     magic, ident, block_hash, n = _HEAD.unpack_from(data)
@@ -63,7 +65,14 @@ def decode_block(data: bytes | bytearray, identity: bytes
         raise ValueError("truncated token list")
     tokens = struct.unpack_from(f"<{n}I", data, _HEAD.size)
     size, checksum = _TAIL.unpack_from(data, off)
-    payload = memoryview(data)[off + _TAIL.size:]
+    return block_hash, tokens, off + _TAIL.size, size, checksum
+
+
+def decode_block(data: bytes | bytearray, identity: bytes
+                 ) -> tuple[int, tuple[int, ...], memoryview]:
+    """(block hash, tokens, payload view into `data`); ValueError naming what is wrong."""
+    block_hash, tokens, off, size, checksum = _decode_header(data, identity)
+    payload = memoryview(data)[off:]
     if len(payload) != size:
         raise ValueError(f"payload is {len(payload)} bytes, header says {size}")
     if xxhash.xxh3_64_intdigest(payload) != checksum:
@@ -176,12 +185,49 @@ class DiskTier:
             if got_hash != block_hash or tokens != self._index[block_hash]:
                 raise ValueError("holds another block")
         except (OSError, ValueError) as e:
-            log.warning("disk KV: block %016x unusable (%s); recomputing it", block_hash, e)
-            self.dropped_bad += 1
-            self._drop(block_hash)
+            self.drop_bad(block_hash, e)
             return None
         self._index.move_to_end(block_hash)
         return payload
+
+    def read_into(self, block_hash: int, out: memoryview) -> tuple[int, ...]:
+        """Read the block's file into `out` (exactly its payload) and check it; the token
+        ids from its header. Safe on any thread: it touches only the file. OSError when the
+        file is gone (evicted), ValueError when it fails a check."""
+        with self._path(block_hash).open("rb", buffering=0) as f:
+            file_size = os.fstat(f.fileno()).st_size
+            head = f.read(min(file_size, _HEAD.size))
+            n = _HEAD.unpack_from(head)[3] if len(head) == _HEAD.size else 0
+            head += f.read(min(file_size, _HEAD.size + 4 * n + _TAIL.size) - len(head))
+            got_hash, tokens, off, size, checksum = _decode_header(head, self.identity)
+            if got_hash != block_hash:
+                raise ValueError("holds another block")
+            if size != len(out) or file_size != off + size:
+                raise ValueError(f"payload is {file_size - off} bytes, header says {size}, "
+                                 f"expected {len(out)}")
+            got = 0
+            while got < size and (k := f.readinto(out[got:])):
+                got += k
+            if got != size:
+                raise ValueError("truncated payload")
+        if xxhash.xxh3_64_intdigest(out) != checksum:
+            raise ValueError("payload checksum mismatch")
+        return tokens
+
+    def is_pending(self, block_hash: int) -> bool:
+        """Not yet written: `get` serves it from memory, there is no file to read ahead."""
+        with self._lock:
+            return block_hash in self.pending
+
+    def touch(self, block_hash: int) -> None:
+        if block_hash in self._index:
+            self._index.move_to_end(block_hash)
+
+    def drop_bad(self, block_hash: int, why: Exception) -> None:
+        """A read of the block failed its checks: forget it and delete its file."""
+        log.warning("disk KV: block %016x unusable (%s); recomputing it", block_hash, why)
+        self.dropped_bad += 1
+        self._drop(block_hash)
 
     def _drop(self, block_hash: int) -> None:
         if self._index.pop(block_hash, None) is not None:

@@ -13,6 +13,12 @@ reads its 2 MiB in more. The store measures what a disk load costs (a moving ave
 the KV manager compares it with the measured prefill cost per block; disk hits that would
 be slower are skipped (counted), with an occasional one taken to keep the measure fresh.
 
+Disk hits are best read ahead: when a request is queued (and each scheduling pass, for the
+requests next in line) the KV manager asks for its disk blocks, which a reader thread
+brings into a bounded host staging area (kvtransfer.disk_prefetch). Admission then copies
+from there; a read still in flight is waited for only while that is cheaper than
+recomputing what it unlocks, else the rest of the prefix is recomputed.
+
 Every move is a KV event with its tier, so the router's prefix index credits a worker
 for what it holds in each tier. Contents are keyed by the block's chained hash and
 checked against its token ids, like G1 hits.
@@ -30,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from kvtransfer.disk_prefetch import DiskPrefetcher
 from kvtransfer.disk_tier import DiskTier
 from kvtransfer.events import EventRecorder, Tier
 
@@ -48,13 +55,21 @@ class TierStats:
     disk_writes_dropped: int = 0
     offloads_skipped_busy: int = 0
     disk_writes_skipped_unused: int = 0  # policy "reused": seen once, not worth a write
+    # Disk read-ahead: reads issued into staging; disk hits served from there that were
+    # ready when needed, or that the engine waited for; reads not done in time (the rest
+    # was recomputed); reads given up unused (their request took the block elsewhere).
+    prefetched: int = 0
+    prefetch_hits: int = 0
+    prefetch_waits: int = 0
+    prefetch_late: int = 0
+    prefetch_unused: int = 0
 
 
 class TieredStore:
     def __init__(self, kv_cache: torch.Tensor, host_blocks: int, events: EventRecorder,
                  disk_dir: str | Path | None = None, disk_blocks: int = 0,
                  identity: bytes = b"\0" * 16, lossless_disk: bool = False,
-                 disk_policy: str = "all") -> None:
+                 disk_policy: str = "all", prefetch_blocks: int = 0) -> None:
         self.kv_cache = kv_cache  # [num_blocks(+scratch), ...]: one block is one region
         self.events = events
         self.block_shape = tuple(kv_cache.shape[1:])
@@ -70,7 +85,11 @@ class TieredStore:
         self.disk = (DiskTier(disk_dir, identity, disk_blocks,
                               lambda kind, h: events.record(kind, h, Tier.DISK))
                      if disk_dir is not None and disk_blocks > 0 else None)
-        self.stats = TierStats()
+        # Disk reads ahead of admission, into this many staging blocks (0: off).
+        self.prefetcher = (DiskPrefetcher(self.disk, self.block_shape, kv_cache.dtype,
+                                          prefetch_blocks, pin)
+                           if self.disk is not None and prefetch_blocks > 0 else None)
+        self._stats = TierStats()
         self.disk_s_per_block: float | None = None  # measured, moving average
         # Most blocks that may wait for the disk writer (reserved host slots); past it,
         # demoted blocks are dropped rather than queued.
@@ -89,10 +108,21 @@ class TieredStore:
         self._offloaded: OrderedDict[int, None] = OrderedDict()
         self._ghost_limit = max(4 * host_blocks, disk_blocks if self.disk else 0, 1024)
         self._disk_decisions = 0
-        log.info("tiered KV: host %d blocks (%.2f GiB%s), disk %s", host_blocks,
-                 self.host.numel() * self.host.element_size() / 2**30,
+        log.info("tiered KV: host %d blocks (%.2f GiB%s), disk %s, read-ahead %d blocks",
+                 host_blocks, self.host.numel() * self.host.element_size() / 2**30,
                  ", pinned" if pin else "",
-                 f"{disk_blocks} blocks in {self.disk.dir}" if self.disk else "off")
+                 f"{disk_blocks} blocks in {self.disk.dir}" if self.disk else "off",
+                 len(self.prefetcher.staging) if self.prefetcher else 0)
+
+    @property
+    def stats(self) -> TierStats:
+        """Counters, with those kept by the disk tier and the read-ahead brought up to date."""
+        if self.disk is not None:
+            self._stats.dropped_bad_disk_blocks = self.disk.dropped_bad
+        if self.prefetcher is not None:
+            self._stats.prefetched = self.prefetcher.submitted
+            self._stats.prefetch_unused = self.prefetcher.unused
+        return self._stats
 
     # -- offload ------------------------------------------------------------------------
     def offload(self, block_id: int, block_hash: int, tokens: tuple[int, ...]) -> None:
@@ -102,11 +132,11 @@ class TieredStore:
         if len(self.host) == 0:
             if self.disk is not None:
                 self.disk.put(block_hash, tokens, self._payload(self.kv_cache[block_id]))
-                self.stats.offloaded_to_disk += 1
+                self._stats.offloaded_to_disk += 1
             return
         slot = self._take_slot()
         if slot is None:
-            self.stats.offloads_skipped_busy += 1
+            self._stats.offloads_skipped_busy += 1
             return
         self.host[slot].copy_(self.kv_cache[block_id], non_blocking=True)
         if self.kv_cache.is_cuda:
@@ -115,7 +145,7 @@ class TieredStore:
             self._slot_ready[slot] = ev
         self._host_index[block_hash] = (slot, tokens)
         self.events.record("stored", block_hash, Tier.HOST)
-        self.stats.offloaded_to_host += 1
+        self._stats.offloaded_to_host += 1
         if self.disk_policy == "reused":
             if block_hash in self._offloaded:  # back after being dropped: seen twice
                 self._reused.add(block_hash)
@@ -151,23 +181,26 @@ class TieredStore:
             self._free_slots.append(slot)
             return
         if self.disk_policy == "reused" and not reused:
-            self.stats.disk_writes_skipped_unused += 1
+            self._stats.disk_writes_skipped_unused += 1
             self._free_slots.append(slot)
             return
         if not self.lossless_disk and self.disk.backlog >= self.max_disk_backlog:
-            self.stats.disk_writes_dropped += 1
+            self._stats.disk_writes_dropped += 1
             self._free_slots.append(slot)
             return
         ev = self._slot_ready.pop(slot, None)
         self.disk.put(block_hash, tokens, self.host[slot].view(-1).view(torch.uint8).numpy(),
                       ready=ev.synchronize if ev is not None else None,
                       done=lambda: self._returned.put(slot))
-        self.stats.offloaded_to_disk += 1
+        self._stats.offloaded_to_disk += 1
 
     def settle(self) -> None:
-        """Wait for queued disk writes and take their slots back (tests, shutdown)."""
+        """Wait for queued disk writes and reads ahead, take their slots back (tests,
+        shutdown)."""
         if self.disk is not None:
             self.disk.flush()
+        if self.prefetcher is not None:
+            self.prefetcher.drain()
         self._reclaim()
 
     @staticmethod
@@ -180,9 +213,54 @@ class TieredStore:
         hit = self._host_index.get(block_hash)
         if hit is not None:
             return Tier.HOST if hit[1] == tokens else None
+        # Read ahead (or being read): usable even if the file was evicted meanwhile. A
+        # failed read is settled here first (a bad block leaves the disk tier).
+        if self.prefetcher is not None and self.prefetcher.get(block_hash, tokens) is not None:
+            return Tier.DISK
         if self.disk is not None and self.disk.tokens(block_hash) == tokens:
             return Tier.DISK
         return None
+
+    # -- read-ahead -----------------------------------------------------------------------
+    @property
+    def prefetching(self) -> bool:
+        return self.prefetcher is not None
+
+    def begin_prefetch_pass(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.begin_pass()
+
+    def prefetch(self, block_hash: int, tokens: tuple[int, ...]) -> bool:
+        """Start reading a disk hit (see `lookup`) ahead of its load; False when staging
+        is full, so the caller stops asking."""
+        p = self.prefetcher
+        if p is None or block_hash in self._host_index or (
+                block_hash not in p.entries and self.disk.is_pending(block_hash)):
+            return True  # nothing to read: served from memory
+        return p.submit(block_hash, tokens)
+
+    def disk_ready(self, chain: list[int], tokens: tuple[int, ...],
+                   recompute_s_per_block: float | None) -> bool:
+        """May disk hit `chain[0]` (the rest: the prefix blocks after it) be loaded now?
+        Read ahead: yes once its read is in, waiting for it only while that is cheaper
+        than recomputing; a failed read is dropped (recompute). Not read ahead: the
+        measured-cost guard for a read on this thread (`disk_worth_it`)."""
+        f = self.prefetcher.get(chain[0], tokens) if self.prefetcher is not None else None
+        if f is None:
+            return self.disk_worth_it(recompute_s_per_block)
+        if f.done.is_set():
+            ok = self.prefetcher.get(chain[0], tokens) is not None  # drops a failed read
+            self._stats.prefetch_hits += ok
+            return ok
+        budget = self.prefetcher.wait_budget(chain, self.disk_s_per_block,
+                                             recompute_s_per_block)
+        if budget is not None and f.done.wait(budget):
+            if self.prefetcher.get(chain[0], tokens) is None:
+                return False  # a bad block (dropped) or an evicted one
+            self._stats.prefetch_waits += 1
+            return True
+        self._stats.prefetch_late += 1
+        return False
 
     def load(self, block_hash: int, tokens: tuple[int, ...], block_id: int) -> bool:
         """Copy the block into G1 block `block_id`; False when it is gone or unusable."""
@@ -190,25 +268,33 @@ class TieredStore:
         if hit is not None and hit[1] == tokens:
             self._host_index.move_to_end(block_hash)
             self.kv_cache[block_id].copy_(self.host[hit[0]], non_blocking=True)
-            self.stats.hits["host"] += 1
+            self._stats.hits["host"] += 1
             self._reused.add(block_hash)
             return True
         if self.disk is None:
             return False
+        f = self.prefetcher.get(block_hash, tokens) if self.prefetcher is not None else None
+        if f is not None and f.ready:
+            self.prefetcher.take(f, self.kv_cache[block_id])
+            self.disk.touch(block_hash)
+            self._disk_loaded(f.seconds)
+            return True
         t0 = time.perf_counter()
         payload = self.disk.get(block_hash)
-        self.stats.dropped_bad_disk_blocks = self.disk.dropped_bad
         if payload is None:
             return False
         with warnings.catch_warnings():  # a not-yet-written payload is read-only bytes:
             warnings.simplefilter("ignore")  # fine, it is only read
             src = torch.frombuffer(payload, dtype=torch.uint8)
         self.kv_cache[block_id].view(-1).view(torch.uint8).copy_(src)
-        dt = time.perf_counter() - t0
-        prev = self.disk_s_per_block
-        self.disk_s_per_block = dt if prev is None else 0.9 * prev + 0.1 * dt
-        self.stats.hits["disk"] += 1
+        self._disk_loaded(time.perf_counter() - t0)
         return True
+
+    def _disk_loaded(self, seconds: float) -> None:
+        """A disk hit is in G1; `seconds`: what reading it cost (here, or on the reader)."""
+        prev = self.disk_s_per_block
+        self.disk_s_per_block = seconds if prev is None else 0.9 * prev + 0.1 * seconds
+        self._stats.hits["disk"] += 1
 
     def disk_worth_it(self, recompute_s_per_block: float | None) -> bool:
         """Take a disk hit? Yes while either cost is unmeasured or disk is the cheaper;
@@ -219,7 +305,7 @@ class TieredStore:
         self._disk_decisions += 1
         if self._disk_decisions % 32 == 0:
             return True
-        self.stats.disk_hits_skipped += 1
+        self._stats.disk_hits_skipped += 1
         return False
 
     def snapshot(self) -> list[tuple[int, Tier]]:
@@ -229,5 +315,7 @@ class TieredStore:
         return out
 
     def close(self) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.close()
         if self.disk is not None:
             self.disk.close()
