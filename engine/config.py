@@ -50,6 +50,13 @@ class EngineConfig:
     # step's worth of blocks (max_num_batched_tokens / block_size) of host memory.
     disk_kv_prefetch: bool = True
 
+    def host_kv_block_count(self, block_bytes: int) -> int:
+        """G2 slots for blocks of `block_bytes` (a rank's shard under tensor parallelism:
+        every rank gets the same count)."""
+        if self.host_kv_blocks is not None:
+            return self.host_kv_blocks
+        return int(self.host_kv_gb * 2**30 // block_bytes)
+
     def __post_init__(self) -> None:
         def check(ok: bool, flag: str, msg: str) -> None:
             if not ok:
@@ -85,9 +92,8 @@ class EngineConfig:
         check(not ((self.disk_kv_gb or self.disk_kv_blocks) and not self.disk_kv_dir),
               "disk-kv-dir", "is needed with --disk-kv-gb/--disk-kv-blocks")
         check(self.tp >= 1, "tp", f"must be >= 1, got {self.tp}")
-        # The host/disk tiers copy the leader's KV shard only; followers would keep stale
-        # KV for blocks brought back from a lower tier (wrong tokens, no error).
-        check(self.tp == 1 or not (self.host_kv_gb or self.host_kv_blocks or self.disk_kv_gb
-                                   or self.disk_kv_blocks),
-              "tp", f"{self.tp} cannot be combined with --host-kv-gb/--disk-kv-gb yet: "
-              "the KV tiers hold one rank's shard")
+        # Host-tier copies are repeated on every rank; disk reads and writes are not (a
+        # rank whose file failed its checks would diverge from the others).
+        check(self.tp == 1 or not (self.disk_kv_gb or self.disk_kv_blocks),
+              "tp", f"{self.tp} cannot be combined with --disk-kv-gb yet (the host tier "
+              "works under TP; the disk tier would hold one rank's shard)")

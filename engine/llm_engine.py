@@ -51,8 +51,7 @@ def make_tiered_store(cfg: EngineConfig, runner: ModelRunner, events: EventRecor
                       mc: ModelConfig) -> TieredStore | None:
     """G2/G3 sized from the config, or None when neither is asked for."""
     block_bytes = runner.kv_spec.block_bytes
-    host = cfg.host_kv_blocks if cfg.host_kv_blocks is not None else \
-        int(cfg.host_kv_gb * 2**30 // block_bytes)
+    host = cfg.host_kv_block_count(block_bytes)
     disk = cfg.disk_kv_blocks if cfg.disk_kv_blocks is not None else \
         int(cfg.disk_kv_gb * 2**30 // block_bytes)
     if host <= 0 and (disk <= 0 or not cfg.disk_kv_dir):
@@ -139,6 +138,8 @@ class LLMEngine:
         self.tiers = make_tiered_store(cfg, self.runner, self.events, mc)
         if self.tiers is not None:
             pool.on_evict = self.tiers.offload
+            if self.tp is not None:  # followers repeat the host-tier copies on their shards
+                self.tiers.mirror = self.tp.mirror_tier_copy
         self.kv = KVCacheManager(pool, tiers=self.tiers)
         tok_eos = self.tokenizer.eos_token_ids if self.tokenizer else ()
         eos = tuple(dict.fromkeys(mc.eos_token_ids + tok_eos))

@@ -51,8 +51,8 @@ class KVCommand:
     the leader, `write` scatters full-head blocks to them (KV transfer between a prefill
     and a decode worker, which only the leader talks to)."""
 
-    op: str  # "read" | "write"
-    block_ids: list[int]
+    op: str  # "read" | "write" | "tier"
+    block_ids: list  # "tier": [kind ("d2h"|"h2d"), host slot, block id] per copy
 
 
 def rank_device(cfg: EngineConfig, rank: int) -> str:
@@ -68,6 +68,8 @@ class TPComm:
 
     def __init__(self, rank: int, world: int, init_method: str, device: str) -> None:
         self.pc = ParallelContext(rank, world)
+        self._tier_copies: list = []  # leader: host-tier copies not yet sent
+        self.host_kv: torch.Tensor | None = None  # follower: its shard of the host tier
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if device.startswith("cuda"):
             torch.cuda.set_device(torch.device(device))
@@ -100,8 +102,25 @@ class TPComm:
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control)
         return int(t.item())
 
+    def mirror_tier_copy(self, kind: str, slot: int, block_id: int) -> None:
+        """Leader: a host-tier copy it just made on its shard, for the followers to repeat
+        on theirs before the next forward or KV command (they share its host slots)."""
+        self._tier_copies.append([kind, slot, block_id])
+
+    def apply_tier_copies(self, kv_cache: torch.Tensor, copies: list) -> None:
+        """Follower: repeat the leader's host-tier copies, in order, on this rank's stream
+        (so they land before the forward that reuses those blocks)."""
+        for kind, slot, block_id in copies:
+            if kind == "d2h":
+                self.host_kv[slot].copy_(kv_cache[block_id], non_blocking=True)
+            else:
+                kv_cache[block_id].copy_(self.host_kv[slot], non_blocking=True)
+
     def broadcast_step(self, step) -> object | None:
         """Leader: sends `step` (None = shut down). Followers: pass None, get the step."""
+        if self.pc.tp_rank == 0 and step is not None and self._tier_copies:
+            copies, self._tier_copies = self._tier_copies, []
+            self.broadcast_step(KVCommand("tier", copies))
         if self.pc.tp_rank == 0:
             payload = b"" if step is None else msgpack.packb(
                 {"kv": step.op, "ids": step.block_ids} if isinstance(step, KVCommand)
@@ -161,7 +180,9 @@ class TPComm:
         stop."""
         while (msg := self.broadcast_step(None)) is not None:
             if isinstance(msg, KVCommand):
-                if msg.op == "read":
+                if msg.op == "tier":
+                    self.apply_tier_copies(runner.kv_cache, msg.block_ids)
+                elif msg.op == "read":
                     self.read_kv(runner.kv_cache, msg.block_ids)
                 else:
                     self.write_kv(runner.kv_cache, msg.block_ids)
@@ -258,6 +279,11 @@ def follower_main(argv: list[str] | None = None) -> None:
     max_len = min(cfg.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
     runner = ModelRunner(mc, dataclasses.replace(cfg, device=device), model_dir,
                          max_model_len=max_len, tp=comm)
+    host = cfg.host_kv_block_count(runner.kv_spec.block_bytes)
+    if host > 0:  # the same slots as the leader's tier (same shard size), for its copies
+        comm.host_kv = torch.empty((host, *runner.kv_cache.shape[1:]),
+                                   dtype=runner.kv_cache.dtype,
+                                   pin_memory=runner.kv_cache.is_cuda)
     with torch.inference_mode():
         comm.serve(runner)
     comm.close()

@@ -31,6 +31,7 @@ import queue
 import time
 import warnings
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,6 +91,10 @@ class TieredStore:
                                           prefetch_blocks, pin)
                            if self.disk is not None and prefetch_blocks > 0 else None)
         self._stats = TierStats()
+        # Under tensor parallelism this holds rank 0's KV shard; every host<->device copy
+        # is also reported here ("d2h"|"h2d", host slot, block id) for the other ranks to
+        # repeat on theirs before the next forward (engine/tensor_parallel.py).
+        self.mirror: Callable[[str, int, int], None] | None = None
         self.disk_s_per_block: float | None = None  # measured, moving average
         # Most blocks that may wait for the disk writer (reserved host slots); past it,
         # demoted blocks are dropped rather than queued.
@@ -139,6 +144,8 @@ class TieredStore:
             self._stats.offloads_skipped_busy += 1
             return
         self.host[slot].copy_(self.kv_cache[block_id], non_blocking=True)
+        if self.mirror is not None:
+            self.mirror("d2h", slot, block_id)
         if self.kv_cache.is_cuda:
             ev = torch.cuda.Event()
             ev.record()
@@ -268,6 +275,8 @@ class TieredStore:
         if hit is not None and hit[1] == tokens:
             self._host_index.move_to_end(block_hash)
             self.kv_cache[block_id].copy_(self.host[hit[0]], non_blocking=True)
+            if self.mirror is not None:
+                self.mirror("h2d", hit[0], block_id)
             self._stats.hits["host"] += 1
             self._reused.add(block_hash)
             return True

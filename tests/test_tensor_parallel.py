@@ -48,10 +48,30 @@ def test_tp_that_does_not_divide_the_kv_heads_names_the_flag(checkpoint_dir) -> 
 def test_tp_config_is_validated() -> None:
     with pytest.raises(ValueError, match="--tp"):
         EngineConfig(model="x", tp=0)
-    # KV tiers under TP would bring back only rank 0's shard (found with an untied model:
-    # outputs changed after host-tier hits, which a tied tiny model did not show).
-    with pytest.raises(ValueError, match="--tp: 2 cannot be combined with --host-kv-gb"):
-        EngineConfig(model="x", tp=2, host_kv_blocks=8)
+    # A disk tier under TP would hold rank 0's shard only.
+    with pytest.raises(ValueError, match="--tp: 2 cannot be combined with --disk-kv-gb"):
+        EngineConfig(model="x", tp=2, disk_kv_dir="/tmp/x", disk_kv_blocks=8)
+
+
+def test_host_tier_under_tp_brings_back_every_ranks_shard(checkpoint_dir) -> None:
+    """Blocks evicted to host memory and loaded back under TP=2 give the logprobs of TP=1:
+    the followers repeat the leader's host-tier copies on their shards. (Before they did,
+    the untied model's logprobs changed after host hits; a tied tiny model hid it.)"""
+    model_dir = str(checkpoint_dir("tiny-llama-untied"))
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=0)
+    convs = [[(31 * c + 7 * i) % 1000 + 3 for i in range(160)] for c in range(3)]
+    filler = [[(17 * c + 3 * i) % 1000 + 5 for i in range(160)] for c in range(3, 9)]
+    with LLM(model_dir, num_kv_blocks=40) as llm:
+        ref = llm.generate(convs, params)
+    with LLM(model_dir, tp=2, num_kv_blocks=40, host_kv_blocks=128) as llm:
+        llm.generate(convs, params)
+        llm.generate(filler, params)
+        again = llm.generate(convs, params)
+        assert llm.engine.tiers.stats.hits["host"] > 0
+    for a, r in zip(again, ref):
+        assert a.num_cached_tokens >= 144
+        assert a.token_ids == r.token_ids
+        assert max(abs(x - y) for x, y in zip(a.logprobs, r.logprobs)) < 1e-4
 
 
 def test_baton_serve_with_a_tp2_worker(checkpoint_dir) -> None:
