@@ -77,4 +77,5 @@ class ShardedTcpBackend(TcpBackend):
                 .numpy().tobytes() for i in range(0, len(ids), per_chunk)]
 
     async def _store(self, block_ids: list[int], blocks: torch.Tensor) -> None:
-        await self._scatter(block_ids, blocks)
+        if block_ids:  # nothing to move (all cached locally): no collective either
+            await self._scatter(block_ids, blocks)
