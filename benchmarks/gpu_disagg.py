@@ -30,10 +30,18 @@ from benchmarks.common import write_result
 from benchmarks.gpu_serve import pct
 from cluster.local_server import baton_serve
 
-LAYOUTS = {  # name: (workers, GPU placement)
-    "1P1D": (["--prefill", "1", "--decode", "1"], ["--prefill-gpus", "0", "--decode-gpus", "1"]),
-    "2xagg": (["--prefill", "0", "--decode", "2"], ["--decode-gpus", "0,1"]),
-}
+
+def layout(name: str, tp: int) -> tuple[list[str], list[str]]:
+    """(workers, GPU placement) of a layout, each worker on `tp` GPUs: 1P1D puts prefill
+    on the first tp GPUs and decode on the next tp; 2xagg runs two aggregated replicas."""
+    first = ",".join(str(g) for g in range(tp))
+    second = ",".join(str(g) for g in range(tp, 2 * tp))
+    if name == "1P1D":
+        return ["--prefill", "1", "--decode", "1"], ["--prefill-gpus", first,
+                                                     "--decode-gpus", second]
+    if name == "2xagg":
+        return ["--prefill", "0", "--decode", "2"], ["--decode-gpus", f"{first},{second}"]
+    raise ValueError(f"--layouts: unknown layout {name!r} (1P1D, 2xagg, NAME@CHUNK)")
 
 
 async def lone_ttft(url: str, in_len: int, repeats: int, vocab: int) -> dict:
@@ -102,7 +110,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="llama-3.1-8b")
     ap.add_argument("--layouts", default="1P1D,2xagg,2xagg@2048")
-    ap.add_argument("--kv-transfer", default="nixl")
+    ap.add_argument("--kv-transfer", default="nixl", help="tcp with --tp > 1")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per worker")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of this script")
     ap.add_argument("--lone-in", type=int, default=4000)
     ap.add_argument("--lone-repeats", type=int, default=8)
@@ -121,7 +130,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/gpu_disagg.json")
     args = ap.parse_args()
     rates = [float(x) for x in args.rates.split(",")]
-    result: dict = {"benchmark": "gpu_disagg", "preset": args.preset,
+    result: dict = {"benchmark": "gpu_disagg", "preset": args.preset, "tp": args.tp,
                     "kv_transfer": args.kv_transfer, "workload": {
                         k: getattr(args, k) for k in (
                             "lone_in", "lone_repeats", "duration", "long_share", "chat_in",
@@ -140,11 +149,12 @@ def main() -> None:
         # "2xagg@2048": the layout with another prefill chunk (max batched tokens), the
         # knob an aggregated deployment tunes to keep long prefills from stalling decode.
         base, _, chunk = name.partition("@")
-        workers, gpus = LAYOUTS[base]
+        workers, gpus = layout(base, args.tp)
         serve_args = args.serve_args.split() + (["--max-num-batched-tokens", chunk] if chunk
                                                 else [])
+        tp = ["--tp", str(args.tp)] if args.tp > 1 else []
         flags = [*workers, *(gpus if args.device != "cpu" else []), "--device", args.device,
-                 *load, "--kv-transfer", args.kv_transfer, *serve_args]
+                 *tp, *load, "--kv-transfer", args.kv_transfer, *serve_args]
         entry: dict = {"flags": flags}
         result["layouts"][name] = entry
         print(f"=== {name}: baton serve {' '.join(flags)}", flush=True)
