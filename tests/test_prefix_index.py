@@ -20,6 +20,7 @@ from kvtransfer.hashing import block_hashes
 from router import prefix_index
 from router.block_map import BlockMap, DictBlockMap
 from router.prefix_index import InMemoryPrefixIndex, Overlap, best_tier
+from tests.kv_event_fuzz import random_events, random_snapshot
 
 H = block_hashes(list(range(64)), 16)  # 4 chained hashes
 
@@ -163,7 +164,7 @@ def test_random_events_match_a_naive_model(monkeypatch, block_map):
         w = f"w{rng.randrange(6)}"
         r = rng.random()
         if w not in model or r < 0.02:
-            snap = [(h, Tier(rng.randrange(3))) for h in pool[: rng.randrange(len(pool))]]
+            snap = random_snapshot(rng, pool)
             idx.resync(w, "i1", 0, snap)
             model[w], eids[w] = {}, 0
             for h, t in snap:
@@ -172,19 +173,14 @@ def test_random_events_match_a_naive_model(monkeypatch, block_map):
             idx.remove_worker(w)
             del model[w]
         else:
-            events = []
-            for _ in range(rng.randint(1, 4)):
-                a = rng.randrange(len(pool))
-                kind = CLEARED if rng.random() < 0.03 else rng.choice([STORED, REMOVED])
-                ev = KVEvent(kind, [] if kind == CLEARED else pool[a : a + rng.randint(1, 8)],
-                             tier=Tier(rng.choice([0, 0, 1, 2])))
-                events.append(ev)
+            events = random_events(rng, pool)
+            for ev in events:
                 blocks = model[w]
-                if kind == CLEARED:
+                if ev.kind == CLEARED:
                     blocks.clear()
                 for h in ev.block_hashes:
                     mask = blocks.get(h, 0)
-                    mask = mask | 1 << ev.tier if kind == STORED else mask & ~(1 << ev.tier)
+                    mask = mask | 1 << ev.tier if ev.kind == STORED else mask & ~(1 << ev.tier)
                     if mask:
                         blocks[h] = mask
                     else:

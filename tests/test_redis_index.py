@@ -13,6 +13,7 @@ from kvtransfer.events import CLEARED, REMOVED, STORED, KVEvent, KVEventBatch, T
 from kvtransfer.hashing import block_hashes
 from router.prefix_index import InMemoryPrefixIndex, Overlap
 from router.redis_index import RedisPrefixIndex
+from tests.kv_event_fuzz import random_events, random_snapshot
 
 H = block_hashes(list(range(64)), 16)
 
@@ -141,7 +142,7 @@ def test_random_events_match_the_in_memory_index(redis_url):
             w = f"w{rng.randrange(10)}"
             r = rng.random()
             if w not in eids or r < 0.02:
-                snap = [(h, Tier(rng.randrange(3))) for h in pool[: rng.randrange(len(pool))]]
+                snap = random_snapshot(rng, pool)
                 mem.resync(w, "i1", 0, snap)
                 await rng.choice(routers).resync(w, "i1", 0, snap)
                 eids[w] = 0
@@ -150,13 +151,7 @@ def test_random_events_match_the_in_memory_index(redis_url):
                 await rng.choice(routers).remove_worker(w)
                 del eids[w]
             else:
-                events = []
-                for _ in range(rng.randint(1, 4)):
-                    a = rng.randrange(len(pool))
-                    kind = CLEARED if rng.random() < 0.03 else rng.choice([STORED, REMOVED])
-                    events.append(KVEvent(kind, [] if kind == CLEARED else
-                                          pool[a : a + rng.randint(1, 8)],
-                                          tier=Tier(rng.choice([0, 0, 1, 2]))))
+                events = random_events(rng, pool)
                 eids[w] += 1
                 assert mem.apply(b(w, eids[w], *events))
                 for idx in rng.sample(routers, rng.randint(1, 2)):
