@@ -25,28 +25,16 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-UNIQUE_ID_BYTES = 128
+from kvtransfer.transfer.nccl_link import (
+    UNIQUE_ID_BYTES,
+    new_unique_id,
+    unique_id_candidates,
+)
+from kvtransfer.transfer.nccl_link import cupy_nccl_reason as unavailable_reason  # noqa: F401
+
 # ncclBfloat16 in nccl.h since NCCL 2.10; CuPy builds older than that name lack the constant.
 NCCL_BFLOAT16 = 9
 NCCL_BFLOAT16_MIN_VERSION = 21000
-
-
-def unavailable_reason() -> str | None:
-    """Why this process cannot make an NcclComm, or None."""
-    try:
-        from cupy.cuda import nccl
-    except Exception as e:  # ImportError, or a CUDA library CuPy cannot load
-        return f"CuPy is not installed (import cupy.cuda.nccl: {e})"
-    if not getattr(nccl, "available", False) or not hasattr(nccl, "NcclCommunicator"):
-        return "CuPy cannot load the NCCL library (libnccl.so.2)"
-    return None
-
-
-def _id_candidates(data: bytes) -> list[tuple[int, ...]]:
-    """The unique id as CuPy takes it back: C chars, signed on x86 and unsigned on Arm
-    (CuPy rejects the wrong one with OverflowError before it calls NCCL)."""
-    signed = tuple(b - 256 if b > 127 else b for b in data)
-    return [signed] if signed == tuple(data) else [signed, tuple(data)]
 
 
 class NcclComm:
@@ -65,11 +53,11 @@ class NcclComm:
         self.nccl_version = nccl.get_version()
         uid = torch.zeros(UNIQUE_ID_BYTES, dtype=torch.uint8)
         if rank == 0:
-            uid = torch.tensor([b & 0xFF for b in nccl.get_unique_id()], dtype=torch.uint8)
+            uid = torch.tensor(list(new_unique_id()), dtype=torch.uint8)
         dist.broadcast(uid, src=0, group=group)
         self._comm = None
         with cupy.cuda.Device(self.device.index):  # NCCL binds the comm to the current device
-            for candidate in _id_candidates(bytes(uid.tolist())):
+            for candidate in unique_id_candidates(bytes(uid.tolist())):
                 try:
                     self._comm = nccl.NcclCommunicator(world, candidate, rank)
                     break

@@ -42,6 +42,7 @@ from kvtransfer.transfer.nccl_link import (
     NcclLink,
     Runs,
     compute_marker,
+    cupy_nccl_reason,
     new_unique_id,
 )
 
@@ -67,12 +68,10 @@ def unavailable_reason(kv_cache: torch.Tensor) -> str | None:
     if not kv_cache.is_cuda:
         return (f"NCCL moves KV between GPUs, but this worker's KV cache is on "
                 f"{kv_cache.device.type} (use --device cuda, or --kv-transfer nixl/tcp)")
-    try:
-        from cupy.cuda import nccl
-    except Exception as e:  # ImportError, or a CUDA library CuPy cannot load
-        return f"CuPy with NCCL is not installed (import cupy.cuda.nccl: {e})"
-    if not getattr(nccl, "available", False) or not hasattr(nccl, "NcclCommunicator"):
-        return "CuPy cannot load the NCCL library (libnccl.so.2)"
+    if (reason := cupy_nccl_reason()) is not None:
+        return reason
+    from cupy.cuda import nccl
+
     version = nccl.get_version()
     if version < NCCL_MIN_VERSION:
         return f"NCCL {version} has no send/recv (2.7 or later is needed)"

@@ -34,6 +34,18 @@ class LinkBroken(RuntimeError):
     never used again (the backend makes a new one)."""
 
 
+def cupy_nccl_reason() -> str | None:
+    """Why CuPy's NCCL bindings cannot be used in this process, or None (shared by the
+    nccl KV backend and the tensor-parallel communicator, kernels/tp_comm.py)."""
+    try:
+        from cupy.cuda import nccl
+    except Exception as e:  # ImportError, or a CUDA library CuPy cannot load
+        return f"CuPy is not installed (import cupy.cuda.nccl: {e})"
+    if not getattr(nccl, "available", False) or not hasattr(nccl, "NcclCommunicator"):
+        return "CuPy cannot load the NCCL library (libnccl.so.2)"
+    return None
+
+
 def unique_id_to_bytes(uid: Sequence[int]) -> bytes:
     """CuPy gives the ncclUniqueId as 128 C chars (signed on x86, unsigned on Arm)."""
     if len(uid) != UNIQUE_ID_BYTES:
