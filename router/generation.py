@@ -158,11 +158,8 @@ class RequestRunner:
     def _pick(self, role: str, failed: set[str], overlaps: dict[str, Overlap],
               block_size: int, tie_key: int) -> WorkerHandle:
         if self.kv is not None:
-            w = self.kv.pick(role, overlaps, block_size, failed, tie_key)
-            pool = self.pool.prefill if role == "prefill" else self.pool.decode
-            candidates = [c.address for c in pool if c.healthy and c.address not in failed]
-            self.metrics.kv_picks.labels(role, KVRouter.outcome(w.address, candidates,
-                                                                overlaps)).inc()
+            w, outcome = self.kv.pick(role, overlaps, block_size, failed, tie_key)
+            self.metrics.kv_picks.labels(role, outcome).inc()
             return w
         return self.pool.pick(role, exclude=failed)
 

@@ -137,7 +137,8 @@ class KVRouter:
                     await self.index.renew_lease(w.address)
 
     def pick(self, role: str, overlaps: dict[str, Overlap], block_size: int,
-             exclude: set[str], tie_key: int = 0) -> WorkerHandle:
+             exclude: set[str], tie_key: int = 0) -> tuple[WorkerHandle, str]:
+        """The worker for a request, and how it relates to the prefix (`outcome`)."""
         pool = self.pool.prefill if role == "prefill" else self.pool.decode
         live = {w.address: w for w in pool if w.healthy and w.address not in exclude}
         if not live:
@@ -147,7 +148,7 @@ class KVRouter:
         # router replica breaks the same tie the same way, and no worker is favoured.
         rng = random.Random(tie_key)
         picked, _ = choose(sorted(live), overlaps, loads, block_size, self.weights, rng)
-        return live[picked]
+        return live[picked], self.outcome(picked, list(live), overlaps)
 
     @staticmethod
     def outcome(picked: str, candidates: list[str], overlaps: dict[str, Overlap]) -> str:
