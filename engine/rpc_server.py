@@ -19,6 +19,7 @@ from engine.rpc import worker_pb2 as pb
 from engine.rpc import worker_pb2_grpc as pb_grpc
 from engine.worker import EngineWorker
 from kvtransfer.transfer import (
+    KV_LAYOUT,
     KVTransferBackend,
     PeerInfo,
     PlanRejected,
@@ -32,7 +33,6 @@ from kvtransfer.transfer.tcp import ShardedTcpBackend
 
 log = logging.getLogger(__name__)
 
-KV_LAYOUT = "block,layer,kv,token,head,dim"
 
 
 class PeerChannels:

@@ -35,6 +35,7 @@ import torch.distributed as dist
 from engine.config import EngineConfig
 from kernels import tp_comm
 from kernels.parallel import ParallelContext
+from kvtransfer.transfer.base import KV_HEAD_DIM
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,6 @@ REPO = Path(__file__).resolve().parents[1]
 COLLECTIVE_TIMEOUT_S = 300
 STEP_FIELDS = ("ids", "positions", "slots", "tables", "query_lens", "seq_lens", "logits_rows",
                "decode_only")
-HEAD_DIM = 4  # of the KV cache [block, layer, k/v, token, head, dim]: what ranks split
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,7 +157,7 @@ class TPComm:
             return None
         parts = [torch.empty_like(shard) for _ in range(self.pc.tp_size)]
         dist.gather(shard, parts, dst=0)
-        return torch.cat(parts, dim=HEAD_DIM).cpu()
+        return torch.cat(parts, dim=KV_HEAD_DIM).cpu()
 
     def write_kv(self, kv_cache: torch.Tensor, block_ids: list[int],
                  full: torch.Tensor | None = None) -> None:
@@ -171,7 +171,7 @@ class TPComm:
         parts = None
         if self.pc.tp_rank == 0:
             parts = [p.contiguous() for p in
-                     full.to(kv_cache.device).chunk(self.pc.tp_size, dim=HEAD_DIM)]
+                     full.to(kv_cache.device).chunk(self.pc.tp_size, dim=KV_HEAD_DIM)]
         dist.scatter(mine, parts, src=0)
         kv_cache[idx] = mine
 

@@ -5,6 +5,7 @@ streamed over the prefill worker's gRPC channel). `create_backend("auto")` takes
 it loads and says why when it falls back."""
 
 from kvtransfer.transfer.base import (
+    KV_LAYOUT,
     BlockRun,
     ControlPlane,
     KVTransferBackend,
@@ -16,5 +17,5 @@ from kvtransfer.transfer.base import (
 )
 from kvtransfer.transfer.registry import BACKENDS, create_backend
 
-__all__ = ["BACKENDS", "BlockRun", "ControlPlane", "KVTransferBackend", "PeerInfo",
+__all__ = ["BACKENDS", "KV_LAYOUT", "BlockRun", "ControlPlane", "KVTransferBackend", "PeerInfo",
            "PlanRejected", "SendPlan", "coalesce", "create_backend", "split_runs"]

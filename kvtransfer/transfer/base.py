@@ -10,6 +10,11 @@ from typing import Protocol
 
 import torch
 
+# Axes of every worker's KV cache tensor (docs/kv_layout.md); tensor-parallel ranks split
+# the head axis, in rank order.
+KV_LAYOUT = "block,layer,kv,token,head,dim"
+KV_HEAD_DIM = KV_LAYOUT.split(",").index("head")
+
 
 @dataclass(frozen=True)
 class BlockRun:

@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import torch
 
-from kvtransfer.transfer.base import BlockReader, KVTransferBackend, PeerInfo
+from kvtransfer.transfer.base import KV_HEAD_DIM, BlockReader, KVTransferBackend, PeerInfo
 
 
 class TcpBackend(KVTransferBackend):
@@ -55,8 +55,6 @@ class ShardedTcpBackend(TcpBackend):
     so a prefill worker and a decode worker of different --tp still exchange KV (the wire
     format is that of a --tp 1 worker)."""
 
-    HEAD_DIM = 4  # of the cache [block, layer, k/v, token, head, dim]
-
     def __init__(self, kv_cache: torch.Tensor, reader: BlockReader, tp: int,
                  gather: ShardGather, scatter: ShardScatter) -> None:
         super().__init__(kv_cache, reader)
@@ -66,7 +64,7 @@ class ShardedTcpBackend(TcpBackend):
     @property
     def wire_shape(self) -> tuple[int, ...]:
         shape = list(self.kv_cache.shape[1:])
-        shape[self.HEAD_DIM - 1] *= self._tp
+        shape[KV_HEAD_DIM - 1] *= self._tp  # shape without the block axis
         return tuple(shape)
 
     def read_blocks(self, block_ids: Sequence[int], max_chunk_bytes: int = 4 << 20
