@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.common import write_result
 from cluster.local_server import baton_serve
@@ -129,12 +130,10 @@ async def workload(url: str, model: str, sessions: list[Session], load: float,
 def kv_picks(metrics_text: str) -> dict[str, float]:
     """The router's `baton_kv_route_picks` counters by outcome (decode role: the
     aggregated workers), empty under other policies."""
-    out: dict[str, float] = {}
-    for line in metrics_text.splitlines():
-        if line.startswith("baton_kv_route_picks_total{") and 'role="decode"' in line:
-            outcome = line.split('outcome="')[1].split('"')[0]
-            out[outcome] = float(line.rsplit(" ", 1)[1])
-    return out
+    return {s.labels["outcome"]: s.value
+            for family in text_string_to_metric_families(metrics_text)
+            if family.name == "baton_kv_route_picks" for s in family.samples
+            if s.name == "baton_kv_route_picks_total" and s.labels["role"] == "decode"}
 
 
 def oracle_hit_ratio(log: list[dict], capacity_blocks: int) -> float:
