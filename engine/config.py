@@ -53,9 +53,11 @@ class EngineConfig:
     def host_kv_block_count(self, block_bytes: int) -> int:
         """G2 slots for blocks of `block_bytes` (a rank's shard under tensor parallelism:
         every rank gets the same count)."""
-        if self.host_kv_blocks is not None:
-            return self.host_kv_blocks
-        return int(self.host_kv_gb * 2**30 // block_bytes)
+        return _tier_blocks(self.host_kv_blocks, self.host_kv_gb, block_bytes)
+
+    def disk_kv_block_count(self, block_bytes: int) -> int:
+        """G3 files for blocks of `block_bytes`."""
+        return _tier_blocks(self.disk_kv_blocks, self.disk_kv_gb, block_bytes)
 
     def __post_init__(self) -> None:
         def check(ok: bool, flag: str, msg: str) -> None:
@@ -97,3 +99,8 @@ class EngineConfig:
         check(self.tp == 1 or not (self.disk_kv_gb or self.disk_kv_blocks),
               "tp", f"{self.tp} cannot be combined with --disk-kv-gb yet (the host tier "
               "works under TP; the disk tier would hold one rank's shard)")
+
+
+def _tier_blocks(blocks: int | None, gib: float, block_bytes: int) -> int:
+    """A KV tier's size in blocks: given as such (tests), or as GiB."""
+    return blocks if blocks is not None else int(gib * 2**30 // block_bytes)

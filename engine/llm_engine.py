@@ -52,8 +52,7 @@ def make_tiered_store(cfg: EngineConfig, runner: ModelRunner, events: EventRecor
     """G2/G3 sized from the config, or None when neither is asked for."""
     block_bytes = runner.kv_spec.block_bytes
     host = cfg.host_kv_block_count(block_bytes)
-    disk = cfg.disk_kv_blocks if cfg.disk_kv_blocks is not None else \
-        int(cfg.disk_kv_gb * 2**30 // block_bytes)
+    disk = cfg.disk_kv_block_count(block_bytes)
     if host <= 0 and (disk <= 0 or not cfg.disk_kv_dir):
         return None
     # Disk blocks are only valid for the same weights, dtype and cache layout.
