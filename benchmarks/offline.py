@@ -114,15 +114,21 @@ def prefill_case(engine: LLMEngine, tokens: int, repeats: int, device: str) -> d
             "mfu": roof / t, "tokens_per_s": tokens / t}
 
 
-def profile_decode(engine: LLMEngine, device: str, steps: int = 8) -> dict:
-    """Where a batch-1 decode step's GPU time goes: kernel totals by name, and the share
-    of the step they fill (the rest is launch gaps and idle time)."""
+def profile_decode(engine: LLMEngine, device: str, batch: int, context: int,
+                   steps: int = 8) -> dict:
+    """Where a decode step's GPU time goes: kernel totals by name, and the share of the
+    step they fill (the rest is launch gaps and the host's part of the step)."""
     from torch.profiler import ProfilerActivity, profile
 
     mc = engine.model_config
-    engine.add_request("prof", list(range(1, 1025)), SamplingParams(
-        max_tokens=steps + 64, temperature=0.0, ignore_eos=True))
-    while engine.scheduler.waiting or engine.scheduler.running[0].num_output_tokens < 2:
+    rng = random.Random(batch + context)
+    ids = [f"prof{batch}-{i}" for i in range(batch)]
+    for rid in ids:
+        engine.add_request(rid, [rng.randrange(mc.vocab_size) for _ in range(context)],
+                           SamplingParams(max_tokens=steps + 64, temperature=0.0,
+                                          ignore_eos=True))
+    while engine.scheduler.waiting or any(s.num_output_tokens < 2
+                                          for s in engine.scheduler.running):
         engine.step()
     _sync(device)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -131,14 +137,16 @@ def profile_decode(engine: LLMEngine, device: str, steps: int = 8) -> dict:
             engine.step()
         _sync(device)
         wall = time.perf_counter() - t0
-    engine.abort_request("prof")
+    for rid in ids:
+        engine.abort_request(rid)
     rows = sorted(prof.key_averages(), key=lambda e: -e.device_time_total)
     kernels = [{"name": e.key[:120], "calls_per_step": e.count / steps,
                 "us_per_step": e.device_time_total / steps} for e in rows[:25]]
     busy = sum(e.device_time_total for e in rows) / steps
     gemm = sum(e.device_time_total for e in rows if any(
         k in e.key.lower() for k in ("gemm", "gemv", "cutlass", "nvjet", "sm90_xmma"))) / steps
-    return {"step_ms": wall / steps * 1e3, "kernel_busy_ms": busy / 1e3,
+    return {"batch": batch, "context": context, "step_ms": wall / steps * 1e3,
+            "kernel_busy_ms": busy / 1e3,
             "gemm_ms": gemm / 1e3, "weight_bytes": param_bytes(engine),
             "vocab": mc.vocab_size, "top_kernels": kernels}
 
@@ -158,8 +166,12 @@ def main() -> None:
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--compare-eager", action="store_true",
                     help="also time every decode case with CUDA graphs off, same process")
-    ap.add_argument("--profile", action="store_true",
-                    help="kernel-time breakdown of batch-1 decode steps (torch profiler)")
+    ap.add_argument("--profile", nargs="?", const="1:1024,64:2048", default=None,
+                    metavar="BATCH:CONTEXT,...",
+                    help="kernel-time breakdown of decode steps (torch profiler); "
+                         "default cases 1:1024,64:2048")
+    ap.add_argument("--no-fused-rope-kv", action="store_true",
+                    help="FlashInfer RoPE + index_put KV writes instead of the fused kernel")
     ap.add_argument("--batches", default="1:1024,16:2048,64:2048,256:2048",
                     help="batch:context pairs")
     ap.add_argument("--steps", type=int, default=32)
@@ -175,7 +187,8 @@ def main() -> None:
                        num_kv_blocks=blocks, max_num_batched_tokens=max(8192, args.prefill_tokens),
                        max_num_seqs=max(b for b, _ in cases), enable_prefix_caching=False,
                        attention_backend=args.attention_backend,
-                       cuda_graphs=not args.no_cuda_graphs)
+                       cuda_graphs=not args.no_cuda_graphs,
+                       fused_rope_kv_write=not args.no_fused_rope_kv)
     t0 = time.perf_counter()
     engine = LLMEngine(cfg)
     _sync(args.device)
@@ -189,7 +202,8 @@ def main() -> None:
             eager.append(decode_case(engine, batch, context, args.steps, args.device))
             engine.runner.use_graphs = True
             report("eager ", eager[-1])
-    profile = profile_decode(engine, args.device) if args.profile else None
+    profiles = [profile_decode(engine, args.device, *(int(x) for x in c.split(":")))
+                for c in args.profile.split(",")] if args.profile else []
     prefill = prefill_case(engine, args.prefill_tokens, 3, args.device)
     print(f"prefill {args.prefill_tokens} tokens: {prefill['ms_median']:.1f} ms, roofline "
           f"{prefill['roofline_ms']:.1f} ms, MFU {prefill['mfu']:.1%}", flush=True)
@@ -202,7 +216,8 @@ def main() -> None:
         "cuda_graphs": None if engine.runner.graph_report is None else
         vars(engine.runner.graph_report),
         "memory": vars(engine.runner.memory),
-        "decode_eager": eager, "decode_b1_kernel_profile": profile,
+        "fused_rope_kv_write": engine.runner.fused_rope_kv_write,
+        "decode_eager": eager, "decode_kernel_profiles": profiles,
         "ceilings": {"hbm_bytes_per_s": H200_HBM_BYTES_PER_S, "bf16_flops": H200_BF16_FLOPS},
         "decode": decode, "prefill": prefill,
     })

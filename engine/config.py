@@ -27,6 +27,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # auto: FlashInfer where it runs, else torch
     cuda_graphs: bool = True  # decode CUDA graphs (FlashInfer backend only)
+    # RoPE + paged KV write in one Triton kernel per layer (FlashInfer backend; off, with
+    # a log line, where Triton is missing). Off: FlashInfer's RoPE and two index_puts.
+    fused_rope_kv_write: bool = True
     seed: int = 0
     tp: int = 1
     # Decode graphs under --tp, with the all-reduces of the group's CuPy NCCL communicator

@@ -96,8 +96,11 @@ class ModelRunner:
             load_weights(self.model, model_dir, progress=model_cfg.num_params() > 1e9)
         self.model.eval()
         self.planner: FlashInferPlanner | None = None
+        self.fused_rope_kv_write = False
         if self.attention_backend == "flashinfer":
             fused.enable(self.model)  # FlashInfer's norm/RoPE/SwiGLU kernels ride along
+            self.fused_rope_kv_write = fused.set_rope_kv_write(self.model,
+                                                               cfg.fused_rope_kv_write)
             m = model_cfg
             self.planner = FlashInferPlanner(
                 self.pc.shard(m.num_heads, "num_attention_heads"),
@@ -225,8 +228,11 @@ class ModelRunner:
             return StepResult([], [])
         batch = self._sampling_batch(out, scheduler)
         res = sample(logits, batch, self.default_generator)
-        token_ids = res.token_ids.tolist()
-        logprobs = res.logprobs.tolist()
+        # One device->host copy (one sync) for both: ids and float32 logprobs are exact
+        # in float64.
+        ids_lps = torch.stack([res.token_ids.double(), res.logprobs.double()]).tolist()
+        token_ids = [int(t) for t in ids_lps[0]]
+        logprobs = ids_lps[1]
         top = None
         if res.top_ids is not None:
             ids, lps = res.top_ids.tolist(), res.top_logprobs.tolist()

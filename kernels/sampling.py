@@ -41,7 +41,11 @@ def sample(logits: torch.Tensor, batch: SamplingBatch,
            default_generator: torch.Generator | None = None) -> SampleResult:
     """logits: [B, V] float32, left unchanged. Reported logprobs are those of the raw
     logits, before bans, temperature, top-k and top-p (vLLM's default `raw_logprobs`)."""
-    logprobs_all = torch.log_softmax(logits, dim=-1)
+    raw = logits
+    k = max(batch.num_logprobs, default=0)
+    # Only a row asking for alternatives needs the whole [B, V] log-distribution; the
+    # chosen token's logprob is its logit minus the row's logsumexp (no [B, V] write).
+    logprobs_all = torch.log_softmax(logits, dim=-1) if k > 0 else None
     if any(batch.banned_token_ids):
         logits = logits.clone()
         for row, banned in enumerate(batch.banned_token_ids):
@@ -51,10 +55,11 @@ def sample(logits: torch.Tensor, batch: SamplingBatch,
         token_ids = logits.argmax(dim=-1)
     else:
         token_ids = _sample_random(logits, batch, default_generator)
-    chosen = logprobs_all.gather(1, token_ids[:, None]).squeeze(1)
-    k = max(batch.num_logprobs, default=0)
     top_ids = top_lp = None
-    if k > 0:
+    if logprobs_all is None:
+        chosen = raw.gather(1, token_ids[:, None]).squeeze(1) - torch.logsumexp(raw, dim=-1)
+    else:
+        chosen = logprobs_all.gather(1, token_ids[:, None]).squeeze(1)
         top_lp, top_ids = logprobs_all.topk(k, dim=-1)
     return SampleResult(token_ids, chosen, top_ids, top_lp)
 

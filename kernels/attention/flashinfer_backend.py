@@ -139,3 +139,9 @@ class FlashInferAttention:
                 kv_layer: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         write_kv(kv_layer, k, v, meta)
         return meta.plan.run(q, kv_layer)
+
+    def run(self, q: torch.Tensor, kv_layer: torch.Tensor,
+            meta: AttentionMetadata) -> torch.Tensor:
+        """Attention only: this step's K/V are already in the cache (written by the fused
+        RoPE + KV-write kernel)."""
+        return meta.plan.run(q, kv_layer)

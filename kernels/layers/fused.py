@@ -8,7 +8,9 @@ table, SwiGLU) removes most of that. Each computes in float32 and rounds once, a
 float32 norms and RoPE do; the SwiGLU product rounds once where HF rounds twice.
 
 `enable(model)` switches a built model's layers over; the torch code stays the CPU path
-and the oracle.
+and the oracle. Where Triton runs, attention layers also take Baton's fused RoPE + paged
+KV write (kernels/attention/rope_kv_write.py) in place of FlashInfer's RoPE and two
+`index_put`s.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import logging
 
 import torch
 from torch import nn
+
+from kernels.attention.rope_kv_write import triton_unavailable_reason
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,19 @@ def enable(model: nn.Module) -> int:
             n += 1
     log.info("fused FlashInfer kernels enabled in %d modules", n)
     return n
+
+
+def set_rope_kv_write(model: nn.Module, on: bool) -> bool:
+    """Switches the fused RoPE + KV-write kernel on or off (benchmarks compare both in one
+    process); returns whether it is on. Off, with a log line, where Triton is missing."""
+    reason = triton_unavailable_reason()
+    if on and reason is not None:
+        log.warning("fused RoPE + KV write off: %s", reason)
+        on = False
+    for module in model.modules():
+        if hasattr(module, "fuse_rope_kv_write"):
+            module.fuse_rope_kv_write = on
+    return on
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

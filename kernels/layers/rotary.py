@@ -52,15 +52,20 @@ class RotaryEmbedding(nn.Module):
                 k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """q: [T, Hq, D], k: [T, Hk, D], positions: [T]."""
         if self.use_fused_kernels:
-            if self._cos_sin is None:
-                self._cos_sin = torch.cat([self.cos, self.sin], dim=-1).contiguous()
             t = q.shape[0]
             qf, kf = q.reshape(t, -1), k.reshape(t, -1)  # views when rows are packed
-            fused.rope_(positions, qf, kf, self.head_dim, self._cos_sin)
+            fused.rope_(positions, qf, kf, self.head_dim, self.cos_sin_table())
             return qf.view_as(q), kf.view_as(k)
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)
+
+
+    def cos_sin_table(self) -> torch.Tensor:
+        """[max_positions, head_dim] float32, cos | sin halves: the fused kernels' table."""
+        if self._cos_sin is None or self._cos_sin.device != self.cos.device:
+            self._cos_sin = torch.cat([self.cos, self.sin], dim=-1).contiguous()
+        return self._cos_sin
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

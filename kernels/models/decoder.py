@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from kernels.attention import AttentionMetadata
+from kernels.attention.rope_kv_write import rope_and_write_kv_
 from kernels.config import ModelConfig
 from kernels.layers import fused
 from kernels.layers.activation import silu_and_mul
@@ -41,6 +42,8 @@ class Attention(nn.Module):
         self.qk_norm = cfg.qk_norm
         self.rotary = rotary
         self.attn = backend_cls(self.num_heads, self.num_kv_heads, cfg.head_dim)
+        # kernels.layers.fused.enable() turns it on where Triton runs (CUDA, FlashInfer).
+        self.fuse_rope_kv_write = False
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_layer: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
@@ -53,8 +56,13 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
-        o = self.attn.forward(q, k, v, kv_layer, meta)
+        if self.fuse_rope_kv_write:
+            rope_and_write_kv_(q, k, v, positions, meta.slot_mapping,
+                               self.rotary.cos_sin_table(), kv_layer)
+            o = self.attn.run(q, kv_layer, meta)
+        else:
+            q, k = self.rotary(positions, q, k)
+            o = self.attn.forward(q, k, v, kv_layer, meta)
         return self.o_proj(o.reshape(t, q_size))
 
 
@@ -107,7 +115,6 @@ class DecoderModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
-        meta.split_slots()  # once per forward: every layer writes K/V to the same slots
         residual = None
         for layer, kv_layer in zip(self.layers, kv_caches):
             x, residual = layer(positions, x, residual, kv_layer, meta)

@@ -1,0 +1,148 @@
+"""Per-layer decode kernels of the 8B shape on one GPU, timed as CUDA graphs (no launch
+gaps of eager mode, caches larger than L2 like in a real step), to choose what the
+decode step runs:
+
+- attention: FlashInfer's tensor-core decode (prefill kernel, GQA group as rows) and
+  CUDA-core decode kernel, each with and without split-KV, at batch 1 x 1k and
+  16/64/256 x 2k context; time per layer and fraction of HBM bandwidth for its KV bytes;
+  outputs checked against the tensor-core split-KV variant (the engine's default so far).
+- RoPE + KV write: FlashInfer's RoPE plus two `index_put`s (the old path) against
+  Baton's fused Triton kernel, per layer at 1 and 64 tokens.
+
+    python -m benchmarks.gpu_decode_kernels --out benchmarks/results/gpu_decode_kernels_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from benchmarks.common import H200_HBM_BYTES_PER_S, write_result
+from kernels.attention.flashinfer_backend import WORKSPACE_BYTES, PageLists
+
+HQ, HKV, D, BS = 32, 8, 128, 16
+DT = torch.bfloat16
+LAYER_BYTES_MIN = 512 * 2**20  # enough layers' caches that the replay never hits in L2
+
+
+def graph_ms(fn, reps: int = 20) -> float:
+    """Milliseconds per call of `fn` captured once in a CUDA graph and replayed."""
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(reps):
+        g.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def attention_case(batch: int, ctx: int, gen) -> dict:
+    import flashinfer
+
+    pages_per_seq = -(-ctx // BS)
+    pages = batch * pages_per_seq
+    layer_bytes = pages * 2 * BS * HKV * D * 2
+    layers = max(4, min(32, -(-LAYER_BYTES_MIN // layer_bytes)))
+    caches = [torch.randn(pages, 2, BS, HKV, D, generator=gen, device="cuda", dtype=DT)
+              for _ in range(layers)]
+    q = torch.randn(batch, HQ, D, generator=gen, device="cuda", dtype=DT)
+    order = torch.randperm(pages, generator=gen, device="cuda").tolist()
+    tables = [order[i * pages_per_seq:(i + 1) * pages_per_seq] for i in range(batch)]
+    lists = PageLists.build(tables, [1] * batch, [ctx] * batch, BS)
+    kv_bytes = batch * ctx * 2 * HKV * D * 2
+    out = {"batch": batch, "context": ctx, "layers_timed": layers, "kv_bytes_per_layer":
+           kv_bytes, "variants": []}
+    ref = None
+    for name, tc, split in (("tensor-cores", True, True), ("tensor-cores/no-split", True, False),
+                            ("cuda-cores", False, True), ("cuda-cores/no-split", False, False)):
+        row = {"variant": name}
+        try:
+            ws = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
+            t0 = time.perf_counter()
+            w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+                ws, "NHD", use_tensor_cores=tc, backend="fa2")
+            w.plan(lists.kv_indptr, lists.kv_indices, lists.last_page_len, HQ, HKV, D, BS,
+                   q_data_type=DT, kv_data_type=DT, disable_split_kv=not split)
+            first = w.run(q, caches[0])
+            torch.cuda.synchronize()
+            row["first_call_s"] = time.perf_counter() - t0
+            ms = graph_ms(lambda w=w, caches=caches: [w.run(q, c) for c in caches]) / layers
+            row.update(us_per_layer=ms * 1e3,
+                       fraction_of_hbm=kv_bytes / (ms * 1e-3) / H200_HBM_BYTES_PER_S)
+            if ref is None:
+                ref = first
+            row["rel_err_vs_first"] = ((first.float() - ref.float()).norm()
+                                       / ref.float().norm()).item()
+        except Exception as e:  # a variant FlashInfer cannot build or run here
+            row["error"] = f"{type(e).__name__}: {e}"[:300]
+        print(batch, ctx, row, flush=True)
+        out["variants"].append(row)
+    caches.clear()
+    torch.cuda.empty_cache()
+    return out
+
+
+def rope_kv_case(tokens: int, gen) -> dict:
+    from kernels.attention.metadata import AttentionMetadata
+    from kernels.attention.rope_kv_write import rope_and_write_kv_
+    from kernels.attention.torch_paged import write_kv
+    from kernels.layers import fused
+    from kernels.layers.rotary import RotaryEmbedding
+
+    layers, blocks = 32, 4096
+    cache = torch.zeros(blocks, layers, 2, BS, HKV, D, device="cuda", dtype=DT)
+    views = [cache[:, i] for i in range(layers)]
+    rot = RotaryEmbedding(D, 8192, 500000.0, None).cuda()
+    cos_sin = rot.cos_sin_table()
+    qkv = torch.randn(tokens, (HQ + 2 * HKV) * D, generator=gen, device="cuda", dtype=DT)
+    q, k, v = qkv.split([HQ * D, HKV * D, HKV * D], dim=-1)
+    q, k, v = q.view(tokens, HQ, D), k.view(tokens, HKV, D), v.view(tokens, HKV, D)
+    pos = torch.randint(0, 8192, (tokens,), generator=gen, device="cuda")
+    slots = torch.randperm(blocks * BS, generator=gen, device="cuda")[:tokens]
+    meta = AttentionMetadata(slots, None, None, [1] * tokens, [1] * tokens, BS)
+
+    def old_path():
+        meta.slot_blocks = None  # the old model split slots once per forward: count it
+        for kv in views:
+            qf, kf = q.reshape(tokens, -1), k.reshape(tokens, -1)
+            fused.rope_(pos, qf, kf, D, cos_sin)
+            write_kv(kv, k, v, meta)
+
+    def fused_path():
+        for kv in views:
+            rope_and_write_kv_(q, k, v, pos, slots, cos_sin, kv)
+
+    row = {"tokens": tokens, "old_us_per_layer": graph_ms(old_path) * 1e3 / layers,
+           "fused_us_per_layer": graph_ms(fused_path) * 1e3 / layers}
+    print(row, flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results/gpu_decode_kernels.json")
+    ap.add_argument("--shapes", default="1:1024,16:2048,64:2048,256:2048",
+                    help="decode attention cases, BATCH:CONTEXT,...")
+    args = ap.parse_args()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [tuple(int(x) for x in s.split(":")) for s in args.shapes.split(",")]
+    rope = [rope_kv_case(t, gen) for t in (1, 64)]
+    attention = [attention_case(b, c, gen) for b, c in shapes]
+    write_result(args.out, {"benchmark": "gpu_decode_kernels",
+                            "shape": {"q_heads": HQ, "kv_heads": HKV, "head_dim": D,
+                                      "block_size": BS, "dtype": "bfloat16"},
+                            "rope_kv_write": rope, "decode_attention": attention})
+
+
+if __name__ == "__main__":
+    main()
