@@ -23,7 +23,6 @@ from benchmarks.common import H200_BF16_FLOPS, H200_HBM_BYTES_PER_S, write_resul
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
-from engine.scheduler import StepResult
 
 
 def _sync(device: str) -> None:
@@ -49,23 +48,29 @@ def decode_case(engine: LLMEngine, batch: int, context: int, steps: int, device:
         engine.step()
     step_times, cpu_times = [], []
     sched = engine.scheduler
+    graphs = engine.runner.graphs if engine.runner.use_graphs else None
+    if graphs is not None:
+        graphs.host_timer = {}
     for _ in range(steps):
         _sync(device)
         t0 = time.perf_counter()
         out = sched.schedule()
         t_sched = time.perf_counter()
-        step = engine.runner._prepare(out)
-        t_prep = time.perf_counter()
-        logits = engine.runner.forward(step)
-        tokens = logits.argmax(-1).tolist()  # the host sync of a real step
-        t_fwd = time.perf_counter()
-        sched.update(out, StepResult(tokens, [0.0] * len(tokens)))
+        result = engine.runner.execute(out, sched)  # inputs, forward, sampling, host sync
+        t_exec = time.perf_counter()
+        sched.update(out, result)
         t1 = time.perf_counter()
         step_times.append(t1 - t0)
-        cpu_times.append((t_sched - t0) + (t_prep - t_sched) + (t1 - t_fwd))
+        cpu_times.append((t_sched - t0) + engine.runner.prepare_seconds + (t1 - t_exec))
         assert len(out.scheduled) == batch
     for rid in ids:
         engine.abort_request(rid)
+    host = None
+    if graphs is not None and graphs.host_timer.get("steps"):
+        timer, graphs.host_timer = graphs.host_timer, None
+        steps_ = timer.pop("steps")
+        host = {k: v / steps_ * 1e3 for k, v in timer.items() if k != "staged_hits"}
+        host["staged_hits"] = timer.get("staged_hits", 0.0) / steps_
     step = statistics.median(step_times)
     kv_read = batch * (context + steps // 2) * mc.kv_bytes_per_token()
     weights = param_bytes(engine)
@@ -76,6 +81,11 @@ def decode_case(engine: LLMEngine, batch: int, context: int, steps: int, device:
         "step_ms_p90": sorted(step_times)[int(0.9 * len(step_times))] * 1e3,
         "cpu_ms_median": statistics.median(cpu_times) * 1e3,
         "cpu_share": statistics.median(cpu_times) / step,
+        # Host ms per step inside the graph runner: exposed (inputs, page lists, FlashInfer
+        # plan when the step was not staged, replay launch) and "staging" (the next step's,
+        # overlapped with this one's GPU work); staged_hits: share of steps staged ahead.
+        # cpu_ms is the scheduler and its update around them.
+        "graph_host_ms": host,
         "weight_bytes": weights, "kv_bytes_read": kv_read,
         "roofline_ms": roof * 1e3, "mbu": roof / step,
         "tokens_per_s": batch / step,
@@ -154,7 +164,8 @@ def profile_decode(engine: LLMEngine, device: str, batch: int, context: int,
 def report(label: str, d: dict) -> None:
     print(f"{label} b={d['batch']:4d} ctx={d['context']:5d}: {d['step_ms_median']:8.2f} ms/step,"
           f" roofline {d['roofline_ms']:6.2f} ms, MBU {d['mbu']:.1%}, "
-          f"CPU share {d['cpu_share']:.1%}", flush=True)
+          f"CPU share {d['cpu_share']:.1%}, graph host "
+          f"{ {k: round(v, 3) for k, v in (d.get('graph_host_ms') or {}).items()} }", flush=True)
 
 
 def main() -> None:
@@ -172,6 +183,12 @@ def main() -> None:
                          "default cases 1:1024,64:2048")
     ap.add_argument("--no-fused-rope-kv", action="store_true",
                     help="FlashInfer RoPE + index_put KV writes instead of the fused kernel")
+    ap.add_argument("--compare-unstaged", action="store_true",
+                    help="also time every decode case without staging the next decode step "
+                         "during the current one, same process")
+    ap.add_argument("--compare-unfused-rope-kv", action="store_true",
+                    help="also time every decode case without the fused RoPE + KV write "
+                         "(graphs recaptured), alternating with the fused one, same process")
     ap.add_argument("--batches", default="1:1024,16:2048,64:2048,256:2048",
                     help="batch:context pairs")
     ap.add_argument("--steps", type=int, default=32)
@@ -193,10 +210,24 @@ def main() -> None:
     engine = LLMEngine(cfg)
     _sync(args.device)
     load_s = time.perf_counter() - t0
-    decode, eager = [], []
+    decode, eager, unfused, unstaged = [], [], [], []
+    runner = engine.runner
     for batch, context in cases:
         decode.append(decode_case(engine, batch, context, args.steps, args.device))
         report("decode", decode[-1])
+        if args.compare_unstaged and runner.stages_next_decode:
+            runner.stage_decode = engine.scheduler.decode_lookahead = False
+            unstaged.append(decode_case(engine, batch, context, args.steps, args.device))
+            report("unstaged", unstaged[-1])
+            runner.stage_decode = engine.scheduler.decode_lookahead = True
+        if args.compare_unfused_rope_kv and engine.runner.fused_rope_kv_write:
+            engine.runner.set_fused_rope_kv_write(False)
+            unfused.append(decode_case(engine, batch, context, args.steps, args.device))
+            report("unfused", unfused[-1])
+            engine.runner.set_fused_rope_kv_write(True)
+            again = decode_case(engine, batch, context, args.steps, args.device)
+            report("decode", again)
+            decode[-1]["step_ms_repeat"] = again["step_ms_median"]
         if args.compare_eager and engine.runner.graphs is not None:
             engine.runner.use_graphs = False
             eager.append(decode_case(engine, batch, context, args.steps, args.device))
@@ -217,7 +248,8 @@ def main() -> None:
         vars(engine.runner.graph_report),
         "memory": vars(engine.runner.memory),
         "fused_rope_kv_write": engine.runner.fused_rope_kv_write,
-        "decode_eager": eager, "decode_kernel_profiles": profiles,
+        "decode_eager": eager, "decode_unfused_rope_kv": unfused, "decode_unstaged": unstaged,
+        "decode_kernel_profiles": profiles,
         "ceilings": {"hbm_bytes_per_s": H200_HBM_BYTES_PER_S, "bf16_flops": H200_BF16_FLOPS},
         "decode": decode, "prefill": prefill,
     })

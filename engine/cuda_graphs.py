@@ -29,6 +29,7 @@ replay's final all-gather, which every follower reaches only after its attention
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from kernels.attention import AttentionMetadata
-from kernels.attention.flashinfer_backend import FlashInferPlanner, PageLists
+from kernels.attention.flashinfer_backend import DecodePageCache, FlashInferPlanner, PageLists
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,24 @@ class DecodeGraphs:
         # Rows: token ids, positions, KV slots. One pinned host mirror, one copy per step.
         self.inputs = torch.zeros(3, self.max_bs, dtype=torch.int64, device=device)
         self.host_inputs = torch.zeros(3, self.max_bs, dtype=torch.int64).pin_memory()
+        self.host_view = self.host_inputs.numpy()  # filled from lists without torch.tensor()
+        self.pages = DecodePageCache()
+        # Page lists are written into pinned host buffers and the block ids reach the GPU
+        # by an asynchronous copy, so planning never waits for a step still running
+        # (FlashInfer copies host-side block ids synchronously).
+        max_pages = self.max_bs * max_blocks_per_seq
+        self.host_pages = PageLists(torch.arange(self.max_bs + 1, dtype=torch.int32),
+                                    torch.zeros(self.max_bs + 1, dtype=torch.int32).pin_memory(),
+                                    torch.zeros(max_pages, dtype=torch.int32).pin_memory(),
+                                    torch.zeros(self.max_bs, dtype=torch.int32).pin_memory())
+        self.indices_stage = torch.zeros(max_pages, dtype=torch.int32, device=device)
+        self.staged: StagedDecode | None = None
+        # Recorded after the copies out of the pinned buffers (ours and FlashInfer's plan
+        # info): staging waits on it before rewriting them. It has long passed in practice
+        # (those copies precede the step now running), but nothing else guarantees it.
+        self.filled = torch.cuda.Event() if device.type == "cuda" else None
+        # Benchmarks set a dict here to collect host seconds per phase of run().
+        self.host_timer: dict[str, float] | None = None
         i32 = torch.int32
         self.indptr = torch.zeros(self.max_bs + 1, dtype=i32, device=device)
         self.indices = torch.zeros(self.max_bs * max_blocks_per_seq, dtype=i32, device=device)
@@ -116,28 +135,111 @@ class DecodeGraphs:
         return self.model.compute_logits(hidden)
 
     def _fill(self, b: int, ids: list[int], positions: list[int], slots: list[int],
-              tables: list[list[int]], seq_lens: list[int]) -> None:
+              tables: list[list[int]], seq_lens: list[int],
+              table_keys: list[str] | None = None, timed: bool = True) -> None:
         """Stage a step's inputs, padded to bucket b, and plan the bucket's wrapper."""
+        timer = self.host_timer if timed else None
+        t0 = time.perf_counter() if timer is not None else 0.0
         n = len(ids)
-        pad = b - n
-        host = self.host_inputs
-        host[0, :n] = torch.tensor(ids, dtype=torch.int64)
-        host[1, :n] = torch.tensor(positions, dtype=torch.int64)
-        host[2, :n] = torch.tensor(slots, dtype=torch.int64)
-        host[0, n:b] = 0
-        host[1, n:b] = 0
+        host = self.host_view
+        host[0, :n] = ids
+        host[1, :n] = positions
+        host[2, :n] = slots
+        host[0:2, n:b] = 0
         host[2, n:b] = self.scratch_slot
-        self.inputs[:, :b].copy_(host[:, :b], non_blocking=True)
-        pages = PageLists.build(tables + [[self.scratch_block]] * pad,
-                                [1] * b, seq_lens + [1] * pad, self.block_size)
+        self.inputs[:, :b].copy_(self.host_inputs[:, :b], non_blocking=True)
+        t1 = time.perf_counter() if timer is not None else 0.0
+        if table_keys is None:  # capture and callers without keys: no mirror to reuse
+            pages = PageLists.build(tables + [[self.scratch_block]] * (b - n),
+                                    [1] * b, seq_lens + [1] * (b - n), self.block_size)
+        else:
+            pages = self.pages.page_lists(table_keys, tables, seq_lens, self.block_size,
+                                          pad_rows=b - n, pad_block=self.scratch_block,
+                                          out=self.host_pages)
+            on_device = self.indices_stage[: len(pages.kv_indices)]
+            on_device.copy_(pages.kv_indices, non_blocking=True)
+            pages = dataclasses.replace(pages, kv_indices=on_device)
+        t2 = time.perf_counter() if timer is not None else 0.0
         self.planner.plan_decode(self.wrappers[b], pages)
+        if self.filled is not None:
+            self.filled.record()
+        if timer is not None:
+            t3 = time.perf_counter()
+            timer["inputs"] = timer.get("inputs", 0.0) + t1 - t0
+            timer["page_lists"] = timer.get("page_lists", 0.0) + t2 - t1
+            timer["plan"] = timer.get("plan", 0.0) + t3 - t2
 
     def run(self, ids: list[int], positions: list[int], slots: list[int],
-            tables: list[list[int]], seq_lens: list[int]) -> torch.Tensor:
-        """Replays the bucket for len(ids) decode rows; returns their logits [n, vocab]."""
+            tables: list[list[int]], seq_lens: list[int],
+            table_keys: list[str] | None = None) -> torch.Tensor:
+        """Replays the bucket for len(ids) decode rows; returns their logits [n, vocab].
+        `table_keys` name each row's block table and its epoch (StepInputs.table_keys), so
+        page lists are built from mirrors instead of from the lists each step."""
         n = len(ids)
         b = self.bucket_for(n)
         assert b is not None, f"batch {n} exceeds the largest graph bucket {self.max_bs}"
-        self._fill(b, ids, positions, slots, tables, seq_lens)
+        staged, self.staged = self.staged, None
+        if staged is None or not staged.matches(positions, slots, seq_lens, table_keys):
+            self._fill(b, ids, positions, slots, tables, seq_lens, table_keys)
+        elif self.host_timer is not None:
+            self.host_timer["staged_hits"] = self.host_timer.get("staged_hits", 0.0) + 1
+        t0 = time.perf_counter() if self.host_timer is not None else 0.0
         self.graphs[b].replay()
+        if self.host_timer is not None:
+            self.host_timer["replay"] = (self.host_timer.get("replay", 0.0)
+                                         + time.perf_counter() - t0)
+            self.host_timer["steps"] = self.host_timer.get("steps", 0.0) + 1
         return self.logits[b][:n]
+
+    def stage_next(self, step, token_ids: torch.Tensor) -> None:
+        """Called after this step's replay and sampling were queued, before the host waits
+        for them: stages and plans the decode step that continues every row by one token,
+        its input ids copied on the device from this step's sampled `token_ids`. Device
+        writes are queued behind this step's kernels, so nothing it still reads changes.
+        The next `run` uses it only if the scheduler asks for exactly that step (same
+        rows, positions, slots and tables); a row that finished, a new request or a
+        preemption makes it a miss, and the step is staged as usual."""
+        self.staged = None
+        if not step.table_keys:
+            return
+        bs = self.block_size
+        positions = [p + 1 for p in step.positions]
+        slots = []
+        for table, p in zip(step.tables, positions):
+            if p // bs >= len(table):
+                return  # the block of the next token is not allocated (pool was full)
+            slots.append(table[p // bs] * bs + p % bs)
+        seq_lens = [s + 1 for s in step.seq_lens]
+        n = len(positions)
+        b = self.bucket_for(n)
+        if b is None:
+            return
+        t0 = time.perf_counter()
+        if self.filled is not None:
+            self.filled.synchronize()
+        self._fill(b, step.ids, positions, slots, step.tables, seq_lens, step.table_keys,
+                   timed=False)
+        self.inputs[0, :n].copy_(token_ids)
+        self.staged = StagedDecode(positions, slots, seq_lens, list(step.table_keys))
+        if self.host_timer is not None:  # overlapped with the GPU: counted apart
+            self.host_timer["staging"] = (self.host_timer.get("staging", 0.0)
+                                          + time.perf_counter() - t0)
+
+    def drop_staged(self) -> None:
+        """A step that is not a graphed decode step ran: whatever was staged is stale."""
+        self.staged = None
+
+
+@dataclass
+class StagedDecode:
+    """What `stage_next` planned for; `run` replays it only for exactly this step."""
+
+    positions: list[int]
+    slots: list[int]
+    seq_lens: list[int]
+    table_keys: list[str]
+
+    def matches(self, positions: list[int], slots: list[int], seq_lens: list[int],
+                table_keys: list[str] | None) -> bool:
+        return (table_keys == self.table_keys and positions == self.positions
+                and slots == self.slots and seq_lens == self.seq_lens)

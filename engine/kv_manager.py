@@ -148,4 +148,5 @@ class KVCacheManager:
     def free(self, seq: Sequence) -> None:
         self.pool.free(list(reversed(seq.block_table)))
         seq.block_table.clear()
+        seq.block_table_epoch += 1
         seq.num_published_blocks = 0

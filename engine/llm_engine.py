@@ -145,6 +145,7 @@ class LLMEngine:
         sched_cfg = SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                     self.max_model_len)
         self.scheduler = Scheduler(sched_cfg, self.kv, eos)
+        self.scheduler.decode_lookahead = self.runner.stages_next_decode
         self.detokenize = detokenize and self.tokenizer is not None
         self.detok: dict[str, IncrementalDetokenizer] = {}
         self.seqs: dict[str, Sequence] = {}

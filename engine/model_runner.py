@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -76,6 +77,9 @@ class StepInputs:
     seq_lens: list[int] = field(default_factory=list)
     logits_rows: list[int] = field(default_factory=list)
     decode_only: bool = False
+    # Per row: "request_id#epoch" of its block table (Sequence.block_table_epoch), so
+    # decode graphs can mirror tables across steps instead of rebuilding page lists.
+    table_keys: list[str] = field(default_factory=list)
 
 
 class ModelRunner:
@@ -120,28 +124,53 @@ class ModelRunner:
         self.default_generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self.memory.kv_cache_bytes = s.num_blocks * s.block_bytes
         self.graphs: DecodeGraphs | None = None
+        self._graphed_step = False  # whether the last forward replayed a decode graph
+        self.prepare_seconds = 0.0
         # Benchmarks flip this to time eager decode in one process. Never under TP: followers
         # would still replay graphs, and their collectives would not match the leader's.
         self.use_graphs = True
+        self.stage_decode = True  # tests compare staged decode steps with unstaged ones
         self.graph_report: GraphCaptureReport | None = None
         if self.graphs_off_reason is not None:
             if self.pc.tp_size > 1 and self.pc.tp_rank == 0:
                 log.warning("CUDA graphs are off under --tp %d (eager decode): %s",
                             self.pc.tp_size, self.graphs_off_reason)
         else:
-            self.graphs = DecodeGraphs(
-                self.model, self.kv_layers, self.planner, scratch_block=s.num_blocks,
-                block_size=s.block_size,
-                max_blocks_per_seq=-(-self.max_model_len // s.block_size),
-                buckets=[b for b in DEFAULT_BUCKETS if b <= cfg.max_num_seqs] or [1],
-                device=self.device)
-            self.graph_report = self.graphs.capture()
-            self.memory.graph_bytes = self.graph_report.memory_bytes
+            self._capture_graphs()
         tokens = s.num_blocks * s.block_size
         log.info("attention backend %s; KV cache: %d blocks of %d tokens (%.2f MiB each), "
                  "%d tokens = %.1f concurrent sequences at max_model_len %d; %s",
                  self.attention_backend, s.num_blocks, s.block_size, s.block_bytes / 2**20,
                  tokens, tokens / self.max_model_len, self.max_model_len, self.memory.summary())
+
+    @property
+    def stages_next_decode(self) -> bool:
+        """Whether execute() stages the next decode step while the GPU runs this one (one
+        process with decode graphs; under TP every rank would have to stage alike)."""
+        return (self.graphs is not None and self.use_graphs and self.stage_decode
+                and self.pc.tp_size == 1)
+
+    def _capture_graphs(self) -> None:
+        s = self.kv_spec
+        self.graphs = None  # a recapture frees the old graphs' pool first
+        torch.cuda.empty_cache()
+        self.graphs = DecodeGraphs(
+            self.model, self.kv_layers, self.planner, scratch_block=s.num_blocks,
+            block_size=s.block_size, max_blocks_per_seq=-(-self.max_model_len // s.block_size),
+            buckets=[b for b in DEFAULT_BUCKETS if b <= self.cfg.max_num_seqs] or [1],
+            device=self.device)
+        self.graph_report = self.graphs.capture()
+        self.memory.graph_bytes = self.graph_report.memory_bytes
+
+    def set_fused_rope_kv_write(self, on: bool) -> bool:
+        """Benchmarks compare the fused RoPE + KV write with FlashInfer's RoPE and index_put
+        in one process: switch, and recapture the decode graphs that hold the old kernels."""
+        if self.planner is None or self.pc.tp_size > 1:
+            return self.fused_rope_kv_write
+        self.fused_rope_kv_write = fused.set_rope_kv_write(self.model, on)
+        if self.graphs is not None:
+            self._capture_graphs()
+        return self.fused_rope_kv_write
 
     def _graphs_off_reason(self) -> str | None:
         """Why decode steps run eagerly, or None when they are captured. Under TP a graph
@@ -222,12 +251,18 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, scheduler: Scheduler) -> StepResult:
+        t0 = time.perf_counter()
         step = self._prepare(out)
+        self.prepare_seconds = time.perf_counter() - t0  # benchmarks: host share of a step
         logits = self.forward(step)
         if logits is None:
             return StepResult([], [])
         batch = self._sampling_batch(out, scheduler)
         res = sample(logits, batch, self.default_generator)
+        if self._graphed_step and self.stages_next_decode:
+            # Before the host waits for this step's tokens: stage and plan the step that
+            # continues every row by one token, so that host work overlaps the GPU's.
+            self.graphs.stage_next(step, res.token_ids)
         # One device->host copy (one sync) for both: ids and float32 logprobs are exact
         # in float64.
         ids_lps = torch.stack([res.token_ids.double(), res.logprobs.double()]).tolist()
@@ -244,13 +279,17 @@ class ModelRunner:
         Under tensor parallelism the leader first sends the step to the other ranks."""
         if self.tp is not None and self.pc.tp_rank == 0:
             self.tp.broadcast_step(step)
+        self._graphed_step = (self.graphs is not None and self.use_graphs
+                              and step.decode_only and bool(step.logits_rows)
+                              and self.graphs.bucket_for(len(step.ids)) is not None)
+        if self._graphed_step:
+            return self.graphs.run(step.ids, step.positions, step.slots, step.tables,
+                                   step.seq_lens, step.table_keys or None)
+        if self.graphs is not None:
+            self.graphs.drop_staged()
         if not step.logits_rows:
             self._forward_eager(step)
             return None
-        if (self.graphs is not None and self.use_graphs and step.decode_only
-                and self.graphs.bucket_for(len(step.ids)) is not None):
-            return self.graphs.run(step.ids, step.positions, step.slots, step.tables,
-                                   step.seq_lens)
         hidden = self._forward_eager(step)
         return self.model.compute_logits(hidden[step.logits_rows])
 
@@ -285,6 +324,7 @@ class ModelRunner:
             table = seq.block_table
             step.slots.extend(table[p // bs] * bs + p % bs for p in positions)
             step.tables.append(table)
+            step.table_keys.append(f"{seq.request_id}#{seq.block_table_epoch}")
             step.query_lens.append(n)
             step.seq_lens.append(start + n)
             if item.samples:

@@ -64,6 +64,10 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0  # lifetime count, for metrics and tests
+        # Set by the engine when the runner stages the next decode step while this one runs
+        # (decode CUDA graphs): a decoding sequence then also gets, when a block is free,
+        # the block its next token will land in, so the runner knows that token's slot.
+        self.decode_lookahead = False
 
     # Waiting requests, from the head of the queue, whose disk (G3) blocks are read ahead
     # each step (KVCacheManager.prefetch): the ones the next steps will admit.
@@ -100,6 +104,8 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
+                if self.decode_lookahead and n == 1:
+                    self.kv.allocate(seq, 2)  # best effort; nothing changes when it fails
                 out.scheduled.append(ScheduledSeq(seq, n, n == seq.num_uncomputed_tokens))
                 budget -= n
                 i += 1

@@ -29,6 +29,9 @@ class Sequence:
     # Prompt tokens whose KV came from a cache the first time the request was scheduled.
     num_cached_tokens: int = -1
     block_table: list[int] = field(default_factory=list)
+    # Bumped whenever block_table is emptied (its blocks freed): a table only grows within
+    # one epoch, which lets the model runner mirror it incrementally.
+    block_table_epoch: int = 0
     # Hashes of the full blocks of token_ids, extended as blocks fill.
     block_hashes: list[int] = field(default_factory=list)
     num_published_blocks: int = 0  # leading blocks already offered to the prefix cache

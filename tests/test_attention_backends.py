@@ -10,7 +10,7 @@ from cluster.launcher import worker_args_from
 from cluster.worker_main import add_engine_args, engine_config
 from engine.config import ConfigError, EngineConfig
 from kernels.attention import resolve_attention_backend
-from kernels.attention.flashinfer_backend import PageLists
+from kernels.attention.flashinfer_backend import DecodePageCache, PageLists
 
 
 def test_page_lists_are_flashinfer_csr() -> None:
@@ -24,6 +24,34 @@ def test_page_lists_are_flashinfer_csr() -> None:
     assert pages.last_page_len.tolist() == [2, 1, 4]
     assert all(t.dtype == torch.int32 for t in (pages.qo_indptr, pages.kv_indptr,
                                                  pages.kv_indices, pages.last_page_len))
+
+
+def test_decode_page_cache_matches_a_rebuild_as_tables_grow_and_refill() -> None:
+    """The incremental mirror gives the same page lists as building from the lists, while
+    tables grow, with graph padding, and after a table is freed and refilled (new epoch)."""
+    cache = DecodePageCache()
+    bs = 4
+    tables = {"a": [7, 3], "b": [1, 2, 9]}
+    lens = {"a": 6, "b": 9}
+    epoch = {"a": 0, "b": 0}
+    for step in range(12):
+        rows = ["a", "b"]
+        keys = [f"{r}#{epoch[r]}" for r in rows]
+        got = cache.page_lists(keys, [tables[r] for r in rows], [lens[r] for r in rows], bs,
+                               pad_rows=2, pad_block=99)
+        want = PageLists.build([tables[r] for r in rows] + [[99]] * 2, [1] * 4,
+                               [lens[r] for r in rows] + [1, 1], bs)
+        for field in ("qo_indptr", "kv_indptr", "kv_indices", "last_page_len"):
+            assert getattr(got, field).tolist() == getattr(want, field).tolist(), (step, field)
+            assert getattr(got, field).dtype == torch.int32
+        for r in rows:  # one token each; a new block when the last one is full
+            lens[r] += 1
+            if lens[r] > bs * len(tables[r]):
+                tables[r].append(100 + 10 * step + len(r))
+        if step == 5:  # "b" preempted: blocks freed, refilled with other blocks, longer
+            tables["b"] = [40, 41, 42, 43, 44]
+            epoch["b"] += 1
+    assert len(cache) == 3  # a, b#0 (not yet evicted), b#1
 
 
 def test_auto_backend_is_torch_on_cpu_and_explicit_flashinfer_says_why() -> None:
@@ -76,3 +104,48 @@ def test_flashinfer_path_matches_torch_path_on_gpu() -> None:
         outs[backend] = [o.token_ids for o in llm.generate(prompts, params)]
         del llm
     assert outs["flashinfer"] == outs["torch"]
+
+
+@pytest.mark.gpu
+def test_staged_decode_steps_match_unstaged_and_torch_as_rows_finish_and_join() -> None:
+    """Decode steps staged while the previous one runs (CUDA graphs) give exactly the
+    tokens and logprobs of unstaged steps (same kernels), and the torch path's tokens, while
+    rows finish at different steps (staging misses), a request joins mid-decode (a mixed
+    step in between) and tables grow across block boundaries."""
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+    from engine.sampling_params import SamplingParams
+
+    prompts = [[(11 * i + j) % 4000 + 1 for j in range(n)] for i, n in
+               enumerate([5, 40, 130, 16, 77])]
+    max_tokens = [40, 9, 33, 17, 25]
+    outs, hits = {}, {}
+    for mode in ("staged", "unstaged", "torch"):
+        engine = LLMEngine(EngineConfig(
+            model="mini-llama", load_format="dummy", device="cuda", dtype="bfloat16",
+            num_kv_blocks=512, attention_backend="torch" if mode == "torch" else "flashinfer"))
+        graphs = engine.runner.graphs
+        if mode == "unstaged":
+            engine.runner.stage_decode = engine.scheduler.decode_lookahead = False
+        if graphs is not None:
+            graphs.host_timer = {}
+        done: dict[str, tuple[list[int], list[float]]] = {}
+        for i in range(4):
+            engine.add_request(str(i), prompts[i], SamplingParams(
+                max_tokens=max_tokens[i], temperature=0.0, ignore_eos=True))
+        steps = 0
+        while engine.has_unfinished():
+            if steps == 12:
+                engine.add_request("4", prompts[4], SamplingParams(
+                    max_tokens=max_tokens[4], temperature=0.0, ignore_eos=True))
+            for o in engine.step():
+                if o.finished:
+                    done[o.request_id] = (o.token_ids, o.logprobs)
+            steps += 1
+        outs[mode] = done
+        hits[mode] = None if graphs is None else graphs.host_timer.get("staged_hits", 0)
+        del engine
+    assert outs["staged"] == outs["unstaged"]  # tokens and logprobs, bit for bit
+    assert {k: v[0] for k, v in outs["staged"].items()} == \
+        {k: v[0] for k, v in outs["torch"].items()}
+    assert hits["staged"] > 20 and hits["unstaged"] == 0

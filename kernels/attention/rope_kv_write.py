@@ -53,28 +53,29 @@ def _kernel():
         slot = tl.load(slot_ptr + t)
         block = slot // block_size
         offset = slot % block_size
+        # Each branch names its own values: Triton types a name once across branches.
         if h < num_q_heads:
             src = q_ptr + t * q_row + h * q_head
-            x1 = tl.load(src + d).to(tl.float32)
-            x2 = tl.load(src + half + d).to(tl.float32)
-            tl.store(src + d, (x1 * cos - x2 * sin).to(q_ptr.dtype.element_ty))
-            tl.store(src + half + d, (x2 * cos + x1 * sin).to(q_ptr.dtype.element_ty))
+            q1 = tl.load(src + d).to(tl.float32)
+            q2 = tl.load(src + half + d).to(tl.float32)
+            tl.store(src + d, (q1 * cos - q2 * sin).to(q_ptr.dtype.element_ty))
+            tl.store(src + half + d, (q2 * cos + q1 * sin).to(q_ptr.dtype.element_ty))
         elif h < num_q_heads + num_kv_heads:
             hk = h - num_q_heads
             src = k_ptr + t * k_row + hk * k_head
             dst = cache_ptr + block * c_block + offset * c_tok + hk * c_head
-            x1 = tl.load(src + d).to(tl.float32)
-            x2 = tl.load(src + half + d).to(tl.float32)
-            tl.store(dst + d, (x1 * cos - x2 * sin).to(cache_ptr.dtype.element_ty))
-            tl.store(dst + half + d, (x2 * cos + x1 * sin).to(cache_ptr.dtype.element_ty))
+            k1 = tl.load(src + d).to(tl.float32)
+            k2 = tl.load(src + half + d).to(tl.float32)
+            tl.store(dst + d, (k1 * cos - k2 * sin).to(cache_ptr.dtype.element_ty))
+            tl.store(dst + half + d, (k2 * cos + k1 * sin).to(cache_ptr.dtype.element_ty))
         else:
             hv = h - num_q_heads - num_kv_heads
             src = v_ptr + t * v_row + hv * v_head
             dst = cache_ptr + block * c_block + c_kv + offset * c_tok + hv * c_head
-            x1 = tl.load(src + d)
-            x2 = tl.load(src + half + d)
-            tl.store(dst + d, x1.to(cache_ptr.dtype.element_ty))
-            tl.store(dst + half + d, x2.to(cache_ptr.dtype.element_ty))
+            v1 = tl.load(src + d)
+            v2 = tl.load(src + half + d)
+            tl.store(dst + d, v1.to(cache_ptr.dtype.element_ty))
+            tl.store(dst + half + d, v2.to(cache_ptr.dtype.element_ty))
 
     return rope_kv_write
 

@@ -115,6 +115,9 @@ class DecoderModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
+        # Once per forward, not lazily in the first layer: a decode graph must capture it
+        # (a split left over from a warm-up would replay stale slots).
+        meta.split_slots()
         residual = None
         for layer, kv_layer in zip(self.layers, kv_caches):
             x, residual = layer(positions, x, residual, kv_layer, meta)
