@@ -118,6 +118,9 @@ class KVCacheManager:
         """Give `seq` blocks for `num_new_tokens` more computed tokens (after taking
         `cached_blocks` as its prefix, on first schedule). False, with nothing changed,
         when the pool cannot cover it."""
+        if not cached_blocks and (seq.num_computed_tokens + num_new_tokens
+                                  <= len(seq.block_table) * self.block_size):
+            return True  # the blocks it has cover them (most decode steps)
         cached_blocks = cached_blocks or []
         revived = sum(1 for b in cached_blocks if self.pool.is_free(b))
         total_tokens = seq.num_computed_tokens + len(cached_blocks) * self.block_size \
@@ -135,9 +138,11 @@ class KVCacheManager:
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Publish blocks whose every token now has KV, so other requests can share them."""
-        self._extend_hashes(seq, seq.num_computed_tokens)
         bs = self.block_size
         full = seq.num_computed_tokens // bs
+        if full <= seq.num_published_blocks:
+            return  # nothing newly full (published blocks are hashed already)
+        self._extend_hashes(seq, seq.num_computed_tokens)
         for i in range(seq.num_published_blocks, full):
             block = self.pool.blocks[seq.block_table[i]]
             if block.block_hash is None:

@@ -318,11 +318,16 @@ class ModelRunner:
         for item in out.scheduled:
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed_tokens
-            step.ids.extend(seq.token_ids[start : start + n])
-            positions = range(start, start + n)
-            step.positions.extend(positions)
             table = seq.block_table
-            step.slots.extend(table[p // bs] * bs + p % bs for p in positions)
+            if n == 1:  # decode rows: most rows of most steps, so no ranges or generators
+                step.ids.append(seq.token_ids[start])
+                step.positions.append(start)
+                step.slots.append(table[start // bs] * bs + start % bs)
+            else:
+                step.ids.extend(seq.token_ids[start : start + n])
+                positions = range(start, start + n)
+                step.positions.extend(positions)
+                step.slots.extend(table[p // bs] * bs + p % bs for p in positions)
             step.tables.append(table)
             step.table_keys.append(f"{seq.request_id}#{seq.block_table_epoch}")
             step.query_lens.append(n)
