@@ -71,11 +71,16 @@ async def load(url: str, in_len: int, out_len: int, concurrency: int, requests: 
         wall = time.perf_counter() - t0
     ttft = [r["ttft"] for r in results]
     gaps = [g for r in results for g in r["gaps"]]
+    # Time per output token after the first, per request (vLLM's TPOT): a stream chunk
+    # may carry several tokens when the worker's stream lags, so chunk gaps (ITL here)
+    # alone would overstate the gap between tokens.
+    tpot = [(r["latency"] - r["ttft"]) / max(out_len - 1, 1) for r in results]
     return {"input_len": in_len, "output_len": out_len, "concurrency": concurrency,
             "requests": requests, "wall_s": wall,
             "output_tokens_per_s": requests * out_len / wall,
             "ttft_ms_p50": pct(ttft, 0.5) * 1e3, "ttft_ms_p99": pct(ttft, 0.99) * 1e3,
             "itl_ms_p50": pct(gaps, 0.5) * 1e3, "itl_ms_p99": pct(gaps, 0.99) * 1e3,
+            "tpot_ms_p50": pct(tpot, 0.5) * 1e3, "tpot_ms_p99": pct(tpot, 0.99) * 1e3,
             "chunks_per_request_min": min(r["chunks"] for r in results)}
 
 
