@@ -126,6 +126,8 @@ def worker_args_from(args: argparse.Namespace, model: str) -> list[str]:
            "--max-num-batched-tokens", str(args.max_num_batched_tokens),
            "--seed", str(args.seed), "--attention-backend", args.attention_backend,
            "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
+    if args.stream_interval != 1:
+        out += ["--stream-interval", str(args.stream_interval)]
     if args.tp > 1:
         out += ["--tp", str(args.tp)]
     if args.host_kv_gb:

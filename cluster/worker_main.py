@@ -27,6 +27,16 @@ class AggregatedService(PrefillService, DecodeService):
 SERVICES = {"prefill": PrefillService, "decode": DecodeService, "both": AggregatedService}
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="checkpoint dir, or a preset name")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
@@ -62,6 +72,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="tensor-parallel ranks per worker (GPUs device..device+tp-1)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="fraction of the GPU this worker may use; KV gets what is left")
+    p.add_argument("--stream-interval", type=_at_least_one, default=1,
+                   help="tokens per streamed chunk after the first (default 1); more cuts "
+                        "per-token gRPC and HTTP work at hundreds of concurrent streams, "
+                        "at the cost of burstier streams")
 
 
 def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
@@ -90,7 +104,7 @@ async def run_worker(args: argparse.Namespace) -> None:
         raise RuntimeError(f"--port {args.port}: cannot bind on {args.host}")
     address = f"{args.host}:{port}"
     ctx = WorkerContext(engine, asyncio.get_running_loop(), args.role, address,
-                        args.kv_transfer)
+                        args.kv_transfer, args.stream_interval)
     service = SERVICES[args.role](ctx)
     pb_grpc.add_WorkerServicer_to_server(service, server)
     await serve(service, server, f"{READY_PREFIX} {address} role={args.role} "

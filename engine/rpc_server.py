@@ -84,10 +84,10 @@ class WorkerContext:
     channels to peers, and this worker's own address."""
 
     def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop, role: str,
-                 address: str, kv_transfer: str) -> None:
+                 address: str, kv_transfer: str, stream_interval: int = 1) -> None:
         self.role = role
         self.address = address
-        self.worker = EngineWorker(engine, loop)
+        self.worker = EngineWorker(engine, loop, stream_interval)
         self.peers = PeerChannels()
         engine.events.worker_id = address  # routers know workers by address
         agent = f"baton-{role}-{os.getpid()}-{address.rsplit(':', 1)[-1]}"

@@ -32,9 +32,16 @@ def _deliver(pairs: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
 
 
 class EngineWorker:
-    def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, engine: LLMEngine, loop: asyncio.AbstractEventLoop,
+                 stream_interval: int = 1) -> None:
         self.engine = engine
         self.loop = loop
+        # Tokens per hand-off to a request's stream after its first (--stream-interval):
+        # each hand-off becomes one gRPC message and one HTTP chunk, and at hundreds of
+        # streams their per-message cost, paid under the GIL the engine thread needs too,
+        # slows every step. Outputs held back are merged into the next one handed off.
+        self.stream_interval = max(1, stream_interval)
+        self._held: dict[str, RequestOutput | None] = {}  # engine thread only
         self.lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -90,10 +97,37 @@ class EngineWorker:
             # One hand-off per step, not per request: each call_soon_threadsafe wakes the
             # event loop and takes the GIL from this thread (256 of them per step at batch
             # 256 slowed steps down in serving).
-            pairs = [(q, out) for out in outs
+            pairs = [(q, out) for out in self._to_hand_off(outs)
                      if (q := self._streams.get(out.request_id)) is not None]
             if pairs:
                 self.loop.call_soon_threadsafe(_deliver, pairs)
+
+    def _to_hand_off(self, outs: list[RequestOutput]) -> list[RequestOutput]:
+        """This step's outputs to hand to their streams: all of them at interval 1; else a
+        request's first and last, and otherwise every `stream_interval` tokens."""
+        if self.stream_interval == 1:
+            return outs
+        held, ready = self._held, []
+        for out in outs:
+            rid = out.request_id
+            if rid not in held:  # the first output goes out at once (TTFT)
+                held[rid] = None
+                ready.append(out)
+            else:
+                prev = held[rid]
+                if prev is not None:
+                    out = merge_outputs(prev, out)
+                if out.finished or len(out.new_token_ids) >= self.stream_interval:
+                    held[rid] = None
+                    ready.append(out)
+                else:
+                    held[rid] = out
+            if out.finished:
+                held.pop(rid, None)
+        if len(held) > 2 * len(self._streams) + 64:  # aborted requests never finish here
+            for rid in [r for r in held if r not in self._streams]:
+                held.pop(rid, None)
+        return ready
 
     def _publish(self, data: bytes) -> None:
         for q in list(self._event_subscribers):

@@ -76,7 +76,7 @@ def test_fast_path_flags_reach_the_workers() -> None:
     add_engine_args(p)
     p.add_argument("--kv-transfer-dummy", default=None)
     args = p.parse_args(["--attention-backend", "torch", "--no-cuda-graphs",
-                         "--gpu-memory-utilization", "0.45"])
+                         "--gpu-memory-utilization", "0.45", "--stream-interval", "4"])
     cfg = engine_config(args, "tiny-llama")
     assert (cfg.attention_backend, cfg.cuda_graphs, cfg.gpu_memory_utilization) == \
         ("torch", False, 0.45)
@@ -84,6 +84,7 @@ def test_fast_path_flags_reach_the_workers() -> None:
     assert forwarded[forwarded.index("--attention-backend") + 1] == "torch"
     assert "--no-cuda-graphs" in forwarded
     assert forwarded[forwarded.index("--gpu-memory-utilization") + 1] == "0.45"
+    assert forwarded[forwarded.index("--stream-interval") + 1] == "4"
 
 
 @pytest.mark.gpu

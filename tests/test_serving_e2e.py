@@ -26,7 +26,9 @@ MODES = {
     "aggregated": ["--prefill", "0", "--decode", "1"],
     "1p1d-nixl": ["--prefill", "1", "--decode", "1", "--kv-transfer", "nixl"],
     "1p1d-tcp": ["--prefill", "1", "--decode", "1", "--kv-transfer", "tcp"],
-    "2p2d": ["--prefill", "2", "--decode", "2"],
+    # Decode workers hand tokens to streams three at a time after the first (every test
+    # below must still see the same tokens and text).
+    "2p2d": ["--prefill", "2", "--decode", "2", "--stream-interval", "3"],
 }
 
 
@@ -88,22 +90,25 @@ def test_greedy_tokens_equal_transformers(server, expected):
 
 
 def test_streaming_equals_non_streaming(server, expected):
-    url, _ = server
+    url, mode = server
     _, refs = expected
     c = client(url)
     stream = c.completions.create(model=PRESET, prompt=TEXTS[3], max_tokens=MAX_NEW,
                                   temperature=0, stream=True,
                                   stream_options={"include_usage": True},
                                   extra_body={"return_token_ids": True, "ignore_eos": True})
-    tokens, text, usage, finish = [], "", None, None
+    tokens, text, usage, finish, sizes = [], "", None, None, []
     for chunk in stream:
         if chunk.usage is not None:
             usage = chunk.usage
         for ch in chunk.choices:
             tokens += ch.token_ids
+            sizes.append(len(ch.token_ids))
             text += ch.text
             finish = ch.finish_reason or finish
     assert tokens == refs[3]
+    if mode == "2p2d":  # --stream-interval 3: the first token alone, then threes
+        assert sizes[0] == 1 and max(sizes) == 3 and len(sizes) < MAX_NEW
     full = c.completions.create(model=PRESET, prompt=TEXTS[3], max_tokens=MAX_NEW,
                                 temperature=0, extra_body={"ignore_eos": True})
     assert text == full.choices[0].text  # multi-byte text streamed without breaking it

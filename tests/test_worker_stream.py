@@ -1,5 +1,6 @@
-"""EngineWorker.stream: outputs that queue up while the consumer is busy come out merged,
-with nothing lost, and the stream ends with the finished output."""
+"""EngineWorker: outputs that queue up while a stream's consumer is busy come out merged,
+with nothing lost; with --stream-interval N the engine thread hands a request's tokens to
+its stream N at a time after the first, and always the last."""
 
 from __future__ import annotations
 
@@ -42,3 +43,21 @@ def test_stream_merges_a_backlog_and_stops_at_the_finished_output() -> None:
     assert [o.new_token_ids for o in got] == [[5], [6, 7, 8, 9]]
     assert "".join(o.new_text for o in got) == "<5><6><7><8><9>"
     assert got[-1].finished and got[-1].token_ids == [5, 6, 7, 8, 9]
+
+
+def test_stream_interval_hands_off_the_first_then_every_n_and_the_last() -> None:
+    worker = EngineWorker(engine=None, loop=None, stream_interval=3)
+    worker._streams["r"] = object()  # a live stream (only its key matters here)
+    handed = []
+    for n in range(1, 9):
+        handed += worker._to_hand_off([_out(list(range(1, n + 1)), finished=n == 8)])
+    assert [o.new_token_ids for o in handed] == [[1], [2, 3, 4], [5, 6, 7], [8]]
+    assert [o.new_text for o in handed] == ["<1>", "<2><3><4>", "<5><6><7>", "<8>"]
+    assert handed[-1].finished and handed[-1].token_ids == list(range(1, 9))
+    assert worker._held == {}  # nothing kept for a finished request
+
+
+def test_stream_interval_one_hands_off_every_output() -> None:
+    worker = EngineWorker(engine=None, loop=None)
+    outs = [_out([1]), _out([1, 2])]
+    assert worker._to_hand_off(outs) is outs
