@@ -93,10 +93,10 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
 
 async def run_worker(args: argparse.Namespace) -> None:
     cfg = engine_config(args, args.model)
-    if cfg.tp > 1 and args.kv_transfer not in ("auto", "tcp"):
+    if cfg.tp > 1 and args.kv_transfer not in ("auto", "tcp", "nixl"):
         raise SystemExit(f"--kv-transfer {args.kv_transfer} with --tp {cfg.tp}: a "
-                         "tensor-parallel worker moves KV over tcp only for now (its ranks' "
-                         "shards go through the leader); use --kv-transfer tcp or auto")
+                         "tensor-parallel worker moves KV over nixl (rank to rank, both "
+                         "workers at the same --tp) or tcp (through the leaders, any --tp)")
     engine = LLMEngine(cfg, detokenize=False, kv_lease_seconds=args.kv_lease_seconds)
     server = grpc.aio.server(options=GRPC_OPTIONS)
     port = server.add_insecure_port(f"{args.host}:{args.port}")

@@ -92,17 +92,21 @@ class WorkerContext:
         engine.events.worker_id = address  # routers know workers by address
         agent = f"baton-{role}-{os.getpid()}-{address.rsplit(':', 1)[-1]}"
         self.transfer: KVTransferBackend = (
-            self._sharded_backend(engine, kv_transfer) if engine.tp is not None
+            self._sharded_backend(engine, kv_transfer, agent) if engine.tp is not None
             else create_backend(kv_transfer, engine.runner.kv_cache, agent, self.peers))
 
-    def _sharded_backend(self, engine: LLMEngine, kv_transfer: str) -> KVTransferBackend:
-        """A tensor-parallel worker's KV is split over its ranks, and only the leader talks
-        to other workers: tcp, gathering and scattering shards through the TP group."""
-        if kv_transfer not in ("auto", "tcp"):
+    def _sharded_backend(self, engine: LLMEngine, kv_transfer: str,
+                         agent: str) -> KVTransferBackend:
+        """A tensor-parallel worker's KV is split over its ranks. nixl: every rank has an
+        agent over its shard and reads from the same rank of the peer (both workers at the
+        same --tp). tcp (and auto): only the leader talks to other workers, gathering and
+        scattering shards through the TP group, so any prefill TP pairs with any decode TP."""
+        if kv_transfer not in ("auto", "tcp", "nixl"):
             raise ValueError(f"--kv-transfer {kv_transfer} with --tp {engine.cfg.tp}: a "
-                             "tensor-parallel worker moves KV over tcp only for now "
-                             "(use --kv-transfer tcp or auto)")
+                             "tensor-parallel worker moves KV over nixl or tcp")
         tp, kv = engine.tp, engine.runner.kv_cache
+        if kv_transfer == "nixl":
+            return self._sharded_nixl(engine, agent)
 
         async def scatter(block_ids: list[int], blocks) -> None:
             await self.worker.call(lambda e: tp.write_kv(kv, block_ids, blocks))
@@ -110,6 +114,23 @@ class WorkerContext:
         log.info("KV transfer: tcp through the %d tensor-parallel ranks", engine.cfg.tp)
         return ShardedTcpBackend(kv, self.peers.read_blocks, engine.cfg.tp,
                                  lambda ids: tp.read_kv(kv, ids), scatter)
+
+    def _sharded_nixl(self, engine: LLMEngine, agent: str) -> KVTransferBackend:
+        from kvtransfer.transfer.nixl import ShardedNixlBackend
+
+        tp = engine.tp
+        try:  # collective: every rank starts its agent (the engine thread is not running)
+            ranks = tp.nixl_setup(engine.runner.kv_cache, agent)
+        except Exception as e:  # ImportError, or a UCX/plugin failure at agent creation
+            raise RuntimeError(f"--kv-transfer nixl: NIXL cannot start: {e}") from e
+
+        async def pull_ranks(peer_ranks, request_id, src, dst) -> int:
+            return await self.worker.call(
+                lambda e: tp.nixl_pull(request_id, peer_ranks, src, dst))
+
+        log.info("KV transfer: nixl, one agent per tensor-parallel rank (%s-r0..r%d)", agent,
+                 engine.cfg.tp - 1)
+        return ShardedNixlBackend(tp.nixl, ranks, self.peers.fetch_metadata, pull_ranks)
 
     @property
     def engine(self) -> LLMEngine:

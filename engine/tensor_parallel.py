@@ -51,8 +51,10 @@ class KVCommand:
     the leader, `write` scatters full-head blocks to them (KV transfer between a prefill
     and a decode worker, which only the leader talks to)."""
 
-    op: str  # "read" | "write" | "tier"
-    block_ids: list  # "tier": [kind ("d2h"|"h2d"), host slot, block id] per copy
+    op: str  # "read" | "write" | "tier" | "nixl_setup" | "nixl_pull"
+    # "tier": [kind ("d2h"|"h2d"), host slot, block id] per copy; "nixl_setup": [agent
+    # name prefix]; "nixl_pull": [request id, peer ranks' agents, src ids, dst ids]
+    block_ids: list
 
 
 def rank_device(cfg: EngineConfig, rank: int) -> str:
@@ -69,6 +71,7 @@ class TPComm:
     def __init__(self, rank: int, world: int, init_method: str, device: str) -> None:
         self.pc = ParallelContext(rank, world)
         self._tier_copies: list = []  # leader: host-tier copies not yet sent
+        self.nixl = None  # this rank's NixlBackend over its KV shard (--kv-transfer nixl)
         self.host_kv: torch.Tensor | None = None  # follower: its shard of the host tier
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if device.startswith("cuda"):
@@ -175,6 +178,44 @@ class TPComm:
         dist.scatter(mine, parts, src=0)
         kv_cache[idx] = mine
 
+    def nixl_setup(self, kv_cache: torch.Tensor, agent_prefix: str) -> list | None:
+        """Every rank starts a NIXL agent over its KV shard; the leader gets them all
+        (RankAgent per rank, in rank order), followers None."""
+        from kvtransfer.transfer.nixl import NixlBackend, RankAgent
+
+        if self.pc.tp_rank == 0:
+            self.broadcast_step(KVCommand("nixl_setup", [agent_prefix]))
+        self.nixl = NixlBackend(kv_cache, f"{agent_prefix}-r{self.pc.tp_rank}",
+                                fetch_metadata=None)
+        mine = [self.nixl.agent_name, self.nixl.metadata(), self.nixl.base_address,
+                self.nixl.block_bytes]
+        everyone = [None] * self.pc.tp_size if self.pc.tp_rank == 0 else None
+        dist.gather_object(mine, everyone, dst=0, group=self.control)
+        return [RankAgent(*r) for r in everyone] if self.pc.tp_rank == 0 else None
+
+    def nixl_pull(self, request_id: str, ranks: list, src: list[int], dst: list[int]) -> int:
+        """Every rank READs its shard of `src` from the same rank of the peer into `dst`;
+        returns the bytes all ranks moved. The leader raises if any rank's read failed."""
+        if self.pc.tp_rank == 0:
+            payload = [request_id, [[r.agent_name, r.metadata, r.base_address, r.block_bytes]
+                                    for r in ranks], src, dst]
+            self.broadcast_step(KVCommand("nixl_pull", payload))
+        peer = ranks[self.pc.tp_rank]  # a RankAgent on the leader, a list on followers
+        agent, metadata, base = ((peer.agent_name, peer.metadata, peer.base_address)
+                                 if self.pc.tp_rank == 0 else peer[:3])
+        ok, moved = 1, 0
+        try:
+            handle, moved = self.nixl.start_read(self.nixl.add_peer(agent, metadata), base,
+                                                 request_id, src, dst)
+            ok = int(self.nixl.wait_read(handle))
+        except Exception:  # reported through the group: the leader raises for everyone
+            log.exception("tensor-parallel rank %d: NIXL read of %s failed",
+                          self.pc.tp_rank, request_id)
+            ok = 0
+        if self.agree_min(ok) == 0 and self.pc.tp_rank == 0:
+            raise RuntimeError(f"NIXL read of {request_id} failed on a tensor-parallel rank")
+        return moved * self.pc.tp_size
+
     def serve(self, runner) -> None:
         """A follower's life: run each step the leader sends, or move KV, until told to
         stop."""
@@ -184,12 +225,19 @@ class TPComm:
                     self.apply_tier_copies(runner.kv_cache, msg.block_ids)
                 elif msg.op == "read":
                     self.read_kv(runner.kv_cache, msg.block_ids)
+                elif msg.op == "nixl_setup":
+                    self.nixl_setup(runner.kv_cache, msg.block_ids[0])
+                elif msg.op == "nixl_pull":
+                    rid, ranks, src, dst = msg.block_ids
+                    self.nixl_pull(rid, ranks, src, dst)
                 else:
                     self.write_kv(runner.kv_cache, msg.block_ids)
             else:
                 runner.forward(msg)
 
     def close(self) -> None:
+        if self.nixl is not None:
+            self.nixl.close()
         if self.pc.comm is not None:
             self.pc.comm.close()
         if dist.is_initialized():

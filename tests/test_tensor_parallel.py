@@ -4,6 +4,9 @@ vocabulary split across two ranks, and its follower process leaves on close."""
 
 from __future__ import annotations
 
+import importlib.util
+
+import httpx
 import pytest
 
 from engine.config import EngineConfig
@@ -158,6 +161,24 @@ def test_disaggregated_tp2_prefill_and_decode(checkpoint_dir) -> None:
             assert body["choices"][0]["token_ids"] == hf_greedy(hf, prompt, 10)[0]
 
 
+@pytest.mark.skipif(importlib.util.find_spec("nixl") is None, reason="NIXL is not installed")
+def test_disaggregated_tp2_over_per_rank_nixl(checkpoint_dir) -> None:
+    """1P1D at TP=2 with --kv-transfer nixl: each decode rank reads its shard from the
+    same prefill rank's agent; tokens equal transformers' and the KV bytes are reported."""
+    from cluster.local_server import baton_serve
+
+    model_dir = checkpoint_dir("tiny-llama-untied")
+    hf = load_hf(model_dir)
+    with baton_serve(model_dir, "--prefill", "1", "--decode", "1", "--tp", "2",
+                     "--kv-transfer", "nixl", "--kv-blocks", "128") as url:
+        assert {w["kv_backend"] for w in httpx.get(f"{url}/health").json()["workers"]} == \
+            {"nixl"}
+        for prompt in _prompts_for_hf():
+            body = _complete(url, "tiny-llama-untied", prompt)
+            assert "prefill" in body["baton_route"][0]
+            assert body["choices"][0]["token_ids"] == hf_greedy(hf, prompt, 10)[0]
+
+
 def test_prefill_tp2_hands_kv_to_a_tp1_decode_worker(checkpoint_dir) -> None:
     """Full-head blocks on the wire: a TP=2 prefill worker and a TP=1 decode worker
     exchange KV (re-sharded on the way), and tokens still equal transformers'."""
@@ -215,7 +236,50 @@ def test_tp_worker_refuses_other_kv_transports(checkpoint_dir) -> None:
 
     p = subprocess.run([sys.executable, "-m", "cluster.cli", "worker", "--role", "prefill",
                         "--model", str(checkpoint_dir("tiny-llama")), "--tp", "2",
-                        "--kv-transfer", "nixl"], cwd=REPO, capture_output=True, text=True,
+                        "--kv-transfer", "nccl"], cwd=REPO, capture_output=True, text=True,
                        timeout=120)
     assert p.returncode != 0
-    assert "--kv-transfer nixl with --tp 2" in p.stderr and "Traceback" not in p.stderr
+    assert "--kv-transfer nccl with --tp 2" in p.stderr and "Traceback" not in p.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("nixl") is None, reason="NIXL is not installed")
+def test_nixl_pairs_only_workers_of_the_same_tp() -> None:
+    """A TP=1 worker pulling from a TP=2 prefill worker over nixl (and the reverse) is
+    refused with the flags to change, before any read is posted."""
+    import asyncio
+
+    import torch
+
+    from kvtransfer.transfer.base import PeerInfo
+    from kvtransfer.transfer.nixl import (
+        NixlBackend,
+        RankAgent,
+        ShardedNixlBackend,
+        pack_rank_agents,
+    )
+
+    kv = torch.zeros(4, 2, 2, 4, 2, 8)
+    single = NixlBackend(kv, "tp-width-test", None)
+    two_ranks = pack_rank_agents([RankAgent(f"p-r{r}", b"meta", 4096, single.block_bytes)
+                                  for r in range(2)])
+
+    async def fetch_tp(address: str) -> bytes:
+        return two_ranks
+
+    async def fetch_plain(address: str) -> bytes:
+        return single.metadata()
+
+    async def never(*args) -> int:
+        raise AssertionError("no read may start")
+
+    peer = PeerInfo("127.0.0.1:1", "p-r0", 4096, single.block_bytes)
+    single._fetch_metadata = fetch_tp
+    with pytest.raises(ValueError, match=r"split over 2 tensor-parallel ranks and this worker "
+                                         r"has 1.*same --tp.*--kv-transfer tcp"):
+        asyncio.run(single.pull(peer, "r1", [0], [1]))
+    sharded = ShardedNixlBackend(single, [RankAgent("d-r0", b"", 0, single.block_bytes)] * 2,
+                                 fetch_plain, never)
+    with pytest.raises(ValueError, match="split over 1 tensor-parallel ranks and this worker "
+                                         "has 2"):
+        asyncio.run(sharded.pull(peer, "r1", [0], [1]))
+    single.close()

@@ -1,16 +1,49 @@
 """NIXL transfer: each worker registers its whole KV tensor with a NIXL agent (UCX
 backend; DRAM on CPU, VRAM on GPU). The decode worker READs the prefill worker's blocks
-one-sidedly: one descriptor per run of consecutive blocks on both sides."""
+one-sidedly: one descriptor per run of consecutive blocks on both sides.
+
+Under tensor parallelism every rank has its own agent over its KV shard, and rank r of
+the decode worker reads rank r's shard of the prefill worker (`ShardedNixlBackend`): no
+gather through the leader, every rank pair moves its bytes at once. A tensor-parallel
+worker's metadata lists its ranks' agents (`pack_rank_agents`)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
+import msgpack
 import torch
 
 from kvtransfer.transfer.base import KVTransferBackend, MetadataFetcher, PeerInfo, coalesce
+
+# Starts the metadata of a tensor-parallel worker (its ranks' agents), never NIXL's own.
+TP_METADATA_MAGIC = b"BATON-TP-NIXL\x00"
+
+
+@dataclass(frozen=True)
+class RankAgent:
+    """One tensor-parallel rank's NIXL agent, as a peer rank needs it."""
+
+    agent_name: str
+    metadata: bytes
+    base_address: int
+    block_bytes: int
+
+
+def pack_rank_agents(ranks: Sequence[RankAgent]) -> bytes:
+    return TP_METADATA_MAGIC + msgpack.packb(
+        [[r.agent_name, r.metadata, r.base_address, r.block_bytes] for r in ranks])
+
+
+def unpack_rank_agents(blob: bytes) -> list[RankAgent] | None:
+    """The ranks of a tensor-parallel peer; None for a single-process worker's metadata."""
+    if not blob.startswith(TP_METADATA_MAGIC):
+        return None
+    return [RankAgent(*r) for r in msgpack.unpackb(blob[len(TP_METADATA_MAGIC):])]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +78,9 @@ class NixlBackend(KVTransferBackend):
         async with self._peer_lock:
             if peer.agent_name not in self._peers:
                 meta = await self._fetch_metadata(peer.address)
+                ranks = unpack_rank_agents(meta)
+                if ranks is not None:
+                    raise ValueError(tp_mismatch(len(ranks), 1))
                 self._peers[peer.agent_name] = self._agent.add_remote_agent(meta)
             return self._peers[peer.agent_name]
 
@@ -54,27 +90,109 @@ class NixlBackend(KVTransferBackend):
             return 0
         self.check_layout(peer)
         remote_name = await self._ensure_peer(peer)
-        bb = self.block_bytes
-        runs = coalesce(src_block_ids, dst_block_ids)
-        local = [(self.base_address + r.dst_start * bb, r.count * bb, self._dev) for r in runs]
-        remote = [(peer.base_address + r.src_start * bb, r.count * bb, 0) for r in runs]
-        local_descs = self._agent.get_xfer_descs(local, self._mem)
-        remote_descs = self._agent.get_xfer_descs(remote, self._mem)
-        handle = self._agent.initialize_xfer("READ", local_descs, remote_descs, remote_name,
-                                             request_id.encode())
+        handle, moved = self.start_read(remote_name, peer.base_address, request_id,
+                                        src_block_ids, dst_block_ids)
         try:
-            state = self._agent.transfer(handle)
-            while state not in ("DONE", "ERR"):
+            while (state := self._agent.check_xfer_state(handle)) not in ("DONE", "ERR"):
                 await asyncio.sleep(0)  # the UCX progress thread moves the bytes
-                state = self._agent.check_xfer_state(handle)
             if state == "ERR":
                 raise RuntimeError(f"NIXL READ from {peer.agent_name} failed")
         finally:
             self._agent.release_xfer_handle(handle)
-        return sum(r.count for r in runs) * bb
+        return moved
+
+    def add_peer(self, agent_name: str, metadata: bytes) -> str:
+        """Registers a peer from metadata already in hand (tensor-parallel ranks get their
+        peer rank's through the leader); returns the name NIXL knows it by."""
+        if agent_name not in self._peers:
+            self._peers[agent_name] = self._agent.add_remote_agent(metadata)
+        return self._peers[agent_name]
+
+    def start_read(self, remote_name: str, remote_base: int, request_id: str,
+                   src_block_ids: Sequence[int], dst_block_ids: Sequence[int]):
+        """Posts one READ of the peer's blocks into ours (one descriptor per run of
+        consecutive blocks); returns (handle, bytes). The caller waits and releases."""
+        bb = self.block_bytes
+        runs = coalesce(src_block_ids, dst_block_ids)
+        local = [(self.base_address + r.dst_start * bb, r.count * bb, self._dev) for r in runs]
+        remote = [(remote_base + r.src_start * bb, r.count * bb, 0) for r in runs]
+        local_descs = self._agent.get_xfer_descs(local, self._mem)
+        remote_descs = self._agent.get_xfer_descs(remote, self._mem)
+        handle = self._agent.initialize_xfer("READ", local_descs, remote_descs, remote_name,
+                                             request_id.encode())
+        state = self._agent.transfer(handle)
+        if state == "ERR":
+            self._agent.release_xfer_handle(handle)
+            raise RuntimeError(f"NIXL READ of {request_id} could not be posted")
+        return handle, sum(r.count for r in runs) * bb
+
+    def wait_read(self, handle) -> bool:
+        """Blocks until a read from `start_read` ends (releasing it); True when it
+        succeeded. For tensor-parallel followers, which have no event loop."""
+        try:
+            while (state := self._agent.check_xfer_state(handle)) not in ("DONE", "ERR"):
+                time.sleep(0)
+            return state == "DONE"
+        finally:
+            self._agent.release_xfer_handle(handle)
 
     def close(self) -> None:
         try:
             self._agent.deregister_memory(self._reg)
         except Exception as e:  # best effort at shutdown
             log.debug("NIXL deregister failed: %s", e)
+
+
+def tp_mismatch(peer_tp: int, own_tp: int) -> str:
+    return (f"the prefill worker's KV is split over {peer_tp} tensor-parallel ranks and this "
+            f"worker has {own_tp}: --kv-transfer nixl pairs rank r with rank r, so both need "
+            "the same --tp (--kv-transfer tcp re-shards any pairing)")
+
+
+# (peer ranks, request id, source blocks, destination blocks) -> bytes moved by all ranks
+RankPull = Callable[[list[RankAgent], str, list[int], list[int]], Awaitable[int]]
+
+
+class ShardedNixlBackend(KVTransferBackend):
+    """The leader's view of a tensor-parallel worker's per-rank agents. `pull` checks the
+    peer's ranks against ours and hands the reads to `pull_ranks`, which runs them on
+    every rank at once (engine.tensor_parallel.TPComm.nixl_pull)."""
+
+    name = "nixl"
+
+    def __init__(self, leader: NixlBackend, ranks: list[RankAgent],
+                 fetch_metadata: MetadataFetcher, pull_ranks: RankPull) -> None:
+        super().__init__(leader.kv_cache)
+        self._leader = leader
+        self._ranks = ranks
+        self._fetch_metadata = fetch_metadata
+        self._pull_ranks = pull_ranks
+        self._peer_ranks: dict[str, list[RankAgent]] = {}
+
+    @property
+    def agent_name(self) -> str:
+        return self._leader.agent_name
+
+    def metadata(self) -> bytes:
+        return pack_rank_agents(self._ranks)
+
+    async def pull(self, peer: PeerInfo, request_id: str, src_block_ids: Sequence[int],
+                   dst_block_ids: Sequence[int]) -> int:
+        if not src_block_ids:
+            return 0
+        ranks = self._peer_ranks.get(peer.agent_name)
+        if ranks is None:
+            ranks = unpack_rank_agents(await self._fetch_metadata(peer.address))
+            if ranks is None or len(ranks) != len(self._ranks):
+                raise ValueError(tp_mismatch(1 if ranks is None else len(ranks),
+                                             len(self._ranks)))
+            for mine, theirs in zip(self._ranks, ranks):
+                if mine.block_bytes != theirs.block_bytes:
+                    raise ValueError(f"peer rank blocks are {theirs.block_bytes} bytes, ours "
+                                     f"{mine.block_bytes}: layouts differ")
+            self._peer_ranks[peer.agent_name] = ranks
+        return await self._pull_ranks(ranks, request_id, list(src_block_ids),
+                                      list(dst_block_ids))
+
+    def close(self) -> None:
+        self._leader.close()
