@@ -110,7 +110,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="llama-3.1-8b")
     ap.add_argument("--layouts", default="1P1D,2xagg,2xagg@2048")
-    ap.add_argument("--kv-transfer", default="nixl", help="tcp with --tp > 1")
+    ap.add_argument("--kv-transfer", default="nixl",
+                    help="nixl (rank to rank under --tp) or tcp (through the TP leaders)")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per worker")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of this script")
     ap.add_argument("--lone-in", type=int, default=4000)
