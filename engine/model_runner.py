@@ -279,8 +279,10 @@ class ModelRunner:
         Under tensor parallelism the leader first sends the step to the other ranks."""
         if self.tp is not None and self.pc.tp_rank == 0:
             self.tp.broadcast_step(step)
+        # Graphs hold one-token rows that all sample (a one-token prompt chunk that does not
+        # sample yet would leave the logits and the sampled rows misaligned).
         self._graphed_step = (self.graphs is not None and self.use_graphs
-                              and step.decode_only and bool(step.logits_rows)
+                              and step.decode_only and len(step.logits_rows) == len(step.ids)
                               and self.graphs.bucket_for(len(step.ids)) is not None)
         if self._graphed_step:
             return self.graphs.run(step.ids, step.positions, step.slots, step.tables,

@@ -174,9 +174,8 @@ class EngineWorker:
     async def stream(self, request_id: str, q: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         """Outputs of a request already admitted; aborts it if the consumer goes away.
         Outputs that queued up while the consumer was busy come out as one (their token
-        and text deltas joined): at high concurrency the event loop's per-message cost,
-        not the engine, limits throughput, and merging makes that cost shrink as it lags
-        instead of growing."""
+        and text deltas joined), so a lagging event loop sends fewer, larger messages
+        instead of falling further behind."""
         finished = False
         try:
             while True:
