@@ -65,8 +65,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0  # lifetime count, for metrics and tests
         # Set by the engine when the runner stages the next decode step while this one runs
-        # (decode CUDA graphs): a decoding sequence then also gets, when a block is free,
-        # the block its next token will land in, so the runner knows that token's slot.
+        # (decode CUDA graphs): a decoding sequence then also gets, when a block is left
+        # free, the block its next token will land in, so the runner knows that token's slot.
         self.decode_lookahead = False
 
     # Waiting requests, from the head of the queue, whose disk (G3) blocks are read ahead
@@ -104,8 +104,6 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
-                if self.decode_lookahead and n == 1:
-                    self.kv.allocate(seq, 2)  # best effort; nothing changes when it fails
                 out.scheduled.append(ScheduledSeq(seq, n, n == seq.num_uncomputed_tokens))
                 budget -= n
                 i += 1
@@ -125,6 +123,12 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, n, n == seq.num_uncomputed_tokens))
             budget -= n
+        if self.decode_lookahead:
+            # Last, from what scheduling and admission left free: a lookahead block never
+            # costs a preemption or an admission (allocate changes nothing when it fails).
+            for item in out.scheduled:
+                if item.num_new_tokens == 1 and item.samples:
+                    self.kv.allocate(item.seq, 2)
         self.kv.prefetch(islice(self.waiting, self.PREFETCH_LOOKAHEAD))
         return out
 

@@ -30,11 +30,13 @@ def next_token(seq: Sequence) -> int:
 
 class Harness:
     def __init__(self, num_blocks: int = 64, budget: int = 64, max_seqs: int = 16,
-                 max_model_len: int = 4096, caching: bool = True) -> None:
+                 max_model_len: int = 4096, caching: bool = True,
+                 lookahead: bool = False) -> None:
         self.pool = BlockPool(num_blocks, BS, caching)
         self.kv = KVCacheManager(self.pool)
         self.config = SchedulerConfig(max_seqs, budget, max_model_len)
         self.sched = Scheduler(self.config, self.kv, eos_token_ids=(EOS,))
+        self.sched.decode_lookahead = lookahead
         self.outputs: list[SchedulerOutput] = []
         self.finished: list[Sequence] = []
         # What a real model would have written: the token at each slot of each block.
@@ -374,14 +376,33 @@ def test_hold_blocks_keeps_kv_after_finishing() -> None:
     assert h.pool.num_used == 0
 
 
+def test_decode_lookahead_takes_only_free_blocks() -> None:
+    """With lookahead (the GPU runner stages the next decode step), a decoding sequence
+    also holds the block of its next token when one is left free; with none free nothing
+    changes, nobody is preempted for it and waiting requests are not displaced."""
+    h = Harness(num_blocks=2, budget=64, lookahead=True)
+    a = h.add("a", prompt(3, 1), max_tokens=20)
+    h.step()  # prefill: 3 tokens in block 0
+    out = h.step()  # decodes position 3 (the end of block 0); position 4 needs block 1
+    assert len(a.block_table) == 2 and h.pool.num_free == 0 and not out.preempted
+    b = h.add("b", prompt(2, 2), max_tokens=4)
+    for pos in (4, 5, 6, 7):  # block 1; at 7 the next token would need a third block
+        out = h.step()
+        assert [i.seq for i in out.scheduled] == [a] and not out.preempted
+        assert a.num_computed_tokens == pos + 1 and len(a.block_table) == 2
+    assert b.status is SequenceStatus.WAITING
+
+
+@pytest.mark.parametrize("lookahead", [False, True])
 @pytest.mark.parametrize("seed", [0, 1, 3, 5, 6, 7])
-def test_random_workload_under_pressure(seed: int) -> None:
+def test_random_workload_under_pressure(seed: int, lookahead: bool) -> None:
     """Random arrivals, budgets and a tight pool; prompts drawn from three shared prefixes.
     Everything finishes with the tokens of an unconstrained run, the fake KV is right at
-    every step, and no block leaks. (These seeds are ones that preempt and hit the cache.)"""
+    every step, and no block leaks, with and without decode lookahead blocks. (These seeds
+    are ones that preempt and hit the cache.)"""
     rng = random.Random(seed)
     h = Harness(num_blocks=rng.randint(10, 16), budget=rng.randint(4, 40),
-                max_seqs=rng.randint(2, 8))
+                max_seqs=rng.randint(2, 8), lookahead=lookahead)
     families = [prompt(24, 1000 * seed + f) for f in range(3)]
     specs = [(rng.choice(families)[: rng.randint(0, 24)] + prompt(rng.randint(1, 8), i),
               rng.randint(1, 10)) for i in range(16)]
