@@ -32,6 +32,8 @@ from kvtransfer.transfer.nccl_link import LinkBroken
 from kvtransfer.transfer.tcp import ShardedTcpBackend
 
 log = logging.getLogger(__name__)
+# Between polls of a tensor-parallel NIXL pull (each poll is a collective between steps).
+NIXL_POLL_S = 0.0005
 
 
 
@@ -125,8 +127,28 @@ class WorkerContext:
             raise RuntimeError(f"--kv-transfer nixl: NIXL cannot start: {e}") from e
 
         async def pull_ranks(peer_ranks, request_id, src, dst) -> int:
-            return await self.worker.call(
-                lambda e: tp.nixl_pull(request_id, peer_ranks, src, dst))
+            # Post every rank's read between two steps, then poll between later steps: the
+            # engine keeps stepping while the bytes move (each poll is one small collective).
+            moved = await self.worker.call(
+                lambda e: tp.nixl_post(request_id, peer_ranks, src, dst))
+
+            async def landed() -> int:
+                while (state := await self.worker.call(lambda e: tp.nixl_poll(request_id))) \
+                        == 0:
+                    await asyncio.sleep(NIXL_POLL_S)
+                return state
+
+            try:
+                state = await landed()
+            except asyncio.CancelledError:
+                # The caller frees the destination blocks next: no read may still be
+                # writing into them, so the reads are waited out before giving up.
+                await asyncio.shield(landed())
+                raise
+            if state < 0:
+                raise RuntimeError(f"NIXL read of {request_id} failed on a tensor-parallel "
+                                   "rank (its log says why)")
+            return moved
 
         log.info("KV transfer: nixl, one agent per tensor-parallel rank (%s-r0..r%d)", agent,
                  engine.cfg.tp - 1)

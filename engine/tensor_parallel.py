@@ -51,9 +51,10 @@ class KVCommand:
     the leader, `write` scatters full-head blocks to them (KV transfer between a prefill
     and a decode worker, which only the leader talks to)."""
 
-    op: str  # "read" | "write" | "tier" | "nixl_setup" | "nixl_pull"
+    op: str  # "read" | "write" | "tier" | "nixl_setup" | "nixl_post" | "nixl_poll"
     # "tier": [kind ("d2h"|"h2d"), host slot, block id] per copy; "nixl_setup": [agent
-    # name prefix]; "nixl_pull": [request id, peer ranks' agents, src ids, dst ids]
+    # name prefix]; "nixl_post": [request id, peer ranks' agents, src ids, dst ids];
+    # "nixl_poll": [request id]
     block_ids: list
 
 
@@ -72,6 +73,7 @@ class TPComm:
         self.pc = ParallelContext(rank, world)
         self._tier_copies: list = []  # leader: host-tier copies not yet sent
         self.nixl = None  # this rank's NixlBackend over its KV shard (--kv-transfer nixl)
+        self._reads: dict = {}  # request id -> this rank's NIXL read in flight (or None)
         self.host_kv: torch.Tensor | None = None  # follower: its shard of the host tier
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if device.startswith("cuda"):
@@ -193,28 +195,41 @@ class TPComm:
         dist.gather_object(mine, everyone, dst=0, group=self.control)
         return [RankAgent(*r) for r in everyone] if self.pc.tp_rank == 0 else None
 
-    def nixl_pull(self, request_id: str, ranks: list, src: list[int], dst: list[int]) -> int:
-        """Every rank READs its shard of `src` from the same rank of the peer into `dst`;
-        returns the bytes all ranks moved. The leader raises if any rank's read failed."""
+    def nixl_post(self, request_id: str, ranks: list, src: list[int], dst: list[int]) -> int:
+        """Every rank posts a READ of its shard of `src` from the same rank of the peer into
+        `dst` and returns at once (steps go on while the bytes move); `nixl_poll` reports
+        when all have landed. Returns the bytes all ranks will move."""
         if self.pc.tp_rank == 0:
             payload = [request_id, [[r.agent_name, r.metadata, r.base_address, r.block_bytes]
                                     for r in ranks], src, dst]
-            self.broadcast_step(KVCommand("nixl_pull", payload))
+            self.broadcast_step(KVCommand("nixl_post", payload))
         peer = ranks[self.pc.tp_rank]  # a RankAgent on the leader, a list on followers
         agent, metadata, base = ((peer.agent_name, peer.metadata, peer.base_address)
                                  if self.pc.tp_rank == 0 else peer[:3])
-        ok, moved = 1, 0
+        moved = 0
         try:
             handle, moved = self.nixl.start_read(self.nixl.add_peer(agent, metadata), base,
                                                  request_id, src, dst)
-            ok = int(self.nixl.wait_read(handle))
-        except Exception:  # reported through the group: the leader raises for everyone
-            log.exception("tensor-parallel rank %d: NIXL read of %s failed",
+            self._reads[request_id] = handle
+        except Exception:  # the next poll reports it through the group
+            log.exception("tensor-parallel rank %d: NIXL read of %s could not be posted",
                           self.pc.tp_rank, request_id)
-            ok = 0
-        if self.agree_min(ok) == 0 and self.pc.tp_rank == 0:
-            raise RuntimeError(f"NIXL read of {request_id} failed on a tensor-parallel rank")
+            self._reads[request_id] = None
         return moved * self.pc.tp_size
+
+    def nixl_poll(self, request_id: str) -> int:
+        """1 when every rank's read of `request_id` has landed, 0 while any is in flight,
+        -1 when any failed (all ranks then drop theirs). Collective, non-blocking."""
+        if self.pc.tp_rank == 0:
+            self.broadcast_step(KVCommand("nixl_poll", [request_id]))
+        handle = self._reads.get(request_id)
+        state = -1 if handle is None else self.nixl.read_state(handle)
+        everyone = self.agree_min(state)
+        if everyone != 0:
+            handle = self._reads.pop(request_id, None)
+            if handle is not None:
+                self.nixl.release_read(handle)
+        return everyone
 
     def serve(self, runner) -> None:
         """A follower's life: run each step the leader sends, or move KV, until told to
@@ -227,9 +242,11 @@ class TPComm:
                     self.read_kv(runner.kv_cache, msg.block_ids)
                 elif msg.op == "nixl_setup":
                     self.nixl_setup(runner.kv_cache, msg.block_ids[0])
-                elif msg.op == "nixl_pull":
+                elif msg.op == "nixl_post":
                     rid, ranks, src, dst = msg.block_ids
-                    self.nixl_pull(rid, ranks, src, dst)
+                    self.nixl_post(rid, ranks, src, dst)
+                elif msg.op == "nixl_poll":
+                    self.nixl_poll(msg.block_ids[0])
                 else:
                     self.write_kv(runner.kv_cache, msg.block_ids)
             else:

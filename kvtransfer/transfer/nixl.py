@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -126,15 +125,13 @@ class NixlBackend(KVTransferBackend):
             raise RuntimeError(f"NIXL READ of {request_id} could not be posted")
         return handle, sum(r.count for r in runs) * bb
 
-    def wait_read(self, handle) -> bool:
-        """Blocks until a read from `start_read` ends (releasing it); True when it
-        succeeded. For tensor-parallel followers, which have no event loop."""
-        try:
-            while (state := self._agent.check_xfer_state(handle)) not in ("DONE", "ERR"):
-                time.sleep(0)
-            return state == "DONE"
-        finally:
-            self._agent.release_xfer_handle(handle)
+    def read_state(self, handle) -> int:
+        """1 when a read from `start_read` is done, 0 while in flight, -1 if it failed."""
+        state = self._agent.check_xfer_state(handle)
+        return 1 if state == "DONE" else -1 if state == "ERR" else 0
+
+    def release_read(self, handle) -> None:
+        self._agent.release_xfer_handle(handle)
 
     def close(self) -> None:
         try:
@@ -149,7 +146,8 @@ def tp_mismatch(peer_tp: int, own_tp: int) -> str:
             "the same --tp (--kv-transfer tcp re-shards any pairing)")
 
 
-# (peer ranks, request id, source blocks, destination blocks) -> bytes moved by all ranks
+# (peer ranks, request id, source blocks, destination blocks) -> bytes moved by all ranks,
+# once every rank's read has landed
 RankPull = Callable[[list[RankAgent], str, list[int], list[int]], Awaitable[int]]
 
 
