@@ -92,13 +92,23 @@ class NixlBackend(KVTransferBackend):
         handle, moved = self.start_read(remote_name, peer.base_address, request_id,
                                         src_block_ids, dst_block_ids)
         try:
-            while (state := self._agent.check_xfer_state(handle)) not in ("DONE", "ERR"):
-                await asyncio.sleep(0)  # the UCX progress thread moves the bytes
+            try:
+                state = await self._landed(handle)
+            except asyncio.CancelledError:
+                # The caller frees the destination blocks next: wait the read out first,
+                # so it cannot write into blocks handed to another request.
+                await asyncio.shield(self._landed(handle))
+                raise
             if state == "ERR":
                 raise RuntimeError(f"NIXL READ from {peer.agent_name} failed")
         finally:
             self._agent.release_xfer_handle(handle)
         return moved
+
+    async def _landed(self, handle) -> str:
+        while (state := self._agent.check_xfer_state(handle)) not in ("DONE", "ERR"):
+            await asyncio.sleep(0)  # the UCX progress thread moves the bytes
+        return state
 
     def add_peer(self, agent_name: str, metadata: bytes) -> str:
         """Registers a peer from metadata already in hand (tensor-parallel ranks get their
