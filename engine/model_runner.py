@@ -77,7 +77,7 @@ class StepInputs:
     seq_lens: list[int] = field(default_factory=list)
     logits_rows: list[int] = field(default_factory=list)
     decode_only: bool = False
-    # Per row: "request_id#epoch" of its block table (Sequence.block_table_epoch), so
+    # Per row: "serial#epoch" of its block table (Sequence.serial, .block_table_epoch), so
     # decode graphs can mirror tables across steps instead of rebuilding page lists.
     table_keys: list[str] = field(default_factory=list)
 
@@ -331,7 +331,7 @@ class ModelRunner:
                 step.positions.extend(positions)
                 step.slots.extend(table[p // bs] * bs + p % bs for p in positions)
             step.tables.append(table)
-            step.table_keys.append(f"{seq.request_id}#{seq.block_table_epoch}")
+            step.table_keys.append(f"{seq.serial}#{seq.block_table_epoch}")
             step.query_lens.append(n)
             step.seq_lens.append(start + n)
             if item.samples:

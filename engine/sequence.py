@@ -4,10 +4,13 @@ the blocks that hold them. Everything else is derived from these counters."""
 from __future__ import annotations
 
 import enum
+import itertools
 import time
 from dataclasses import dataclass, field
 
 from engine.sampling_params import SamplingParams
+
+_SERIALS = itertools.count()
 
 
 class SequenceStatus(enum.Enum):
@@ -32,6 +35,9 @@ class Sequence:
     # Bumped whenever block_table is emptied (its blocks freed): a table only grows within
     # one epoch, which lets the model runner mirror it incrementally.
     block_table_epoch: int = 0
+    # Unique in this process (request ids are not: the offline API reuses "0", "1", ...),
+    # so (serial, epoch) names one table's life.
+    serial: int = field(default_factory=lambda: next(_SERIALS), init=False)
     # Hashes of the full blocks of token_ids, extended as blocks fill.
     block_hashes: list[int] = field(default_factory=list)
     num_published_blocks: int = 0  # leading blocks already offered to the prefix cache

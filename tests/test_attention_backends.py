@@ -150,3 +150,23 @@ def test_staged_decode_steps_match_unstaged_and_torch_as_rows_finish_and_join() 
     assert {k: v[0] for k, v in outs["staged"].items()} == \
         {k: v[0] for k, v in outs["torch"].items()}
     assert hits["staged"] > 20 and hits["unstaged"] == 0
+
+
+def test_decode_table_keys_name_the_sequence_not_the_request_id() -> None:
+    """The offline API reuses request ids ("0", "1", ... per generate call): the key that
+    decode graphs mirror block tables under must still differ for a new sequence, or a
+    new request would read pages of an old one's table."""
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+    from engine.scheduler import ScheduledSeq, SchedulerOutput
+    from engine.sequence import Sequence
+
+    llm = LLM("tiny-llama", load_format="dummy", num_kv_blocks=64)
+    keys = []
+    for _ in range(2):
+        seq = Sequence("0", [5, 6, 7], SamplingParams(max_tokens=4))
+        seq.block_table = [3]
+        step = llm.engine.runner._prepare(SchedulerOutput(scheduled=[ScheduledSeq(seq, 3, True)]))
+        keys += step.table_keys
+    assert keys[0] != keys[1]
+    llm.close()

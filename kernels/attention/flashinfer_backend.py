@@ -99,8 +99,10 @@ class DecodePageCache:
     Rebuilding the CSR lists from Python lists cost ~1 ms of host time per step at batch
     64 x 2k context (8k Python ints into tensors), all of it exposed: the GPU waits for
     the host between decode steps. A table only grows while its sequence runs; the key
-    carries the table's epoch (bumped when the blocks are freed), so a sequence that was
-    preempted and refilled is mirrored afresh, never from stale blocks.
+    names the sequence object (a process-wide serial, not the request id, which callers
+    may reuse) and the table's epoch (bumped when the blocks are freed), so a sequence that
+    was preempted and refilled, or a new one under an old request id, is mirrored afresh,
+    never from stale blocks.
     """
 
     EVICT_EVERY = 256  # steps; rows not used for that long are dropped
