@@ -19,6 +19,8 @@ import torch
 
 from kvtransfer.transfer.base import KVTransferBackend, MetadataFetcher, PeerInfo, coalesce
 
+log = logging.getLogger(__name__)
+
 # Starts the metadata of a tensor-parallel worker (its ranks' agents), never NIXL's own.
 TP_METADATA_MAGIC = b"BATON-TP-NIXL\x00"
 
@@ -43,8 +45,6 @@ def unpack_rank_agents(blob: bytes) -> list[RankAgent] | None:
     if not blob.startswith(TP_METADATA_MAGIC):
         return None
     return [RankAgent(*r) for r in msgpack.unpackb(blob[len(TP_METADATA_MAGIC):])]
-
-log = logging.getLogger(__name__)
 
 
 class NixlBackend(KVTransferBackend):
