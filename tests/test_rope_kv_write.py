@@ -1,6 +1,6 @@
 """The fused RoPE + paged KV-write kernel against the torch path it replaces (rotary
-`_rotate` + `write_kv`): on CPU through Triton's interpreter (skipped where Triton is not
-installed: it is not a CPU dependency), and in bf16 on a GPU."""
+`_rotate` + `write_kv`): on CPU through Triton's interpreter (the test extras install
+Triton; skipped where it is missing), and in bf16 on a GPU."""
 
 from __future__ import annotations
 
