@@ -73,9 +73,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="fraction of the GPU this worker may use; KV gets what is left")
     p.add_argument("--stream-interval", type=_at_least_one, default=1,
-                   help="tokens per streamed chunk after the first (default 1); more cuts "
-                        "per-token gRPC and HTTP work at hundreds of concurrent streams, "
-                        "at the cost of burstier streams")
+                   help="tokens per streamed chunk after the first, at least (default 1; "
+                        "more when a stream lags); more cuts per-token gRPC and HTTP work at "
+                        "hundreds of concurrent streams, at the cost of burstier streams")
 
 
 def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:

@@ -107,8 +107,11 @@ def test_streaming_equals_non_streaming(server, expected):
             text += ch.text
             finish = ch.finish_reason or finish
     assert tokens == refs[3]
-    if mode == "2p2d":  # --stream-interval 3: the first token alone, then threes
-        assert sizes[0] == 1 and max(sizes) == 3 and len(sizes) < MAX_NEW
+    if mode == "2p2d":
+        # --stream-interval 3: the prefill worker's token alone, the decode worker's first
+        # at once, then at least three per chunk until the last (more when a stream lags
+        # and queued outputs are merged).
+        assert sizes[0] == 1 and all(n >= 3 for n in sizes[2:-1]) and len(sizes) < MAX_NEW
     full = c.completions.create(model=PRESET, prompt=TEXTS[3], max_tokens=MAX_NEW,
                                 temperature=0, extra_body={"ignore_eos": True})
     assert text == full.choices[0].text  # multi-byte text streamed without breaking it
