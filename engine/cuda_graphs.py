@@ -164,10 +164,13 @@ class DecodeGraphs:
         if self.filled is not None:
             self.filled.record()
         if timer is not None:
-            t3 = time.perf_counter()
-            timer["inputs"] = timer.get("inputs", 0.0) + t1 - t0
-            timer["page_lists"] = timer.get("page_lists", 0.0) + t2 - t1
-            timer["plan"] = timer.get("plan", 0.0) + t3 - t2
+            self._tally("inputs", t1 - t0)
+            self._tally("page_lists", t2 - t1)
+            self._tally("plan", time.perf_counter() - t2)
+
+    def _tally(self, key: str, amount: float) -> None:
+        """Adds to a phase of `host_timer` (seconds, or a count)."""
+        self.host_timer[key] = self.host_timer.get(key, 0.0) + amount
 
     def run(self, ids: list[int], positions: list[int], slots: list[int],
             tables: list[list[int]], seq_lens: list[int],
@@ -179,16 +182,15 @@ class DecodeGraphs:
         b = self.bucket_for(n)
         assert b is not None, f"batch {n} exceeds the largest graph bucket {self.max_bs}"
         staged, self.staged = self.staged, None
-        if staged is None or not staged.matches(positions, slots, seq_lens, table_keys):
+        if staged is None or not staged.matches(positions, table_keys):
             self._fill(b, ids, positions, slots, tables, seq_lens, table_keys)
         elif self.host_timer is not None:
-            self.host_timer["staged_hits"] = self.host_timer.get("staged_hits", 0.0) + 1
+            self._tally("staged_hits", 1)
         t0 = time.perf_counter() if self.host_timer is not None else 0.0
         self.graphs[b].replay()
         if self.host_timer is not None:
-            self.host_timer["replay"] = (self.host_timer.get("replay", 0.0)
-                                         + time.perf_counter() - t0)
-            self.host_timer["steps"] = self.host_timer.get("steps", 0.0) + 1
+            self._tally("replay", time.perf_counter() - t0)
+            self._tally("steps", 1)
         return self.logits[b][:n]
 
     def stage_next(self, step, token_ids: torch.Tensor) -> None:
@@ -197,7 +199,7 @@ class DecodeGraphs:
         its input ids copied on the device from this step's sampled `token_ids`. Device
         writes are queued behind this step's kernels, so nothing it still reads changes.
         The next `run` uses it only if the scheduler asks for exactly that step (same
-        rows, positions, slots and tables); a row that finished, a new request or a
+        rows at the same positions); a row that finished, a new request or a
         preemption makes it a miss, and the step is staged as usual."""
         self.staged = None
         if not step.table_keys:
@@ -220,10 +222,9 @@ class DecodeGraphs:
         self._fill(b, step.ids, positions, slots, step.tables, seq_lens, step.table_keys,
                    timed=False)
         self.inputs[0, :n].copy_(token_ids)
-        self.staged = StagedDecode(positions, slots, seq_lens, list(step.table_keys))
+        self.staged = StagedDecode(positions, list(step.table_keys))
         if self.host_timer is not None:  # overlapped with the GPU: counted apart
-            self.host_timer["staging"] = (self.host_timer.get("staging", 0.0)
-                                          + time.perf_counter() - t0)
+            self._tally("staging", time.perf_counter() - t0)
 
     def drop_staged(self) -> None:
         """A step that is not a graphed decode step ran: whatever was staged is stale."""
@@ -232,14 +233,13 @@ class DecodeGraphs:
 
 @dataclass
 class StagedDecode:
-    """What `stage_next` planned for; `run` replays it only for exactly this step."""
+    """What `stage_next` planned for; `run` replays it only for exactly this step. Rows
+    and positions decide it: a key names one table's life, whose blocks never change
+    while it grows, so the same key and position give the same slot and page list, and a
+    decode row's length is its position + 1."""
 
     positions: list[int]
-    slots: list[int]
-    seq_lens: list[int]
     table_keys: list[str]
 
-    def matches(self, positions: list[int], slots: list[int], seq_lens: list[int],
-                table_keys: list[str] | None) -> bool:
-        return (table_keys == self.table_keys and positions == self.positions
-                and slots == self.slots and seq_lens == self.seq_lens)
+    def matches(self, positions: list[int], table_keys: list[str] | None) -> bool:
+        return table_keys == self.table_keys and positions == self.positions

@@ -26,6 +26,7 @@ from kvtransfer.transfer import (
     SendPlan,
     create_backend,
     split_runs,
+    wait_out,
 )
 from kvtransfer.transfer.nccl import NcclBackend
 from kvtransfer.transfer.nccl_link import LinkBroken
@@ -138,13 +139,7 @@ class WorkerContext:
                     await asyncio.sleep(NIXL_POLL_S)
                 return state
 
-            try:
-                state = await landed()
-            except asyncio.CancelledError:
-                # The caller frees the destination blocks next: no read may still be
-                # writing into them, so the reads are waited out before giving up.
-                await asyncio.shield(landed())
-                raise
+            state = await wait_out(landed)  # the caller frees the blocks if cancelled
             if state < 0:
                 raise RuntimeError(f"NIXL read of {request_id} failed on a tensor-parallel "
                                    "rank (its log says why)")

@@ -199,13 +199,10 @@ class TPComm:
         """Every rank posts a READ of its shard of `src` from the same rank of the peer into
         `dst` and returns at once (steps go on while the bytes move); `nixl_poll` reports
         when all have landed. Returns the bytes all ranks will move."""
-        if self.pc.tp_rank == 0:
-            payload = [request_id, [[r.agent_name, r.metadata, r.base_address, r.block_bytes]
-                                    for r in ranks], src, dst]
-            self.broadcast_step(KVCommand("nixl_post", payload))
-        peer = ranks[self.pc.tp_rank]  # a RankAgent on the leader, a list on followers
-        agent, metadata, base = ((peer.agent_name, peer.metadata, peer.base_address)
-                                 if self.pc.tp_rank == 0 else peer[:3])
+        if self.pc.tp_rank == 0:  # followers get the ranks as [agent, metadata, base, ...]
+            ranks = [[r.agent_name, r.metadata, r.base_address, r.block_bytes] for r in ranks]
+            self.broadcast_step(KVCommand("nixl_post", [request_id, ranks, src, dst]))
+        agent, metadata, base = ranks[self.pc.tp_rank][:3]
         moved = 0
         try:
             handle, moved = self.nixl.start_read(self.nixl.add_peer(agent, metadata), base,

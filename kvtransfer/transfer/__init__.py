@@ -14,8 +14,9 @@ from kvtransfer.transfer.base import (
     SendPlan,
     coalesce,
     split_runs,
+    wait_out,
 )
 from kvtransfer.transfer.registry import BACKENDS, create_backend
 
 __all__ = ["BACKENDS", "KV_LAYOUT", "BlockRun", "ControlPlane", "KVTransferBackend", "PeerInfo",
-           "PlanRejected", "SendPlan", "coalesce", "create_backend", "split_runs"]
+           "PlanRejected", "SendPlan", "coalesce", "create_backend", "split_runs", "wait_out"]

@@ -4,11 +4,14 @@ into as few contiguous runs as possible (each NIXL descriptor costs microseconds
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 # Axes of every worker's KV cache tensor (docs/kv_layout.md); tensor-parallel ranks split
 # the head axis, in rank order.
@@ -79,6 +82,17 @@ class PeerInfo:
     agent_name: str
     base_address: int
     block_bytes: int
+
+
+async def wait_out(wait: Callable[[], Awaitable[T]]) -> T:
+    """Awaits `wait()`; cancelled meanwhile, waits it out again (shielded) before the
+    cancellation goes on. For transfers into blocks the caller frees when cancelled: no
+    read may still be writing into blocks handed to another request."""
+    try:
+        return await wait()
+    except asyncio.CancelledError:
+        await asyncio.shield(wait())
+        raise
 
 
 # Fetches a prefill worker's NIXL metadata by gRPC address (asked once per peer).

@@ -17,7 +17,13 @@ from dataclasses import dataclass
 import msgpack
 import torch
 
-from kvtransfer.transfer.base import KVTransferBackend, MetadataFetcher, PeerInfo, coalesce
+from kvtransfer.transfer.base import (
+    KVTransferBackend,
+    MetadataFetcher,
+    PeerInfo,
+    coalesce,
+    wait_out,
+)
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +98,7 @@ class NixlBackend(KVTransferBackend):
         handle, moved = self.start_read(remote_name, peer.base_address, request_id,
                                         src_block_ids, dst_block_ids)
         try:
-            try:
-                state = await self._landed(handle)
-            except asyncio.CancelledError:
-                # The caller frees the destination blocks next: wait the read out first,
-                # so it cannot write into blocks handed to another request.
-                await asyncio.shield(self._landed(handle))
-                raise
+            state = await wait_out(lambda: self._landed(handle))
             if state == "ERR":
                 raise RuntimeError(f"NIXL READ from {peer.agent_name} failed")
         finally:
