@@ -1,15 +1,21 @@
 """Prefix-aware routing under an offered-load sweep: multi-turn chat sessions (each on
 one of S system prompts, T turns, every turn re-sending the conversation so far plus a
-new message) arrive as a Poisson process at each rate of `--rates` against 2 aggregated
+new message) arrive as a Poisson process at each rate of `--loads` against 2 aggregated
 workers whose KV capacity holds about half of the working set. At every rate `kv`,
-`round-robin` and `random` routing serve the same sessions (same arrivals, same tokens)
-on a fresh server, and an oracle (one shared LRU cache of the same total size replaying
-the same requests) gives the best hit ratio any routing could reach.
+`round-robin` and `random` routing serve the same sessions (same arrivals, same tokens;
+one server per policy, fresh sessions and system prompts per rate), and an oracle (one
+shared LRU cache of the same total size replaying the same requests) gives the best hit
+ratio any routing could reach.
 
 Sessions arrive open-loop, so a policy that recomputes more prefill saturates at a lower
 rate, and past saturation its queue (and TTFT) grows for as long as arrivals continue.
 
     python -m benchmarks.prefix_routing --out benchmarks/results/prefix_routing_cpu.json
+
+On one GPU (both workers share it; random weights in the real shape):
+
+    python -m benchmarks.prefix_routing --device cuda --preset llama-3.1-8b --wait-idle 0 \
+        --serve-args "--gpu-memory-utilization 0.4" ...
 """
 
 from __future__ import annotations
@@ -48,8 +54,8 @@ class Session:
     thinks: list[float]  # seconds between a turn's last token and the next turn, at load 1
 
 
-def make_sessions(args) -> list[Session]:
-    rng = random.Random(args.seed)
+def make_sessions(args, seed: int) -> list[Session]:
+    rng = random.Random(seed)
     systems = [[rng.randrange(4, 1000) for _ in range(args.system_len)]
                for _ in range(args.systems)]
     out, t = [], 0.0
@@ -110,12 +116,13 @@ async def watch_workers(client: httpx.AsyncClient, url: str, samples: list[dict]
 
 
 async def workload(url: str, model: str, sessions: list[Session], load: float,
-                   out_len: int) -> tuple[list[dict], list[dict], float]:
+                   out_len: int) -> tuple[list[dict], list[dict], float, dict[str, float]]:
     log: list[dict] = []
     samples: list[dict] = []
     stop = asyncio.Event()
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        before = kv_picks((await client.get(f"{url}/metrics")).text)
         watcher = asyncio.create_task(watch_workers(client, url, samples, stop))
         t0 = time.perf_counter()
         await asyncio.gather(*(run_session(client, url, model, s, load, out_len, t0, log)
@@ -123,7 +130,9 @@ async def workload(url: str, model: str, sessions: list[Session], load: float,
         wall = time.perf_counter() - t0
         stop.set()
         await watcher
-        picks = kv_picks((await client.get(f"{url}/metrics")).text)
+        after = kv_picks((await client.get(f"{url}/metrics")).text)
+    # The server runs every load of a policy: this level's picks are the increase.
+    picks = {k: v - before.get(k, 0.0) for k, v in after.items()}
     return log, samples, wall, picks
 
 
@@ -206,6 +215,50 @@ def wait_for_idle(limit_s: float) -> list[float]:
     return list(os.getloadavg())
 
 
+def run_level(args, url: str, policy: str, level: dict, sessions: list[Session],
+              capacity: int) -> None:
+    loadavg = os.getloadavg()
+    log, samples, wall, picks = asyncio.run(
+        workload(url, args.preset, sessions, level["load"], args.out_len))
+    level["policies"][policy] = summary = summarize(log, samples, wall, loadavg)
+    if picks:
+        summary["kv_route_picks"] = picks
+    if "oracle_hit_ratio" not in level:  # same sessions for every policy: computed once
+        level["oracle_hit_ratio"] = oracle_hit_ratio(log, capacity // BLOCK)
+        level["peak_active_tokens"] = peak_active_tokens(log, args.system_len, args.systems)
+    print(f"load {level['load']} {policy}", json.dumps(summary), flush=True)
+
+
+def write_levels(args, levels: list[dict], kv_blocks: int, working_set: int, capacity: int,
+                 loadavg_start: list[float]) -> None:
+    """Written after every policy, so a run cut short keeps what it measured."""
+    for level in levels:
+        p = level["policies"]
+        if "kv" in p and "round-robin" in p:
+            level["ratios"] = {
+                "ttft_p50_round_robin_over_kv": p["round-robin"]["ttft_p50_ms"]
+                / p["kv"]["ttft_p50_ms"],
+                "ttft_p99_round_robin_over_kv": p["round-robin"]["ttft_p99_ms"]
+                / p["kv"]["ttft_p99_ms"],
+                "kv_hit_ratio_over_oracle": p["kv"]["hit_ratio"] / level["oracle_hit_ratio"]}
+            if "random" in p:
+                level["ratios"]["ttft_p50_random_over_kv"] = \
+                    p["random"]["ttft_p50_ms"] / p["kv"]["ttft_p50_ms"]
+        print(f"load {level['load']} oracle {level['oracle_hit_ratio']:.3f}",
+              json.dumps(level.get("ratios", {})), flush=True)
+    three_x = [lv["load"] for lv in levels
+               if lv.get("ratios", {}).get("ttft_p50_round_robin_over_kv", 0) >= 3]
+    write_result(args.out, {
+        "benchmark": "prefix_routing", "preset": args.preset, "device": args.device,
+        "serve_args": args.serve_args, "workers": args.workers,
+        "kv_blocks_per_worker": kv_blocks, "working_set_tokens": working_set,
+        "capacity_tokens": capacity, "workload": {k: getattr(args, k) for k in (
+            "systems", "system_len", "sessions", "turns", "msg_len", "out_len", "rate",
+            "think", "seed")},
+        "loadavg_start": loadavg_start, "loadavg_end": list(os.getloadavg()),
+        "levels": levels, "loads_with_3x_lower_ttft_p50": three_x})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="small-llama")
@@ -228,68 +281,46 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--wait-idle", type=float, default=600,
                     help="seconds to wait for a 1-minute load average below 1.0")
+    ap.add_argument("--device", default="cpu",
+                    help="cuda: workers on the GPU(s) with random weights of --preset")
+    ap.add_argument("--serve-args", default="",
+                    help="more `baton serve` flags, e.g. '--gpu-memory-utilization 0.4'")
     ap.add_argument("--out", default="benchmarks/results/prefix_routing_cpu.json")
     args = ap.parse_args()
 
-    sessions = make_sessions(args)
     working_set = args.systems * args.system_len + args.sessions * args.turns * (
         args.msg_len + args.out_len)
     kv_blocks = args.kv_blocks or math.ceil(working_set / 2 / BLOCK / args.workers)
     capacity = args.workers * kv_blocks * BLOCK
     print(f"working set {working_set} tokens, KV capacity {capacity} tokens "
           f"({capacity / working_set:.0%})", flush=True)
-    work = Path(tempfile.mkdtemp(prefix="baton-prefix-"))
-    model_dir = write_checkpoint(args.preset, work / args.preset, progress=False)
+    if args.device == "cpu":
+        work = Path(tempfile.mkdtemp(prefix="baton-prefix-"))
+        model = [str(write_checkpoint(args.preset, work / args.preset, progress=False))]
+    else:  # an 8B-or-larger checkpoint on disk would take minutes to write and read
+        model = [args.preset, "--load-format", "dummy", "--device", args.device]
     loadavg_start = wait_for_idle(args.wait_idle)
-    levels = []
-    for load in (float(x) for x in args.loads.split(",")):
-        level: dict = {"load": load, "session_rate_per_s": args.rate * load,
-                       "request_rate_per_s": args.rate * load * args.turns,
-                       "think_s": args.think / load, "policies": {}}
-        for policy in args.policies.split(","):
-            loadavg = os.getloadavg()
-            # Aggregated workers move no KV: TCP transfer, because the default NIXL agent's
-            # UCX progress thread busy-polls a whole core per worker on this 2-core machine.
-            # "kv@active_decode=0.02+host=0.5": kv routing with those --route-weights.
-            routing, _, weights = policy.partition("@")
-            extra = ["--route-weights", weights.replace("+", ",")] if weights else []
-            with baton_serve(model_dir, "--prefill", "0", "--decode", str(args.workers),
-                             "--kv-blocks", str(kv_blocks), "--kv-transfer", "tcp",
-                             "--routing", routing, *extra) as url:
-                log, samples, wall, picks = asyncio.run(
-                    workload(url, args.preset, sessions, load, args.out_len))
-            level["policies"][policy] = summarize(log, samples, wall, loadavg)
-            if picks:
-                level["policies"][policy]["kv_route_picks"] = picks
-            if "oracle_hit_ratio" not in level:
-                level["oracle_hit_ratio"] = oracle_hit_ratio(log, capacity // BLOCK)
-                level["peak_active_tokens"] = peak_active_tokens(log, args.system_len,
-                                                                 args.systems)
-            print(f"load {load} {policy}", json.dumps(level["policies"][policy]), flush=True)
-        p = level["policies"]
-        if "kv" in p and "round-robin" in p:
-            level["ratios"] = {
-                "ttft_p50_round_robin_over_kv": p["round-robin"]["ttft_p50_ms"]
-                / p["kv"]["ttft_p50_ms"],
-                "ttft_p99_round_robin_over_kv": p["round-robin"]["ttft_p99_ms"]
-                / p["kv"]["ttft_p99_ms"],
-                "kv_hit_ratio_over_oracle": p["kv"]["hit_ratio"] / level["oracle_hit_ratio"]}
-            if "random" in p:
-                level["ratios"]["ttft_p50_random_over_kv"] = \
-                    p["random"]["ttft_p50_ms"] / p["kv"]["ttft_p50_ms"]
-        print(f"load {load} oracle {level['oracle_hit_ratio']:.3f}",
-              json.dumps(level.get("ratios", {})), flush=True)
-        levels.append(level)
-    three_x = [lv["load"] for lv in levels
-               if lv.get("ratios", {}).get("ttft_p50_round_robin_over_kv", 0) >= 3]
-    write_result(args.out, {
-        "benchmark": "prefix_routing", "preset": args.preset, "workers": args.workers,
-        "kv_blocks_per_worker": kv_blocks, "working_set_tokens": working_set,
-        "capacity_tokens": capacity, "workload": {k: getattr(args, k) for k in (
-            "systems", "system_len", "sessions", "turns", "msg_len", "out_len", "rate",
-            "think", "seed")},
-        "loadavg_start": loadavg_start, "loadavg_end": list(os.getloadavg()),
-        "levels": levels, "loads_with_3x_lower_ttft_p50": three_x})
+    loads = [float(x) for x in args.loads.split(",")]
+    levels = [{"load": load, "session_rate_per_s": args.rate * load,
+               "request_rate_per_s": args.rate * load * args.turns,
+               "think_s": args.think / load, "policies": {}} for load in loads]
+    for policy in args.policies.split(","):
+        # One server per policy for all loads; each load sends fresh sessions and system
+        # prompts (its own seed), so nothing a level sends was cached by an earlier one
+        # and the earlier level's blocks are merely the first to be evicted.
+        # Aggregated workers move no KV: TCP transfer, because the default NIXL agent's
+        # UCX progress thread busy-polls a whole core per worker on this 2-core machine.
+        # "kv@active_decode=0.02+host=0.5": kv routing with those --route-weights.
+        routing, _, weights = policy.partition("@")
+        extra = ["--route-weights", weights.replace("+", ",")] if weights else []
+        with baton_serve(*model, "--prefill", "0", "--decode", str(args.workers),
+                         "--kv-blocks", str(kv_blocks), "--kv-transfer", "tcp",
+                         "--routing", routing, *extra, *args.serve_args.split(),
+                         timeout=600) as url:
+            for i, level in enumerate(levels):
+                run_level(args, url, policy, level, make_sessions(args, args.seed + i),
+                          capacity)
+        write_levels(args, levels, kv_blocks, working_set, capacity, loadavg_start)
 
 
 if __name__ == "__main__":
