@@ -8,6 +8,10 @@ decode step runs:
   outputs checked against the tensor-core split-KV variant (the engine's default so far).
 - RoPE + KV write: FlashInfer's RoPE plus two `index_put`s (the old path) against
   Baton's fused Triton kernel, per layer at 1 and 64 tokens.
+- Batch-1 projections (`--parts gemv`): cuBLAS (with FlashInfer's add + RMSNorm before
+  and SwiGLU after, as the decode step runs them) against Baton's GEMV kernels with those
+  folded in, for every tile config the autotuner may pick and for its pick; time and
+  fraction of HBM bandwidth for the weight bytes.
 
     python -m benchmarks.gpu_decode_kernels --out benchmarks/results/gpu_decode_kernels_h200.json
 """
@@ -128,20 +132,78 @@ def rope_kv_case(tokens: int, gen) -> dict:
     return row
 
 
+def gemv_case(name: str, n: int, k: int, gen, norm: bool = False, swiglu: bool = False
+              ) -> dict:
+    import torch.nn.functional as F
+
+    from kernels.layers import fused, gemv
+
+    copies = max(2, -(-LAYER_BYTES_MIN // (n * k * 2)))  # never served from L2
+    ws = [torch.randn(n, k, generator=gen, device="cuda", dtype=DT) * k ** -0.5
+          for _ in range(copies)]
+    x = torch.randn(1, k, generator=gen, device="cuda", dtype=DT)
+    res = torch.randn(1, k, generator=gen, device="cuda", dtype=DT)
+    nw = torch.ones(k, device="cuda", dtype=DT)
+    x_in, res_in = x.clone(), res.clone()  # the in-place norm's own buffers
+
+    def cublas():
+        for w in ws:
+            h = x
+            if norm:
+                h, _ = fused.add_rmsnorm_(x_in, res_in, nw, 1e-5)
+            y = F.linear(h, w)
+            if swiglu:
+                y = fused.silu_and_mul(y)
+
+    def baton(config):
+        def run():
+            for w in ws:
+                if norm:
+                    gemv.add_norm_gemv(x, res, nw, 1e-5, w, swiglu=swiglu, config=config)
+                else:
+                    gemv.gemv(x, w, config=config)
+        return run
+
+    bytes_per_call = n * k * 2
+    row = {"name": name, "n": n, "k": k, "norm": norm, "swiglu": swiglu,
+           "weight_mib": bytes_per_call / 2**20}
+    times = {"cublas": graph_ms(cublas) / copies}
+    for cfg in gemv.CONFIGS:
+        times["gemv_{}_{}_{}".format(*cfg)] = graph_ms(baton(cfg)) / copies
+    times["gemv_autotuned"] = graph_ms(baton(None)) / copies
+    row["us"] = {key: ms * 1e3 for key, ms in times.items()}
+    row["hbm_fraction"] = {key: bytes_per_call / (ms * 1e-3) / H200_HBM_BYTES_PER_S
+                           for key, ms in times.items()}
+    best = min((key for key in times if key.startswith("gemv_")), key=times.get)
+    row["best_gemv"], row["best_over_cublas"] = best, times["cublas"] / times[best]
+    print(name, {key: round(v, 1) for key, v in row["us"].items()}, flush=True)
+    return row
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/gpu_decode_kernels.json")
     ap.add_argument("--shapes", default="1:1024,16:2048,64:2048,256:2048",
                     help="decode attention cases, BATCH:CONTEXT,...")
+    ap.add_argument("--parts", default="rope,attention,gemv",
+                    help="which groups of kernels to time")
     args = ap.parse_args()
+    parts = args.parts.split(",")
     gen = torch.Generator(device="cuda").manual_seed(0)
     shapes = [tuple(int(x) for x in s.split(":")) for s in args.shapes.split(",")]
-    rope = [rope_kv_case(t, gen) for t in (1, 64)]
-    attention = [attention_case(b, c, gen) for b, c in shapes]
+    rope = [rope_kv_case(t, gen) for t in (1, 64)] if "rope" in parts else []
+    attention = [attention_case(b, c, gen) for b, c in shapes] if "attention" in parts else []
+    # The 8B shape's four projections per layer and its LM head, at one row.
+    gemvs = [gemv_case("qkv + input norm", 6144, 4096, gen, norm=True),
+             gemv_case("o_proj", 4096, 4096, gen),
+             gemv_case("gate_up + norm + swiglu", 28672, 4096, gen, norm=True, swiglu=True),
+             gemv_case("down_proj", 4096, 14336, gen),
+             gemv_case("lm_head", 128256, 4096, gen)] if "gemv" in parts else []
     write_result(args.out, {"benchmark": "gpu_decode_kernels",
                             "shape": {"q_heads": HQ, "kv_heads": HKV, "head_dim": D,
                                       "block_size": BS, "dtype": "bfloat16"},
-                            "rope_kv_write": rope, "decode_attention": attention})
+                            "rope_kv_write": rope, "decode_attention": attention,
+                            "batch1_projections": gemvs})
 
 
 if __name__ == "__main__":

@@ -204,6 +204,12 @@ def main() -> None:
     ap.add_argument("--compare-unfused-rope-kv", action="store_true",
                     help="also time every decode case without the fused RoPE + KV write "
                          "(graphs recaptured), alternating with the fused one, same process")
+    ap.add_argument("--no-gemv", action="store_true",
+                    help="batch-1 decode through cuBLAS and FlashInfer's small kernels "
+                         "instead of Baton's GEMV kernels (norms and SwiGLU folded in)")
+    ap.add_argument("--compare-gemv", action="store_true",
+                    help="also time batch-1 cases with the GEMV path switched the other way "
+                         "(graphs recaptured), then again as given, same process")
     ap.add_argument("--batches", default="1:1024,16:2048,64:2048,256:2048",
                     help="batch:context pairs")
     ap.add_argument("--steps", type=int, default=32)
@@ -220,12 +226,13 @@ def main() -> None:
                        max_num_seqs=max(b for b, _ in cases), enable_prefix_caching=False,
                        attention_backend=args.attention_backend,
                        cuda_graphs=not args.no_cuda_graphs,
-                       fused_rope_kv_write=not args.no_fused_rope_kv)
+                       fused_rope_kv_write=not args.no_fused_rope_kv,
+                       gemv_decode=not args.no_gemv)
     t0 = time.perf_counter()
     engine = LLMEngine(cfg)
     _sync(args.device)
     load_s = time.perf_counter() - t0
-    decode, eager, unfused, unstaged = [], [], [], []
+    decode, eager, unfused, unstaged, gemv_other = [], [], [], [], []
     runner = engine.runner
     for batch, context in cases:
         decode.append(decode_case(engine, batch, context, args.steps, args.device))
@@ -243,6 +250,16 @@ def main() -> None:
             again = decode_case(engine, batch, context, args.steps, args.device)
             report("decode", again)
             decode[-1]["step_ms_repeat"] = again["step_ms_median"]
+        if args.compare_gemv and batch == 1 and runner.planner is not None:
+            given = runner.gemv_decode
+            if runner.set_gemv_decode(not given) != given:
+                gemv_other.append(decode_case(engine, batch, context, args.steps, args.device)
+                                  | {"gemv_decode": runner.gemv_decode})
+                report("gemv on " if runner.gemv_decode else "gemv off", gemv_other[-1])
+                runner.set_gemv_decode(given)
+                again = decode_case(engine, batch, context, args.steps, args.device)
+                report("decode", again)
+                decode[-1]["step_ms_after_gemv_switch"] = again["step_ms_median"]
         if args.compare_eager and engine.runner.graphs is not None:
             engine.runner.use_graphs = False
             eager.append(decode_case(engine, batch, context, args.steps, args.device))
@@ -263,6 +280,7 @@ def main() -> None:
         vars(engine.runner.graph_report),
         "memory": vars(engine.runner.memory),
         "fused_rope_kv_write": engine.runner.fused_rope_kv_write,
+        "gemv_decode": engine.runner.gemv_decode, "decode_gemv_switched": gemv_other,
         "decode_eager": eager, "decode_unfused_rope_kv": unfused, "decode_unstaged": unstaged,
         "decode_kernel_profiles": profiles,
         "ceilings": {"hbm_bytes_per_s": H200_HBM_BYTES_PER_S, "bf16_flops": H200_BF16_FLOPS},

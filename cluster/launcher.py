@@ -139,6 +139,8 @@ def worker_args_from(args: argparse.Namespace, model: str) -> list[str]:
             out.append("--no-disk-kv-prefetch")
     if args.no_cuda_graphs:
         out.append("--no-cuda-graphs")
+    if args.no_gemv_decode:
+        out.append("--no-gemv-decode")
     if args.tp_cuda_graphs:
         out.append("--tp-cuda-graphs")
     if args.kv_blocks is not None:

@@ -56,6 +56,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="auto: FlashInfer on CUDA where it runs, else the torch reference")
     p.add_argument("--no-cuda-graphs", action="store_true",
                    help="run decode steps eagerly (for comparison and debugging)")
+    p.add_argument("--no-gemv-decode", action="store_true",
+                   help="batch-1 decode through cuBLAS and FlashInfer's norm/SwiGLU kernels "
+                        "instead of Baton's fused GEMV kernels (for comparison and debugging)")
     p.add_argument("--tp-cuda-graphs", action="store_true",
                    help="with --tp: capture decode graphs with their all-reduces "
                         "(CuPy NCCL; experimental, see docs/multi_gpu.md)")
@@ -86,6 +89,7 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
         seed=args.seed, attention_backend=args.attention_backend,
         cuda_graphs=not args.no_cuda_graphs, tp_cuda_graphs=args.tp_cuda_graphs,
+        gemv_decode=not args.no_gemv_decode,
         gpu_memory_utilization=args.gpu_memory_utilization, tp=args.tp,
         host_kv_gb=args.host_kv_gb, disk_kv_dir=args.disk_kv_dir, disk_kv_gb=args.disk_kv_gb,
         disk_kv_policy=args.disk_kv_policy, disk_kv_prefetch=not args.no_disk_kv_prefetch)

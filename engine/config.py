@@ -30,6 +30,10 @@ class EngineConfig:
     # RoPE + paged KV write in one Triton kernel per layer (FlashInfer backend; off, with
     # a log line, where Triton is missing). Off: FlashInfer's RoPE and two index_puts.
     fused_rope_kv_write: bool = True
+    # Batch-1 decode through Baton's GEMV kernels with the norms and SwiGLU folded in
+    # (kernels/layers/gemv.py; FlashInfer backend, one process, no projection biases):
+    # 4.63 vs 4.85 ms per 8B step on the H200 (offline_h200_gemv_configs.json).
+    gemv_decode: bool = True
     seed: int = 0
     tp: int = 1
     # Decode graphs under --tp, with the all-reduces of the group's CuPy NCCL communicator

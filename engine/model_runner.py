@@ -23,7 +23,7 @@ from engine.tensor_parallel import TPComm
 from kernels.attention import AttentionMetadata, resolve_attention_backend
 from kernels.attention.flashinfer_backend import FlashInferPlanner, PageLists
 from kernels.config import ModelConfig
-from kernels.layers import fused
+from kernels.layers import fused, gemv
 from kernels.loader import init_dummy_weights, load_weights
 from kernels.models import build_model
 from kernels.parallel import ParallelContext
@@ -101,10 +101,13 @@ class ModelRunner:
         self.model.eval()
         self.planner: FlashInferPlanner | None = None
         self.fused_rope_kv_write = False
+        self.gemv_decode = False
         if self.attention_backend == "flashinfer":
             fused.enable(self.model)  # FlashInfer's norm/RoPE/SwiGLU kernels ride along
             self.fused_rope_kv_write = fused.set_rope_kv_write(self.model,
                                                                cfg.fused_rope_kv_write)
+            if self.pc.tp_size == 1:
+                self.gemv_decode = gemv.set_decode_gemv(self.model, cfg.gemv_decode)
             m = model_cfg
             self.planner = FlashInferPlanner(
                 self.pc.shard(m.num_heads, "num_attention_heads"),
@@ -165,12 +168,20 @@ class ModelRunner:
     def set_fused_rope_kv_write(self, on: bool) -> bool:
         """Benchmarks compare the fused RoPE + KV write with FlashInfer's RoPE and index_put
         in one process: switch, and recapture the decode graphs that hold the old kernels."""
+        return self._switch_kernels("fused_rope_kv_write", fused.set_rope_kv_write, on)
+
+    def set_gemv_decode(self, on: bool) -> bool:
+        """Benchmarks compare the one-row GEMV path with cuBLAS and FlashInfer's kernels in
+        one process, likewise."""
+        return self._switch_kernels("gemv_decode", gemv.set_decode_gemv, on)
+
+    def _switch_kernels(self, attr: str, setter, on: bool) -> bool:
         if self.planner is None or self.pc.tp_size > 1:
-            return self.fused_rope_kv_write
-        self.fused_rope_kv_write = fused.set_rope_kv_write(self.model, on)
+            return getattr(self, attr)
+        setattr(self, attr, setter(self.model, on))
         if self.graphs is not None:
             self._capture_graphs()
-        return self.fused_rope_kv_write
+        return getattr(self, attr)
 
     def _graphs_off_reason(self) -> str | None:
         """Why decode steps run eagerly, or None when they are captured. Under TP a graph

@@ -16,7 +16,7 @@ from torch import nn
 from kernels.attention import AttentionMetadata
 from kernels.attention.rope_kv_write import rope_and_write_kv_
 from kernels.config import ModelConfig
-from kernels.layers import fused
+from kernels.layers import fused, gemv
 from kernels.layers.activation import silu_and_mul
 from kernels.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from kernels.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
@@ -47,10 +47,15 @@ class Attention(nn.Module):
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_layer: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        t = x.shape[0]
+        return self.o_proj(self.attend(positions, self.qkv_proj(x), kv_layer, meta))
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor, kv_layer: torch.Tensor,
+               meta: AttentionMetadata) -> torch.Tensor:
+        """From the QKV projection's output to attention's [T, q_size], before o_proj."""
+        t = qkv.shape[0]
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
@@ -63,7 +68,7 @@ class Attention(nn.Module):
         else:
             q, k = self.rotary(positions, q, k)
             o = self.attn.forward(q, k, v, kv_layer, meta)
-        return self.o_proj(o.reshape(t, q_size))
+        return o.reshape(t, q_size)
 
 
 class MLP(nn.Module):
@@ -90,14 +95,31 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, pc, rotary, backend_cls)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.dtype)
         self.mlp = MLP(cfg, pc)
+        # kernels.layers.gemv.set_decode_gemv() turns on the one-row path: four kernels
+        # (norm + QKV, o, norm + gate/up + SwiGLU, down) around attention.
+        self.use_gemv = False
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, residual: torch.Tensor | None,
                 kv_layer: torch.Tensor, meta: AttentionMetadata
                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.use_gemv and x.shape[0] == 1:
+            return self._forward_one_row(positions, x, residual, kv_layer, meta)
         h, residual = self.input_layernorm.forward_with_residual(x, residual)
         h = self.self_attn(positions, h, kv_layer, meta)
         h, residual = self.post_attention_layernorm.forward_with_residual(h, residual)
         return self.mlp(h), residual
+
+    def _forward_one_row(self, positions: torch.Tensor, x: torch.Tensor,
+                         residual: torch.Tensor | None, kv_layer: torch.Tensor,
+                         meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        attn, mlp = self.self_attn, self.mlp
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        qkv, residual = gemv.add_norm_gemv(x, residual, norm1.weight, norm1.eps,
+                                           attn.qkv_proj.weight)
+        h = gemv.gemv(attn.attend(positions, qkv, kv_layer, meta), attn.o_proj.weight)
+        act, residual = gemv.add_norm_gemv(h, residual, norm2.weight, norm2.eps,
+                                           mlp.gate_up_proj.weight, swiglu=True)
+        return gemv.gemv(act, mlp.down_proj.weight), residual
 
 
 class DecoderModel(nn.Module):
@@ -142,6 +164,7 @@ class DecoderForCausalLM(nn.Module):
         self.lm_head = ParallelLMHead(cfg.vocab_size, cfg.hidden_size, pc, cfg.dtype)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.use_gemv = False  # kernels.layers.gemv.set_decode_gemv()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
@@ -149,4 +172,7 @@ class DecoderForCausalLM(nn.Module):
         return self.model(input_ids, positions, kv_caches, meta)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.use_gemv and hidden.shape[0] == 1:
+            logits = gemv.gemv(hidden, self.lm_head.weight)
+            return logits[..., : self.lm_head.vocab_size].float()
         return self.lm_head(hidden).float()

@@ -1,0 +1,181 @@
+"""Matrix-vector kernels for batch-1 decode, with the layer's small ops folded in.
+
+At batch 1 a decode step of an 8B model is ~15 GB of weights streamed through four
+projections per layer, plus ~8 small kernels per layer (two residual-add + RMSNorms,
+SwiGLU, cuBLAS's split-K reductions) that each cost a few microseconds of launch and
+tail inside a CUDA graph: ~0.9 ms of a 5.1 ms step on the H200 (docs/gpu_fast_path.md).
+Each program here computes BLOCK_N outputs over the whole of K (no split-K, so no
+reduction kernel), and two variants fold the neighbouring small ops into the product:
+
+- `add_norm_gemv`: y = W @ rmsnorm(x + residual) and the new residual, in one kernel.
+  Every program reads the whole input vector anyway (8 KB, from L2), so each computes
+  the norm itself; program 0 also writes the new residual (to a separate buffer, since
+  other programs still read the old one). With `swiglu`, W is the merged gate/up
+  projection and the kernel writes silu(gate) * up directly.
+- `gemv`: y = W @ x (the o and down projections, the LM head).
+
+Numerics follow the torch path's roundings (x + residual rounded to the activation dtype,
+the normed vector rounded before and after the norm weight, gate and up rounded before
+SwiGLU), with float32 accumulation in a different order than cuBLAS: results agree to
+bf16 rounding, not bit for bit (tests/test_gemv.py).
+
+Used only for one-row products on CUDA with one process (under TP the row-parallel
+projections need their all-reduce, and the norm's input is not the local shard).
+
+Measured on the H200 with the 8B shape (benchmarks/results/*gemv*): a layer's four
+products with their small ops take 120 us against cuBLAS + FlashInfer's 128 us, the LM
+head 236 against 259 us; the batch-1 step 4.63 against 4.85 ms (MBU 76% against 73%),
+one served stream's time per output token 4.88 against 5.06 ms. A first tile set with
+more rows per program lost (5.15 ms): cuBLAS streams the gate/up weights at ~99% of the
+measured HBM bandwidth, so the folded-in kernels only pay where the GEMV matches it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from torch import nn
+
+from kernels.attention.rope_kv_write import triton_unavailable_reason
+from kernels.layers.linear import LinearBase
+
+log = logging.getLogger(__name__)
+
+# (BLOCK_N, BLOCK_K, num_warps) tried by the autotuner on the first call of each shape
+# (during the decode-graph warm-up, before capture). Each won at least one of the 8B
+# shape's projections on the H200 (gpu_gemv_kernels_h200_configs.json, nine configs
+# timed): few rows and long K tiles, many programs in flight. Smaller tiles lost by up to
+# 50% on the long-K down projection; every config tried costs start-up time.
+CONFIGS = ((2, 2048, 4), (4, 2048, 8), (2, 4096, 4), (4, 1024, 4), (4, 2048, 4))
+
+
+@functools.cache
+def _kernels():
+    """(plain kernel, autotuned kernel): built on first use, after TRITON_INTERPRET is
+    read, so the CPU tests can run the same source in Triton's interpreter."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def gemv_kernel(x_ptr, res_ptr, normw_ptr, w_ptr, out_ptr, res_out_ptr,
+                    N, K, w_row, up_offset, eps,
+                    HAS_NORM: tl.constexpr, HAS_RES: tl.constexpr, SWIGLU: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid = tl.program_id(0)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        cols = tl.arange(0, BLOCK_K)
+        rstd = 1.0
+        res_len = tl.where(pid == 0, K, 0)  # program 0 writes the new residual
+        if HAS_NORM:
+            sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + cols
+                k_mask = kk < K
+                xv = tl.load(x_ptr + kk, mask=k_mask, other=0.0)
+                if HAS_RES:
+                    xv = (xv.to(tl.float32) + tl.load(res_ptr + kk, mask=k_mask, other=0.0)
+                          .to(tl.float32)).to(x_ptr.dtype.element_ty)
+                    tl.store(res_out_ptr + kk, xv, mask=kk < res_len)
+                xf = xv.to(tl.float32)
+                sq += xf * xf
+            rstd = 1.0 / tl.sqrt(tl.sum(sq, axis=0) / K + eps)
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N], dtype=tl.float32)
+        w_rows = w_ptr + rows[:, None].to(tl.int64) * w_row
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + cols
+            k_mask = kk < K
+            # This tile of the product's input, rounded where the torch path rounds.
+            xv = tl.load(x_ptr + kk, mask=k_mask, other=0.0)
+            if HAS_RES:
+                xv = (xv.to(tl.float32) + tl.load(res_ptr + kk, mask=k_mask, other=0.0)
+                      .to(tl.float32)).to(x_ptr.dtype.element_ty)
+            if HAS_NORM:
+                nw = tl.load(normw_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
+                xv = ((xv.to(tl.float32) * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+                      * nw).to(x_ptr.dtype.element_ty)
+            xv = xv.to(tl.float32)
+            m = row_mask[:, None] & k_mask[None, :]
+            w = tl.load(w_rows + kk[None, :], mask=m, other=0.0)
+            acc += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
+            if SWIGLU:
+                wu = tl.load(w_rows + up_offset + kk[None, :], mask=m, other=0.0)
+                acc_up += tl.sum(wu.to(tl.float32) * xv[None, :], axis=1)
+        dt = out_ptr.dtype.element_ty
+        if SWIGLU:
+            g = acc.to(dt).to(tl.float32)
+            u = acc_up.to(dt).to(tl.float32)
+            acc = g / (1.0 + tl.exp(-g)) * u
+        tl.store(out_ptr + rows, acc.to(dt), mask=row_mask)
+
+    tuned = triton.autotune(
+        configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
+                 for n, k, w in CONFIGS],
+        key=["N", "K", "HAS_NORM", "SWIGLU"])(gemv_kernel)
+    return gemv_kernel, tuned
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, n: int, *, residual=None, norm_weight=None,
+            eps: float = 0.0, swiglu: bool = False, res_out=None,
+            config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    k = weight.shape[1]
+    assert x.shape == (1, k) and x.is_contiguous() and weight.stride(1) == 1, \
+        "gemv takes one contiguous row and a row-major weight"
+    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    plain, tuned = _kernels()
+    if config is None and not x.is_cuda:  # Triton's CPU interpreter: nothing to tune
+        config = (64, 128, 4)
+    args = (x, x if residual is None else residual, x if norm_weight is None else norm_weight,
+            weight, out, x if res_out is None else res_out,
+            n, k, weight.stride(0), n * weight.stride(0), eps)
+    flags = {"HAS_NORM": norm_weight is not None, "HAS_RES": residual is not None,
+             "SWIGLU": swiglu}
+    if config is None:
+        tuned[lambda meta: (-(-n // meta["BLOCK_N"]),)](*args, **flags)
+    else:
+        block_n, block_k, warps = config
+        plain[(-(-n // block_n),)](*args, **flags, BLOCK_N=block_n, BLOCK_K=block_k,
+                                   num_warps=warps)
+    return out
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor,
+         config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """x [1, K] @ weight[N, K].T -> [1, N]. `config` (BLOCK_N, BLOCK_K, num_warps) skips
+    the autotuner (tests, benchmarks)."""
+    return _launch(x, weight, weight.shape[0], config=config)
+
+
+def add_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
+                  eps: float, weight: torch.Tensor, swiglu: bool = False,
+                  config: tuple[int, int, int] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight @ rmsnorm(x + residual), x + residual) for one row; with `swiglu`, weight
+    is [2I, K] (gate rows, then up rows) and the first result is silu(gate) * up [1, I].
+    Without a residual (the first layer) the input itself is the new residual."""
+    n = weight.shape[0] // 2 if swiglu else weight.shape[0]
+    res_out = None if residual is None else torch.empty_like(x)
+    out = _launch(x, weight, n, residual=residual, norm_weight=norm_weight, eps=eps,
+                  swiglu=swiglu, res_out=res_out, config=config)
+    return out, x if res_out is None else res_out
+
+
+def set_decode_gemv(model: nn.Module, on: bool) -> bool:
+    """Switches a built model's one-row decode path on or off (benchmarks compare both in
+    one process); returns whether it is on. Off, with a log line, where Triton is missing
+    or a projection has a bias (the kernels add none)."""
+    if on:
+        reason = triton_unavailable_reason()
+        if reason is None and any(isinstance(m, LinearBase) and m.bias is not None
+                                  for m in model.modules()):
+            reason = "a projection has a bias"
+        if reason is not None:
+            log.warning("one-row GEMV decode path off: %s", reason)
+            on = False
+    for module in model.modules():
+        if hasattr(module, "use_gemv"):
+            module.use_gemv = on
+    return on
