@@ -7,11 +7,15 @@ Layouts (llama-3.1-8b shape, random bf16 weights):
 - `2xagg`: two aggregated workers, one per GPU, the router spreading requests.
 
 Per layout: (1) the TTFT of a lone 4k-token prompt (what disaggregation adds: one KV
-transfer), then (2) a mixed open-loop load: chat requests (short prompt, long answer)
-arrive with long-prompt requests (document questions) mixed in, so on an aggregated worker
-long prefills land in the middle of others' decoding. Reported: TTFT and ITL p50/p99 per
-class, and goodput = requests per second that met TTFT <= 1 s and a mean inter-token gap
-<= 25 ms (DistServe's definition, the thresholds of the issue).
+transfer), then (2) a mixed open-loop load at each of `--rates`: chat requests (short
+prompt, long answer) arrive with long-prompt requests (document questions) mixed in, so
+on an aggregated worker long prefills land in the middle of others' decoding; (3) a
+closed-loop concurrency sweep of chat-shaped requests (`--concurrency`); (4) multi-turn
+chat sessions whose prompts grow turn by turn (`--sessions-concurrency`). Reported: TTFT
+and ITL p50/p99 per class, output tokens/s in all and per GPU, and goodput = requests per
+second that met TTFT <= 1 s and a mean inter-token gap <= 25 ms (DistServe's definition;
+`--slo-ttft`, `--slo-itl`). With `--tp N` each worker spans N GPUs (1P1D: prefill on GPUs
+0..N-1, decode on N..2N-1) and KV pulls also report the bandwidth per rank pair.
 """
 
 from __future__ import annotations
@@ -76,19 +80,20 @@ async def mixed_load(url: str, args: argparse.Namespace, rate: float, vocab: int
 
         async def fire(at: float, kind: str, prompt: list[int], out_len: int) -> None:
             await asyncio.sleep(max(0.0, t0 + at - time.perf_counter()))
-            try:
-                r = await gpu_serve.one_request(client, url, prompt, out_len)
-                r["kind"] = kind
-            except (httpx.HTTPError, RuntimeError) as e:
-                r = {"kind": kind, "error": str(e)[:200]}
-            results.append(r)
+            results.append(await _request(client, url, prompt, out_len, kind))
 
         await asyncio.gather(*(fire(*a) for a in arrivals))
         wall = time.perf_counter() - t0
+    return summarize(results, wall, args, {"rate_per_s": rate})
+
+
+def summarize(results: list[dict], wall: float, args: argparse.Namespace, head: dict) -> dict:
+    """TTFT and ITL percentiles per request class, goodput under the SLOs, output tokens
+    per second in all and per GPU (both layouts use 2 x --tp GPUs)."""
     ok = [r for r in results if "error" not in r]
-    out: dict = {"rate_per_s": rate, "requests": len(results), "errors": len(results) - len(ok),
+    out: dict = {**head, "requests": len(results), "errors": len(results) - len(ok),
                  "wall_s": wall}
-    for kind in ("chat", "long", "all"):
+    for kind in ("chat", "long", "turn", "all"):
         rs = [r for r in ok if kind == "all" or r["kind"] == kind]
         if not rs:
             continue
@@ -103,7 +108,69 @@ async def mixed_load(url: str, args: argparse.Namespace, rate: float, vocab: int
     out["goodput_req_per_s"] = len(good) / wall
     out["slo_attainment"] = len(good) / max(len(results), 1)
     out["output_tokens_per_s"] = sum(r["chunks"] for r in ok) / wall
+    out["output_tokens_per_s_per_gpu"] = out["output_tokens_per_s"] / (2 * args.tp)
     return out
+
+
+async def closed_load(url: str, args: argparse.Namespace, concurrency: int, vocab: int
+                      ) -> dict:
+    """Closed loop: `concurrency` users each send chat-shaped requests (--chat-in /
+    --chat-out) back to back until --duration has passed."""
+    rng = random.Random(concurrency)
+    results: list[dict] = []
+    limits = httpx.Limits(max_connections=concurrency + 8)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        t0 = time.perf_counter()
+
+        async def user() -> None:
+            while time.perf_counter() - t0 < args.duration:
+                prompt = [rng.randrange(vocab) for _ in range(args.chat_in)]
+                results.append(await _request(client, url, prompt, args.chat_out, "chat"))
+
+        await asyncio.gather(*(user() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return summarize(results, wall, args, {"concurrency": concurrency})
+
+
+async def chat_sessions(url: str, args: argparse.Namespace, concurrency: int, vocab: int
+                        ) -> dict:
+    """Multi-turn chat: `concurrency` users each hold one conversation at a time on one of
+    --session-systems system prompts; every turn sends the whole conversation so far (with
+    the tokens the model really generated) plus a new message, so most of each prompt is
+    a prefix the serving side may still hold. A user starts a new conversation after
+    --session-turns turns, until --duration has passed."""
+    rng = random.Random(1000 + concurrency)
+    systems = [[rng.randrange(vocab) for _ in range(args.session_system_len)]
+               for _ in range(args.session_systems)]
+    results: list[dict] = []
+    limits = httpx.Limits(max_connections=concurrency + 8)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        t0 = time.perf_counter()
+
+        async def user(u: int) -> None:
+            while time.perf_counter() - t0 < args.duration:
+                history = list(systems[u % len(systems)])
+                for _ in range(args.session_turns):
+                    history += [rng.randrange(vocab) for _ in range(args.session_msg_len)]
+                    tokens: list[int] = []
+                    results.append(await _request(client, url, history, args.chat_out, "turn",
+                                                  tokens))
+                    history += tokens
+                    if time.perf_counter() - t0 >= args.duration:
+                        return
+
+        await asyncio.gather(*(user(u) for u in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return summarize(results, wall, args, {"concurrency": concurrency})
+
+
+async def _request(client: httpx.AsyncClient, url: str, prompt: list[int], out_len: int,
+                   kind: str, tokens: list[int] | None = None) -> dict:
+    try:
+        r = await gpu_serve.one_request(client, url, prompt, out_len, tokens)
+    except (httpx.HTTPError, RuntimeError) as e:
+        return {"kind": kind, "error": str(e)[:200]}
+    return r | {"kind": kind}
 
 
 def main() -> None:
@@ -116,7 +183,16 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of this script")
     ap.add_argument("--lone-in", type=int, default=4000)
     ap.add_argument("--lone-repeats", type=int, default=8)
-    ap.add_argument("--rates", default="4,8", help="requests per second (open loop)")
+    ap.add_argument("--rates", default="4,8",
+                    help="requests per second of the open-loop mixed load ('' for none)")
+    ap.add_argument("--concurrency", default="",
+                    help="closed-loop chat users, e.g. 8,16,32 (a concurrency sweep)")
+    ap.add_argument("--sessions-concurrency", default="",
+                    help="users of the multi-turn chat workload, e.g. 8,32")
+    ap.add_argument("--session-systems", type=int, default=4)
+    ap.add_argument("--session-system-len", type=int, default=1024)
+    ap.add_argument("--session-msg-len", type=int, default=128)
+    ap.add_argument("--session-turns", type=int, default=4)
     ap.add_argument("--duration", type=float, default=30.0, help="seconds of arrivals per rate")
     ap.add_argument("--long-share", type=float, default=0.2)
     ap.add_argument("--chat-in", type=int, default=256)
@@ -130,12 +206,17 @@ def main() -> None:
     ap.add_argument("--serve-args", default="--max-num-batched-tokens 8192")
     ap.add_argument("--out", default="benchmarks/results/gpu_disagg.json")
     args = ap.parse_args()
-    rates = [float(x) for x in args.rates.split(",")]
+    rates = [float(x) for x in args.rates.split(",") if x]
+    levels = [int(x) for x in args.concurrency.split(",") if x]
+    session_levels = [int(x) for x in args.sessions_concurrency.split(",") if x]
     result: dict = {"benchmark": "gpu_disagg", "preset": args.preset, "tp": args.tp,
                     "kv_transfer": args.kv_transfer, "workload": {
                         k: getattr(args, k) for k in (
                             "lone_in", "lone_repeats", "duration", "long_share", "chat_in",
-                            "chat_out", "long_in", "long_out", "slo_ttft", "slo_itl")},
+                            "chat_out", "long_in", "long_out", "slo_ttft", "slo_itl",
+                            "session_systems", "session_system_len", "session_msg_len",
+                            "session_turns")},
+                    "gpus_per_layout": 2 * args.tp,
                     "layouts": {}}
     model, load = args.preset, ["--load-format", "dummy"]
     if args.device == "cpu":
@@ -169,11 +250,16 @@ def main() -> None:
                 entry["transfer"] = serve_bench.transfer(
                     url, gpu_serve.MODEL_NAME[0], [int(x) for x in args.transfer_sizes.split(",")],
                     vocab, 2)
+                for row in entry["transfer"]:  # each rank pair moves its 1/tp of the KV
+                    if row["gb_per_s"]:
+                        row["gb_per_s_per_rank_pair"] = row["gb_per_s"] / args.tp
                 write_result(args.out, result)
-            entry["mixed"] = []
-            for rate in rates:
-                entry["mixed"].append(asyncio.run(mixed_load(url, args, rate, vocab)))
-                print(name, "mixed", entry["mixed"][-1], flush=True)
+            runs = [("mixed", r, mixed_load) for r in rates] + \
+                [("closed", c, closed_load) for c in levels] + \
+                [("sessions", c, chat_sessions) for c in session_levels]
+            for key, level, fn in runs:
+                entry.setdefault(key, []).append(asyncio.run(fn(url, args, level, vocab)))
+                print(name, key, entry[key][-1], flush=True)
                 write_result(args.out, result)
     lay = result["layouts"]
     if "1P1D" in lay and "2xagg" in lay and "lone" in lay["1P1D"] and "lone" in lay["2xagg"]:

@@ -34,9 +34,11 @@ def pct(xs: list[float], q: float) -> float:
 
 
 async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int],
-                      out_len: int) -> dict:
+                      out_len: int, tokens: list[int] | None = None) -> dict:
+    """One streamed request; `tokens`, when given, receives the generated token ids (a
+    multi-turn client sends them back as the next turn's history)."""
     body = {"model": MODEL_NAME[0], "prompt": prompt, "max_tokens": out_len, "temperature": 0,
-            "ignore_eos": True, "stream": True}
+            "ignore_eos": True, "stream": True, "return_token_ids": tokens is not None}
     t0 = time.perf_counter()
     stamps: list[float] = []
     async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
@@ -48,6 +50,8 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int],
             chunk = json.loads(line[6:])
             if chunk.get("choices"):
                 stamps.append(time.perf_counter())
+                if tokens is not None:
+                    tokens.extend(t for ch in chunk["choices"] for t in ch.get("token_ids", []))
     gaps = [b - a for a, b in itertools.pairwise(stamps)]
     return {"ttft": stamps[0] - t0, "gaps": gaps, "chunks": len(stamps),
             "latency": stamps[-1] - t0}

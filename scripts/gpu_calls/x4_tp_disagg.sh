@@ -5,7 +5,7 @@
 # KV pull per request, then input 3000 / output 150 requests at rising open-loop rates.
 # KV moves rank to rank over NIXL (GPU0->GPU2, GPU1->GPU3), one agent per TP rank; a
 # second 1P1D layout pulls over tcp through the TP leaders for comparison.
-#   run(kind="nvidia-h200-x4", carry=[".whl/base", ".whl/flashinfer", ".fi-aot"],
+#   run(kind="nvidia-h200-x4", carry=[".whl/base", ".whl/flashinfer", ".fi-aot", ".whl/nixl"],
 #       command="bash scripts/gpu_calls/x4_tp_disagg.sh", timeout_s=600)
 set -u
 source scripts/gpu_calls/steps.sh
