@@ -70,12 +70,16 @@ def test_matches_torch_in_triton_interpreter() -> None:
     # In a fresh process: Triton's own jit helpers (tl.sum) are built for the interpreter
     # only when TRITON_INTERPRET is set before triton is first imported. K = 200 and
     # N = 2 * 37 leave partial tiles in both dimensions.
-    code = ("import torch; from tests.test_gemv import _check\n"
-            "for config in [(8, 64, 4), (4, 256, 4)]:\n"
-            "    _check(200, 74, torch.float32, 'cpu', config, {'atol': 1e-5, 'rtol': 1e-5})")
+    _run_in_interpreter("import torch; from tests.test_gemv import _check\n"
+                        "for config in [(8, 64, 4), (4, 256, 4)]:\n"
+                        "    _check(200, 74, torch.float32, 'cpu', config,"
+                        " {'atol': 1e-5, 'rtol': 1e-5})")
+
+
+def _run_in_interpreter(code: str) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -107,15 +111,11 @@ def _engine_tokens(preset: str, device: str, dtype: str, on: bool) -> list[list[
 @on_cpu_only
 def test_decoder_one_row_path_gives_the_same_tokens_in_triton_interpreter() -> None:
     # Untied head (the LM head goes through gemv too) and Qwen3's per-head q/k norms.
-    code = ("from tests.test_gemv import _engine_tokens\n"
-            "for preset in ('tiny-llama-untied', 'tiny-qwen3'):\n"
-            "    on = _engine_tokens(preset, 'cpu', 'float32', True)\n"
-            "    off = _engine_tokens(preset, 'cpu', 'float32', False)\n"
-            "    assert on == off, (preset, on, off)")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _run_in_interpreter("from tests.test_gemv import _engine_tokens\n"
+                        "for preset in ('tiny-llama-untied', 'tiny-qwen3'):\n"
+                        "    on = _engine_tokens(preset, 'cpu', 'float32', True)\n"
+                        "    off = _engine_tokens(preset, 'cpu', 'float32', False)\n"
+                        "    assert on == off, (preset, on, off)")
 
 
 def test_projection_bias_keeps_the_one_row_path_off() -> None:

@@ -39,13 +39,20 @@ def enable(model: nn.Module) -> int:
 def set_rope_kv_write(model: nn.Module, on: bool) -> bool:
     """Switches the fused RoPE + KV-write kernel on or off (benchmarks compare both in one
     process); returns whether it is on. Off, with a log line, where Triton is missing."""
-    reason = triton_unavailable_reason()
-    if on and reason is not None:
-        log.warning("fused RoPE + KV write off: %s", reason)
+    return switch_modules(model, "fuse_rope_kv_write", on, triton_unavailable_reason(),
+                          "fused RoPE + KV write")
+
+
+def switch_modules(model: nn.Module, attr: str, on: bool, off_reason: str | None,
+                   what: str) -> bool:
+    """Sets `attr` on every module that has it; a switch asked on stays off, with a log
+    line naming `off_reason`, when there is one. Returns whether it is on."""
+    if on and off_reason is not None:
+        log.warning("%s off: %s", what, off_reason)
         on = False
     for module in model.modules():
-        if hasattr(module, "fuse_rope_kv_write"):
-            module.fuse_rope_kv_write = on
+        if hasattr(module, attr):
+            setattr(module, attr, on)
     return on
 
 

@@ -33,15 +33,13 @@ measured HBM bandwidth, so the folded-in kernels only pay where the GEMV matches
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 from torch import nn
 
 from kernels.attention.rope_kv_write import triton_unavailable_reason
+from kernels.layers.fused import switch_modules
 from kernels.layers.linear import LinearBase
-
-log = logging.getLogger(__name__)
 
 # (BLOCK_N, BLOCK_K, num_warps) tried by the autotuner on the first call of each shape
 # (during the decode-graph warm-up, before capture). Each won at least one of the 8B
@@ -167,15 +165,8 @@ def set_decode_gemv(model: nn.Module, on: bool) -> bool:
     """Switches a built model's one-row decode path on or off (benchmarks compare both in
     one process); returns whether it is on. Off, with a log line, where Triton is missing
     or a projection has a bias (the kernels add none)."""
-    if on:
-        reason = triton_unavailable_reason()
-        if reason is None and any(isinstance(m, LinearBase) and m.bias is not None
-                                  for m in model.modules()):
-            reason = "a projection has a bias"
-        if reason is not None:
-            log.warning("one-row GEMV decode path off: %s", reason)
-            on = False
-    for module in model.modules():
-        if hasattr(module, "use_gemv"):
-            module.use_gemv = on
-    return on
+    reason = triton_unavailable_reason()
+    if reason is None and any(isinstance(m, LinearBase) and m.bias is not None
+                              for m in model.modules()):
+        reason = "a projection has a bias"
+    return switch_modules(model, "use_gemv", on, reason, "one-row GEMV decode path")
