@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import time
 import uuid
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from engine.config import ConfigError, EngineConfig
 from engine.errors import InvalidRequestError
 from engine.kv_manager import KVCacheManager
 from engine.model_runner import ModelRunner
+from engine.prefix_view import PrefixView
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence
@@ -34,17 +36,21 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 @dataclass
 class RequestOutput:
+    """One step's report on a request. `token_ids`, `logprobs` and `top_logprobs` hold
+    everything generated so far: real lists once the request has finished, read-only
+    snapshot views (engine/prefix_view.py) while it runs."""
+
     request_id: str
     prompt_token_ids: list[int]
-    token_ids: list[int]  # all generated so far
+    token_ids: Seq[int]  # all generated so far
     new_token_ids: list[int]
     text: str  # all generated text so far (stop strings applied)
     new_text: str
     finished: bool
     finish_reason: str | None
     num_cached_tokens: int
-    logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    logprobs: Seq[float] = field(default_factory=list)
+    top_logprobs: Seq[list[tuple[int, float]]] = field(default_factory=list)
 
 
 def make_tiered_store(cfg: EngineConfig, runner: ModelRunner, events: EventRecorder,
@@ -326,13 +332,21 @@ class LLMEngine:
                     self.scheduler.finish(seq, "stop")
             elif seq.is_finished:
                 new_text += detok.flush()
+        n = seq.num_output_tokens
+        if seq.is_finished:  # nothing appends any more: hand out plain lists, once
+            tokens, lps, tops = seq.output_token_ids, list(seq.logprobs), \
+                list(seq.top_logprobs)
+        else:  # O(1) snapshots, not O(tokens so far) copies every step
+            tokens = PrefixView(seq.token_ids, len(seq.prompt_token_ids), len(seq.token_ids))
+            lps = PrefixView(seq.logprobs, 0, n)
+            tops = PrefixView(seq.top_logprobs, 0, n) if seq.top_logprobs else []
         out = RequestOutput(
             request_id=seq.request_id, prompt_token_ids=seq.prompt_token_ids,
-            token_ids=seq.output_token_ids, new_token_ids=[new_id],
+            token_ids=tokens, new_token_ids=[new_id],
             text=detok.text[: detok.emitted] if detok else "", new_text=new_text,
             finished=seq.is_finished,
             finish_reason=seq.finish_reason, num_cached_tokens=max(seq.num_cached_tokens, 0),
-            logprobs=seq.logprobs, top_logprobs=seq.top_logprobs)
+            logprobs=lps, top_logprobs=tops)
         if seq.is_finished:
             self._forget(seq.request_id)
             if seq.hold_blocks and seq.block_table:
