@@ -2,7 +2,8 @@
 # One device call on nvidia-h200 (issue 6): the GPU tests of the fast path (fused RoPE + KV
 # write, staged decode steps against unstaged and torch), then router + one 8B worker,
 # 1000/1000 at 256 streams, tokens handed to streams one at a time (default) against
-# --stream-interval 4, same machine, back to back.
+# --stream-interval 4, same machine, back to back. (Measured through x1_gemv.sh's last
+# steps instead: gpu_serve_h200_stream_interval_*.json, no gain on the H200.)
 #   run(kind="nvidia-h200", carry=[".whl/base", ".whl/flashinfer", ".fi-aot"],
 #       command="bash scripts/gpu_calls/x1_serve_stream_interval.sh", timeout_s=480)
 set -u
