@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from cluster.placement import Placement, place_workers, shared_gpus
+from cluster.placement import Placement, check_kv_transfer, place_workers, shared_gpus
 from cluster.worker_main import READY_PREFIX
 
 log = logging.getLogger(__name__)
@@ -179,6 +179,7 @@ def serve(args: argparse.Namespace) -> int:
     roles = ["prefill"] * args.prefill + (["decode"] if args.prefill else ["both"]) * args.decode
     placements = place_workers(roles, args.device, args.tp, _gpu_count(args.device),
                                args.prefill_gpus, args.decode_gpus)
+    check_kv_transfer(placements, args.kv_transfer)
     if shared := shared_gpus(placements):
         log.warning("GPU(s) %s serve more than one worker: give each a share with "
                     "--gpu-memory-utilization (now %.2f)", sorted(shared),

@@ -83,3 +83,18 @@ def shared_gpus(placements: list[Placement]) -> set[int]:
         for g in p.gpus:
             seen[g] = seen.get(g, 0) + 1
     return {g for g, n in seen.items() if n > 1}
+
+
+def check_kv_transfer(placements: list[Placement], kv_transfer: str) -> None:
+    """NCCL refuses a communicator whose two ranks sit on one GPU ("Duplicate GPU
+    detected"), so `--kv-transfer nccl` needs every prefill worker on other GPUs than every
+    decode worker; said at start-up rather than as every pull failing."""
+    if kv_transfer != "nccl":
+        return
+    prefill = {g for p in placements if p.role == "prefill" for g in p.gpus}
+    decode = {g for p in placements if p.role == "decode" for g in p.gpus}
+    if both := prefill & decode:
+        raise PlacementError(
+            f"--kv-transfer nccl: GPU(s) {sorted(both)} would hold both ends of a "
+            "prefill-decode pair, and NCCL refuses two ranks on one GPU; give the pools "
+            "their own GPUs (--prefill-gpus / --decode-gpus) or use --kv-transfer nixl")

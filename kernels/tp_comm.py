@@ -27,8 +27,8 @@ import torch.distributed as dist
 
 from kvtransfer.transfer.nccl_link import (
     UNIQUE_ID_BYTES,
+    init_communicator,
     new_unique_id,
-    unique_id_candidates,
 )
 from kvtransfer.transfer.nccl_link import cupy_nccl_reason as unavailable_reason  # noqa: F401
 
@@ -55,17 +55,8 @@ class NcclComm:
         if rank == 0:
             uid = torch.tensor(list(new_unique_id()), dtype=torch.uint8)
         dist.broadcast(uid, src=0, group=group)
-        self._comm = None
         with cupy.cuda.Device(self.device.index):  # NCCL binds the comm to the current device
-            for candidate in unique_id_candidates(bytes(uid.tolist())):
-                try:
-                    self._comm = nccl.NcclCommunicator(world, candidate, rank)
-                    break
-                except OverflowError:  # this CuPy reads the id with the other signedness
-                    continue
-        if self._comm is None:
-            raise ValueError("CuPy accepts the NCCL unique id neither as signed nor as "
-                             "unsigned chars")
+            self._comm = init_communicator(world, bytes(uid.tolist()), rank)
         self._sum = nccl.NCCL_SUM
         self._dtypes = {torch.float32: nccl.NCCL_FLOAT32, torch.float16: nccl.NCCL_FLOAT16,
                         torch.int32: nccl.NCCL_INT32, torch.int64: nccl.NCCL_INT64}

@@ -59,3 +59,14 @@ def test_gpu_indices_follow_the_launchers_visible_devices() -> None:
     assert physical_gpus((0,), None) == "0"
     assert physical_gpus((1,), "2,3") == "3"
     assert physical_gpus((0, 1), "GPU-a, GPU-b") == "GPU-a,GPU-b"
+
+
+def test_nccl_transfer_refuses_a_gpu_shared_by_prefill_and_decode() -> None:
+    from cluster.placement import check_kv_transfer
+
+    one_gpu = place_workers(["prefill", "decode"], "cuda", 1, 1)  # both wrap onto GPU 0
+    with pytest.raises(PlacementError, match=r"--kv-transfer nccl: GPU\(s\) \[0\]"):
+        check_kv_transfer(one_gpu, "nccl")
+    check_kv_transfer(one_gpu, "nixl")  # NIXL over cuda_ipc works within one GPU
+    two = place_workers(["prefill", "decode", "decode"], "cuda", 1, 3)
+    check_kv_transfer(two, "nccl")  # decode workers may share with each other

@@ -60,14 +60,30 @@ def new_unique_id() -> bytes:
     return unique_id_to_bytes(nccl.get_unique_id())
 
 
-def unique_id_candidates(data: bytes) -> list[tuple[int, ...]]:
-    """The id as CuPy takes it back: signed chars first, then unsigned (CuPy rejects the
-    wrong one with OverflowError before it calls NCCL, so trying both is safe)."""
+def unique_id_candidates(data: bytes) -> list[bytes | tuple[int, ...]]:
+    """The id in each form some CuPy takes back: bytes (CuPy 14: `NcclCommunicator(int
+    ndev, bytes commId, int rank)`), then a tuple of signed chars, then of unsigned ones
+    (CuPy 13 and before, by platform). A wrong form fails in CuPy's argument conversion
+    (TypeError, OverflowError) before NCCL is called, so trying them in turn is safe."""
     if len(data) != UNIQUE_ID_BYTES:
         raise ValueError(f"an NCCL unique id has {UNIQUE_ID_BYTES} bytes, got {len(data)}")
     signed = tuple(b - 256 if b > 127 else b for b in data)
     unsigned = tuple(data)
-    return [signed] if signed == unsigned else [signed, unsigned]
+    return [bytes(data), signed] if signed == unsigned else [bytes(data), signed, unsigned]
+
+
+def init_communicator(world: int, unique_id: bytes, rank: int):
+    """`nccl.NcclCommunicator(world, id, rank)` with the id in whichever form this CuPy
+    takes; collective: every rank of the id must call it."""
+    from cupy.cuda import nccl
+
+    for candidate in unique_id_candidates(unique_id):
+        try:
+            return nccl.NcclCommunicator(world, candidate, rank)
+        except (TypeError, OverflowError):
+            continue
+    raise ValueError("this CuPy takes the NCCL unique id neither as bytes nor as a tuple "
+                     "of signed or unsigned chars")
 
 
 def run_extents(runs: Runs, block_bytes: int) -> list[tuple[int, int]]:
@@ -108,7 +124,8 @@ class NcclLink:
         self.name = name
         # The stream the engine computes on: transfers start after the work queued on it.
         self.compute_stream = compute_stream
-        self._uid = unique_id_candidates(unique_id)
+        unique_id_candidates(unique_id)  # a malformed id fails here, not on the link thread
+        self._uid = unique_id
         self.ready: concurrent.futures.Future[None] = concurrent.futures.Future()
         self.broken = False
         self._comm = None
@@ -181,17 +198,9 @@ class NcclLink:
         cupy.cuda.runtime.setDevice(self.device)  # this thread's device, for NCCL too
         self._stream = cupy.cuda.Stream(non_blocking=True)  # never waits on the compute stream
         self._after_compute = cupy.cuda.Event(disable_timing=True)
-        self._done = cupy.cuda.Event(disable_timing=True)
-        comm = None
-        for uid in self._uid:
-            try:
-                comm = nccl.NcclCommunicator(2, uid, self.rank)
-                break
-            except OverflowError:  # this CuPy reads the id with the other char signedness
-                continue
-        if comm is None:
-            raise ValueError("CuPy accepts the NCCL unique id neither as signed nor as "
-                             "unsigned chars")
+        # Blocking sync: a link waiting on a slow peer sleeps instead of spinning a core.
+        self._done = cupy.cuda.Event(block=True, disable_timing=True)
+        comm = init_communicator(2, self._uid, self.rank)
         with self._lock:
             aborted = self.broken
             if not aborted:
