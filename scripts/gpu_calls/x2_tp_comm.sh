@@ -10,7 +10,10 @@ source scripts/gpu_calls/steps.sh
 step cupy_probe 60 python -c "import cupy, torch; from cupy.cuda import nccl; \
 print('cupy', cupy.__version__, 'nccl available', nccl.available, 'version', nccl.get_version(), \
 'bf16 constant', hasattr(nccl, 'NCCL_BFLOAT16'), 'torch nccl', torch.cuda.nccl.version())"
-STEP_TAIL=24 step tp_comm_test 180 python -m pytest -q -s -rs -x tests/test_tp_comm_gpu.py
+# NCCL_DEBUG=INFO here: if capture hangs again, its log shows where (next try after that:
+# NCCL_GRAPH_REGISTER=0).
+NCCL_DEBUG=INFO STEP_TAIL=24 step tp_comm_test 180 python -m pytest -q -s -rs -x \
+  tests/test_tp_comm_gpu.py
 step gpu_tp_graphs 220 python -m benchmarks.gpu_tp --tp-graphs 1 --prompts 20 \
   --out "$OUT/gpu_tp_comm_graphs.json"
 step gpu_tp_eager 110 python -m benchmarks.gpu_tp --tp 2 --tp-graphs 0 --skip-agreement \
