@@ -188,9 +188,9 @@ class TPComm:
         if self.pc.tp_rank == 0:
             self.broadcast_step(KVCommand("nixl_setup", [agent_prefix]))
         self.nixl = NixlBackend(kv_cache, f"{agent_prefix}-r{self.pc.tp_rank}",
-                                fetch_metadata=None)
-        mine = [self.nixl.agent_name, self.nixl.metadata(), self.nixl.base_address,
-                self.nixl.block_bytes]
+                                fetch_metadata=None, dram_device_id=self.pc.tp_rank)
+        mine = RankAgent(self.nixl.agent_name, self.nixl.metadata(), self.nixl.base_address,
+                         self.nixl.block_bytes, self.nixl.device_id).as_list()
         everyone = [None] * self.pc.tp_size if self.pc.tp_rank == 0 else None
         dist.gather_object(mine, everyone, dst=0, group=self.control)
         return [RankAgent(*r) for r in everyone] if self.pc.tp_rank == 0 else None
@@ -199,14 +199,14 @@ class TPComm:
         """Every rank posts a READ of its shard of `src` from the same rank of the peer into
         `dst` and returns at once (steps go on while the bytes move); `nixl_poll` reports
         when all have landed. Returns the bytes all ranks will move."""
-        if self.pc.tp_rank == 0:  # followers get the ranks as [agent, metadata, base, ...]
-            ranks = [[r.agent_name, r.metadata, r.base_address, r.block_bytes] for r in ranks]
+        if self.pc.tp_rank == 0:  # followers get the ranks as RankAgent.as_list() lists
+            ranks = [r.as_list() for r in ranks]
             self.broadcast_step(KVCommand("nixl_post", [request_id, ranks, src, dst]))
-        agent, metadata, base = ranks[self.pc.tp_rank][:3]
+        agent, metadata, base, _, dev = ranks[self.pc.tp_rank]
         moved = 0
         try:
             handle, moved = self.nixl.start_read(self.nixl.add_peer(agent, metadata), base,
-                                                 request_id, src, dst)
+                                                 dev, request_id, src, dst)
             self._reads[request_id] = handle
         except Exception:  # the next poll reports it through the group
             log.exception("tensor-parallel rank %d: NIXL read of %s could not be posted",
@@ -215,17 +215,20 @@ class TPComm:
         return moved * self.pc.tp_size
 
     def nixl_poll(self, request_id: str) -> int:
-        """1 when every rank's read of `request_id` has landed, 0 while any is in flight,
-        -1 when any failed (all ranks then drop theirs). Collective, non-blocking."""
+        """0 while any rank's read of `request_id` is in flight; once none is, 1 if every
+        rank's landed and -1 if any failed, and every rank releases its own. Nothing is
+        released in flight: NIXL aborts a read released early and raises, and the caller
+        frees the destination blocks on -1. Collective, non-blocking."""
         if self.pc.tp_rank == 0:
             self.broadcast_step(KVCommand("nixl_poll", [request_id]))
         handle = self._reads.get(request_id)
         state = -1 if handle is None else self.nixl.read_state(handle)
+        if self.agree_min(int(state != 0)) == 0:
+            return 0
         everyone = self.agree_min(state)
-        if everyone != 0:
-            handle = self._reads.pop(request_id, None)
-            if handle is not None:
-                self.nixl.release_read(handle)
+        handle = self._reads.pop(request_id, None)
+        if handle is not None:
+            self.nixl.release_read(handle)
         return everyone
 
     def serve(self, runner) -> None:

@@ -260,7 +260,7 @@ def test_nixl_pairs_only_workers_of_the_same_tp() -> None:
 
     kv = torch.zeros(4, 2, 2, 4, 2, 8)
     single = NixlBackend(kv, "tp-width-test", None)
-    two_ranks = pack_rank_agents([RankAgent(f"p-r{r}", b"meta", 4096, single.block_bytes)
+    two_ranks = pack_rank_agents([RankAgent(f"p-r{r}", b"meta", 4096, single.block_bytes, r)
                                   for r in range(2)])
 
     async def fetch_tp(address: str) -> bytes:
@@ -277,7 +277,7 @@ def test_nixl_pairs_only_workers_of_the_same_tp() -> None:
     with pytest.raises(ValueError, match=r"split over 2 tensor-parallel ranks and this worker "
                                          r"has 1.*same --tp.*--kv-transfer tcp"):
         asyncio.run(single.pull(peer, "r1", [0], [1]))
-    sharded = ShardedNixlBackend(single, [RankAgent("d-r0", b"", 0, single.block_bytes)] * 2,
+    sharded = ShardedNixlBackend(single, [RankAgent("d-r0", b"", 0, single.block_bytes, 0)] * 2,
                                  fetch_plain, never)
     with pytest.raises(ValueError, match="split over 1 tensor-parallel ranks and this worker "
                                          "has 2"):

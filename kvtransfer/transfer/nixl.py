@@ -39,11 +39,17 @@ class RankAgent:
     metadata: bytes
     base_address: int
     block_bytes: int
+    # The device id its KV was registered with (the rank's GPU index in its worker; on CPU
+    # the rank): a remote descriptor must name it, or NIXL finds no such region.
+    device_id: int
+
+    def as_list(self) -> list:
+        return [self.agent_name, self.metadata, self.base_address, self.block_bytes,
+                self.device_id]
 
 
 def pack_rank_agents(ranks: Sequence[RankAgent]) -> bytes:
-    return TP_METADATA_MAGIC + msgpack.packb(
-        [[r.agent_name, r.metadata, r.base_address, r.block_bytes] for r in ranks])
+    return TP_METADATA_MAGIC + msgpack.packb([r.as_list() for r in ranks])
 
 
 def unpack_rank_agents(blob: bytes) -> list[RankAgent] | None:
@@ -57,14 +63,18 @@ class NixlBackend(KVTransferBackend):
     name = "nixl"
 
     def __init__(self, kv_cache: torch.Tensor, agent_name: str,
-                 fetch_metadata: MetadataFetcher) -> None:
+                 fetch_metadata: MetadataFetcher, dram_device_id: int = 0) -> None:
+        """`dram_device_id`: the id host memory is registered under (NIXL matches remote
+        descriptors to regions by it; tensor-parallel ranks on CPU use their rank, so the
+        CPU tests check that each read names its peer rank's id, as GPUs need)."""
         from nixl._api import nixl_agent, nixl_agent_config
 
         super().__init__(kv_cache)
         self._name = agent_name
         self._agent = nixl_agent(agent_name, nixl_agent_config(backends=["UCX"]))
         self._mem = "VRAM" if kv_cache.is_cuda else "DRAM"
-        self._dev = kv_cache.device.index or 0 if kv_cache.is_cuda else 0
+        self.device_id = (kv_cache.device.index or 0) if kv_cache.is_cuda else dram_device_id
+        self._dev = self.device_id
         self._reg = self._agent.register_memory(
             [(self.base_address, kv_cache.numel() * kv_cache.element_size(), self._dev, "")],
             self._mem)
@@ -95,7 +105,8 @@ class NixlBackend(KVTransferBackend):
             return 0
         self.check_layout(peer)
         remote_name = await self._ensure_peer(peer)
-        handle, moved = self.start_read(remote_name, peer.base_address, request_id,
+        # A single-process peer's KV is on its cuda:0 (each worker sees only its own GPUs).
+        handle, moved = self.start_read(remote_name, peer.base_address, 0, request_id,
                                         src_block_ids, dst_block_ids)
         try:
             state = await wait_out(lambda: self._landed(handle))
@@ -117,14 +128,15 @@ class NixlBackend(KVTransferBackend):
             self._peers[agent_name] = self._agent.add_remote_agent(metadata)
         return self._peers[agent_name]
 
-    def start_read(self, remote_name: str, remote_base: int, request_id: str,
+    def start_read(self, remote_name: str, remote_base: int, remote_dev: int, request_id: str,
                    src_block_ids: Sequence[int], dst_block_ids: Sequence[int]):
-        """Posts one READ of the peer's blocks into ours (one descriptor per run of
-        consecutive blocks); returns (handle, bytes). The caller waits and releases."""
+        """Posts one READ of the peer's blocks (registered at `remote_base` under device id
+        `remote_dev`) into ours, one descriptor per run of consecutive blocks; returns
+        (handle, bytes). The caller waits and releases."""
         bb = self.block_bytes
         runs = coalesce(src_block_ids, dst_block_ids)
         local = [(self.base_address + r.dst_start * bb, r.count * bb, self._dev) for r in runs]
-        remote = [(remote_base + r.src_start * bb, r.count * bb, 0) for r in runs]
+        remote = [(remote_base + r.src_start * bb, r.count * bb, remote_dev) for r in runs]
         local_descs = self._agent.get_xfer_descs(local, self._mem)
         remote_descs = self._agent.get_xfer_descs(remote, self._mem)
         handle = self._agent.initialize_xfer("READ", local_descs, remote_descs, remote_name,
