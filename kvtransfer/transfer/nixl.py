@@ -74,9 +74,8 @@ class NixlBackend(KVTransferBackend):
         self._agent = nixl_agent(agent_name, nixl_agent_config(backends=["UCX"]))
         self._mem = "VRAM" if kv_cache.is_cuda else "DRAM"
         self.device_id = (kv_cache.device.index or 0) if kv_cache.is_cuda else dram_device_id
-        self._dev = self.device_id
         self._reg = self._agent.register_memory(
-            [(self.base_address, kv_cache.numel() * kv_cache.element_size(), self._dev, "")],
+            [(self.base_address, kv_cache.numel() * kv_cache.element_size(), self.device_id, "")],
             self._mem)
         self._fetch_metadata = fetch_metadata
         self._peers: dict[str, str] = {}  # peer agent name -> name NIXL knows it by
@@ -135,7 +134,7 @@ class NixlBackend(KVTransferBackend):
         (handle, bytes). The caller waits and releases."""
         bb = self.block_bytes
         runs = coalesce(src_block_ids, dst_block_ids)
-        local = [(self.base_address + r.dst_start * bb, r.count * bb, self._dev) for r in runs]
+        local = [(self.base_address + r.dst_start * bb, r.count * bb, self.device_id) for r in runs]
         remote = [(remote_base + r.src_start * bb, r.count * bb, remote_dev) for r in runs]
         local_descs = self._agent.get_xfer_descs(local, self._mem)
         remote_descs = self._agent.get_xfer_descs(remote, self._mem)
