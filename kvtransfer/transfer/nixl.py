@@ -138,8 +138,9 @@ class NixlBackend(KVTransferBackend):
         remote = [(remote_base + r.src_start * bb, r.count * bb, remote_dev) for r in runs]
         local_descs = self._agent.get_xfer_descs(local, self._mem)
         remote_descs = self._agent.get_xfer_descs(remote, self._mem)
-        handle = self._agent.initialize_xfer("READ", local_descs, remote_descs, remote_name,
-                                             request_id.encode())
+        # No notification message: the peer never reads them, and NIXL keeps every one it
+        # receives until read (a request id per pull, for the prefill worker's lifetime).
+        handle = self._agent.initialize_xfer("READ", local_descs, remote_descs, remote_name)
         state = self._agent.transfer(handle)
         if state == "ERR":
             self._agent.release_xfer_handle(handle)
