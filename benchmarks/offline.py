@@ -13,6 +13,7 @@ with the CPU part reported separately.
 from __future__ import annotations
 
 import argparse
+import functools
 import random
 import statistics
 import time
@@ -183,6 +184,20 @@ def report(label: str, d: dict) -> None:
           f"{ {k: round(v, 3) for k, v in (d.get('graph_host_ms') or {}).items()} }", flush=True)
 
 
+def switched(set_switch, given: bool, case, label: str) -> tuple[dict, float] | None:
+    """Times `case()` with a kernel switch of the runner flipped from `given` (the graphs
+    recaptured), then flips it back and times the step again, so a comparison alternates
+    in one process; None, and nothing timed, when the switch cannot flip here."""
+    if set_switch(not given) == given:
+        return None
+    flipped = case()
+    report(label, flipped)
+    set_switch(given)
+    again = case()
+    report("decode", again)
+    return flipped, again["step_ms_median"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="llama-3.1-8b")
@@ -235,34 +250,27 @@ def main() -> None:
     decode, eager, unfused, unstaged, gemv_other = [], [], [], [], []
     runner = engine.runner
     for batch, context in cases:
-        decode.append(decode_case(engine, batch, context, args.steps, args.device))
+        case = functools.partial(decode_case, engine, batch, context, args.steps, args.device)
+        decode.append(case())
         report("decode", decode[-1])
         if args.compare_unstaged and runner.stages_next_decode:
             runner.stage_decode = engine.scheduler.decode_lookahead = False
-            unstaged.append(decode_case(engine, batch, context, args.steps, args.device))
+            unstaged.append(case())
             report("unstaged", unstaged[-1])
             runner.stage_decode = engine.scheduler.decode_lookahead = True
-        if args.compare_unfused_rope_kv and engine.runner.fused_rope_kv_write:
-            engine.runner.set_fused_rope_kv_write(False)
-            unfused.append(decode_case(engine, batch, context, args.steps, args.device))
-            report("unfused", unfused[-1])
-            engine.runner.set_fused_rope_kv_write(True)
-            again = decode_case(engine, batch, context, args.steps, args.device)
-            report("decode", again)
-            decode[-1]["step_ms_repeat"] = again["step_ms_median"]
+        if args.compare_unfused_rope_kv and runner.fused_rope_kv_write and (
+                got := switched(runner.set_fused_rope_kv_write, True, case, "unfused")):
+            unfused.append(got[0])
+            decode[-1]["step_ms_repeat"] = got[1]
         if args.compare_gemv and batch == 1 and runner.planner is not None:
             given = runner.gemv_decode
-            if runner.set_gemv_decode(not given) != given:
-                gemv_other.append(decode_case(engine, batch, context, args.steps, args.device)
-                                  | {"gemv_decode": runner.gemv_decode})
-                report("gemv on " if runner.gemv_decode else "gemv off", gemv_other[-1])
-                runner.set_gemv_decode(given)
-                again = decode_case(engine, batch, context, args.steps, args.device)
-                report("decode", again)
-                decode[-1]["step_ms_after_gemv_switch"] = again["step_ms_median"]
+            label = "gemv off" if given else "gemv on "
+            if got := switched(runner.set_gemv_decode, given, case, label):
+                gemv_other.append(got[0] | {"gemv_decode": not given})
+                decode[-1]["step_ms_after_gemv_switch"] = got[1]
         if args.compare_eager and engine.runner.graphs is not None:
             engine.runner.use_graphs = False
-            eager.append(decode_case(engine, batch, context, args.steps, args.device))
+            eager.append(case())
             engine.runner.use_graphs = True
             report("eager ", eager[-1])
     profiles = [profile_decode(engine, args.device, *(int(x) for x in c.split(":")))
