@@ -8,6 +8,8 @@ decode step runs:
   outputs checked against the tensor-core split-KV variant (the engine's default so far).
 - RoPE + KV write: FlashInfer's RoPE plus two `index_put`s (the old path) against
   Baton's fused Triton kernel, per layer at 1 and 64 tokens.
+- Greedy sampling (`--parts sampler`): torch's argmax + logsumexp against Baton's one
+  kernel, at 1 and 64 rows of a 128k vocabulary.
 - Batch-1 projections (`--parts gemv`): cuBLAS (with FlashInfer's add + RMSNorm before
   and SwiGLU after, as the decode step runs them) against Baton's GEMV kernels with those
   folded in, for every tile config the autotuner may pick and for its pick; time and
@@ -19,6 +21,7 @@ decode step runs:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -51,8 +54,6 @@ def graph_ms(fn, reps: int = 20) -> float:
 
 
 def attention_case(batch: int, ctx: int, gen) -> dict:
-    import flashinfer
-
     pages_per_seq = -(-ctx // BS)
     pages = batch * pages_per_seq
     layer_bytes = pages * 2 * BS * HKV * D * 2
@@ -66,21 +67,20 @@ def attention_case(batch: int, ctx: int, gen) -> dict:
     kv_bytes = batch * ctx * 2 * HKV * D * 2
     out = {"batch": batch, "context": ctx, "layers_timed": layers, "kv_bytes_per_layer":
            kv_bytes, "variants": []}
-    ref = None
+    variants = {}
     for name, tc, split in (("tensor-cores", True, True), ("tensor-cores/no-split", True, False),
                             ("cuda-cores", False, True), ("cuda-cores/no-split", False, False)):
+        variants[name] = lambda tc=tc, split=split: flashinfer_runner(lists, tc, split)
+    ref = None
+    for name, make in variants.items():
         row = {"variant": name}
         try:
-            ws = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
             t0 = time.perf_counter()
-            w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
-                ws, "NHD", use_tensor_cores=tc, backend="fa2")
-            w.plan(lists.kv_indptr, lists.kv_indices, lists.last_page_len, HQ, HKV, D, BS,
-                   q_data_type=DT, kv_data_type=DT, disable_split_kv=not split)
-            first = w.run(q, caches[0])
+            run = make()
+            first = run(q, caches[0])
             torch.cuda.synchronize()
             row["first_call_s"] = time.perf_counter() - t0
-            ms = graph_ms(lambda w=w, caches=caches: [w.run(q, c) for c in caches]) / layers
+            ms = graph_ms(lambda run=run: [run(q, c) for c in caches]) / layers
             row.update(us_per_layer=ms * 1e3,
                        fraction_of_hbm=kv_bytes / (ms * 1e-3) / H200_HBM_BYTES_PER_S)
             if ref is None:
@@ -94,6 +94,17 @@ def attention_case(batch: int, ctx: int, gen) -> dict:
     caches.clear()
     torch.cuda.empty_cache()
     return out
+
+
+def flashinfer_runner(lists: PageLists, tensor_cores: bool, split: bool):
+    import flashinfer
+
+    ws = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
+    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
+        ws, "NHD", use_tensor_cores=tensor_cores, backend="fa2")
+    w.plan(lists.kv_indptr, lists.kv_indices, lists.last_page_len, HQ, HKV, D, BS,
+           q_data_type=DT, kv_data_type=DT, disable_split_kv=not split)
+    return w.run
 
 
 def rope_kv_case(tokens: int, gen) -> dict:
@@ -130,6 +141,17 @@ def rope_kv_case(tokens: int, gen) -> dict:
            "fused_us_per_layer": graph_ms(fused_path) * 1e3 / layers}
     print(row, flush=True)
     return row
+
+
+@contextlib.contextmanager
+def pdl_off():
+    from kernels import pdl
+
+    pdl.set_enabled(False)
+    try:
+        yield
+    finally:
+        pdl.set_enabled(True)
 
 
 def gemv_case(name: str, n: int, k: int, gen, norm: bool = False, swiglu: bool = False
@@ -171,12 +193,32 @@ def gemv_case(name: str, n: int, k: int, gen, norm: bool = False, swiglu: bool =
     for cfg in gemv.CONFIGS:
         times["gemv_{}_{}_{}".format(*cfg)] = graph_ms(baton(cfg)) / copies
     times["gemv_autotuned"] = graph_ms(baton(None)) / copies
+    with pdl_off():  # the same kernels, each waiting for the previous one to finish
+        times["gemv_autotuned_no_pdl"] = graph_ms(baton(None)) / copies
     row["us"] = {key: ms * 1e3 for key, ms in times.items()}
     row["hbm_fraction"] = {key: bytes_per_call / (ms * 1e-3) / H200_HBM_BYTES_PER_S
                            for key, ms in times.items()}
-    best = min((key for key in times if key.startswith("gemv_")), key=times.get)
+    best = min((key for key in times if key.startswith("gemv_") and "no_pdl" not in key),
+               key=times.get)
     row["best_gemv"], row["best_over_cublas"] = best, times["cublas"] / times[best]
     print(name, {key: round(v, 1) for key, v in row["us"].items()}, flush=True)
+    return row
+
+
+def sampler_case(rows: int, vocab: int, gen) -> dict:
+    """A greedy step's sampling: torch's argmax + the chosen token's logprob (logsumexp)
+    against Baton's one kernel (kernels/greedy.py)."""
+    from kernels import greedy
+
+    x = torch.randn(rows, vocab, generator=gen, device="cuda") * 3
+
+    def torch_path():
+        ids = x.argmax(dim=-1)
+        return x.gather(1, ids[:, None]).squeeze(1) - torch.logsumexp(x, dim=-1)
+
+    row = {"rows": rows, "vocab": vocab, "torch_us": graph_ms(torch_path) * 1e3,
+           "baton_us": graph_ms(lambda: greedy.argmax_with_logprob(x)) * 1e3}
+    print(row, flush=True)
     return row
 
 
@@ -199,11 +241,12 @@ def main() -> None:
              gemv_case("gate_up + norm + swiglu", 28672, 4096, gen, norm=True, swiglu=True),
              gemv_case("down_proj", 4096, 14336, gen),
              gemv_case("lm_head", 128256, 4096, gen)] if "gemv" in parts else []
+    sampler = [sampler_case(r, 128256, gen) for r in (1, 64)] if "sampler" in parts else []
     write_result(args.out, {"benchmark": "gpu_decode_kernels",
                             "shape": {"q_heads": HQ, "kv_heads": HKV, "head_dim": D,
                                       "block_size": BS, "dtype": "bfloat16"},
                             "rope_kv_write": rope, "decode_attention": attention,
-                            "batch1_projections": gemvs})
+                            "batch1_projections": gemvs, "greedy_sampling": sampler})
 
 
 if __name__ == "__main__":

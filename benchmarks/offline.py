@@ -46,6 +46,20 @@ def weight_bytes_read(engine: LLMEngine, batch: int) -> int:
     return param_bytes(engine) - embed.numel() * embed.element_size() + batch * row
 
 
+def graph_replay_ms(graphs, batch: int, reps: int = 20) -> float:
+    """GPU milliseconds per replay of the bucket's graph with the last step's inputs (it
+    rewrites those steps' KV slots with the same values: nothing reads them after)."""
+    graph = graphs.graphs[graphs.bucket_for(batch)]
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    for _ in range(reps):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
 def decode_case(engine: LLMEngine, batch: int, context: int, steps: int, device: str) -> dict:
     mc = engine.model_config
     rng = random.Random(batch * 7919 + context)
@@ -63,8 +77,13 @@ def decode_case(engine: LLMEngine, batch: int, context: int, steps: int, device:
     graphs = engine.runner.graphs if engine.runner.use_graphs else None
     if graphs is not None:
         graphs.host_timer = {}
+        graphs.drop_staged()  # a step launched ahead before the clock starts: redo it
+    # No device sync between steps: a step may be queued behind the previous one
+    # (overlap_decode), so a step's time is the interval between two steps' tokens
+    # reaching the host, as a serving loop sees them; the first from an idle GPU.
+    _sync(device)
+    t_prev = time.perf_counter()
     for _ in range(steps):
-        _sync(device)
         t0 = time.perf_counter()
         out = sched.schedule()
         t_sched = time.perf_counter()
@@ -72,17 +91,21 @@ def decode_case(engine: LLMEngine, batch: int, context: int, steps: int, device:
         t_exec = time.perf_counter()
         sched.update(out, result)
         t1 = time.perf_counter()
-        step_times.append(t1 - t0)
+        step_times.append(t1 - t_prev)
+        t_prev = t1
         cpu_times.append((t_sched - t0) + engine.runner.prepare_seconds + (t1 - t_exec))
         assert len(out.scheduled) == batch
+    replay_ms = graph_replay_ms(graphs, batch) if graphs is not None else None
     for rid in ids:
         engine.abort_request(rid)
     host = None
     if graphs is not None and graphs.host_timer.get("steps"):
         timer, graphs.host_timer = graphs.host_timer, None
         steps_ = timer.pop("steps")
-        host = {k: v / steps_ * 1e3 for k, v in timer.items() if k != "staged_hits"}
-        host["staged_hits"] = timer.get("staged_hits", 0.0) / steps_
+        counts = ("staged_hits", "launched", "launched_used")
+        host = {k: v / steps_ * 1e3 for k, v in timer.items() if k not in counts}
+        # Shares of steps: staged ahead, launched ahead, launched ahead and used.
+        host.update({k: timer.get(k, 0.0) / steps_ for k in counts})
     step = statistics.median(step_times)
     kv_read = batch * (context + steps // 2) * mc.kv_bytes_per_token()
     weights = weight_bytes_read(engine, batch)
@@ -103,6 +126,10 @@ def decode_case(engine: LLMEngine, batch: int, context: int, steps: int, device:
         "graph_host_ms": host,
         "weight_bytes_read": weights, "kv_bytes_read": kv_read,
         "roofline_ms": roof * 1e3, "mbu": roof / step,
+        # The decode graph alone, replayed back to back (the forward and the LM head; no
+        # sampling, no host in between): what the kernels reach, against what a step does.
+        "graph_replay_ms": replay_ms,
+        "mbu_graph_replay": None if replay_ms is None else roof * 1e3 / replay_ms,
         "mbu_counting_all_params": roof_all / step,
         "tokens_per_s": batch / step,
     }
@@ -178,10 +205,17 @@ def profile_decode(engine: LLMEngine, device: str, batch: int, context: int,
 
 
 def report(label: str, d: dict) -> None:
+    replay = (f"graph replay {d['graph_replay_ms']:.2f} ms (MBU {d['mbu_graph_replay']:.1%}), "
+              if d.get("graph_replay_ms") else "")
+    host = {k: round(v, 3) for k, v in (d.get("graph_host_ms") or {}).items()}
     print(f"{label} b={d['batch']:4d} ctx={d['context']:5d}: {d['step_ms_median']:8.2f} ms/step,"
-          f" roofline {d['roofline_ms']:6.2f} ms, MBU {d['mbu']:.1%}, "
-          f"CPU share {d['cpu_share']:.1%}, graph host "
-          f"{ {k: round(v, 3) for k, v in (d.get('graph_host_ms') or {}).items()} }", flush=True)
+          f" roofline {d['roofline_ms']:6.2f} ms, MBU {d['mbu']:.1%}, {replay}"
+          f"CPU share {d['cpu_share']:.1%}, graph host {host}", flush=True)
+
+
+# Kernel switches of the model runner a batch-1 case can flip: attribute -> setter.
+SWITCHES = {"gemv_decode": "set_gemv_decode", "pdl": "set_pdl",
+            "overlap_decode": "set_overlap_decode"}
 
 
 def switched(set_switch, given: bool, case, label: str) -> tuple[dict, float] | None:
@@ -222,9 +256,13 @@ def main() -> None:
     ap.add_argument("--no-gemv", action="store_true",
                     help="batch-1 decode through cuBLAS and FlashInfer's small kernels "
                          "instead of Baton's GEMV kernels (norms and SwiGLU folded in)")
-    ap.add_argument("--compare-gemv", action="store_true",
-                    help="also time batch-1 cases with the GEMV path switched the other way "
-                         "(graphs recaptured), then again as given, same process")
+    ap.add_argument("--no-pdl", action="store_true",
+                    help="launch Baton's Triton kernels without programmatic dependent launch")
+    ap.add_argument("--compare", action="append", default=[], choices=sorted(SWITCHES),
+                    help="also time each decode case with this runner switch flipped (graphs "
+                         "recaptured), then again as given, same process; repeatable")
+    ap.add_argument("--compare-gemv", action="append_const", const="gemv_decode",
+                    dest="compare", help="the same as --compare gemv_decode")
     ap.add_argument("--batches", default="1:1024,16:2048,64:2048,256:2048",
                     help="batch:context pairs")
     ap.add_argument("--steps", type=int, default=32)
@@ -242,12 +280,13 @@ def main() -> None:
                        attention_backend=args.attention_backend,
                        cuda_graphs=not args.no_cuda_graphs,
                        fused_rope_kv_write=not args.no_fused_rope_kv,
-                       gemv_decode=not args.no_gemv)
+                       gemv_decode=not args.no_gemv,
+                       pdl=not args.no_pdl)
     t0 = time.perf_counter()
     engine = LLMEngine(cfg)
     _sync(args.device)
     load_s = time.perf_counter() - t0
-    decode, eager, unfused, unstaged, gemv_other = [], [], [], [], []
+    decode, eager, unfused, unstaged, flipped = [], [], [], [], []
     runner = engine.runner
     for batch, context in cases:
         case = functools.partial(decode_case, engine, batch, context, args.steps, args.device)
@@ -262,12 +301,15 @@ def main() -> None:
                 got := switched(runner.set_fused_rope_kv_write, True, case, "unfused")):
             unfused.append(got[0])
             decode[-1]["step_ms_repeat"] = got[1]
-        if args.compare_gemv and batch == 1 and runner.planner is not None:
-            given = runner.gemv_decode
-            label = "gemv off" if given else "gemv on "
-            if got := switched(runner.set_gemv_decode, given, case, label):
-                gemv_other.append(got[0] | {"gemv_decode": not given})
-                decode[-1]["step_ms_after_gemv_switch"] = got[1]
+        for name in dict.fromkeys(args.compare):
+            if name == "gemv_decode" and batch != 1:  # a one-row path
+                continue
+            given = getattr(runner, name)
+            setter = getattr(runner, SWITCHES[name])
+            label = f"{name} {'off' if given else 'on'}"
+            if got := switched(setter, given, case, label):
+                flipped.append(got[0] | {"switch": name, "on": not given})
+                decode[-1][f"step_ms_after_{name}_switch"] = got[1]
         if args.compare_eager and engine.runner.graphs is not None:
             engine.runner.use_graphs = False
             eager.append(case())
@@ -288,7 +330,8 @@ def main() -> None:
         vars(engine.runner.graph_report),
         "memory": vars(engine.runner.memory),
         "fused_rope_kv_write": engine.runner.fused_rope_kv_write,
-        "gemv_decode": engine.runner.gemv_decode, "decode_gemv_switched": gemv_other,
+        "switches": {name: getattr(runner, name) for name in SWITCHES},
+        "decode_switched": flipped,
         "decode_eager": eager, "decode_unfused_rope_kv": unfused, "decode_unstaged": unstaged,
         "decode_kernel_profiles": profiles,
         "ceilings": {"hbm_bytes_per_s": H200_HBM_BYTES_PER_S, "bf16_flops": H200_BF16_FLOPS},

@@ -34,6 +34,15 @@ class EngineConfig:
     # (kernels/layers/gemv.py; FlashInfer backend, one process, no projection biases):
     # 4.63 vs 4.85 ms per 8B step on the H200 (offline_h200_gemv_configs.json).
     gemv_decode: bool = True
+    # Decode steps of at most this many rows launch the next step (staged, graphed)
+    # before the host reads their tokens, when every row surely continues unless it
+    # samples a stop token: the GPU does not wait for the host between steps (~0.2 ms of
+    # a 4.3 ms batch-1 8B step). A row that does stop wastes one step, so larger batches,
+    # where some row stops more often and the gap matters less, do not. 0: never.
+    overlap_decode_max_rows: int = 8
+    # Programmatic dependent launch for Baton's Triton kernels on Hopper (kernels/pdl.py):
+    # each kernel launches while the previous one drains. Process-wide.
+    pdl: bool = True
     seed: int = 0
     tp: int = 1
     # Decode graphs under --tp, with the all-reduces of the group's CuPy NCCL communicator

@@ -20,6 +20,7 @@ from engine.config import EngineConfig
 from engine.cuda_graphs import DEFAULT_BUCKETS, DecodeGraphs, GraphCaptureReport
 from engine.scheduler import Scheduler, SchedulerOutput, StepResult
 from engine.tensor_parallel import TPComm
+from kernels import pdl
 from kernels.attention import AttentionMetadata, resolve_attention_backend
 from kernels.attention.flashinfer_backend import FlashInferPlanner, PageLists
 from kernels.config import ModelConfig
@@ -102,6 +103,7 @@ class ModelRunner:
         self.planner: FlashInferPlanner | None = None
         self.fused_rope_kv_write = False
         self.gemv_decode = False
+        self.pdl = pdl.set_enabled(cfg.pdl)
         if self.attention_backend == "flashinfer":
             fused.enable(self.model)  # FlashInfer's norm/RoPE/SwiGLU kernels ride along
             self.fused_rope_kv_write = fused.set_rope_kv_write(self.model,
@@ -128,6 +130,8 @@ class ModelRunner:
         self.memory.kv_cache_bytes = s.num_blocks * s.block_bytes
         self.graphs: DecodeGraphs | None = None
         self._graphed_step = False  # whether the last forward replayed a decode graph
+        self._pinned_results: torch.Tensor | None = None
+        self.overlap_rows = cfg.overlap_decode_max_rows
         self.prepare_seconds = 0.0
         # Benchmarks flip this to time eager decode in one process. Never under TP: followers
         # would still replay graphs, and their collectives would not match the leader's.
@@ -174,6 +178,18 @@ class ModelRunner:
         """Benchmarks compare the one-row GEMV path with cuBLAS and FlashInfer's kernels in
         one process, likewise."""
         return self._switch_kernels("gemv_decode", gemv.set_decode_gemv, on)
+
+    @property
+    def overlap_decode(self) -> bool:
+        return self.overlap_rows > 0 and self.stages_next_decode
+
+    def set_overlap_decode(self, on: bool) -> bool:
+        """Benchmarks compare launching the next decode step ahead with not doing so."""
+        self.overlap_rows = (self.cfg.overlap_decode_max_rows or 8) if on else 0
+        return self.overlap_decode
+
+    def set_pdl(self, on: bool) -> bool:
+        return self._switch_kernels("pdl", lambda _model, on: pdl.set_enabled(on), on)
 
     def _switch_kernels(self, attr: str, setter, on: bool) -> bool:
         if self.planner is None or self.pc.tp_size > 1:
@@ -270,13 +286,27 @@ class ModelRunner:
             return StepResult([], [])
         batch = self._sampling_batch(out, scheduler)
         res = sample(logits, batch, self.default_generator)
-        if self._graphed_step and self.stages_next_decode:
+        staged = self._graphed_step and self.stages_next_decode
+        if staged:
             # Before the host waits for this step's tokens: stage and plan the step that
             # continues every row by one token, so that host work overlaps the GPU's.
             self.graphs.stage_next(step, res.token_ids)
         # One device->host copy (one sync) for both: ids and float32 logprobs are exact
         # in float64.
-        ids_lps = torch.stack([res.token_ids.double(), res.logprobs.double()]).tolist()
+        packed = torch.stack([res.token_ids.double(), res.logprobs.double()])
+        if (staged and self.graphs.staged is not None
+                and len(step.ids) <= self.overlap_rows
+                and scheduler.decode_continues(out)):
+            # Copy this step's results out first, then queue the next step behind them:
+            # the host waits only for the copy while the GPU runs on.
+            host = self._host_results(packed)
+            done = torch.cuda.Event()
+            done.record()
+            self.graphs.launch_staged()
+            done.synchronize()
+            ids_lps = host.tolist()
+        else:
+            ids_lps = packed.tolist()
         token_ids = [int(t) for t in ids_lps[0]]
         logprobs = ids_lps[1]
         top = None
@@ -284,6 +314,16 @@ class ModelRunner:
             ids, lps = res.top_ids.tolist(), res.top_logprobs.tolist()
             top = [list(zip(ids[r][:k], lps[r][:k])) for r, k in enumerate(batch.num_logprobs)]
         return StepResult(token_ids, logprobs, top)
+
+    def _host_results(self, packed: torch.Tensor) -> torch.Tensor:
+        """An asynchronous copy of [2, rows] results into pinned host memory."""
+        rows = packed.shape[1]
+        if self._pinned_results is None or self._pinned_results.shape[1] < rows:
+            self._pinned_results = torch.empty(2, max(rows, 256), dtype=torch.float64,
+                                               pin_memory=True)
+        host = self._pinned_results[:, :rows]
+        host.copy_(packed, non_blocking=True)
+        return host
 
     def forward(self, step: StepInputs) -> torch.Tensor | None:
         """Runs the step's forward pass; logits [rows that sample, vocab] in float32.

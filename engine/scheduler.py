@@ -152,6 +152,23 @@ class Scheduler:
                 finished.append(seq)
         return finished
 
+    def decode_continues(self, out: SchedulerOutput) -> bool:
+        """Whether the next step will be this decode step's rows, one token further,
+        unless one of them samples a stop token or is aborted: nothing waits to join and
+        no row reaches a length limit with this step's token (update() has not run yet).
+        The model runner launches that next step before the host sees this one's tokens."""
+        if self.waiting:
+            return False
+        limit = self.config.max_model_len
+        for item in out.scheduled:
+            seq = item.seq
+            if item.num_new_tokens != 1 or not item.samples:
+                return False
+            if (seq.num_output_tokens + 1 >= seq.params.max_tokens
+                    or seq.num_tokens + 1 >= limit):
+                return False
+        return True
+
     def finish(self, seq: Sequence, reason: str) -> None:
         """Finish a running sequence for a reason found outside (a stop string)."""
         if seq in self.running:

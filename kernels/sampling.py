@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import greedy
+
 
 @dataclass
 class SamplingBatch:
@@ -43,6 +45,10 @@ def sample(logits: torch.Tensor, batch: SamplingBatch,
     logits, before bans, temperature, top-k and top-p (vLLM's default `raw_logprobs`)."""
     raw = logits
     k = max(batch.num_logprobs, default=0)
+    if (batch.all_greedy and k == 0 and not any(batch.banned_token_ids)
+            and greedy.usable(logits)):
+        token_ids, chosen = greedy.argmax_with_logprob(logits)  # one kernel, not four
+        return SampleResult(token_ids, chosen, None, None)
     # Only a row asking for alternatives needs the whole [B, V] log-distribution; the
     # chosen token's logprob is its logit minus the row's logsumexp (no [B, V] write).
     logprobs_all = torch.log_softmax(logits, dim=-1) if k > 0 else None

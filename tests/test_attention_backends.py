@@ -110,10 +110,12 @@ def test_flashinfer_path_matches_torch_path_on_gpu() -> None:
 
 @pytest.mark.gpu
 def test_staged_decode_steps_match_unstaged_and_torch_as_rows_finish_and_join() -> None:
-    """Decode steps staged while the previous one runs (CUDA graphs) give exactly the
-    tokens and logprobs of unstaged steps (same kernels), and the torch path's tokens, while
-    rows finish at different steps (staging misses), a request joins mid-decode (a mixed
-    step in between) and tables grow across block boundaries."""
+    """Decode steps staged while the previous one runs (CUDA graphs), and launched before
+    the host has seen the previous step's tokens (overlap), give exactly the tokens and
+    logprobs of unstaged steps (same kernels), and the torch path's tokens, while rows
+    finish at different steps (staging misses), a request joins mid-decode (a mixed step in
+    between; a step launched ahead is wasted), one is aborted (likewise) and tables grow
+    across block boundaries."""
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
     from engine.sampling_params import SamplingParams
@@ -122,13 +124,14 @@ def test_staged_decode_steps_match_unstaged_and_torch_as_rows_finish_and_join() 
                enumerate([5, 40, 130, 16, 77])]
     max_tokens = [40, 9, 33, 17, 25]
     outs, hits = {}, {}
-    for mode in ("staged", "unstaged", "torch"):
+    for mode in ("overlap", "staged", "unstaged", "torch"):
         engine = LLMEngine(EngineConfig(
             model="mini-llama", load_format="dummy", device="cuda", dtype="bfloat16",
             num_kv_blocks=512, attention_backend="torch" if mode == "torch" else "flashinfer"))
         graphs = engine.runner.graphs
         if mode == "unstaged":
             engine.runner.stage_decode = engine.scheduler.decode_lookahead = False
+        assert engine.runner.set_overlap_decode(mode == "overlap") == (mode == "overlap")
         if graphs is not None:
             graphs.host_timer = {}
         done: dict[str, tuple[list[int], list[float]]] = {}
@@ -140,17 +143,24 @@ def test_staged_decode_steps_match_unstaged_and_torch_as_rows_finish_and_join() 
             if steps == 12:
                 engine.add_request("4", prompts[4], SamplingParams(
                     max_tokens=max_tokens[4], temperature=0.0, ignore_eos=True))
+            if steps == 20:
+                engine.abort_request("0")
             for o in engine.step():
                 if o.finished:
                     done[o.request_id] = (o.token_ids, o.logprobs)
             steps += 1
         outs[mode] = done
-        hits[mode] = None if graphs is None else graphs.host_timer.get("staged_hits", 0)
+        hits[mode] = None if graphs is None else graphs.host_timer
+        done.pop("0", None)  # aborted: its last output depends on when the abort lands
         del engine
-    assert outs["staged"] == outs["unstaged"]  # tokens and logprobs, bit for bit
+    assert outs["overlap"] == outs["staged"] == outs["unstaged"]  # bit for bit
     assert {k: v[0] for k, v in outs["staged"].items()} == \
         {k: v[0] for k, v in outs["torch"].items()}
-    assert hits["staged"] > 20 and hits["unstaged"] == 0
+    assert hits["staged"].get("staged_hits", 0) > 20
+    assert hits["unstaged"].get("staged_hits", 0) == 0
+    launched, used = hits["overlap"].get("launched", 0), hits["overlap"].get("launched_used", 0)
+    assert used > 20 and launched > used  # the join and the abort wasted one each
+    assert hits["staged"].get("launched", 0) == 0
 
 
 def test_decode_table_keys_name_the_sequence_not_the_request_id() -> None:

@@ -45,7 +45,15 @@ def _reference(x, res, norm_w, w, swiglu: bool):
 def _check(k, n, dtype, device, config, tol):
     x, res, norm_w, w = _inputs(k, n, dtype, device)
     # Plain product.
-    torch.testing.assert_close(gemv.gemv(x, w, config=config), F.linear(x, w), **tol)
+    plain = gemv.gemv(x, w, config=config)
+    torch.testing.assert_close(plain, F.linear(x, w), **tol)
+    # Float32 out (the LM head's logits): the same values, rounded to x's dtype first
+    # (bit for bit under one tile config; the autotuner tunes each output dtype apart).
+    wide = gemv.gemv(x, w, config=config, out_dtype=torch.float32)
+    assert wide.dtype == torch.float32
+    assert torch.equal(wide.to(x.dtype).float(), wide)
+    if config is not None:
+        assert torch.equal(wide, plain.float())
     for swiglu in (False, True):
         want, want_res = _reference(x, res, norm_w, w, swiglu)
         got, got_res = gemv.add_norm_gemv(x, res, norm_w, EPS, w, swiglu=swiglu,

@@ -21,6 +21,8 @@ import functools
 
 import torch
 
+from kernels import pdl
+
 
 @functools.cache
 def triton_unavailable_reason() -> str | None:
@@ -42,8 +44,11 @@ def _kernel():
                       q_row, q_head, k_row, k_head, v_row, v_head,
                       c_block, c_kv, c_tok, c_head,
                       num_q_heads: tl.constexpr, num_kv_heads: tl.constexpr,
-                      block_size: tl.constexpr, half: tl.constexpr):
+                      block_size: tl.constexpr, half: tl.constexpr, USE_PDL: tl.constexpr):
         # One program per (token, head) over q heads, then k heads, then v heads.
+        if USE_PDL:  # kernels/pdl.py: everything here reads the previous kernel's output
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         t = tl.program_id(0)
         h = tl.program_id(1)
         d = tl.arange(0, half)
@@ -102,5 +107,5 @@ def rope_and_write_kv_(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cb, ckv, ctok, chead,
         num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
-        block_size=kv_layer.shape[2], half=head_dim // 2,
+        block_size=kv_layer.shape[2], half=head_dim // 2, **pdl.kernel_kwargs(q),
     )

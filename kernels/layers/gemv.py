@@ -37,6 +37,7 @@ import functools
 import torch
 from torch import nn
 
+from kernels import pdl
 from kernels.attention.rope_kv_write import triton_unavailable_reason
 from kernels.layers.fused import switch_modules
 from kernels.layers.linear import LinearBase
@@ -57,14 +58,50 @@ def _kernels():
     import triton.language as tl
 
     @triton.jit
+    def input_tile(x_ptr, res_ptr, kk, k_mask, HAS_RES: tl.constexpr):
+        """x + residual over one K tile, rounded to the activation dtype as torch does."""
+        xv = tl.load(x_ptr + kk, mask=k_mask, other=0.0)
+        if HAS_RES:
+            xv = (xv.to(tl.float32) + tl.load(res_ptr + kk, mask=k_mask, other=0.0)
+                  .to(tl.float32)).to(x_ptr.dtype.element_ty)
+        return xv
+
+    @triton.jit
+    def product_input(x_ptr, res_ptr, normw_ptr, kk, k_mask, rstd,
+                      HAS_RES: tl.constexpr, HAS_NORM: tl.constexpr):
+        """One K tile of the product's input (float32), rounded where the torch path
+        rounds: x + residual, then the normed vector before and after the norm weight."""
+        xv = input_tile(x_ptr, res_ptr, kk, k_mask, HAS_RES)
+        if HAS_NORM:
+            nw = tl.load(normw_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
+            xv = ((xv.to(tl.float32) * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+                  * nw).to(x_ptr.dtype.element_ty)
+        return xv.to(tl.float32)
+
+    # A jit function finds the jit functions it calls among its module's globals (Triton
+    # reads no closures), so the helpers built here are published there.
+    globals().update(input_tile=input_tile, product_input=product_input)
+
+    @triton.jit
     def gemv_kernel(x_ptr, res_ptr, normw_ptr, w_ptr, out_ptr, res_out_ptr,
                     N, K, w_row, up_offset, eps,
                     HAS_NORM: tl.constexpr, HAS_RES: tl.constexpr, SWIGLU: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
         pid = tl.program_id(0)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < N
         cols = tl.arange(0, BLOCK_K)
+        w_rows = w_ptr + rows[:, None].to(tl.int64) * w_row
+        # The first weight tile does not depend on the previous kernel: under PDL it is
+        # loaded while that kernel drains (kernels/pdl.py), the rest after the wait.
+        m0 = row_mask[:, None] & (cols < K)[None, :]
+        w_first = tl.load(w_rows + cols[None, :], mask=m0, other=0.0)
+        wu_first = w_first
+        if SWIGLU:
+            wu_first = tl.load(w_rows + up_offset + cols[None, :], mask=m0, other=0.0)
+        if USE_PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         rstd = 1.0
         res_len = tl.where(pid == 0, K, 0)  # program 0 writes the new residual
         if HAS_NORM:
@@ -72,42 +109,38 @@ def _kernels():
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + cols
                 k_mask = kk < K
-                xv = tl.load(x_ptr + kk, mask=k_mask, other=0.0)
+                xv = input_tile(x_ptr, res_ptr, kk, k_mask, HAS_RES)
                 if HAS_RES:
-                    xv = (xv.to(tl.float32) + tl.load(res_ptr + kk, mask=k_mask, other=0.0)
-                          .to(tl.float32)).to(x_ptr.dtype.element_ty)
                     tl.store(res_out_ptr + kk, xv, mask=kk < res_len)
                 xf = xv.to(tl.float32)
                 sq += xf * xf
             rstd = 1.0 / tl.sqrt(tl.sum(sq, axis=0) / K + eps)
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        acc_up = tl.zeros([BLOCK_N], dtype=tl.float32)
-        w_rows = w_ptr + rows[:, None].to(tl.int64) * w_row
-        for k0 in range(0, K, BLOCK_K):
+        # The first tile with the weights loaded above, then the rest of K.
+        xv = product_input(x_ptr, res_ptr, normw_ptr, cols, cols < K, rstd,
+                           HAS_RES, HAS_NORM)
+        acc = tl.sum(w_first.to(tl.float32) * xv[None, :], axis=1)
+        acc_up = acc
+        if SWIGLU:
+            acc_up = tl.sum(wu_first.to(tl.float32) * xv[None, :], axis=1)
+        for k0 in range(BLOCK_K, K, BLOCK_K):
             kk = k0 + cols
             k_mask = kk < K
-            # This tile of the product's input, rounded where the torch path rounds.
-            xv = tl.load(x_ptr + kk, mask=k_mask, other=0.0)
-            if HAS_RES:
-                xv = (xv.to(tl.float32) + tl.load(res_ptr + kk, mask=k_mask, other=0.0)
-                      .to(tl.float32)).to(x_ptr.dtype.element_ty)
-            if HAS_NORM:
-                nw = tl.load(normw_ptr + kk, mask=k_mask, other=0.0).to(tl.float32)
-                xv = ((xv.to(tl.float32) * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
-                      * nw).to(x_ptr.dtype.element_ty)
-            xv = xv.to(tl.float32)
+            xv = product_input(x_ptr, res_ptr, normw_ptr, kk, k_mask, rstd,
+                               HAS_RES, HAS_NORM)
             m = row_mask[:, None] & k_mask[None, :]
             w = tl.load(w_rows + kk[None, :], mask=m, other=0.0)
             acc += tl.sum(w.to(tl.float32) * xv[None, :], axis=1)
             if SWIGLU:
                 wu = tl.load(w_rows + up_offset + kk[None, :], mask=m, other=0.0)
                 acc_up += tl.sum(wu.to(tl.float32) * xv[None, :], axis=1)
-        dt = out_ptr.dtype.element_ty
+        dt = x_ptr.dtype.element_ty
         if SWIGLU:
             g = acc.to(dt).to(tl.float32)
             u = acc_up.to(dt).to(tl.float32)
             acc = g / (1.0 + tl.exp(-g)) * u
-        tl.store(out_ptr + rows, acc.to(dt), mask=row_mask)
+        # Rounded to the activation dtype first, as torch's product is, then stored as
+        # the output's dtype (float32 logits straight from the LM head).
+        tl.store(out_ptr + rows, acc.to(dt).to(out_ptr.dtype.element_ty), mask=row_mask)
 
     tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
@@ -118,11 +151,12 @@ def _kernels():
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, n: int, *, residual=None, norm_weight=None,
             eps: float = 0.0, swiglu: bool = False, res_out=None,
-            config: tuple[int, int, int] | None = None) -> torch.Tensor:
+            config: tuple[int, int, int] | None = None,
+            out_dtype: torch.dtype | None = None) -> torch.Tensor:
     k = weight.shape[1]
     assert x.shape == (1, k) and x.is_contiguous() and weight.stride(1) == 1, \
         "gemv takes one contiguous row and a row-major weight"
-    out = torch.empty(1, n, dtype=x.dtype, device=x.device)
+    out = torch.empty(1, n, dtype=out_dtype or x.dtype, device=x.device)
     plain, tuned = _kernels()
     if config is None and not x.is_cuda:  # Triton's CPU interpreter: nothing to tune
         config = (64, 128, 4)
@@ -130,7 +164,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, n: int, *, residual=None, nor
             weight, out, x if res_out is None else res_out,
             n, k, weight.stride(0), n * weight.stride(0), eps)
     flags = {"HAS_NORM": norm_weight is not None, "HAS_RES": residual is not None,
-             "SWIGLU": swiglu}
+             "SWIGLU": swiglu, **pdl.kernel_kwargs(x)}
     if config is None:
         tuned[lambda meta: (-(-n // meta["BLOCK_N"]),)](*args, **flags)
     else:
@@ -141,10 +175,12 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, n: int, *, residual=None, nor
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor,
-         config: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """x [1, K] @ weight[N, K].T -> [1, N]. `config` (BLOCK_N, BLOCK_K, num_warps) skips
-    the autotuner (tests, benchmarks)."""
-    return _launch(x, weight, weight.shape[0], config=config)
+         config: tuple[int, int, int] | None = None,
+         out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """x [1, K] @ weight[N, K].T -> [1, N], rounded to x's dtype and stored as `out_dtype`
+    (default x's). `config` (BLOCK_N, BLOCK_K, num_warps) skips the autotuner (tests,
+    benchmarks)."""
+    return _launch(x, weight, weight.shape[0], config=config, out_dtype=out_dtype)
 
 
 def add_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,

@@ -173,6 +173,6 @@ class DecoderForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.use_gemv and hidden.shape[0] == 1:
-            logits = gemv.gemv(hidden, self.lm_head.weight)
-            return logits[..., : self.lm_head.vocab_size].float()
+            logits = gemv.gemv(hidden, self.lm_head.weight, out_dtype=torch.float32)
+            return logits[..., : self.lm_head.vocab_size]
         return self.lm_head(hidden).float()
