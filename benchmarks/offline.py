@@ -215,7 +215,7 @@ def report(label: str, d: dict) -> None:
 
 # Kernel switches of the model runner a batch-1 case can flip: attribute -> setter.
 SWITCHES = {"gemv_decode": "set_gemv_decode", "pdl": "set_pdl",
-            "overlap_decode": "set_overlap_decode"}
+            "overlap_decode": "set_overlap_decode", "rope_fold": "set_rope_fold"}
 
 
 def switched(set_switch, given: bool, case, label: str) -> tuple[dict, float] | None:
@@ -302,7 +302,7 @@ def main() -> None:
             unfused.append(got[0])
             decode[-1]["step_ms_repeat"] = got[1]
         for name in dict.fromkeys(args.compare):
-            if name == "gemv_decode" and batch != 1:  # a one-row path
+            if name in ("gemv_decode", "rope_fold") and batch != 1:  # one-row paths
                 continue
             given = getattr(runner, name)
             setter = getattr(runner, SWITCHES[name])

@@ -180,6 +180,18 @@ class ModelRunner:
         return self._switch_kernels("gemv_decode", gemv.set_decode_gemv, on)
 
     @property
+    def rope_fold(self) -> bool:
+        return self.gemv_decode and all(
+            m.fold_rope_in_gemv for m in self.model.modules() if hasattr(m, "fold_rope_in_gemv"))
+
+    def set_rope_fold(self, on: bool) -> bool:
+        if self.planner is not None and self.pc.tp_size == 1:
+            gemv.set_rope_fold(self.model, on)
+            if self.graphs is not None:
+                self._capture_graphs()
+        return self.rope_fold
+
+    @property
     def overlap_decode(self) -> bool:
         return self.overlap_rows > 0 and self.stages_next_decode
 
@@ -293,7 +305,9 @@ class ModelRunner:
             self.graphs.stage_next(step, res.token_ids)
         # One device->host copy (one sync) for both: ids and float32 logprobs are exact
         # in float64.
-        packed = torch.stack([res.token_ids.double(), res.logprobs.double()])
+        packed = res.packed
+        if packed is None:
+            packed = torch.stack([res.token_ids.double(), res.logprobs.double()])
         if (staged and self.graphs.staged is not None
                 and len(step.ids) <= self.overlap_rows
                 and scheduler.decode_continues(out)):

@@ -34,7 +34,8 @@ def _kernel():
 
     @triton.jit
     def greedy(logits_ptr, row_stride, vocab, part_ptr, part_idx_ptr, ticket_ptr,
-               ids_ptr, logprob_ptr, CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
+               ids_ptr, logprob_ptr, packed_ptr, rows,
+               CHUNK: tl.constexpr, CHUNKS: tl.constexpr,
                CHUNKS_P2: tl.constexpr, USE_PDL: tl.constexpr):
         row = tl.program_id(0)
         c = tl.program_id(1)
@@ -66,15 +67,21 @@ def _kernel():
             top = tl.max(ms, axis=0)
             best = tl.min(tl.where(ms == top, idx, 2147483647), axis=0)
             total = tl.sum(ss * tl.exp(ms - top), axis=0)
+            lp = -tl.log(total)
             tl.store(ids_ptr + row, best.to(tl.int64))
-            tl.store(logprob_ptr + row, -tl.log(total))
+            tl.store(logprob_ptr + row, lp)
+            # Both again as float64 [2, rows] (exact): the host copies one buffer.
+            tl.store(packed_ptr + row, best.to(tl.float64))
+            tl.store(packed_ptr + rows + row, lp.to(tl.float64))
             tl.atomic_xchg(ticket_ptr + row, 0)  # ready for the next step
 
     return greedy
 
 
 @functools.cache
-def _tickets(device: torch.device) -> torch.Tensor:
+def _tickets(device: torch.device, stream: int) -> torch.Tensor:
+    """Per-row tickets, zero between launches (the combining program resets its row's).
+    One set per stream: launches on one stream never overlap, on two they might."""
     return torch.zeros(MAX_ROWS, dtype=torch.int32, device=device)
 
 
@@ -84,16 +91,21 @@ def usable(logits: torch.Tensor) -> bool:
             and triton_unavailable_reason() is None)
 
 
-def argmax_with_logprob(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, V] float32 -> (argmax [B] int64, its log-softmax value [B] float32)."""
+def argmax_with_logprob(logits: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [B, V] float32 -> (argmax [B] int64, its log-softmax value [B] float32,
+    both as float64 [2, B] for one host copy)."""
     rows, vocab = logits.shape
     chunks = -(-vocab // CHUNK)
     ids = torch.empty(rows, dtype=torch.int64, device=logits.device)
     logprobs = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    packed = torch.empty(2, rows, dtype=torch.float64, device=logits.device)
     parts = torch.empty(rows * chunks * 2, dtype=torch.float32, device=logits.device)
     part_idx = torch.empty(rows * chunks, dtype=torch.int32, device=logits.device)
+    tickets = _tickets(logits.device, torch.cuda.current_stream(logits.device).cuda_stream
+                       if logits.is_cuda else 0)
     _kernel()[(rows, chunks)](
-        logits, logits.stride(0), vocab, parts, part_idx, _tickets(logits.device), ids,
-        logprobs, CHUNK=CHUNK, CHUNKS=chunks, CHUNKS_P2=1 << (chunks - 1).bit_length(),
-        num_warps=4, **pdl.kernel_kwargs(logits))
-    return ids, logprobs
+        logits, logits.stride(0), vocab, parts, part_idx, tickets, ids,
+        logprobs, packed, rows, CHUNK=CHUNK, CHUNKS=chunks,
+        CHUNKS_P2=1 << (chunks - 1).bit_length(), num_warps=4, **pdl.kernel_kwargs(logits))
+    return ids, logprobs, packed

@@ -37,6 +37,8 @@ class SampleResult:
     logprobs: torch.Tensor  # [B] float32, logprob of the chosen token
     top_ids: torch.Tensor | None  # [B, K] when any row asked for alternatives
     top_logprobs: torch.Tensor | None
+    # token_ids and logprobs as float64 [2, B] (exact), where the sampler wrote them so.
+    packed: torch.Tensor | None = None
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch,
@@ -47,8 +49,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch,
     k = max(batch.num_logprobs, default=0)
     if (batch.all_greedy and k == 0 and not any(batch.banned_token_ids)
             and greedy.usable(logits)):
-        token_ids, chosen = greedy.argmax_with_logprob(logits)  # one kernel, not four
-        return SampleResult(token_ids, chosen, None, None)
+        token_ids, chosen, packed = greedy.argmax_with_logprob(logits)  # one kernel
+        return SampleResult(token_ids, chosen, None, None, packed)
     # Only a row asking for alternatives needs the whole [B, V] log-distribution; the
     # chosen token's logprob is its logit minus the row's logsumexp (no [B, V] write).
     logprobs_all = torch.log_softmax(logits, dim=-1) if k > 0 else None

@@ -84,6 +84,46 @@ def test_matches_torch_in_triton_interpreter() -> None:
                         " {'atol': 1e-5, 'rtol': 1e-5})")
 
 
+def check_rope_fold(config, device="cpu", dtype=torch.float32, heads=(4, 2, 16),
+                    k_dim=200) -> None:
+    """The QKV product with the RoPE + KV write in its epilogue against the product then
+    the fused RoPE + KV-write kernel: q, the whole cache (the written slot and every other
+    byte), bit for bit under one tile config."""
+    from kernels.attention.rope_kv_write import rope_and_write_kv_
+    from kernels.layers.rotary import RotaryEmbedding
+
+    (hq, hk, d), page = heads, 16
+    x, res, norm_w, w = _inputs(k_dim, (hq + 2 * hk) * d, dtype, device)
+    rot = RotaryEmbedding(d, 64, 10000.0, None).to(device)
+    positions, slots = torch.tensor([37], device=device), torch.tensor([21], device=device)
+    g = torch.Generator().manual_seed(1)
+    cache = torch.randn(4, 3, 2, page, hk, d, generator=g).to(device, dtype)
+    want_cache, got_cache = cache.clone(), cache.clone()
+    qkv, _ = gemv.add_norm_gemv(x, res, norm_w, EPS, w, config=config)
+    q, k, v = qkv.view(hq + 2 * hk, d).split([hq, hk, hk])
+    rope_and_write_kv_(q[None], k[None], v[None], positions, slots, rot.cos_sin_table(),
+                       want_cache[:, 1])
+    rope = gemv.RopeWrite(positions, slots, rot.cos_sin_table(), got_cache[:, 1], hq)
+    got, _ = gemv.add_norm_gemv(x, res, norm_w, EPS, w, config=config, rope=rope)
+    assert torch.equal(got[0, : hq * d], q.reshape(-1))
+    assert torch.equal(got_cache, want_cache)
+
+
+@needs_triton
+@on_cpu_only
+def test_rope_fold_matches_separate_kernels_in_triton_interpreter() -> None:
+    _run_in_interpreter("from tests.test_gemv import check_rope_fold\n"
+                        "for config in [(2, 64, 4), (4, 128, 4)]:\n"
+                        "    check_rope_fold(config)")
+
+
+@needs_triton
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_rope_fold_matches_separate_kernels_on_gpu() -> None:
+    for config in [(2, 2048, 4), (4, 1024, 4)]:
+        check_rope_fold(config, "cuda", torch.bfloat16, (32, 8, 128), 4096)
+
+
 def _run_in_interpreter(code: str) -> None:
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO,

@@ -33,8 +33,9 @@ def _logits(rows: int, vocab: int, device: str) -> torch.Tensor:
 def check(rows: int, vocab: int, device: str) -> None:
     x = _logits(rows, vocab, device)
     for _ in range(2):  # the second call finds the tickets reset by the first
-        ids, lp = greedy.argmax_with_logprob(x)
+        ids, lp, packed = greedy.argmax_with_logprob(x)
         assert torch.equal(ids, x.argmax(dim=-1))
+        assert torch.equal(packed, torch.stack([ids.double(), lp.double()]))
         want = x.gather(1, ids[:, None]).squeeze(1) - torch.logsumexp(x, dim=-1)
         torch.testing.assert_close(lp, want, atol=1e-5, rtol=1e-5)
     assert ids[0].item() == 5

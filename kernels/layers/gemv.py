@@ -33,6 +33,7 @@ measured HBM bandwidth, so the folded-in kernels only pay where the GEMV matches
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -78,17 +79,63 @@ def _kernels():
                   * nw).to(x_ptr.dtype.element_ty)
         return xv.to(tl.float32)
 
+    @triton.jit
+    def rope_epilogue(val, head, j0, out_ptr, pos_ptr, slot_ptr, cos_sin_ptr, cache_ptr,
+                      c_block, c_kv, c_tok, c_head, NUM_Q_HEADS: tl.constexpr,
+                      NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+                      PAGE: tl.constexpr, HALF_N: tl.constexpr):
+        """What kernels/attention/rope_kv_write.py does, for this program's rows of the
+        QKV product (`val`, float32 of the rounded output: HALF_N rows j, then their
+        partners j + HEAD_DIM/2): q rotated into the output, k rotated and v as is into
+        the token's paged-cache slot. Same float32 math, so the same bits."""
+        x1, x2 = tl.split(tl.trans(tl.reshape(val, (2, HALF_N))))
+        half: tl.constexpr = HEAD_DIM // 2
+        j = j0 + tl.arange(0, HALF_N)
+        pos = tl.load(pos_ptr)
+        cos = tl.load(cos_sin_ptr + pos * HEAD_DIM + j)
+        sin = tl.load(cos_sin_ptr + pos * HEAD_DIM + half + j)
+        slot = tl.load(slot_ptr)
+        token = cache_ptr + (slot // PAGE) * c_block + (slot % PAGE) * c_tok
+        cdt = cache_ptr.dtype.element_ty
+        # Each branch names its own pointers: Triton types a name once across branches.
+        if head < NUM_Q_HEADS:
+            q_dst = out_ptr + head * HEAD_DIM
+            tl.store(q_dst + j, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty))
+            tl.store(q_dst + half + j, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty))
+        elif head < NUM_Q_HEADS + NUM_KV_HEADS:
+            k_dst = token + (head - NUM_Q_HEADS) * c_head
+            tl.store(k_dst + j, (x1 * cos - x2 * sin).to(cdt))
+            tl.store(k_dst + half + j, (x2 * cos + x1 * sin).to(cdt))
+        else:
+            v_dst = token + c_kv + (head - NUM_Q_HEADS - NUM_KV_HEADS) * c_head
+            tl.store(v_dst + j, x1.to(cdt))
+            tl.store(v_dst + half + j, x2.to(cdt))
+
     # A jit function finds the jit functions it calls among its module's globals (Triton
     # reads no closures), so the helpers built here are published there.
-    globals().update(input_tile=input_tile, product_input=product_input)
+    globals().update(input_tile=input_tile, product_input=product_input,
+                     rope_epilogue=rope_epilogue)
 
     @triton.jit
     def gemv_kernel(x_ptr, res_ptr, normw_ptr, w_ptr, out_ptr, res_out_ptr,
                     N, K, w_row, up_offset, eps,
+                    pos_ptr, slot_ptr, cos_sin_ptr, cache_ptr, c_block, c_kv, c_tok, c_head,
                     HAS_NORM: tl.constexpr, HAS_RES: tl.constexpr, SWIGLU: tl.constexpr,
+                    ROPE: tl.constexpr, NUM_Q_HEADS: tl.constexpr,
+                    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_PDL: tl.constexpr):
         pid = tl.program_id(0)
-        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        if ROPE:
+            # Rows in RoPE pairs: BLOCK_N / 2 rows j of one head and their partners
+            # j + HEAD_DIM / 2, so the epilogue can rotate them in registers.
+            half_n: tl.constexpr = BLOCK_N // 2
+            per_head: tl.constexpr = HEAD_DIM // BLOCK_N
+            head = pid // per_head
+            j0 = (pid % per_head) * half_n
+            i = tl.arange(0, BLOCK_N)
+            rows = head * HEAD_DIM + j0 + i % half_n + (i // half_n) * (HEAD_DIM // 2)
+        else:
+            rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < N
         cols = tl.arange(0, BLOCK_K)
         w_rows = w_ptr + rows[:, None].to(tl.int64) * w_row
@@ -138,33 +185,65 @@ def _kernels():
             g = acc.to(dt).to(tl.float32)
             u = acc_up.to(dt).to(tl.float32)
             acc = g / (1.0 + tl.exp(-g)) * u
-        # Rounded to the activation dtype first, as torch's product is, then stored as
-        # the output's dtype (float32 logits straight from the LM head).
-        tl.store(out_ptr + rows, acc.to(dt).to(out_ptr.dtype.element_ty), mask=row_mask)
+        if ROPE:
+            rope_epilogue(acc.to(dt).to(tl.float32), head, j0, out_ptr, pos_ptr, slot_ptr,
+                          cos_sin_ptr, cache_ptr, c_block, c_kv, c_tok, c_head,
+                          NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, PAGE, BLOCK_N // 2)
+        else:
+            # Rounded to the activation dtype first, as torch's product is, then stored
+            # as the output's dtype (float32 logits straight from the LM head).
+            tl.store(out_ptr + rows, acc.to(dt).to(out_ptr.dtype.element_ty), mask=row_mask)
 
     tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
                  for n, k, w in CONFIGS],
-        key=["N", "K", "HAS_NORM", "SWIGLU"])(gemv_kernel)
+        key=["N", "K", "HAS_NORM", "SWIGLU", "ROPE"])(gemv_kernel)
     return gemv_kernel, tuned
+
+
+@dataclass
+class RopeWrite:
+    """What the QKV product's epilogue needs to do the work of
+    kernels/attention/rope_kv_write.py for its one token: rotate q (left in the output)
+    and k, and write k and v into the token's slot of the layer's paged cache."""
+
+    positions: torch.Tensor  # [1]
+    slots: torch.Tensor  # [1] block * block_size + offset
+    cos_sin: torch.Tensor  # [max_positions, head_dim] float32, cos | sin halves
+    kv_layer: torch.Tensor  # [num_blocks, 2, block_size, kv_heads, head_dim], strided
+    num_q_heads: int
+
+    def args(self) -> tuple:
+        cb, ckv, ctok, chead, _ = self.kv_layer.stride()
+        return (self.positions, self.slots, self.cos_sin, self.kv_layer, cb, ckv, ctok, chead)
+
+    def flags(self) -> dict:
+        _, _, page, kv_heads, head_dim = self.kv_layer.shape
+        return {"ROPE": True, "NUM_Q_HEADS": self.num_q_heads, "NUM_KV_HEADS": kv_heads,
+                "HEAD_DIM": head_dim, "PAGE": page}
+
+
+NO_ROPE = {"ROPE": False, "NUM_Q_HEADS": 1, "NUM_KV_HEADS": 1, "HEAD_DIM": 2, "PAGE": 1}
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, n: int, *, residual=None, norm_weight=None,
             eps: float = 0.0, swiglu: bool = False, res_out=None,
             config: tuple[int, int, int] | None = None,
-            out_dtype: torch.dtype | None = None) -> torch.Tensor:
+            out_dtype: torch.dtype | None = None, rope: RopeWrite | None = None
+            ) -> torch.Tensor:
     k = weight.shape[1]
     assert x.shape == (1, k) and x.is_contiguous() and weight.stride(1) == 1, \
         "gemv takes one contiguous row and a row-major weight"
     out = torch.empty(1, n, dtype=out_dtype or x.dtype, device=x.device)
     plain, tuned = _kernels()
     if config is None and not x.is_cuda:  # Triton's CPU interpreter: nothing to tune
-        config = (64, 128, 4)
+        config = (2 if rope else 64, 128, 4)  # RoPE pairs rows within one head
     args = (x, x if residual is None else residual, x if norm_weight is None else norm_weight,
             weight, out, x if res_out is None else res_out,
-            n, k, weight.stride(0), n * weight.stride(0), eps)
+            n, k, weight.stride(0), n * weight.stride(0), eps,
+            *(rope.args() if rope else (x, x, x, x, 0, 0, 0, 0)))
     flags = {"HAS_NORM": norm_weight is not None, "HAS_RES": residual is not None,
-             "SWIGLU": swiglu, **pdl.kernel_kwargs(x)}
+             "SWIGLU": swiglu, **(rope.flags() if rope else NO_ROPE), **pdl.kernel_kwargs(x)}
     if config is None:
         tuned[lambda meta: (-(-n // meta["BLOCK_N"]),)](*args, **flags)
     else:
@@ -185,16 +264,24 @@ def gemv(x: torch.Tensor, weight: torch.Tensor,
 
 def add_norm_gemv(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
                   eps: float, weight: torch.Tensor, swiglu: bool = False,
-                  config: tuple[int, int, int] | None = None
+                  config: tuple[int, int, int] | None = None, rope: RopeWrite | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight @ rmsnorm(x + residual), x + residual) for one row; with `swiglu`, weight
     is [2I, K] (gate rows, then up rows) and the first result is silu(gate) * up [1, I].
-    Without a residual (the first layer) the input itself is the new residual."""
+    Without a residual (the first layer) the input itself is the new residual. With
+    `rope`, weight is the QKV projection and the first result holds rotated q (its k and
+    v columns are left unwritten: they went to the cache)."""
     n = weight.shape[0] // 2 if swiglu else weight.shape[0]
     res_out = None if residual is None else torch.empty_like(x)
     out = _launch(x, weight, n, residual=residual, norm_weight=norm_weight, eps=eps,
-                  swiglu=swiglu, res_out=res_out, config=config)
+                  swiglu=swiglu, res_out=res_out, config=config, rope=rope)
     return out, x if res_out is None else res_out
+
+
+def set_rope_fold(model: nn.Module, on: bool) -> bool:
+    """Whether the one-row QKV product also rotates q and k and writes K/V (on) or leaves
+    that to the fused RoPE + KV-write kernel (off); benchmarks compare both."""
+    return switch_modules(model, "fold_rope_in_gemv", on, None, "RoPE + KV write in the QKV GEMV")
 
 
 def set_decode_gemv(model: nn.Module, on: bool) -> bool:

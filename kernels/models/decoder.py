@@ -44,14 +44,29 @@ class Attention(nn.Module):
         self.attn = backend_cls(self.num_heads, self.num_kv_heads, cfg.head_dim)
         # kernels.layers.fused.enable() turns it on where Triton runs (CUDA, FlashInfer).
         self.fuse_rope_kv_write = False
+        # With it, the one-row QKV product does that kernel's work in its epilogue
+        # (kernels.layers.gemv.set_rope_fold() switches it, for comparisons).
+        self.fold_rope_in_gemv = True
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, kv_layer: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
         return self.o_proj(self.attend(positions, self.qkv_proj(x), kv_layer, meta))
 
+    def one_row_rope(self, positions: torch.Tensor, kv_layer: torch.Tensor,
+                     meta: AttentionMetadata) -> gemv.RopeWrite | None:
+        """The fused RoPE + KV write's work for the one-row QKV product to do in its
+        epilogue (then `attend(..., rope_done=True)`), where it can: q/k norms come
+        between the product and RoPE, and the kernel pairs rows 4 at a time."""
+        if (not (self.fuse_rope_kv_write and self.fold_rope_in_gemv) or self.qk_norm
+                or self.head_dim % 8):
+            return None
+        return gemv.RopeWrite(positions, meta.slot_mapping, self.rotary.cos_sin_table(),
+                              kv_layer, self.num_heads)
+
     def attend(self, positions: torch.Tensor, qkv: torch.Tensor, kv_layer: torch.Tensor,
-               meta: AttentionMetadata) -> torch.Tensor:
-        """From the QKV projection's output to attention's [T, q_size], before o_proj."""
+               meta: AttentionMetadata, rope_done: bool = False) -> torch.Tensor:
+        """From the QKV projection's output to attention's [T, q_size], before o_proj.
+        `rope_done`: the product already rotated q and wrote this step's K/V."""
         t = qkv.shape[0]
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
@@ -61,7 +76,9 @@ class Attention(nn.Module):
         v = v.view(t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.fuse_rope_kv_write:
+        if rope_done:
+            o = self.attn.run(q, kv_layer, meta)
+        elif self.fuse_rope_kv_write:
             rope_and_write_kv_(q, k, v, positions, meta.slot_mapping,
                                self.rotary.cos_sin_table(), kv_layer)
             o = self.attn.run(q, kv_layer, meta)
@@ -114,9 +131,11 @@ class DecoderLayer(nn.Module):
                          meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
         attn, mlp = self.self_attn, self.mlp
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        rope = attn.one_row_rope(positions, kv_layer, meta)
         qkv, residual = gemv.add_norm_gemv(x, residual, norm1.weight, norm1.eps,
-                                           attn.qkv_proj.weight)
-        h = gemv.gemv(attn.attend(positions, qkv, kv_layer, meta), attn.o_proj.weight)
+                                           attn.qkv_proj.weight, rope=rope)
+        o = attn.attend(positions, qkv, kv_layer, meta, rope_done=rope is not None)
+        h = gemv.gemv(o, attn.o_proj.weight)
         act, residual = gemv.add_norm_gemv(h, residual, norm2.weight, norm2.eps,
                                            mlp.gate_up_proj.weight, swiglu=True)
         return gemv.gemv(act, mlp.down_proj.weight), residual
