@@ -44,24 +44,24 @@ def _per_call_us(fn, calls: int = 200) -> float:
     return (time.perf_counter() - t0) / calls * 1e6
 
 
-def _rank(rank: int, init: str, conn) -> None:
+def _rank(rank: int, world: int, init: str, conn) -> None:
     try:
-        conn.send(("ok", _checks(rank, init)))
+        conn.send(("ok", _checks(rank, world, init)))
     except BaseException:
         conn.send(("error", traceback.format_exc()))
 
 
-def _checks(rank: int, init: str) -> dict:
+def _checks(rank: int, world: int, init: str) -> dict:
     import torch.distributed as dist
 
     from engine.tensor_parallel import TPComm
     from kernels.parallel import ParallelContext
 
-    tp = TPComm(rank, WORLD, init, f"cuda:{rank}")
+    tp = TPComm(rank, world, init, f"cuda:{rank}")
     pc = tp.pc
     assert pc.comm is not None, "no NCCL communicator: see the tensor-parallel warning"
     dev = torch.device(f"cuda:{rank}")
-    reference = ParallelContext(rank, WORLD)  # torch.distributed's default (NCCL) group
+    reference = ParallelContext(rank, world)  # torch.distributed's default (NCCL) group
     out: dict = {"nccl_version": pc.comm.nccl_version}
     # A graph holding a decode step's worth of all-reduces and the lm_head's all-gather.
     # Integer-valued bf16 inputs keep every sum exact: halving then summing over two ranks
@@ -72,7 +72,7 @@ def _checks(rank: int, init: str) -> dict:
     def step() -> tuple[torch.Tensor, torch.Tensor]:
         y = pc.all_reduce(x.clone())
         for _ in range(CALLS - 1):
-            pc.all_reduce(y.mul_(1 / WORLD))
+            pc.all_reduce(y.mul_(1 / world))
         return y, pc.all_gather_last_dim(x[:, :16])
 
     x.copy_(base + rank)
@@ -86,8 +86,8 @@ def _checks(rank: int, init: str) -> dict:
         x.copy_(base + rank + k)
         graph.replay()
         torch.cuda.synchronize()
-        summed = sum(base + r + k for r in range(WORLD)).to(torch.bfloat16)
-        cat = torch.cat([(base + r + k)[:, :16] for r in range(WORLD)], -1).to(torch.bfloat16)
+        summed = sum(base + r + k for r in range(world)).to(torch.bfloat16)
+        cat = torch.cat([(base + r + k)[:, :16] for r in range(world)], -1).to(torch.bfloat16)
         replays_ok.append(torch.equal(y, summed) and torch.equal(gathered, cat))
     out["graph_replays_ok"] = replays_ok
 
@@ -110,16 +110,16 @@ def _checks(rank: int, init: str) -> dict:
     return out
 
 
-@two_gpus
-def test_all_reduce_matches_torch_distributed_and_captures_in_a_graph():
+def _run_ranks(world: int) -> None:
     from engine.tensor_parallel import _free_port
 
     for k, v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")):
         os.environ.setdefault(k, v)
     ctx = mp.get_context("spawn")
     init = f"tcp://127.0.0.1:{_free_port()}"
-    pipes = [ctx.Pipe() for _ in range(WORLD)]
-    procs = [ctx.Process(target=_rank, args=(r, init, pipes[r][1])) for r in range(WORLD)]
+    pipes = [ctx.Pipe() for _ in range(world)]
+    procs = [ctx.Process(target=_rank, args=(r, world, init, pipes[r][1]))
+             for r in range(world)]
     for p in procs:
         p.start()
     try:
@@ -139,6 +139,21 @@ def test_all_reduce_matches_torch_distributed_and_captures_in_a_graph():
     for _, r in results:
         assert all(v for k, v in r.items() if "_equal_" in k), r
         assert r["graph_replays_ok"] == [True] * 4, r
+
+
+@two_gpus
+def test_all_reduce_matches_torch_distributed_and_captures_in_a_graph():
+    _run_ranks(WORLD)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is None, reason="needs CuPy")
+def test_one_rank_group_runs_cupy_nccl_and_captures_in_a_graph():
+    """The same checks with a group of one rank, where one GPU is all there is: CuPy's
+    communicator API as installed (CuPy 14 takes the unique id as bytes), a graph of
+    all-reduces and an all-gather, and equality with torch.distributed's NCCL."""
+    _run_ranks(1)
 
 
 @two_gpus
