@@ -92,6 +92,8 @@ async def run_session(client: httpx.AsyncClient, url: str, model: str, s: Sessio
                 chunk = json.loads(line[6:])
                 if chunk.get("usage"):
                     cached = chunk["usage"]["prompt_tokens_details"]["cached_tokens"]
+                if "choices" not in chunk:
+                    raise RuntimeError(f"stream chunk without choices: {chunk}")
                 for ch in chunk["choices"]:
                     if ttft is None and ch.get("token_ids"):
                         ttft = time.perf_counter() - t0

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One device call on nvidia-h200 (issue 5): KV-aware against round-robin routing on a chat
+# workload with long reused context per turn (2k-token system prompts, 512-token user
+# messages, 6 turns: up to ~5k tokens of history a turn), beside the short-turn workload
+# of x1_prefix_routing.sh (1k system prompts, 128-token messages). Two aggregated workers
+# of the 8B shape share the GPU; KV for half the working set.
+#   run(kind="nvidia-h200", carry=[".whl/base", ".whl/flashinfer", ".fi-aot"],
+#       command="bash scripts/gpu_calls/x1_prefix_routing_long.sh", timeout_s=560)
+set -u
+source scripts/gpu_calls/steps.sh
+STEP_TAIL=14 step prefix_routing_long 500 python -m benchmarks.prefix_routing --device cuda \
+  --preset llama-3.1-8b --systems 8 --system-len 2048 --sessions 96 --turns 6 \
+  --msg-len 512 --out-len 64 --loads "${LOADS:-2,3}" --policies kv,round-robin \
+  --wait-idle 0 --serve-args "--gpu-memory-utilization 0.4 --max-num-batched-tokens 8192" \
+  --out "$OUT/prefix_routing_h200_long.json"
+ls -la "$OUT"
