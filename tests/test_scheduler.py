@@ -38,6 +38,7 @@ class Harness:
         self.sched = Scheduler(self.config, self.kv, eos_token_ids=(EOS,))
         self.sched.decode_lookahead = lookahead
         self.outputs: list[SchedulerOutput] = []
+        self.continues: list[bool] = []
         self.finished: list[Sequence] = []
         # What a real model would have written: the token at each slot of each block.
         self.kv_slots: dict[tuple[int, int], int] = {}
@@ -70,6 +71,8 @@ class Harness:
                              + item.num_new_tokens):
                 self.kv_slots[(seq.block_table[pos // BS], pos % BS)] = seq.token_ids[pos]
         result = StepResult([model(s) for s in rows], [-1.0] * len(rows))
+        # What the model runner asks before the host has this step's tokens.
+        self.continues.append(self.sched.decode_continues(out))
         self.finished += self.sched.update(out, result)
         self.outputs.append(out)
         self.check()
@@ -422,3 +425,31 @@ def test_random_workload_under_pressure(seed: int, lookahead: bool) -> None:
     assert h.sched.num_preemptions > 0
     assert any(seq.num_cached_tokens > 0 for seq in seqs)
     assert h.pool.num_used == 0
+
+
+def test_decode_continues_predicts_the_next_step() -> None:
+    """Whenever a step says the next one continues its rows (the runner then launches that
+    step before the host has this one's tokens), the next step is exactly those rows, one
+    token each; it says so neither for a prefill step, nor while a request waits, nor for a
+    step in which a row reaches max_tokens or max_model_len."""
+    h = Harness(max_model_len=40, max_seqs=2)
+    h.add("a", prompt(5), max_tokens=6)
+    h.add("b", prompt(30, seed=1), max_tokens=50)  # stopped by max_model_len at 40
+    h.add("c", prompt(7, seed=2), max_tokens=20)  # waits for a free row, outlives "b"
+    h.run()
+    rows = [[(item.seq, item.num_new_tokens) for item in out.scheduled] for out in h.outputs]
+    for i, says in enumerate(h.continues[:-1]):
+        if says:
+            assert rows[i + 1] == [(seq, 1) for seq, _ in rows[i]], i
+    # Step 0 prefills; "c" waits until "a" finishes; "a" and "b" hit their limits.
+    assert not h.continues[0]
+    steps_with_c_waiting = [i for i, out in enumerate(h.outputs)
+                            if all(item.seq.request_id != "c" for item in out.scheduled)]
+    assert not any(h.continues[i] for i in steps_with_c_waiting)
+    assert any(h.continues)
+    # The step in which a request reaches its length limit says no.
+    last_step = {item.seq.request_id: i for i, out in enumerate(h.outputs)
+                 for item in out.scheduled}
+    assert {seq.request_id: seq.finish_reason for seq in h.finished} == \
+        {"a": "length", "b": "length", "c": "length"}
+    assert not any(h.continues[i] for i in last_step.values())
