@@ -200,6 +200,9 @@ class TPComm:
         `dst` and returns at once (steps go on while the bytes move); `nixl_poll` reports
         when all have landed. Returns the bytes all ranks will move."""
         if self.pc.tp_rank == 0:  # followers get the ranks as RankAgent.as_list() lists
+            if request_id in self._reads:  # refused before any rank posts anything
+                raise RuntimeError(f"a NIXL read of {request_id} is already in flight: a "
+                                   "second one would orphan its handle")
             ranks = [r.as_list() for r in ranks]
             self.broadcast_step(KVCommand("nixl_post", [request_id, ranks, src, dst]))
         agent, metadata, base, _, dev = ranks[self.pc.tp_rank]

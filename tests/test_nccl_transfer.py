@@ -98,3 +98,18 @@ def test_worker_cli_takes_nccl():
     p = argparse.ArgumentParser()
     add_engine_args(p)
     assert p.parse_args(["--kv-transfer", "nccl"]).kv_transfer == "nccl"
+
+
+def test_connect_backoff_doubles_to_its_cap_and_clears_on_success():
+    from kvtransfer.transfer.nccl import ConnectBackoff
+    from kvtransfer.transfer.nccl_link import LinkBroken
+
+    b = ConnectBackoff(first=2.0, cap=10.0)
+    b.check("p", "host:1", now=0.0)  # never failed: go
+    assert [b.failed("p", now=0.0) for _ in range(4)] == [2.0, 4.0, 8.0, 10.0]
+    with pytest.raises(LinkBroken, match="not retried for another 10 s"):
+        b.check("p", "host:1", now=0.0)
+    b.check("p", "host:1", now=10.0)  # waited out
+    b.check("q", "host:2", now=0.0)  # other peers are not held back
+    b.succeeded("p")
+    assert b.failed("p", now=20.0) == 2.0  # a success starts the doubling over

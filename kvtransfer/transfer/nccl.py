@@ -20,6 +20,7 @@ import concurrent.futures
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -52,6 +53,11 @@ T = TypeVar("T")
 CONNECT_TIMEOUT_S = 60.0  # both sides joining a communicator
 RPC_TIMEOUT_S = 30.0  # the prefill side checking a plan and queuing its sends
 ABORT_TIMEOUT_S = 10.0
+# After a failed connect to a peer, further connects to it fail at once for this long,
+# doubling per failure up to the cap: a joiner blocked in ncclCommInitRank cannot be
+# cancelled (there is no communicator to abort yet), so each attempt at a dead peer can
+# leave one thread behind, and this bounds how fast they pile up.
+CONNECT_BACKOFF_S = (2.0, 120.0)
 # A transfer may take this long plus one second per GB (far below NVLink or network speed)
 # before the link counts as dead.
 TRANSFER_TIMEOUT_S = 30.0
@@ -112,6 +118,31 @@ async def _bounded(aw, timeout: float, what: str):
         raise TimeoutError(f"{what}: no answer in {timeout:.0f} s") from e
 
 
+class ConnectBackoff:
+    """When the decode side may try to connect to a prefill worker again."""
+
+    def __init__(self, first: float = CONNECT_BACKOFF_S[0],
+                 cap: float = CONNECT_BACKOFF_S[1]) -> None:
+        self.first, self.cap = first, cap
+        self._peers: dict[str, tuple[float, float]] = {}  # peer -> (retry at, last wait)
+
+    def check(self, peer: str, address: str, now: float) -> None:
+        retry_at, wait = self._peers.get(peer, (0.0, 0.0))
+        if now < retry_at:
+            raise LinkBroken(f"NCCL connect to {peer} ({address}) failed; not retried for "
+                             f"another {retry_at - now:.0f} s (backoff {wait:.0f} s)")
+
+    def failed(self, peer: str, now: float) -> float:
+        """Records a failed connect; returns the wait before the next attempt."""
+        _, wait = self._peers.get(peer, (0.0, 0.0))
+        wait = min(self.cap, max(self.first, 2 * wait))
+        self._peers[peer] = (now + wait, wait)
+        return wait
+
+    def succeeded(self, peer: str) -> None:
+        self._peers.pop(peer, None)
+
+
 @dataclass
 class _Link:
     link: NcclLink
@@ -138,6 +169,7 @@ class NcclBackend(KVTransferBackend):
         self._pulls: dict[str, _Link] = {}  # decode side, by prefill worker name
         self._serves: dict[str, _Link] = {}  # prefill side, by decode worker name
         self._connecting: dict[str, asyncio.Lock] = {}  # decode side, per prefill worker
+        self._backoff = ConnectBackoff()
         self._watchers: set[asyncio.Task] = set()
 
     @property
@@ -203,15 +235,21 @@ class NcclBackend(KVTransferBackend):
                 return entry
             if entry is not None:
                 await self._drop(self._pulls, peer.agent_name, entry)
+            self._backoff.check(peer.agent_name, peer.address, time.monotonic())
             uid = await _bounded(_daemon(new_unique_id), CONNECT_TIMEOUT_S, "ncclGetUniqueId")
             entry = _Link(self._new_link(RECEIVER, uid, peer.agent_name))
             try:
                 joined = asyncio.gather(asyncio.wrap_future(entry.link.ready),
                                         self._connect(peer.address, self._name, uid))
                 await _bounded(joined, CONNECT_TIMEOUT_S, f"NCCL connect to {peer.address}")
-            except BaseException:
+            except BaseException as e:
+                if not isinstance(e, asyncio.CancelledError):  # the peer's failure, not ours
+                    wait = self._backoff.failed(peer.agent_name, time.monotonic())
+                    log.warning("NCCL connect to %s (%s) failed (%s); next try in %.0f s",
+                                peer.agent_name, peer.address, e, wait)
                 await self._drop({}, peer.agent_name, entry)
                 raise
+            self._backoff.succeeded(peer.agent_name)
             log.info("NCCL link to %s (%s) up", peer.agent_name, peer.address)
             self._pulls[peer.agent_name] = entry
             return entry
