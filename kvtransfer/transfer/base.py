@@ -84,6 +84,21 @@ class PeerInfo:
     block_bytes: int
 
 
+async def compute_passed(kv_cache: torch.Tensor) -> None:
+    """Returns once the device's compute stream has run everything queued on it so far,
+    without holding up the event loop. For transfers the stream does not order: a NIXL
+    READ into blocks just handed to a pull must not land before kernels queued earlier
+    that still touch them, e.g. the next decode step a worker launched before the host
+    freed the blocks of a row that stopped (engine/cuda_graphs.py, launch_staged), which
+    writes that row's next slot."""
+    if not kv_cache.is_cuda:
+        return
+    done = torch.cuda.Event()
+    done.record(torch.cuda.default_stream(kv_cache.device))
+    if not done.query():
+        await asyncio.to_thread(done.synchronize)
+
+
 async def wait_out(wait: Callable[[], Awaitable[T]]) -> T:
     """Awaits `wait()`; cancelled meanwhile, waits it out again (shielded) before the
     cancellation goes on. For transfers into blocks the caller frees when cancelled: no

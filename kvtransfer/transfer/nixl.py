@@ -22,6 +22,7 @@ from kvtransfer.transfer.base import (
     MetadataFetcher,
     PeerInfo,
     coalesce,
+    compute_passed,
     wait_out,
 )
 
@@ -104,6 +105,7 @@ class NixlBackend(KVTransferBackend):
             return 0
         self.check_layout(peer)
         remote_name = await self._ensure_peer(peer)
+        await compute_passed(self.kv_cache)  # no kernel queued before may touch dst now
         # A single-process peer's KV is on its cuda:0 (each worker sees only its own GPUs).
         handle, moved = self.start_read(remote_name, peer.base_address, 0, request_id,
                                         src_block_ids, dst_block_ids)
