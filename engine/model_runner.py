@@ -308,9 +308,10 @@ class ModelRunner:
         packed = res.packed
         if packed is None:
             packed = torch.stack([res.token_ids.double(), res.logprobs.double()])
-        if (staged and self.graphs.staged is not None
+        if (staged and self.graphs.staged is not None and res.top_ids is None
                 and len(step.ids) <= self.overlap_rows
                 and scheduler.decode_continues(out)):
+            # (Alternatives are copied out after this: they would wait for the next step.)
             # Copy this step's results out first, then queue the next step behind them:
             # the host waits only for the copy while the GPU runs on.
             host = self._host_results(packed)

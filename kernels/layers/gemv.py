@@ -12,7 +12,14 @@ reduction kernel), and two variants fold the neighbouring small ops into the pro
   the norm itself; program 0 also writes the new residual (to a separate buffer, since
   other programs still read the old one). With `swiglu`, W is the merged gate/up
   projection and the kernel writes silu(gate) * up directly.
-- `gemv`: y = W @ x (the o and down projections, the LM head).
+- `gemv`: y = W @ x (the o and down projections, the LM head, whose float32 logits it
+  writes directly).
+
+With `rope` (a `RopeWrite`), the QKV product also does the fused RoPE + KV write's work
+in its epilogue: its programs take rows in RoPE pairs (j and j + head_dim/2 of one head),
+rotate q into the output and write rotated k and v into the token's cache slot. All
+kernels launch with programmatic dependent launch on Hopper (kernels/pdl.py) and load
+their first weight tile before waiting for the previous kernel.
 
 Numerics follow the torch path's roundings (x + residual rounded to the activation dtype,
 the normed vector rounded before and after the norm weight, gate and up rounded before
@@ -25,9 +32,11 @@ projections need their all-reduce, and the norm's input is not the local shard).
 Measured on the H200 with the 8B shape (benchmarks/results/*gemv*): a layer's four
 products with their small ops take 120 us against cuBLAS + FlashInfer's 128 us, the LM
 head 236 against 259 us; the batch-1 step 4.63 against 4.85 ms (MBU 76% against 73%),
-one served stream's time per output token 4.88 against 5.06 ms. A first tile set with
-more rows per program lost (5.15 ms): cuBLAS streams the gate/up weights at ~99% of the
-measured HBM bandwidth, so the folded-in kernels only pay where the GEMV matches it.
+one served stream's time per output token 4.88 against 5.06 ms. With PDL and the RoPE
+fold since: 4.24-4.27 ms against 4.80 ms without this path (offline_h200_rope_fold.json).
+A first tile set with more rows per program lost (5.15 ms): cuBLAS streams the gate/up
+weights at ~99% of the measured HBM bandwidth, so the folded-in kernels only pay where
+the GEMV matches it.
 """
 
 from __future__ import annotations
