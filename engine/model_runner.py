@@ -132,6 +132,7 @@ class ModelRunner:
         self._graphed_step = False  # whether the last forward replayed a decode graph
         self._pinned_results: torch.Tensor | None = None
         self.overlap_rows = cfg.overlap_decode_max_rows
+        self.launched_ahead = False  # whether the last execute() queued the next step
         self.prepare_seconds = 0.0
         # Benchmarks flip this to time eager decode in one process. Never under TP: followers
         # would still replay graphs, and their collectives would not match the leader's.
@@ -298,6 +299,7 @@ class ModelRunner:
             return StepResult([], [])
         batch = self._sampling_batch(out, scheduler)
         res = sample(logits, batch, self.default_generator)
+        self.launched_ahead = False
         staged = self._graphed_step and self.stages_next_decode
         if staged:
             # Before the host waits for this step's tokens: stage and plan the step that
@@ -318,6 +320,7 @@ class ModelRunner:
             done = torch.cuda.Event()
             done.record()
             self.graphs.launch_staged()
+            self.launched_ahead = True
             done.synchronize()
             ids_lps = host.tolist()
         else:
@@ -331,12 +334,15 @@ class ModelRunner:
         return StepResult(token_ids, logprobs, top)
 
     def _host_results(self, packed: torch.Tensor) -> torch.Tensor:
-        """An asynchronous copy of [2, rows] results into pinned host memory."""
-        rows = packed.shape[1]
-        if self._pinned_results is None or self._pinned_results.shape[1] < rows:
-            self._pinned_results = torch.empty(2, max(rows, 256), dtype=torch.float64,
+        """An asynchronous copy of [2, rows] results into pinned host memory. The
+        destination is a contiguous view: into a strided one (a column slice of a wider
+        buffer) torch copies through an unpinned temporary and blocks until the GPU gets
+        there, which would hold back the launch that follows."""
+        n = packed.numel()
+        if self._pinned_results is None or self._pinned_results.numel() < n:
+            self._pinned_results = torch.empty(max(n, 512), dtype=torch.float64,
                                                pin_memory=True)
-        host = self._pinned_results[:, :rows]
+        host = self._pinned_results[:n].view(packed.shape)
         host.copy_(packed, non_blocking=True)
         return host
 

@@ -243,10 +243,11 @@ class NcclBackend(KVTransferBackend):
                                         self._connect(peer.address, self._name, uid))
                 await _bounded(joined, CONNECT_TIMEOUT_S, f"NCCL connect to {peer.address}")
             except BaseException as e:
-                if not isinstance(e, asyncio.CancelledError):  # the peer's failure, not ours
-                    wait = self._backoff.failed(peer.agent_name, time.monotonic())
-                    log.warning("NCCL connect to %s (%s) failed (%s); next try in %.0f s",
-                                peer.agent_name, peer.address, e, wait)
+                # Cancelled too: the joiner thread is left behind all the same, so a peer
+                # that never joins must not be retried at the pace of cancelled callers.
+                wait = self._backoff.failed(peer.agent_name, time.monotonic())
+                log.warning("NCCL connect to %s (%s) failed (%r); next try in %.0f s",
+                            peer.agent_name, peer.address, e, wait)
                 await self._drop({}, peer.agent_name, entry)
                 raise
             self._backoff.succeeded(peer.agent_name)
