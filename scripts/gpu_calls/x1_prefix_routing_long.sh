@@ -6,11 +6,13 @@
 # of the 8B shape share the GPU; KV for half the working set.
 #   run(kind="nvidia-h200", carry=[".whl/base", ".whl/flashinfer", ".fi-aot"],
 #       command="bash scripts/gpu_calls/x1_prefix_routing_long.sh", timeout_s=560)
+# LOADS=3 SEED=1 bash ... reruns one load on another trace.
 set -u
 source scripts/gpu_calls/steps.sh
 STEP_TAIL=14 step prefix_routing_long 500 python -m benchmarks.prefix_routing --device cuda \
   --preset llama-3.1-8b --systems 8 --system-len 2048 --sessions 96 --turns 6 \
   --msg-len 512 --out-len 64 --loads "${LOADS:-2,3}" --policies kv,round-robin \
+  --seed "${SEED:-0}" \
   --wait-idle 0 --serve-args "--gpu-memory-utilization 0.4 --max-num-batched-tokens 8192" \
   --out "$OUT/prefix_routing_h200_long.json"
 ls -la "$OUT"
