@@ -3,15 +3,16 @@
 Every decode step reports the chosen token's logprob (its logit minus the row's
 logsumexp), so a greedy step ran torch's argmax and logsumexp over the [B, vocab] float32
 logits: four reduction kernels, ~55 us a step at batch 1 on the H200 with a 128k vocab
-(offline_h200_one_row_pdl.json's profile: argmax alone 28 us, one block walking the
-whole row). Here the row is cut into CHUNK-wide pieces, one program each (32 programs
-for one 128k row); a program writes its piece's max, first argmax and sum of
-exp(x - max), and the last to finish a row (an atomic ticket) combines them:
-logprob = -log(sum_c s_c * exp(m_c - M)), since the chosen logit is M itself.
+(offline_h200_profile.json: argmax alone 28 us, one block walking the whole row). Here
+the row is cut into CHUNK-wide pieces, one program each (32 programs for one 128k row);
+a program writes its piece's max, first argmax and sum of exp(x - max), and the last to
+finish a row (an atomic ticket) combines them: logprob = -log(sum_c s_c * exp(m_c - M)),
+since the chosen logit is M itself.
 
-Ties go to the lowest index, as torch.argmax does. Used for greedy steps without banned
-tokens or requested alternatives, on CUDA (`kernels/sampling.py`); the CPU test runs the
-same source in Triton's interpreter.
+Ties go to the lowest index, as torch.argmax does (a NaN logit, which torch.argmax would
+pick, is passed over here). Used for greedy steps without banned tokens or requested
+alternatives, on CUDA (`kernels/sampling.py`); the CPU test runs the same source in
+Triton's interpreter.
 """
 
 from __future__ import annotations
