@@ -189,7 +189,7 @@ class TPComm:
             self.broadcast_step(KVCommand("nixl_setup", [agent_prefix]))
         self.nixl = NixlBackend(kv_cache, f"{agent_prefix}-r{self.pc.tp_rank}",
                                 fetch_metadata=None, dram_device_id=self.pc.tp_rank)
-        mine = RankAgent(self.nixl.agent_name, self.nixl.metadata(), self.nixl.base_address,
+        mine = RankAgent(self.nixl.agent_name, self.nixl.agent_metadata(), self.nixl.base_address,
                          self.nixl.block_bytes, self.nixl.device_id).as_list()
         everyone = [None] * self.pc.tp_size if self.pc.tp_rank == 0 else None
         dist.gather_object(mine, everyone, dst=0, group=self.control)

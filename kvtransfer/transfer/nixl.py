@@ -79,24 +79,38 @@ class NixlBackend(KVTransferBackend):
             [(self.base_address, kv_cache.numel() * kv_cache.element_size(), self.device_id, "")],
             self._mem)
         self._fetch_metadata = fetch_metadata
-        self._peers: dict[str, str] = {}  # peer agent name -> name NIXL knows it by
+        # peer agent name -> (name NIXL knows it by, device id of its KV region)
+        self._peers: dict[str, tuple[str, int]] = {}
         self._peer_lock = asyncio.Lock()
 
     @property
     def agent_name(self) -> str:
         return self._name
 
-    def metadata(self) -> bytes:
+    def agent_metadata(self) -> bytes:
+        """NIXL's own metadata of this agent (what a peer's agent loads)."""
         return self._agent.get_agent_metadata()
 
-    async def _ensure_peer(self, peer: PeerInfo) -> str:
+    def metadata(self) -> bytes:
+        """What the worker serves to decode workers: this agent as a one-rank list, so a
+        peer also learns the device id its region is registered under (a worker started
+        on cuda:1 of an unrestricted machine registers under 1, and NIXL matches remote
+        descriptors to regions by it)."""
+        return pack_rank_agents([RankAgent(self._name, self.agent_metadata(),
+                                           self.base_address, self.block_bytes,
+                                           self.device_id)])
+
+    async def _ensure_peer(self, peer: PeerInfo) -> tuple[str, int]:
+        """(the name NIXL knows the peer by, the device id of its KV region)."""
         async with self._peer_lock:
             if peer.agent_name not in self._peers:
-                meta = await self._fetch_metadata(peer.address)
-                ranks = unpack_rank_agents(meta)
-                if ranks is not None:
+                blob = await self._fetch_metadata(peer.address)
+                ranks = unpack_rank_agents(blob)
+                if ranks is not None and len(ranks) != 1:
                     raise ValueError(tp_mismatch(len(ranks), 1))
-                self._peers[peer.agent_name] = self._agent.add_remote_agent(meta)
+                meta, device = (blob, 0) if ranks is None else \
+                    (ranks[0].metadata, ranks[0].device_id)
+                self._peers[peer.agent_name] = (self._agent.add_remote_agent(meta), device)
             return self._peers[peer.agent_name]
 
     async def pull(self, peer: PeerInfo, request_id: str, src_block_ids: Sequence[int],
@@ -104,11 +118,10 @@ class NixlBackend(KVTransferBackend):
         if not src_block_ids:
             return 0
         self.check_layout(peer)
-        remote_name = await self._ensure_peer(peer)
+        remote_name, remote_device = await self._ensure_peer(peer)
         await compute_passed(self.kv_cache)  # no kernel queued before may touch dst now
-        # A single-process peer's KV is on its cuda:0 (each worker sees only its own GPUs).
-        handle, moved = self.start_read(remote_name, peer.base_address, 0, request_id,
-                                        src_block_ids, dst_block_ids)
+        handle, moved = self.start_read(remote_name, peer.base_address, remote_device,
+                                        request_id, src_block_ids, dst_block_ids)
         try:
             state = await wait_out(lambda: self._landed(handle))
             if state == "ERR":
@@ -125,9 +138,9 @@ class NixlBackend(KVTransferBackend):
     def add_peer(self, agent_name: str, metadata: bytes) -> str:
         """Registers a peer from metadata already in hand (tensor-parallel ranks get their
         peer rank's through the leader); returns the name NIXL knows it by."""
-        if agent_name not in self._peers:
-            self._peers[agent_name] = self._agent.add_remote_agent(metadata)
-        return self._peers[agent_name]
+        if agent_name not in self._peers:  # the caller knows the device id: not kept
+            self._peers[agent_name] = (self._agent.add_remote_agent(metadata), -1)
+        return self._peers[agent_name][0]
 
     def start_read(self, remote_name: str, remote_base: int, remote_dev: int, request_id: str,
                    src_block_ids: Sequence[int], dst_block_ids: Sequence[int]):
