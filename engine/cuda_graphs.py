@@ -10,7 +10,10 @@ replayed each step, removes that launch cost. Graphs need static addresses, so:
   buffers (`use_cuda_graph=True`) and is re-planned, outside the graph, before replay;
 - a batch of n rows runs in the smallest bucket >= n; padding rows decode one token of
   a scratch block that the block pool never hands out, so they touch no real KV;
-- the logits (lm_head) are computed inside the graph for every row.
+- the logits (lm_head) are computed inside the graph for every row;
+- the next step is staged (inputs, page lists, plan) while this one runs, and at small
+  batch replayed before the host has read this one's tokens (`launch_staged`), so the
+  GPU does not wait for the host between steps.
 
 All buckets share one memory pool (captured largest first), so their activations cost
 about as much as the largest bucket's alone.
