@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from cluster.placement import Placement, check_kv_transfer, place_workers, shared_gpus
 from cluster.worker_main import READY_PREFIX
+from engine.config import EngineConfig
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,10 @@ def worker_args_from(args: argparse.Namespace, model: str) -> list[str]:
         out.append("--no-cuda-graphs")
     if args.no_gemv_decode:
         out.append("--no-gemv-decode")
+    if args.no_pdl:
+        out.append("--no-pdl")
+    if args.overlap_decode_max_rows != EngineConfig.overlap_decode_max_rows:
+        out += ["--overlap-decode-max-rows", str(args.overlap_decode_max_rows)]
     if args.tp_cuda_graphs:
         out.append("--tp-cuda-graphs")
     if args.kv_blocks is not None:

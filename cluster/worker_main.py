@@ -59,6 +59,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-gemv-decode", action="store_true",
                    help="batch-1 decode through cuBLAS and FlashInfer's norm/SwiGLU kernels "
                         "instead of Baton's fused GEMV kernels (for comparison and debugging)")
+    p.add_argument("--no-pdl", action="store_true",
+                   help="launch Baton's Triton kernels without programmatic dependent launch "
+                        "(Hopper; for comparison and debugging)")
+    p.add_argument("--overlap-decode-max-rows", type=int, metavar="N",
+                   default=EngineConfig.overlap_decode_max_rows,
+                   help="decode steps of at most N rows queue the next step before the host "
+                        "reads their tokens (CUDA graphs); 0 turns it off")
     p.add_argument("--tp-cuda-graphs", action="store_true",
                    help="with --tp: capture decode graphs with their all-reduces "
                         "(CuPy NCCL; experimental, see docs/multi_gpu.md)")
@@ -89,7 +96,8 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
         seed=args.seed, attention_backend=args.attention_backend,
         cuda_graphs=not args.no_cuda_graphs, tp_cuda_graphs=args.tp_cuda_graphs,
-        gemv_decode=not args.no_gemv_decode,
+        gemv_decode=not args.no_gemv_decode, pdl=not args.no_pdl,
+        overlap_decode_max_rows=args.overlap_decode_max_rows,
         gpu_memory_utilization=args.gpu_memory_utilization, tp=args.tp,
         host_kv_gb=args.host_kv_gb, disk_kv_dir=args.disk_kv_dir, disk_kv_gb=args.disk_kv_gb,
         disk_kv_policy=args.disk_kv_policy, disk_kv_prefetch=not args.no_disk_kv_prefetch)
