@@ -150,7 +150,10 @@ class DecodeGraphs:
         host[2, :n] = slots
         host[0:2, n:b] = 0
         host[2, n:b] = self.scratch_slot
-        self.inputs[:, :b].copy_(self.host_inputs[:, :b], non_blocking=True)
+        # The whole buffer (6 KB at 256 rows), not [:, :b]: a column slice is strided, and
+        # torch copies strided host memory through an unpinned contiguous temporary plus
+        # a device-side scatter (two stream operations instead of one async copy).
+        self.inputs.copy_(self.host_inputs, non_blocking=True)
         t1 = time.perf_counter() if timer is not None else 0.0
         if table_keys is None:  # capture and callers without keys: no mirror to reuse
             pages = PageLists.build(tables + [[self.scratch_block]] * (b - n),
