@@ -6,7 +6,8 @@
 # of the 8B shape share the GPU; KV for half the working set.
 #   run(kind="nvidia-h200", carry=[".whl/base", ".whl/flashinfer", ".fi-aot"],
 #       command="bash scripts/gpu_calls/x1_prefix_routing_long.sh", timeout_s=560)
-# LOADS=3 SEED=1 bash ... reruns one load on another trace.
+# Each level draws its sessions with seed + its index: LOADS=3,3,3 repeats load 3 on three
+# traces; SEED shifts them all.
 set -u
 source scripts/gpu_calls/steps.sh
 STEP_TAIL=14 step prefix_routing_long 500 python -m benchmarks.prefix_routing --device cuda \
