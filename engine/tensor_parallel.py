@@ -208,8 +208,8 @@ class TPComm:
         agent, metadata, base, _, dev = ranks[self.pc.tp_rank]
         moved = 0
         try:
-            handle, moved = self.nixl.start_read(self.nixl.add_peer(agent, metadata), base,
-                                                 dev, request_id, src, dst)
+            handle, moved = self.nixl.start_read(self.nixl.add_peer(agent, metadata, dev),
+                                                 base, dev, request_id, src, dst)
             self._reads[request_id] = handle
         except Exception:  # the next poll reports it through the group
             log.exception("tensor-parallel rank %d: NIXL read of %s could not be posted",

@@ -28,7 +28,7 @@ from kvtransfer.transfer.base import (
 
 log = logging.getLogger(__name__)
 
-# Starts the metadata of a tensor-parallel worker (its ranks' agents), never NIXL's own.
+# Starts the metadata every worker serves: its ranks' agents (one for a single process).
 TP_METADATA_MAGIC = b"BATON-TP-NIXL\x00"
 
 
@@ -53,10 +53,12 @@ def pack_rank_agents(ranks: Sequence[RankAgent]) -> bytes:
     return TP_METADATA_MAGIC + msgpack.packb([r.as_list() for r in ranks])
 
 
-def unpack_rank_agents(blob: bytes) -> list[RankAgent] | None:
-    """The ranks of a tensor-parallel peer; None for a single-process worker's metadata."""
+def unpack_rank_agents(blob: bytes) -> list[RankAgent]:
+    """A worker's agents, one per tensor-parallel rank (one for a single process), as
+    `NixlBackend.metadata` / `ShardedNixlBackend.metadata` serve them."""
     if not blob.startswith(TP_METADATA_MAGIC):
-        return None
+        raise ValueError("the peer's NIXL metadata is not a list of Baton rank agents "
+                         "(a worker of another version?)")
     return [RankAgent(*r) for r in msgpack.unpackb(blob[len(TP_METADATA_MAGIC):])]
 
 
@@ -104,13 +106,10 @@ class NixlBackend(KVTransferBackend):
         """(the name NIXL knows the peer by, the device id of its KV region)."""
         async with self._peer_lock:
             if peer.agent_name not in self._peers:
-                blob = await self._fetch_metadata(peer.address)
-                ranks = unpack_rank_agents(blob)
-                if ranks is not None and len(ranks) != 1:
+                ranks = unpack_rank_agents(await self._fetch_metadata(peer.address))
+                if len(ranks) != 1:
                     raise ValueError(tp_mismatch(len(ranks), 1))
-                meta, device = (blob, 0) if ranks is None else \
-                    (ranks[0].metadata, ranks[0].device_id)
-                self._peers[peer.agent_name] = (self._agent.add_remote_agent(meta), device)
+                self.add_peer(peer.agent_name, ranks[0].metadata, ranks[0].device_id)
             return self._peers[peer.agent_name]
 
     async def pull(self, peer: PeerInfo, request_id: str, src_block_ids: Sequence[int],
@@ -135,11 +134,12 @@ class NixlBackend(KVTransferBackend):
             await asyncio.sleep(0)  # the UCX progress thread moves the bytes
         return state
 
-    def add_peer(self, agent_name: str, metadata: bytes) -> str:
+    def add_peer(self, agent_name: str, metadata: bytes, device_id: int) -> str:
         """Registers a peer from metadata already in hand (tensor-parallel ranks get their
-        peer rank's through the leader); returns the name NIXL knows it by."""
-        if agent_name not in self._peers:  # the caller knows the device id: not kept
-            self._peers[agent_name] = (self._agent.add_remote_agent(metadata), -1)
+        peer rank's through the leader) and the device id of its KV region; returns the
+        name NIXL knows it by."""
+        if agent_name not in self._peers:
+            self._peers[agent_name] = (self._agent.add_remote_agent(metadata), device_id)
         return self._peers[agent_name][0]
 
     def start_read(self, remote_name: str, remote_base: int, remote_dev: int, request_id: str,
@@ -218,9 +218,8 @@ class ShardedNixlBackend(KVTransferBackend):
         ranks = self._peer_ranks.get(peer.agent_name)
         if ranks is None:
             ranks = unpack_rank_agents(await self._fetch_metadata(peer.address))
-            if ranks is None or len(ranks) != len(self._ranks):
-                raise ValueError(tp_mismatch(1 if ranks is None else len(ranks),
-                                             len(self._ranks)))
+            if len(ranks) != len(self._ranks):
+                raise ValueError(tp_mismatch(len(ranks), len(self._ranks)))
             for mine, theirs in zip(self._ranks, ranks):
                 if mine.block_bytes != theirs.block_bytes:
                     raise ValueError(f"peer rank blocks are {theirs.block_bytes} bytes, ours "
