@@ -198,7 +198,8 @@ class ModelRunner:
 
     def set_overlap_decode(self, on: bool) -> bool:
         """Benchmarks compare launching the next decode step ahead with not doing so."""
-        self.overlap_rows = (self.cfg.overlap_decode_max_rows or 8) if on else 0
+        rows = self.cfg.overlap_decode_max_rows or EngineConfig.overlap_decode_max_rows
+        self.overlap_rows = rows if on else 0
         return self.overlap_decode
 
     def set_pdl(self, on: bool) -> bool:
