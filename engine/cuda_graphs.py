@@ -242,9 +242,10 @@ class DecodeGraphs:
 
     def launch_staged(self) -> None:
         """Replays the staged step now, before the host has seen this step's tokens, so
-        the GPU does not idle while the host turns them into the next step (~0.2 ms a
-        step). Its logits wait in the bucket's buffer for `run`, which only returns them
-        if the scheduler asks for exactly that step. Otherwise the work is wasted and the
+        the GPU does not idle while the host turns them into the next step (part of the
+        ~0.1 ms a batch-1 8B step spends between graphs). Its logits wait in the bucket's
+        buffer for `run`, which only returns them if the scheduler asks for exactly that
+        step. Otherwise the work is wasted and the
         real step runs after it; safe, because the replay only writes each row's next KV
         slot inside blocks the row holds (`stage_next` checks), which a finished row's
         next user overwrites later in stream order, and which the continuing rows'
