@@ -245,12 +245,12 @@ class DecodeGraphs:
         the GPU does not idle while the host turns them into the next step (part of the
         ~0.1 ms a batch-1 8B step spends between graphs). Its logits wait in the bucket's
         buffer for `run`, which only returns them if the scheduler asks for exactly that
-        step. Otherwise the work is wasted and the
-        real step runs after it; safe, because the replay only writes each row's next KV
-        slot inside blocks the row holds (`stage_next` checks), which a finished row's
-        next user overwrites later in stream order, and which the continuing rows'
-        real step rewrites with the same values. Callers launch only when every row is
-        sure to continue unless it samples a stop token (Scheduler.decode_continues)."""
+        step. Otherwise the work is wasted and the real step runs after it; safe, because
+        the replay only writes each row's next KV slot inside blocks the row holds
+        (`stage_next` checks), which a finished row's next user overwrites later in stream
+        order, and which the continuing rows' real step rewrites with the same values.
+        Callers launch only when every row is sure to continue unless it samples a stop
+        token (Scheduler.decode_continues)."""
         staged = self.staged
         if staged is None or staged.launched:
             return
