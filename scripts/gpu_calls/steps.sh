@@ -11,3 +11,9 @@ step() {
   grep -v "NIXL INFO\|^\s*$\|random weights\|UserWarning\|return func" "$OUT/$name.log" \
     | tail -n "${STEP_TAIL:-14}" | cut -c1-900
 }
+# What CuPy and NCCL the machine has (the KV links and the TP communicator use both).
+cupy_probe() {
+  step cupy_probe 60 python -c "import cupy, torch; from cupy.cuda import nccl; \
+print('cupy', cupy.__version__, 'nccl available', nccl.available, 'version', nccl.get_version(), \
+'bf16 constant', hasattr(nccl, 'NCCL_BFLOAT16'), 'torch nccl', torch.cuda.nccl.version())"
+}

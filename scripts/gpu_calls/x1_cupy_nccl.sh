@@ -7,9 +7,7 @@
 #       command="bash scripts/gpu_calls/x1_cupy_nccl.sh", timeout_s=400)
 set -u
 source scripts/gpu_calls/steps.sh
-step cupy_probe 60 python -c "import cupy, torch; from cupy.cuda import nccl; \
-print('cupy', cupy.__version__, 'nccl available', nccl.available, 'version', nccl.get_version(), \
-'bf16 constant', hasattr(nccl, 'NCCL_BFLOAT16'), 'torch nccl', torch.cuda.nccl.version())"
+cupy_probe
 NCCL_DEBUG=INFO STEP_TAIL=16 step tp_comm_test 180 python -m pytest -q -s -rs -x \
   tests/test_tp_comm_gpu.py
 STEP_TAIL=6 step profile 150 python -m benchmarks.offline --batches 1:1024 --steps 16 \

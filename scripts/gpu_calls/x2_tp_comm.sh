@@ -7,9 +7,7 @@
 #       command="bash scripts/gpu_calls/x2_tp_comm.sh", timeout_s=600)
 set -u
 source scripts/gpu_calls/steps.sh
-step cupy_probe 60 python -c "import cupy, torch; from cupy.cuda import nccl; \
-print('cupy', cupy.__version__, 'nccl available', nccl.available, 'version', nccl.get_version(), \
-'bf16 constant', hasattr(nccl, 'NCCL_BFLOAT16'), 'torch nccl', torch.cuda.nccl.version())"
+cupy_probe
 # NCCL_DEBUG=INFO here: if capture hangs again, its log shows where (next try after that:
 # NCCL_GRAPH_REGISTER=0).
 NCCL_DEBUG=INFO STEP_TAIL=24 step tp_comm_test 180 python -m pytest -q -s -rs -x \
