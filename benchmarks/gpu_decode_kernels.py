@@ -4,7 +4,8 @@ decode step runs:
 
 - attention: FlashInfer's tensor-core decode (prefill kernel, GQA group as rows) and
   CUDA-core decode kernel, each with and without split-KV, at batch 1 x 1k and
-  16/64/256 x 2k context; time per layer and fraction of HBM bandwidth for its KV bytes;
+  16/64/256 x 2k context (at batch 1 also with fixed KV chunks of SPLIT_PAGES pages);
+  time per layer and fraction of HBM bandwidth for its KV bytes;
   outputs checked against the tensor-core split-KV variant (the engine's default so far).
 - RoPE + KV write: FlashInfer's RoPE plus two `index_put`s (the old path) against
   Baton's fused Triton kernel, per layer at 1 and 64 tokens.
@@ -32,6 +33,7 @@ from kernels.attention.flashinfer_backend import WORKSPACE_BYTES, PageLists
 HQ, HKV, D, BS = 32, 8, 128, 16
 DT = torch.bfloat16
 LAYER_BYTES_MIN = 512 * 2**20  # enough layers' caches that the replay never hits in L2
+SPLIT_PAGES = (2, 4, 16)  # fixed KV chunks tried at batch 1, in pages of BS tokens
 
 
 def graph_ms(fn, reps: int = 20) -> float:
@@ -68,12 +70,17 @@ def attention_case(batch: int, ctx: int, gen) -> dict:
     out = {"batch": batch, "context": ctx, "layers_timed": layers, "kv_bytes_per_layer":
            kv_bytes, "variants": []}
     ref = None
-    for name, tc, split in (("tensor-cores", True, True), ("tensor-cores/no-split", True, False),
-                            ("cuda-cores", False, True), ("cuda-cores/no-split", False, False)):
+    variants = [("tensor-cores", True, True, None), ("tensor-cores/no-split", True, False, None),
+                ("cuda-cores", False, True, None), ("cuda-cores/no-split", False, False, None)]
+    # FlashInfer's own split at one row is 128-token chunks (its smallest); other fixed
+    # chunk sizes, in pages, for the tensor-core kernel.
+    variants += [(f"tensor-cores/split-{p}-pages", True, True, p) for p in SPLIT_PAGES
+                 if batch == 1]
+    for name, tc, split, pages_per_chunk in variants:
         row = {"variant": name}
         try:
             t0 = time.perf_counter()
-            run = flashinfer_runner(lists, tc, split)
+            run = flashinfer_runner(lists, tc, split, pages_per_chunk)
             first = run(q, caches[0])
             torch.cuda.synchronize()
             row["first_call_s"] = time.perf_counter() - t0
@@ -93,14 +100,16 @@ def attention_case(batch: int, ctx: int, gen) -> dict:
     return out
 
 
-def flashinfer_runner(lists: PageLists, tensor_cores: bool, split: bool):
+def flashinfer_runner(lists: PageLists, tensor_cores: bool, split: bool,
+                      pages_per_chunk: int | None = None):
     import flashinfer
 
     ws = torch.zeros(WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
     w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(
         ws, "NHD", use_tensor_cores=tensor_cores, backend="fa2")
     w.plan(lists.kv_indptr, lists.kv_indices, lists.last_page_len, HQ, HKV, D, BS,
-           q_data_type=DT, kv_data_type=DT, disable_split_kv=not split)
+           q_data_type=DT, kv_data_type=DT, disable_split_kv=not split,
+           fixed_split_size=pages_per_chunk)
     return w.run
 
 
