@@ -80,7 +80,7 @@ async def run_session(client: httpx.AsyncClient, url: str, model: str, s: Sessio
     for turn, msg in enumerate(s.messages):
         prompt = history + msg
         t0 = time.perf_counter()
-        ttft, tokens, cached = None, [], 0
+        ttft, tokens, cached, timing = None, [], 0, {}
         async with client.stream("POST", f"{url}/v1/completions", json={
                 "model": model, "prompt": prompt, "max_tokens": out_len, "temperature": 0,
                 "ignore_eos": True, "stream": True, "return_token_ids": True,
@@ -92,6 +92,7 @@ async def run_session(client: httpx.AsyncClient, url: str, model: str, s: Sessio
                 chunk = json.loads(line[6:])
                 if chunk.get("usage"):
                     cached = chunk["usage"]["prompt_tokens_details"]["cached_tokens"]
+                    timing = (chunk.get("baton_timing") or [{}])[0]
                 if "choices" not in chunk:
                     raise RuntimeError(f"stream chunk without choices: {chunk}")
                 for ch in chunk["choices"]:
@@ -99,7 +100,8 @@ async def run_session(client: httpx.AsyncClient, url: str, model: str, s: Sessio
                         ttft = time.perf_counter() - t0
                     tokens += ch.get("token_ids", [])
         log.append({"session": s.sid, "turn": turn, "prompt": prompt, "output": tokens,
-                    "ttft": ttft, "cached": cached, "t": t0, "end": time.perf_counter()})
+                    "ttft": ttft, "cached": cached, "t": t0, "end": time.perf_counter(),
+                    "timing": timing})
         history = prompt + tokens
         await asyncio.sleep(s.thinks[turn] / load)
 
@@ -205,7 +207,22 @@ def summarize(log: list[dict], samples: list[dict], wall: float, loadavg: tuple)
             "mean_in_flight_per_worker": in_flight,
             "busier_worker_share": max(in_flight) / sum(in_flight)
             if in_flight and sum(in_flight) else None,
-            "loadavg_1m_start_end": [loadavg[0], os.getloadavg()[0]]}
+            "loadavg_1m_start_end": [loadavg[0], os.getloadavg()[0]],
+            "ttft_parts_ms": ttft_parts(log)}
+
+
+def ttft_parts(log: list[dict]) -> dict[str, dict[str, float]]:
+    """Where time to first token went (the router's baton_timing): the first-token
+    worker's queue wait and compute, and the rest (router, gRPC, streaming), p50 and mean."""
+    rows = [r["timing"] for r in log if {"ttft_ms", "prefill_queue_ms",
+                                        "prefill_first_token_ms"} <= set(r.get("timing", {}))]
+    if not rows:
+        return {}
+    parts = {"worker_queue": [t["prefill_queue_ms"] for t in rows],
+             "worker_first_token": [t["prefill_first_token_ms"] for t in rows],
+             "rest": [t["ttft_ms"] - t["prefill_queue_ms"] - t["prefill_first_token_ms"]
+                      for t in rows]}
+    return {k: {"p50": pct(v, 0.5), "mean": statistics.mean(v)} for k, v in parts.items()}
 
 
 def wait_for_idle(limit_s: float) -> list[float]:

@@ -36,13 +36,15 @@ class DecodeService(WorkerService):
         params = params_from_proto(request.params)
         prompt = list(request.prompt_token_ids)
         first = pb.TokenChunk()
+        arrival = time.monotonic()
         try:
             if request.HasField("first_token_id"):
                 q, first, already = await self._admit_remote(request, params, prompt, context)
             else:
                 already = list(request.resume_token_ids)
                 q = await ctx.worker.admit(
-                    rid, lambda e: e.add_request(rid, prompt, params, resume=already))
+                    rid, lambda e: e.add_request(rid, prompt, params, resume=already,
+                                                 arrival_time=arrival))
         except InvalidRequestError as e:
             await abort_invalid(context, e)
             return
@@ -56,6 +58,8 @@ class DecodeService(WorkerService):
                 chunk.kv_transfer_bytes = first.kv_transfer_bytes
                 chunk.kv_transfer_seconds = first.kv_transfer_seconds
                 chunk.kv_transfer_backend = first.kv_transfer_backend
+                chunk.queue_seconds = out.queue_seconds or 0.0
+                chunk.first_token_seconds = out.first_token_seconds or 0.0
                 first_sent = True
             yield chunk
 

@@ -51,6 +51,11 @@ class RequestOutput:
     num_cached_tokens: int
     logprobs: Seq[float] = field(default_factory=list)
     top_logprobs: Seq[list[tuple[int, float]]] = field(default_factory=list)
+    # On the request's first output from this engine only (None on the others): seconds
+    # from its arrival here to the first step that computed it (the queue), and from
+    # then to this output's token (its prefill, chunks and other rows' work included).
+    queue_seconds: float | None = None
+    first_token_seconds: float | None = None
 
 
 def make_tiered_store(cfg: EngineConfig, runner: ModelRunner, events: EventRecorder,
@@ -205,14 +210,19 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams, hold_kv: bool = False,
-                    resume: list[int] | None = None) -> Sequence:
+                    resume: list[int] | None = None,
+                    arrival_time: float | None = None) -> Sequence:
         """Queue a request. `hold_kv` (prefill role): keep its blocks after it finishes,
         until `release` or the lease runs out. `resume`: tokens already generated for it
-        elsewhere (migration from a dead worker); they count towards max_tokens."""
+        elsewhere (migration from a dead worker); they count towards max_tokens.
+        `arrival_time` (time.monotonic()): when it reached this worker, if before now (its
+        queue time counts from there)."""
         if request_id in self.seqs or request_id in self.held:
             raise InvalidRequestError(f"duplicate request id {request_id!r}")
         self.validate(prompt_token_ids, params)
         seq = Sequence(request_id, list(prompt_token_ids), params, hold_blocks=hold_kv)
+        if arrival_time is not None:
+            seq.arrival_time = arrival_time
         if resume:
             seq.token_ids.extend(resume)
             seq.logprobs.extend([0.0] * len(resume))
@@ -252,6 +262,7 @@ class LLMEngine:
     def commit_remote(self, adm: RemoteAdmission) -> None:
         """The pulled KV is in place: the sequence joins the batch to decode."""
         seq = adm.seq
+        seq.arrival_time = time.monotonic()  # its queue here starts after the KV pull
         seq.num_computed_tokens = seq.num_prompt_tokens
         self.kv.cache_full_blocks(seq)
         self._track(seq)
@@ -350,6 +361,13 @@ class LLMEngine:
             finished=seq.is_finished,
             finish_reason=seq.finish_reason, num_cached_tokens=max(seq.num_cached_tokens, 0),
             logprobs=lps, top_logprobs=tops)
+        if not seq.timing_reported:
+            seq.timing_reported = True
+            now = time.monotonic()
+            started = seq.first_scheduled_time if seq.first_scheduled_time is not None \
+                else now
+            out.queue_seconds = started - seq.arrival_time
+            out.first_token_seconds = now - started
         if seq.is_finished:
             self._forget(seq.request_id)
             if seq.hold_blocks and seq.block_table:

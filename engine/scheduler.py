@@ -9,6 +9,7 @@ CPU only and model-free: `schedule()` returns a plain `SchedulerOutput`, and
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from itertools import islice
@@ -118,6 +119,8 @@ class Scheduler:
                 break
             if seq.num_cached_tokens < 0:
                 seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = time.monotonic()
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

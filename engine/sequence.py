@@ -25,6 +25,10 @@ class Sequence:
     prompt_token_ids: list[int]
     params: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
+    # When a step first computed any of it (its wait in this worker's queue ends), and
+    # whether its first output here has reported that wait (RequestOutput timing).
+    first_scheduled_time: float | None = None
+    timing_reported: bool = False
     status: SequenceStatus = SequenceStatus.WAITING
     # token_ids = prompt + generated; KV exists for token_ids[:num_computed_tokens].
     token_ids: list[int] = field(init=False)

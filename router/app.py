@@ -149,6 +149,7 @@ class Router:
                 now = time.perf_counter()
                 if last is None:
                     m.ttft.observe(now - t_start)
+                    state.timing["ttft_ms"] = (now - t_start) * 1e3
                 elif ev.token_ids:
                     gap = (now - last) / len(ev.token_ids)
                     for _ in ev.token_ids:
@@ -159,6 +160,8 @@ class Router:
                     state.cached_tokens = ev.cached_tokens
                 if ev.route:
                     state.route.update(ev.route)
+                if ev.timing:
+                    state.timing.update(ev.timing)
                 text = "".join(state.detok.add_token(t) for t in ev.token_ids)
                 finish = ev.finish_reason
                 if state.detok.stopped:

@@ -39,6 +39,11 @@ class TokenEvent:
     finish_reason: str | None = None
     cached_tokens: int | None = None  # on the first event
     route: dict[str, str] | None = None  # which workers serve it (first event of a stage)
+    # Milliseconds a worker spent on it before its first token there (first event of a
+    # stage): "<phase>_queue_ms" waiting, "<phase>_first_token_ms" computing, phase
+    # "prefill" (whoever made the first token) or "decode" (disaggregated or migrated
+    # decode); "kv_transfer_ms" for the decode worker's pull.
+    timing: dict[str, float] | None = None
 
 
 def _invalid(e: grpc.aio.AioRpcError) -> InvalidRequestError:
@@ -83,7 +88,8 @@ class RequestRunner:
                     if first.first_top_logprobs else []
                 yield TokenEvent([first.first_token_id], [first.first_logprob], top,
                                  first.finish_reason or None, first.num_cached_tokens,
-                                 route={"prefill": prefill_w.address})
+                                 route={"prefill": prefill_w.address},
+                                 timing=self._timing("prefill", first))
                 if first.finish_reason:
                     return
                 handle = first.handle if first.HasField("handle") else None
@@ -109,8 +115,14 @@ class RequestRunner:
                 handle = None
                 w.in_flight += 1
                 call = w.stub.Generate(req)
+                phase = "decode" if generated else "prefill"
+                timing: dict[str, float] | None = None
                 try:
                     async for chunk in call:
+                        if timing is None:  # this worker's first chunk
+                            timing = self._timing(phase, chunk)
+                            if chunk.kv_transfer_backend:
+                                timing["kv_transfer_ms"] = chunk.kv_transfer_seconds * 1e3
                         if local_prefill:
                             decode_w.pending_prefill_tokens -= local_prefill
                             local_prefill = 0
@@ -124,7 +136,8 @@ class RequestRunner:
                             [top_from_proto(t) for t in chunk.top_logprobs],
                             chunk.finish_reason or None,
                             chunk.num_cached_tokens if first_event else None,
-                            route={"decode": w.address} if routed is not w else None)
+                            route={"decode": w.address} if routed is not w else None,
+                            timing=timing if routed is not w else None)
                         first_event = False
                         routed = w
                         if chunk.finish_reason:
@@ -154,6 +167,12 @@ class RequestRunner:
                 task = asyncio.ensure_future(self._release(prefill_w, request_id))
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
+
+    def _timing(self, phase: str, msg: pb.PrefillResponse | pb.TokenChunk) -> dict[str, float]:
+        self.metrics.worker_queue.labels(phase).observe(msg.queue_seconds)
+        self.metrics.worker_first_token.labels(phase).observe(msg.first_token_seconds)
+        return {f"{phase}_queue_ms": msg.queue_seconds * 1e3,
+                f"{phase}_first_token_ms": msg.first_token_seconds * 1e3}
 
     def _pick(self, role: str, failed: set[str], overlaps: dict[str, Overlap],
               block_size: int, tie_key: int) -> WorkerHandle:

@@ -23,6 +23,9 @@ class ChoiceState:
     finish_reason: str | None = None
     cached_tokens: int = 0
     route: dict[str, str] = field(default_factory=dict)  # role -> worker address
+    # Where its time to first token went, in ms (router/generation.py TokenEvent.timing,
+    # plus the router's own "ttft_ms").
+    timing: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -120,7 +123,8 @@ class Formatter:
     def usage_chunk(self, choices: list[ChoiceState]) -> str:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
         return self._sse({"id": self.id, "object": obj, "created": self.created,
-                          "model": self.model, "choices": [], "usage": usage(choices)})
+                          "model": self.model, "choices": [], "usage": usage(choices),
+                          "baton_timing": [c.timing for c in choices]})
 
     def full(self, choices: list[ChoiceState]) -> dict:
         out = []
@@ -139,10 +143,12 @@ class Formatter:
                 item["prompt_token_ids"] = c.prompt_token_ids
             out.append(item)
         obj = "chat.completion" if self.kind == "chat" else "text_completion"
-        # Baton extra: where each choice ran (clients ignore unknown fields).
+        # Baton extras: where each choice ran and where its time to first token went
+        # (clients ignore unknown fields).
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model,
                 "choices": out, "usage": usage(choices),
-                "baton_route": [c.route for c in choices]}
+                "baton_route": [c.route for c in choices],
+                "baton_timing": [c.timing for c in choices]}
 
     @staticmethod
     def _sse(body: dict) -> str:

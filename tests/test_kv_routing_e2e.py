@@ -5,6 +5,7 @@ mostly cached prompt on the decode worker itself."""
 
 from __future__ import annotations
 
+import json
 import random
 import time
 
@@ -61,3 +62,24 @@ def test_mostly_cached_prompt_is_prefilled_locally(checkpoint_dir):
         metrics = httpx.get(f"{url}/metrics").text
         assert 'baton_routing_decisions_total{kind="local"} 1.0' in metrics
         assert 'baton_routing_decisions_total{kind="disaggregated"} 1.0' in metrics
+        # Where each request's time to first token went: P's queue and compute, then D's
+        # (and its KV pull) when disaggregated; only the local prefill otherwise.
+        t1, t2 = first["baton_timing"][0], second["baton_timing"][0]
+        assert set(t1) == {"ttft_ms", "prefill_queue_ms", "prefill_first_token_ms",
+                           "decode_queue_ms", "decode_first_token_ms", "kv_transfer_ms"}, t1
+        assert set(t2) == {"ttft_ms", "prefill_queue_ms", "prefill_first_token_ms"}, t2
+        for t in (t1, t2):
+            assert all(v >= 0 for v in t.values()), t
+            assert t["prefill_first_token_ms"] > 0
+            assert t["ttft_ms"] >= t["prefill_queue_ms"] + t["prefill_first_token_ms"], t
+        assert 'baton_worker_queue_seconds_count{phase="prefill"} 2.0' in metrics
+        assert 'baton_worker_first_token_seconds_count{phase="decode"} 1.0' in metrics
+        # Streamed: the usage chunk carries it.
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=60, json={
+                "model": PRESET, "prompt": [*prefix, 30, 31], "max_tokens": 3,
+                "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines()
+                      if line.startswith("data: {")]
+        assert chunks[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] == 160
+        assert chunks[-1]["baton_timing"][0]["prefill_first_token_ms"] > 0
