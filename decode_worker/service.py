@@ -58,8 +58,9 @@ class DecodeService(WorkerService):
                 chunk.kv_transfer_bytes = first.kv_transfer_bytes
                 chunk.kv_transfer_seconds = first.kv_transfer_seconds
                 chunk.kv_transfer_backend = first.kv_transfer_backend
-                chunk.queue_seconds = out.queue_seconds or 0.0
-                chunk.first_token_seconds = out.first_token_seconds or 0.0
+                if out.queue_seconds is not None:
+                    chunk.queue_seconds = out.queue_seconds
+                    chunk.first_token_seconds = out.first_token_seconds
                 first_sent = True
             yield chunk
 
@@ -69,7 +70,8 @@ class DecodeService(WorkerService):
         handle = request.handle
         generated = [request.first_token_id, *request.resume_token_ids]
         logprobs = [request.first_logprob] + [0.0] * len(request.resume_token_ids)
-        deadline = time.monotonic() + ADMIT_TIMEOUT_S
+        entered = time.monotonic()
+        deadline = entered + ADMIT_TIMEOUT_S
         adm: RemoteAdmission | None = None
         try:
             while adm is None:
@@ -98,7 +100,10 @@ class DecodeService(WorkerService):
             raise
         finally:
             await self._release_remote(handle.worker_address, handle.request_id)
-        q = await ctx.worker.admit(rid, lambda e: e.commit_remote(adm))
+        # Its queue here counts from the call, less the pull (reported apart): waiting
+        # for free blocks is queueing too.
+        arrival = entered + first.kv_transfer_seconds
+        q = await ctx.worker.admit(rid, lambda e: e.commit_remote(adm, arrival))
         return q, first, generated
 
     async def _release_remote(self, address: str, rid: str) -> None:

@@ -53,7 +53,8 @@ class RequestOutput:
     top_logprobs: Seq[list[tuple[int, float]]] = field(default_factory=list)
     # On the request's first output from this engine only (None on the others): seconds
     # from its arrival here to the first step that computed it (the queue), and from
-    # then to this output's token (its prefill, chunks and other rows' work included).
+    # then to this output's token (its prefill, chunks and other rows' work included; a
+    # preemption before the first token counts there too).
     queue_seconds: float | None = None
     first_token_seconds: float | None = None
 
@@ -259,10 +260,11 @@ class LLMEngine:
         fill = seq.block_table[len(hits) : self.kv.blocks_needed(n_prompt)]
         return RemoteAdmission(seq, len(hits), fill)
 
-    def commit_remote(self, adm: RemoteAdmission) -> None:
-        """The pulled KV is in place: the sequence joins the batch to decode."""
+    def commit_remote(self, adm: RemoteAdmission, arrival_time: float | None = None) -> None:
+        """The pulled KV is in place: the sequence joins the batch to decode.
+        `arrival_time`: where its queue time here counts from (default now)."""
         seq = adm.seq
-        seq.arrival_time = time.monotonic()  # its queue here starts after the KV pull
+        seq.arrival_time = time.monotonic() if arrival_time is None else arrival_time
         seq.num_computed_tokens = seq.num_prompt_tokens
         self.kv.cache_full_blocks(seq)
         self._track(seq)

@@ -1,15 +1,18 @@
 """Runs an `LLMEngine` on its own thread and lets asyncio code (the gRPC service) submit
 requests and await their outputs. gRPC handlers admit, abort and release through `call`,
-which hands the work to the engine thread: it runs everything handed to it, in order,
-before each step. (Handlers used to take the engine's lock themselves, from an executor
-thread; the engine thread, releasing it after a step and taking it again at once, often
-won it back: a call waited 1.4 steps on average, up to 2, in tests/test_worker_stream.py,
-none of it in the request's queue time. `lock` still guards the engine: `call` runs work
-under it when the engine thread is not running.)"""
+which hands the work to the engine thread: before each step it runs, in order, what had
+been handed to it when the step before ended (later arrivals wait one step, so callers
+polling through `call` cannot starve the steps). Work once handed over always runs; an
+admission whose caller is cancelled is aborted right behind it. (Handlers used to take
+the engine's lock themselves, from an executor thread; the engine thread, releasing it
+after a step and taking it again at once, often won it back: a call waited 1.4 steps on
+average, up to 2, in tests/test_worker_stream.py, none of it in the request's queue
+time. `lock` still guards the engine; before `start`, `call` runs work under it.)"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -40,8 +43,8 @@ def _deliver(pairs: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
         q.put_nowait(out)
 
 
-def _settle(fut: asyncio.Future, result: object, error: BaseException | None) -> None:
-    if fut.done():  # the caller was cancelled meanwhile
+def _settle(fut: asyncio.Future | None, result: object, error: BaseException | None) -> None:
+    if fut is None or fut.done():  # posted without a caller, or the caller was cancelled
         return
     if error is not None:
         fut.set_exception(error)
@@ -64,13 +67,16 @@ class EngineWorker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
-        # Work handed to the engine thread: (fn, future, skip if the caller gave up).
-        self._inbox: deque[tuple[Callable[[LLMEngine], object], asyncio.Future, bool]] = deque()
+        # Work handed to the engine thread: (fn, the caller's future or None).
+        self._inbox: deque[tuple[Callable[[LLMEngine], object], asyncio.Future | None]] = \
+            deque()
+        self._started = False
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._event_subscribers: list[asyncio.Queue[bytes]] = []
         self.num_steps = 0
 
     def start(self) -> None:
+        self._started = True
         self._thread.start()
 
     def stop(self) -> None:
@@ -79,40 +85,66 @@ class EngineWorker:
         self._thread.join(timeout=10)
         self._fail_inbox(RuntimeError("the engine worker stopped"))
 
-    async def call(self, fn: Callable[[LLMEngine], T], skip_if_cancelled: bool = False) -> T:
+    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
         """Run `fn(engine)` on the engine thread before its next step (at once when it is
-        idle), after whatever was handed to it earlier. `skip_if_cancelled`: drop `fn`
-        when the caller is cancelled before it runs (an admission nobody awaits)."""
-        if not self._thread.is_alive():
+        idle), after whatever was handed to it earlier. Once handed over, `fn` runs even
+        if the caller is cancelled meanwhile."""
+        if not self._started:  # no engine thread (tests): nothing steps concurrently
             def locked() -> T:
                 with self.lock:
                     return fn(self.engine)
             return await self.loop.run_in_executor(None, locked)
         fut = self.loop.create_future()
-        self._inbox.append((fn, fut, skip_if_cancelled))
-        self._wake.set()
-        if not self._thread.is_alive():  # stopped in between: nobody will drain it
-            self._fail_inbox(RuntimeError("the engine worker stopped"))
+        self._hand_over(fn, fut)
         return await fut
 
+    def post(self, fn: Callable[[LLMEngine], object]) -> None:
+        """`call` without waiting for it (an abort for a caller that went away)."""
+        if self._started:
+            self._hand_over(fn, None)
+        else:
+            with self.lock:
+                fn(self.engine)
+
+    def _hand_over(self, fn: Callable[[LLMEngine], object], fut: asyncio.Future | None) -> None:
+        self._inbox.append((fn, fut))
+        self._wake.set()
+        if self._stop.is_set() or not self._thread.is_alive():  # nobody will drain it
+            self._fail_inbox(RuntimeError("the engine worker stopped"))
+
     def _drain_inbox(self) -> None:
-        while self._inbox:
-            fn, fut, skippable = self._inbox.popleft()
-            if skippable and fut.cancelled():
-                continue
+        # Only what is here now: calls arriving meanwhile (a transfer polling through
+        # `call` every half millisecond) wait for the next step instead of starving it.
+        for _ in range(len(self._inbox)):
+            fn, fut = self._inbox.popleft()
             try:
                 with self.lock:
                     result, error = fn(self.engine), None
-            except Exception as e:
-                result, error = None, e
-            self.loop.call_soon_threadsafe(_settle, fut, result, error)
+            except BaseException as e:  # the engine thread must outlive any call
+                result, error = None, e if isinstance(e, Exception) else \
+                    RuntimeError(f"engine call raised {e!r}")
+            self._to_loop(_settle, fut, result, error)
 
     def _fail_inbox(self, error: BaseException) -> None:
         while self._inbox:
-            _, fut, _ = self._inbox.popleft()
-            self.loop.call_soon_threadsafe(_settle, fut, None, error)
+            _, fut = self._inbox.popleft()
+            self._to_loop(_settle, fut, None, error)
+
+    def _to_loop(self, fn: Callable, *args: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop closed (shutdown)
+            self.loop.call_soon_threadsafe(fn, *args)
 
     def _run(self) -> None:
+        try:
+            self._loop_steps()
+        except BaseException as e:  # died: no stream may wait for it forever
+            log.exception("engine thread died")
+            self._fail_all(e)
+        finally:  # stopped, or died: nothing handed over may wait forever either
+            self._stop.set()
+            self._fail_inbox(RuntimeError("the engine worker stopped"))
+
+    def _loop_steps(self) -> None:
         next_expiry = 0.0
         while not self._stop.is_set():
             outs: list[RequestOutput] | None = None
@@ -146,7 +178,7 @@ class EngineWorker:
             pairs = [(q, out) for out in self._to_hand_off(outs)
                      if (q := self._streams.get(out.request_id)) is not None]
             if pairs:
-                self.loop.call_soon_threadsafe(_deliver, pairs)
+                self._to_loop(_deliver, pairs)
 
     def _to_hand_off(self, outs: list[RequestOutput]) -> list[RequestOutput]:
         """This step's outputs to hand to their streams: all of them at interval 1; else a
@@ -177,7 +209,7 @@ class EngineWorker:
 
     def _publish(self, data: bytes) -> None:
         for q in list(self._event_subscribers):
-            self.loop.call_soon_threadsafe(q.put_nowait, data)
+            self._to_loop(q.put_nowait, data)
 
     async def subscribe_events(self):
         """(snapshot blocks, last event id, instance id, queue of later encoded batches)."""
@@ -198,11 +230,13 @@ class EngineWorker:
             self._event_subscribers.remove(q)
 
     def _fail_all(self, err: BaseException) -> None:
-        with self.lock:
-            for rid in list(self._streams):
-                self.engine.abort_request(rid)
-        for q in list(self._streams.values()):
-            self.loop.call_soon_threadsafe(q.put_nowait, err)
+        try:
+            with self.lock:
+                for rid in list(self._streams):
+                    self.engine.abort_request(rid)
+        finally:  # the streams hear of it even if an abort fails too
+            for q in list(self._streams.values()):
+                self._to_loop(q.put_nowait, err)
 
     async def admit(self, request_id: str, fn: Callable[[LLMEngine], object]) -> asyncio.Queue:
         """Open the request's output queue, then run `fn` (which puts it in the batch)
@@ -211,7 +245,13 @@ class EngineWorker:
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = q
         try:
-            await self.call(fn, skip_if_cancelled=True)
+            await self.call(fn)
+        except asyncio.CancelledError:
+            # `fn` runs anyway (it was handed over): an abort right behind it frees what
+            # it admitted, so nothing decodes, or holds blocks, for a caller gone.
+            self._streams.pop(request_id, None)
+            self.post(lambda e: e.abort_request(request_id))
+            raise
         except BaseException:
             self._streams.pop(request_id, None)
             raise

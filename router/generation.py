@@ -41,8 +41,9 @@ class TokenEvent:
     route: dict[str, str] | None = None  # which workers serve it (first event of a stage)
     # Milliseconds a worker spent on it before its first token there (first event of a
     # stage): "<phase>_queue_ms" waiting, "<phase>_first_token_ms" computing, phase
-    # "prefill" (whoever made the first token) or "decode" (disaggregated or migrated
-    # decode); "kv_transfer_ms" for the decode worker's pull.
+    # "prefill" (whoever made the first token), "decode" (the decode worker of a
+    # disaggregated request) or "migrated" (a worker taking over after one failed: it
+    # prefills prompt and tokens so far); "kv_transfer_ms" for the decode worker's pull.
     timing: dict[str, float] | None = None
 
 
@@ -115,7 +116,8 @@ class RequestRunner:
                 handle = None
                 w.in_flight += 1
                 call = w.stub.Generate(req)
-                phase = "decode" if generated else "prefill"
+                phase = "prefill" if not generated else "decode" if attempt == 0 \
+                    else "migrated"
                 timing: dict[str, float] | None = None
                 try:
                     async for chunk in call:
@@ -169,6 +171,8 @@ class RequestRunner:
                 task.add_done_callback(self._background.discard)
 
     def _timing(self, phase: str, msg: pb.PrefillResponse | pb.TokenChunk) -> dict[str, float]:
+        if not msg.HasField("queue_seconds"):  # a worker that does not report it
+            return {}
         self.metrics.worker_queue.labels(phase).observe(msg.queue_seconds)
         self.metrics.worker_first_token.labels(phase).observe(msg.first_token_seconds)
         return {f"{phase}_queue_ms": msg.queue_seconds * 1e3,

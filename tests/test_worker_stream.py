@@ -5,6 +5,7 @@ its stream N at a time after the first, and always the last."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 from engine.llm_engine import RequestOutput
 from engine.worker import EngineWorker, merge_outputs
@@ -126,3 +127,75 @@ def test_calls_run_at_the_next_step_boundary_while_the_engine_is_busy() -> None:
     waits = asyncio.run(run())
     # 0 or 1 step; 2 only if this thread lost the GIL for a whole step in between.
     assert max(waits) <= 2 and sum(waits) / len(waits) <= 1.1, waits
+
+
+def _busy_worker(loop) -> EngineWorker:
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(model="tiny-llama", load_format="dummy", device="cpu",
+                                    num_kv_blocks=256))
+    worker = EngineWorker(engine, loop)
+    worker.start()
+    return worker
+
+
+def test_a_cancelled_admission_leaves_nothing_running_or_holding_blocks() -> None:
+    """The caller of a decode-side remote admission goes away while the commit waits for
+    the engine thread: the commit still runs (it was handed over), and the abort posted
+    behind it frees the blocks prepare_remote took."""
+    from engine.sampling_params import SamplingParams
+
+    async def run() -> tuple[int, int, list[str]]:
+        worker = _busy_worker(asyncio.get_running_loop())
+        try:
+            p = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+            await worker.admit("busy", lambda e: e.add_request("busy", [1, 2, 3], p))
+            adm = await worker.call(
+                lambda e: e.prepare_remote("r", list(range(1, 100)), [5], [0.0], p))
+            task = asyncio.ensure_future(worker.admit("r", lambda e: e.commit_remote(adm)))
+            await asyncio.sleep(0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await worker.call(lambda e: e.abort_request("busy"))
+            free = await worker.call(lambda e: e.block_pool.num_free)
+            return free, worker.engine.block_pool.num_blocks, list(worker.engine.seqs)
+        finally:
+            worker.stop()
+
+    free, total, left = asyncio.run(run())
+    assert (free, left) == (total, [])
+
+
+def test_steady_calls_do_not_starve_the_steps() -> None:
+    """Eight callers each handing over work every half millisecond (as a KV pull polls):
+    the engine thread runs what was there when a step ended, then steps again."""
+    import time
+
+    from engine.sampling_params import SamplingParams
+
+    async def run() -> int:
+        worker = _busy_worker(asyncio.get_running_loop())
+        try:
+            p = SamplingParams(max_tokens=4000, temperature=0.0, ignore_eos=True)
+            await worker.admit("busy", lambda e: e.add_request("busy", [1, 2, 3], p))
+            stop = asyncio.Event()
+
+            async def poll() -> None:
+                while not stop.is_set():
+                    await worker.call(lambda e: time.sleep(0.0002))
+                    await asyncio.sleep(0.0005)
+
+            pollers = [asyncio.ensure_future(poll()) for _ in range(8)]
+            start = worker.num_steps
+            await asyncio.sleep(1.0)
+            steps = worker.num_steps - start
+            stop.set()
+            await asyncio.gather(*pollers)
+            await worker.call(lambda e: e.abort_request("busy"))
+            return steps
+        finally:
+            worker.stop()
+
+    assert asyncio.run(run()) >= 20  # the old drain-until-empty loop made ~1
