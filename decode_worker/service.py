@@ -73,10 +73,17 @@ class DecodeService(WorkerService):
         entered = time.monotonic()
         deadline = entered + ADMIT_TIMEOUT_S
         adm: RemoteAdmission | None = None
+        prepared: list[RemoteAdmission] = []  # on the engine thread, even if we are gone
+
+        def prepare(e) -> RemoteAdmission | None:
+            got = e.prepare_remote(rid, prompt, generated, logprobs, params)
+            if got is not None:
+                prepared.append(got)
+            return got
+
         try:
             while adm is None:
-                adm = await ctx.worker.call(
-                    lambda e: e.prepare_remote(rid, prompt, generated, logprobs, params))
+                adm = await ctx.worker.call(prepare)
                 if adm is None:
                     if time.monotonic() > deadline:
                         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -95,8 +102,8 @@ class DecodeService(WorkerService):
                 ctx.peer_of(handle), handle.request_id, src, adm.fill_block_ids)
             first.kv_transfer_seconds = time.perf_counter() - t0
         except BaseException:
-            if adm is not None:
-                await ctx.worker.call(lambda e: e.cancel_remote(adm))
+            # Runs after any prepare still queued (a cancelled caller's included).
+            ctx.worker.post(lambda e: [e.cancel_remote(a) for a in prepared])
             raise
         finally:
             await self._release_remote(handle.worker_address, handle.request_id)

@@ -244,13 +244,22 @@ class EngineWorker:
         dropped again if `fn` fails."""
         q: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = q
+        admitted = False
+
+        def run(e: LLMEngine) -> object:
+            nonlocal admitted
+            result = fn(e)
+            admitted = True
+            return result
+
         try:
-            await self.call(fn)
+            await self.call(run)
         except asyncio.CancelledError:
             # `fn` runs anyway (it was handed over): an abort right behind it frees what
-            # it admitted, so nothing decodes, or holds blocks, for a caller gone.
+            # it admitted, so nothing decodes, or holds blocks, for a caller gone (and
+            # nothing else is aborted when `fn` refused it, e.g. as a duplicate id).
             self._streams.pop(request_id, None)
-            self.post(lambda e: e.abort_request(request_id))
+            self.post(lambda e: e.abort_request(request_id) if admitted else None)
             raise
         except BaseException:
             self._streams.pop(request_id, None)
