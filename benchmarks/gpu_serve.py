@@ -38,9 +38,10 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int],
     """One streamed request; `tokens`, when given, receives the generated token ids (a
     multi-turn client sends them back as the next turn's history)."""
     body = {"model": MODEL_NAME[0], "prompt": prompt, "max_tokens": out_len, "temperature": 0,
-            "ignore_eos": True, "stream": True, "return_token_ids": tokens is not None}
+            "ignore_eos": True, "stream": True, "return_token_ids": True}
     t0 = time.perf_counter()
     stamps: list[float] = []
+    counts: list[int] = []  # tokens per chunk: a lagging stream merges several into one
     async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread()).decode()[:500]}")
@@ -49,12 +50,17 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int],
                 continue
             chunk = json.loads(line[6:])
             if chunk.get("choices"):
+                ids = [t for ch in chunk["choices"] for t in ch.get("token_ids", [])]
                 stamps.append(time.perf_counter())
+                counts.append(len(ids))
                 if tokens is not None:
-                    tokens.extend(t for ch in chunk["choices"] for t in ch.get("token_ids", []))
-    gaps = [b - a for a, b in itertools.pairwise(stamps)]
+                    tokens.extend(ids)
+    # One gap per token after the first chunk's: a chunk of n tokens spreads its wait
+    # over them (as the router's ITL histogram does).
+    gaps = [(b - a) / n for (a, b), n in zip(itertools.pairwise(stamps), counts[1:])
+            for _ in range(n)]
     return {"ttft": stamps[0] - t0, "gaps": gaps, "chunks": len(stamps),
-            "latency": stamps[-1] - t0}
+            "tokens": sum(counts), "latency": stamps[-1] - t0}
 
 
 async def load(url: str, in_len: int, out_len: int, concurrency: int, requests: int,
@@ -75,9 +81,9 @@ async def load(url: str, in_len: int, out_len: int, concurrency: int, requests: 
         wall = time.perf_counter() - t0
     ttft = [r["ttft"] for r in results]
     gaps = [g for r in results for g in r["gaps"]]
-    # Time per output token after the first, per request (vLLM's TPOT): a stream chunk
-    # may carry several tokens when the worker's stream lags, so chunk gaps (ITL here)
-    # alone would overstate the gap between tokens.
+    # Time per output token after the first, per request (vLLM's TPOT). ITL: one gap per
+    # token (a chunk carrying several tokens, when the worker's stream lags, spreads its
+    # wait over them; until 2026-11-29 each chunk counted as one gap, which overstated it).
     tpot = [(r["latency"] - r["ttft"]) / max(out_len - 1, 1) for r in results]
     return {"input_len": in_len, "output_len": out_len, "concurrency": concurrency,
             "requests": requests, "wall_s": wall,

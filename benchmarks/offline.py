@@ -95,7 +95,9 @@ def decode_case(engine: LLMEngine, batch: int, context: int, steps: int, device:
         t_prev = t1
         cpu_times.append((t_sched - t0) + engine.runner.prepare_seconds + (t1 - t_exec))
         assert len(out.scheduled) == batch
-    replay_ms = graph_replay_ms(graphs, batch) if graphs is not None else None
+    # Under TP a replay on the leader alone would wait forever for its peers' collectives.
+    replay_ms = graph_replay_ms(graphs, batch) \
+        if graphs is not None and engine.tp is None else None
     for rid in ids:
         engine.abort_request(rid)
     host = None
@@ -107,7 +109,8 @@ def decode_case(engine: LLMEngine, batch: int, context: int, steps: int, device:
         # Shares of steps: staged ahead, launched ahead, launched ahead and used.
         host.update({k: timer.get(k, 0.0) / steps_ for k in counts})
     step = statistics.median(step_times)
-    kv_read = batch * (context + steps // 2) * mc.kv_bytes_per_token()
+    # This rank's share: under TP each reads its KV heads, as its weight shard.
+    kv_read = batch * (context + steps // 2) * mc.kv_bytes_per_token() // engine.cfg.tp
     weights = weight_bytes_read(engine, batch)
     roof = (weights + kv_read) / H200_HBM_BYTES_PER_S
     # Until 2026-11-29 the roofline counted every parameter byte, the untied embedding

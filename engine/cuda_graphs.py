@@ -99,6 +99,16 @@ class DecodeGraphs:
     def bucket_for(self, n: int) -> int | None:
         return next((b for b in self.buckets if b >= n), None)
 
+    def release(self) -> None:
+        """Destroys the captured graphs now. Under TP they hold the group's NCCL
+        collectives, and NCCL (2.26 and later) will not destroy or abort a communicator
+        while a graph that captured it exists: its close would hang."""
+        torch.cuda.synchronize(self.device)
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+        self.logits.clear()
+
     @torch.inference_mode()
     def capture(self) -> GraphCaptureReport:
         t0 = time.perf_counter()

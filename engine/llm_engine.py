@@ -181,6 +181,7 @@ class LLMEngine:
             self.tiers.close()
             self.tiers = None
         if self.tp is not None:
+            self.runner.release_graphs()  # before the communicator they captured
             self.tp.close()
             self.tp = None
 

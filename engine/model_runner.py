@@ -158,9 +158,15 @@ class ModelRunner:
         return (self.graphs is not None and self.use_graphs and self.stage_decode
                 and self.pc.tp_size == 1)
 
+    def release_graphs(self) -> None:
+        """Before the TP communicator closes (DecodeGraphs.release says why)."""
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
+
     def _capture_graphs(self) -> None:
         s = self.kv_spec
-        self.graphs = None  # a recapture frees the old graphs' pool first
+        self.release_graphs()  # a recapture frees the old graphs' pool first
         torch.cuda.empty_cache()
         self.graphs = DecodeGraphs(
             self.model, self.kv_layers, self.planner, scratch_block=s.num_blocks,

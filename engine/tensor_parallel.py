@@ -83,7 +83,10 @@ class TPComm:
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
         # Step metadata is host data: a gloo group keeps it off the GPU stream.
-        self.control = dist.new_group(backend="gloo") if backend == "nccl" else None
+        # Its timeout is how long a follower waits for the leader's next step: an idle
+        # worker must not lose its ranks after torch's default 30 minutes.
+        self.control = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=30)) \
+            if backend == "nccl" else None
         if self.control is not None:
             self.pc = dataclasses.replace(self.pc, comm=self._gpu_comm(device))
 
@@ -354,6 +357,7 @@ def follower_main(argv: list[str] | None = None) -> None:
                                    pin_memory=runner.kv_cache.is_cuda)
     with torch.inference_mode():
         comm.serve(runner)
+    runner.release_graphs()  # before the communicator they captured
     comm.close()
 
 

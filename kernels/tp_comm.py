@@ -108,7 +108,9 @@ class NcclComm:
 
     def close(self) -> None:
         """Frees the communicator. Abort, not destroy: it is local and cannot wait on a
-        peer; after the device has synchronized no collective of ours is in flight."""
+        peer; after the device has synchronized no collective of ours is in flight.
+        Destroy every CUDA graph that captured its collectives first: NCCL 2.26+ waits
+        for them in abort too (ModelRunner.release_graphs)."""
         if self._comm is not None:
             torch.cuda.synchronize(self.device)
             self._comm.abort()
