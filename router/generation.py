@@ -90,7 +90,7 @@ class RequestRunner:
                 yield TokenEvent([first.first_token_id], [first.first_logprob], top,
                                  first.finish_reason or None, first.num_cached_tokens,
                                  route={"prefill": prefill_w.address},
-                                 timing=self._timing("prefill", first))
+                                 timing=self._timing("prefill", prefill_w, first))
                 if first.finish_reason:
                     return
                 handle = first.handle if first.HasField("handle") else None
@@ -122,7 +122,7 @@ class RequestRunner:
                 try:
                     async for chunk in call:
                         if timing is None:  # this worker's first chunk
-                            timing = self._timing(phase, chunk)
+                            timing = self._timing(phase, w, chunk)
                             if chunk.kv_transfer_backend:
                                 timing["kv_transfer_ms"] = chunk.kv_transfer_seconds * 1e3
                         if local_prefill:
@@ -170,11 +170,13 @@ class RequestRunner:
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
 
-    def _timing(self, phase: str, msg: pb.PrefillResponse | pb.TokenChunk) -> dict[str, float]:
+    def _timing(self, phase: str, w: WorkerHandle, msg: pb.PrefillResponse | pb.TokenChunk
+                ) -> dict[str, float]:
         if not msg.HasField("queue_seconds"):  # a worker that does not report it
             return {}
-        self.metrics.worker_queue.labels(phase).observe(msg.queue_seconds)
-        self.metrics.worker_first_token.labels(phase).observe(msg.first_token_seconds)
+        self.metrics.worker_queue.labels(phase, w.address).observe(msg.queue_seconds)
+        self.metrics.worker_first_token.labels(phase, w.address).observe(
+            msg.first_token_seconds)
         return {f"{phase}_queue_ms": msg.queue_seconds * 1e3,
                 f"{phase}_first_token_ms": msg.first_token_seconds * 1e3}
 

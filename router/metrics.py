@@ -39,13 +39,15 @@ class RouterMetrics:
                                 "KV-aware picks: to the best prefix holder, diverted from it "
                                 "by load, or a prefix no worker holds", ["role", "outcome"],
                                 registry=r)
+        # By worker too: the one whose queue grows is the one to look at.
         self.worker_queue = Histogram(
             "baton_worker_queue_seconds", "a request's wait in a worker's queue before the "
             "first step computing it, by phase (prefill: the worker making the first token)",
-            ["phase"], registry=r, buckets=_LATENCY_BUCKETS)
+            ["phase", "worker"], registry=r, buckets=_LATENCY_BUCKETS)
         self.worker_first_token = Histogram(
             "baton_worker_first_token_seconds", "from a worker's first step on a request to "
-            "its first token there, by phase", ["phase"], registry=r, buckets=_LATENCY_BUCKETS)
+            "its first token there, by phase", ["phase", "worker"], registry=r,
+            buckets=_LATENCY_BUCKETS)
         self.router_span = Histogram("baton_router_span_seconds",
                                      "router's own time per request, by stage", ["stage"],
                                      registry=r, buckets=_SPAN_BUCKETS)
