@@ -210,6 +210,10 @@ class TPComm:
             self.broadcast_step(KVCommand("nixl_post", [request_id, ranks, src, dst]))
         agent, metadata, base, _, dev = ranks[self.pc.tp_rank]
         moved = 0
+        if torch.cuda.is_available():
+            # Nothing queued on this rank's device (a host-tier copy on its own stream)
+            # may still touch the blocks the READ lands in; between steps this is cheap.
+            torch.cuda.synchronize()
         try:
             handle, moved = self.nixl.start_read(self.nixl.add_peer(agent, metadata, dev),
                                                  base, dev, request_id, src, dst)
