@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 
 from engine.llm_engine import RequestOutput
+from engine.sampling_params import SamplingParams
 from engine.worker import EngineWorker, merge_outputs
 
 
@@ -39,7 +40,6 @@ def test_engine_reports_each_requests_wait_and_first_token_time_once() -> None:
     whole of the first one; only each request's first output carries its timing."""
     from engine.config import EngineConfig
     from engine.llm_engine import LLMEngine
-    from engine.sampling_params import SamplingParams
 
     engine = LLMEngine(EngineConfig(model="tiny-llama", load_format="dummy", device="cpu",
                                     num_kv_blocks=64, max_num_seqs=1))
@@ -97,60 +97,52 @@ def test_stream_interval_one_hands_off_every_output() -> None:
     assert worker._to_hand_off(outs) is outs
 
 
+BUSY = SamplingParams(max_tokens=4000, temperature=0.0, ignore_eos=True)
+
+
+@contextlib.asynccontextmanager
+async def _busy_worker():
+    """A started worker over tiny-llama on CPU, decoding one long request ("busy")."""
+    from engine.config import EngineConfig
+    from engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(EngineConfig(model="tiny-llama", load_format="dummy", device="cpu",
+                                    num_kv_blocks=256))
+    worker = EngineWorker(engine, asyncio.get_running_loop())
+    worker.start()
+    try:
+        await worker.admit("busy", lambda e: e.add_request("busy", [1, 2, 3], BUSY))
+        yield worker
+    finally:
+        worker.stop()
+
+
 def test_calls_run_at_the_next_step_boundary_while_the_engine_is_busy() -> None:
     """A call (an admission, an abort) made while the engine decodes runs before the step
     after the one in flight: the engine thread runs what was handed to it between steps.
     (When callers took the engine's lock from executor threads, the engine thread won it
     back for a second step 40% of the time here, mean 1.4 steps.)"""
-    from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
-    from engine.sampling_params import SamplingParams
-
     async def run() -> list[int]:
-        engine = LLMEngine(EngineConfig(model="tiny-llama", load_format="dummy", device="cpu",
-                                        num_kv_blocks=256))
-        worker = EngineWorker(engine, asyncio.get_running_loop())
-        worker.start()
-        try:
-            params = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
-            await worker.admit("busy", lambda e: e.add_request("busy", [1, 2, 3], params))
+        async with _busy_worker() as worker:
             waits = []
             for _ in range(20):
                 before = worker.num_steps
                 waits.append(await worker.call(lambda e: worker.num_steps) - before)
                 await asyncio.sleep(0.002)
-            await worker.call(lambda e: e.abort_request("busy"))
             return waits
-        finally:
-            worker.stop()
 
     waits = asyncio.run(run())
     # 0 or 1 step; 2 only if this thread lost the GIL for a whole step in between.
     assert max(waits) <= 2 and sum(waits) / len(waits) <= 1.1, waits
 
 
-def _busy_worker(loop) -> EngineWorker:
-    from engine.config import EngineConfig
-    from engine.llm_engine import LLMEngine
-
-    engine = LLMEngine(EngineConfig(model="tiny-llama", load_format="dummy", device="cpu",
-                                    num_kv_blocks=256))
-    worker = EngineWorker(engine, loop)
-    worker.start()
-    return worker
-
-
 def test_a_cancelled_admission_leaves_nothing_running_or_holding_blocks() -> None:
     """The caller of a decode-side remote admission goes away while the commit waits for
     the engine thread: the commit still runs (it was handed over), and the abort posted
     behind it frees the blocks prepare_remote took."""
-    from engine.sampling_params import SamplingParams
-
     async def run() -> tuple[int, int, list[str]]:
-        worker = _busy_worker(asyncio.get_running_loop())
-        try:
+        async with _busy_worker() as worker:
             p = SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
-            await worker.admit("busy", lambda e: e.add_request("busy", [1, 2, 3], p))
             adm = await worker.call(
                 lambda e: e.prepare_remote("r", list(range(1, 100)), [5], [0.0], p))
             task = asyncio.ensure_future(worker.admit("r", lambda e: e.commit_remote(adm)))
@@ -161,8 +153,6 @@ def test_a_cancelled_admission_leaves_nothing_running_or_holding_blocks() -> Non
             await worker.call(lambda e: e.abort_request("busy"))
             free = await worker.call(lambda e: e.block_pool.num_free)
             return free, worker.engine.block_pool.num_blocks, list(worker.engine.seqs)
-        finally:
-            worker.stop()
 
     free, total, left = asyncio.run(run())
     assert (free, left) == (total, [])
@@ -173,13 +163,8 @@ def test_steady_calls_do_not_starve_the_steps() -> None:
     the engine thread runs what was there when a step ended, then steps again."""
     import time
 
-    from engine.sampling_params import SamplingParams
-
     async def run() -> int:
-        worker = _busy_worker(asyncio.get_running_loop())
-        try:
-            p = SamplingParams(max_tokens=4000, temperature=0.0, ignore_eos=True)
-            await worker.admit("busy", lambda e: e.add_request("busy", [1, 2, 3], p))
+        async with _busy_worker() as worker:
             stop = asyncio.Event()
 
             async def poll() -> None:
@@ -193,9 +178,6 @@ def test_steady_calls_do_not_starve_the_steps() -> None:
             steps = worker.num_steps - start
             stop.set()
             await asyncio.gather(*pollers)
-            await worker.call(lambda e: e.abort_request("busy"))
             return steps
-        finally:
-            worker.stop()
 
     assert asyncio.run(run()) >= 20  # the old drain-until-empty loop made ~1
