@@ -39,7 +39,8 @@ class DecodeService(WorkerService):
         arrival = time.monotonic()
         try:
             if request.HasField("first_token_id"):
-                q, first, already = await self._admit_remote(request, params, prompt, context)
+                q, first, already = await self._admit_remote(request, params, prompt, context,
+                                                             arrival)
             else:
                 already = list(request.resume_token_ids)
                 q = await ctx.worker.admit(
@@ -64,14 +65,13 @@ class DecodeService(WorkerService):
                 first_sent = True
             yield chunk
 
-    async def _admit_remote(self, request, params, prompt, context):
+    async def _admit_remote(self, request, params, prompt, context, arrival: float):
         ctx = self.ctx
         rid = request.request_id
         handle = request.handle
         generated = [request.first_token_id, *request.resume_token_ids]
         logprobs = [request.first_logprob] + [0.0] * len(request.resume_token_ids)
-        entered = time.monotonic()
-        deadline = entered + ADMIT_TIMEOUT_S
+        deadline = arrival + ADMIT_TIMEOUT_S
         adm: RemoteAdmission | None = None
         prepared: list[RemoteAdmission] = []  # on the engine thread, even if we are gone
 
@@ -109,8 +109,8 @@ class DecodeService(WorkerService):
             await self._release_remote(handle.worker_address, handle.request_id)
         # Its queue here counts from the call, less the pull (reported apart): waiting
         # for free blocks is queueing too.
-        arrival = entered + first.kv_transfer_seconds
-        q = await ctx.worker.admit(rid, lambda e: e.commit_remote(adm, arrival))
+        queued_from = arrival + first.kv_transfer_seconds
+        q = await ctx.worker.admit(rid, lambda e: e.commit_remote(adm, queued_from))
         return q, first, generated
 
     async def _release_remote(self, address: str, rid: str) -> None:

@@ -23,12 +23,10 @@ class PrefillService(WorkerService):
         # One token here; the rest on the decode side. EOS/stop tokens still end it early.
         first_only = dataclasses.replace(params, max_tokens=1,
                                          min_tokens=min(params.min_tokens, 1))
-        last = timed = None
+        last = None
         try:
             async for out in ctx.worker.generate(rid, prompt, first_only, hold_kv=True):
-                last = out
-                if out.queue_seconds is not None:
-                    timed = out
+                last = out  # the one output of its one token
         except InvalidRequestError as e:
             await abort_invalid(context, e)
             return pb.PrefillResponse()
@@ -52,9 +50,9 @@ class PrefillService(WorkerService):
         resp = pb.PrefillResponse(first_token_id=last.token_ids[0],
                                   first_logprob=last.logprobs[0], finish_reason=reason,
                                   num_cached_tokens=last.num_cached_tokens)
-        if timed is not None:
-            resp.queue_seconds = timed.queue_seconds
-            resp.first_token_seconds = timed.first_token_seconds
+        if last.queue_seconds is not None:
+            resp.queue_seconds = last.queue_seconds
+            resp.first_token_seconds = last.first_token_seconds
         if last.top_logprobs:
             resp.first_top_logprobs.extend(top_to_proto(last.top_logprobs[0]).items)
         if handle is not None:
