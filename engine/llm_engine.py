@@ -364,13 +364,11 @@ class LLMEngine:
             finished=seq.is_finished,
             finish_reason=seq.finish_reason, num_cached_tokens=max(seq.num_cached_tokens, 0),
             logprobs=lps, top_logprobs=tops)
-        if not seq.timing_reported:
+        if not seq.timing_reported:  # (a step computed it, so the scheduler stamped it)
             seq.timing_reported = True
-            now = time.monotonic()
-            started = seq.first_scheduled_time if seq.first_scheduled_time is not None \
-                else now
+            started = seq.first_scheduled_time
             out.queue_seconds = started - seq.arrival_time
-            out.first_token_seconds = now - started
+            out.first_token_seconds = time.monotonic() - started
         if seq.is_finished:
             self._forget(seq.request_id)
             if seq.hold_blocks and seq.block_table:
