@@ -14,6 +14,12 @@ H200_HBM_BYTES_PER_S = 4.3e12
 H200_BF16_FLOPS = 790e12
 
 
+def pct(xs: list[float], q: float) -> float:
+    """Percentile, no interpolation: sorted(xs)[int(q * n)], capped at the last; NaN if empty."""
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
 def environment() -> dict:
     import torch
 

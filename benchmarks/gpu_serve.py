@@ -22,15 +22,10 @@ import time
 import httpx
 import torch
 
-from benchmarks.common import write_result
+from benchmarks.common import pct, write_result
 from cluster.local_server import baton_serve
 
 MODEL_NAME = ["?"]  # what the server calls its model (from /v1/models)
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
 async def one_request(client: httpx.AsyncClient, url: str, prompt: list[int],

@@ -32,7 +32,7 @@ from itertools import pairwise, repeat
 import msgpack
 import redis
 
-from benchmarks.common import write_result
+from benchmarks.common import pct, write_result
 from cluster.local_server import free_port
 from engine.config import EngineConfig
 from kvtransfer.events import REMOVED, STORED, EventRecorder, KVEventBatch, Tier
@@ -121,11 +121,6 @@ def event_stream(rng: random.Random, wl: Workload, n_events: int, min_batch: int
         total += 2 * n_new
         out.append(batch.encode())
     return out
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
 def latency_us(samples_ns: list[int]) -> dict:

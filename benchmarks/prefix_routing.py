@@ -42,7 +42,7 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.common import write_result
+from benchmarks.common import pct, write_result
 from cluster.local_server import baton_serve
 from kernels.checkpoint_writer import write_checkpoint
 from kvtransfer.hashing import block_hashes
@@ -71,11 +71,6 @@ def make_sessions(args, seed: int) -> list[Session]:
         out.append(Session(s, t, systems[s % args.systems], msgs, thinks))
         t += rng.expovariate(args.rate)
     return out
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
 async def run_session(client: httpx.AsyncClient, url: str, model: str, s: Session,
