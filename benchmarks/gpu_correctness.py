@@ -62,7 +62,9 @@ def agreement(a: list[tuple[list[int], list[float]]], b: list[tuple[list[int], l
 
 
 def compare(preset: str, num_prompts: int, new_tokens: int, device: str,
-            backends: tuple[str, ...] = ("auto", "torch")) -> dict:
+            backends: tuple[str, ...] = ("auto", "torch"), batch1: bool = False) -> dict:
+    """With `batch1`, the fast path also runs the prompts one at a time: its batch-1
+    kernels (GEMV, one-row attention) never run when all prompts decode together."""
     hf = build_hf(preset, device, seed=0)
     vocab = hf.config.vocab_size
     rng = random.Random(1)
@@ -73,16 +75,20 @@ def compare(preset: str, num_prompts: int, new_tokens: int, device: str,
     runs = {}
     head_dim = getattr(hf.config, "head_dim", None) or (
         hf.config.hidden_size // hf.config.num_attention_heads)
-    for backend in backends:
-        if resolve_attention_backend(backend, head_dim, torch.device(device),
-                                     torch.bfloat16) in runs:
+    modes = [(b, False) for b in backends] + ([("auto", True)] if batch1 else [])
+    for backend, one_at_a_time in modes:
+        resolved = resolve_attention_backend(backend, head_dim, torch.device(device),
+                                             torch.bfloat16)
+        key = resolved + ("_batch1" if one_at_a_time else "")
+        if key in runs or (one_at_a_time and resolved == "torch"):
             continue  # 'auto' fell back to torch for this shape: one run is enough
         llm = LLM(preset, load_format="dummy", device=device, dtype="bfloat16",
                   max_num_batched_tokens=8192, num_kv_blocks=blocks, attention_backend=backend)
         load_named_tensors(llm.engine.runner.model, hf.named_parameters(),
                            f"transformers {preset}")
-        used = llm.engine.runner.attention_backend
-        runs[used] = [(o.token_ids, o.logprobs) for o in llm.generate(prompts, params)]
+        outs = ([llm.generate([p], params)[0] for p in prompts] if one_at_a_time
+                else llm.generate(prompts, params))
+        runs[key] = [(o.token_ids, o.logprobs) for o in outs]
         del llm
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -97,9 +103,9 @@ def compare(preset: str, num_prompts: int, new_tokens: int, device: str,
     for backend, pairs in runs.items():
         res[f"baton_{backend}_bf16_vs_hf_bf16"] = agreement(pairs, ref_bf16, new_tokens)
         res[f"baton_{backend}_bf16_vs_hf_fp32"] = agreement(pairs, ref_fp32, new_tokens)
-    if len(runs) == 2:
-        (a, pa), (b, pb) = runs.items()
-        res[f"baton_{a}_vs_baton_{b}"] = agreement(pa, pb, new_tokens)
+    for name, pairs in runs.items():
+        if name != "torch" and "torch" in runs:
+            res[f"baton_{name}_vs_baton_torch"] = agreement(pairs, runs["torch"], new_tokens)
     print(res, flush=True)
     return res
 
@@ -113,6 +119,9 @@ def main() -> None:
     ap.add_argument("--big-prompts", type=int, default=16)
     ap.add_argument("--big-new-tokens", type=int, default=32)
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--batch-1", action="store_true",
+                    help="also run the fast path with the prompts one at a time (batch-1 "
+                         "kernels)")
     ap.add_argument("--out", default="benchmarks/results/gpu_correctness.json")
     args = ap.parse_args()
     EngineConfig(model="x", device=args.device)  # validates flags early
@@ -121,7 +130,7 @@ def main() -> None:
         runs.append((args.big, args.big_prompts, args.big_new_tokens))
     results = []
     for preset, n, new in runs:
-        results.append(compare(preset, n, new, args.device))
+        results.append(compare(preset, n, new, args.device, batch1=args.batch_1))
         write_result(args.out, {"benchmark": "gpu_correctness", "dtype": "bfloat16",
                                 "results": results})  # after each: a crash keeps the rest
 

@@ -6,7 +6,10 @@ decode step runs:
   CUDA-core decode kernel, each with and without split-KV, at batch 1 x 1k and
   16/64/256 x 2k context (at batch 1 also with fixed KV chunks of SPLIT_PAGES pages);
   time per layer and fraction of HBM bandwidth for its KV bytes;
-  outputs checked against the tensor-core split-KV variant (the engine's default so far).
+  outputs checked against the tensor-core split-KV variant (FlashInfer's best); at batch 1
+  also Baton's one-row kernel (kernels/attention/one_row.py) for ONE_ROW_CONFIGS. Timed
+  here as a chain of attention kernels only: its early KV loads overlap the previous
+  attention, not a QKV product as in a decode step (benchmarks.offline measures that).
 - RoPE + KV write: FlashInfer's RoPE plus two `index_put`s (the old path) against
   Baton's fused Triton kernel, per layer at 1 and 64 tokens.
 - Greedy sampling (`--parts sampler`): torch's argmax + logsumexp against Baton's one
@@ -29,11 +32,15 @@ import torch
 
 from benchmarks.common import H200_HBM_BYTES_PER_S, write_result
 from kernels.attention.flashinfer_backend import WORKSPACE_BYTES, PageLists
+from kernels.attention.one_row import OneRowAttention, OneRowConfig
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 DT = torch.bfloat16
 LAYER_BYTES_MIN = 512 * 2**20  # enough layers' caches that the replay never hits in L2
 SPLIT_PAGES = (2, 4, 16)  # fixed KV chunks tried at batch 1, in pages of BS tokens
+# (block_t, max_splits, num_warps) of the one-row kernel tried at batch 1.
+ONE_ROW_CONFIGS = ((64, 32, 4), (64, 32, 8), (64, 16, 4), (32, 32, 4), (128, 32, 8),
+                   (64, 64, 8))
 
 
 def graph_ms(fn, reps: int = 20) -> float:
@@ -76,11 +83,14 @@ def attention_case(batch: int, ctx: int, gen) -> dict:
     # chunk sizes, in pages, for the tensor-core kernel.
     variants += [(f"tensor-cores/split-{p}-pages", True, True, p) for p in SPLIT_PAGES
                  if batch == 1]
+    variants += [("baton-one-row/{}/{}/{}".format(*c), None, None, c) for c in ONE_ROW_CONFIGS
+                 if batch == 1]
     for name, tc, split, pages_per_chunk in variants:
         row = {"variant": name}
         try:
             t0 = time.perf_counter()
-            run = flashinfer_runner(lists, tc, split, pages_per_chunk)
+            run = (one_row_runner(lists, OneRowConfig(*pages_per_chunk)) if tc is None
+                   else flashinfer_runner(lists, tc, split, pages_per_chunk))
             first = run(q, caches[0])
             torch.cuda.synchronize()
             row["first_call_s"] = time.perf_counter() - t0
@@ -111,6 +121,12 @@ def flashinfer_runner(lists: PageLists, tensor_cores: bool, split: bool,
            q_data_type=DT, kv_data_type=DT, disable_split_kv=not split,
            fixed_split_size=pages_per_chunk)
     return w.run
+
+
+def one_row_runner(lists: PageLists, config: OneRowConfig):
+    attention = OneRowAttention(HQ, HKV, D, torch.device("cuda"), config)
+    pages = [t.cuda() for t in (lists.kv_indptr, lists.kv_indices, lists.last_page_len)]
+    return lambda q, cache: attention(q, cache, *pages)
 
 
 def rope_kv_case(tokens: int, gen) -> dict:

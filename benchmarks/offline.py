@@ -13,6 +13,7 @@ with the CPU part reported separately.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import random
 import statistics
@@ -24,6 +25,7 @@ from benchmarks.common import H200_BF16_FLOPS, H200_HBM_BYTES_PER_S, write_resul
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.sampling_params import SamplingParams
+from kernels.attention import one_row
 
 
 def _sync(device: str) -> None:
@@ -46,10 +48,10 @@ def weight_bytes_read(engine: LLMEngine, batch: int) -> int:
     return param_bytes(engine) - embed.numel() * embed.element_size() + batch * row
 
 
-def graph_replay_ms(graphs, batch: int, reps: int = 20) -> float:
-    """GPU milliseconds per replay of the bucket's graph with the last step's inputs (it
-    rewrites those steps' KV slots with the same values: nothing reads them after)."""
-    graph = graphs.graphs[graphs.bucket_for(batch)]
+def graph_replay_ms(graphs, reps: int = 20) -> float:
+    """GPU milliseconds per replay of the graph the last step replayed, with its inputs
+    (it rewrites those steps' KV slots with the same values: nothing reads them after)."""
+    graph = graphs.last_replayed
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     graph.replay()
     start.record()
@@ -96,7 +98,7 @@ def decode_case(engine: LLMEngine, batch: int, context: int, steps: int, device:
         cpu_times.append((t_sched - t0) + engine.runner.prepare_seconds + (t1 - t_exec))
         assert len(out.scheduled) == batch
     # Under TP a replay on the leader alone would wait forever for its peers' collectives.
-    replay_ms = graph_replay_ms(graphs, batch) \
+    replay_ms = graph_replay_ms(graphs) \
         if graphs is not None and engine.tp is None else None
     for rid in ids:
         engine.abort_request(rid)
@@ -218,7 +220,8 @@ def report(label: str, d: dict) -> None:
 
 # Kernel switches of the model runner a batch-1 case can flip: attribute -> setter.
 SWITCHES = {"gemv_decode": "set_gemv_decode", "pdl": "set_pdl",
-            "overlap_decode": "set_overlap_decode", "rope_fold": "set_rope_fold"}
+            "overlap_decode": "set_overlap_decode", "rope_fold": "set_rope_fold",
+            "one_row_attention": "set_one_row_attention"}
 
 
 def switched(set_switch, given: bool, case, label: str) -> tuple[dict, float] | None:
@@ -266,6 +269,8 @@ def main() -> None:
                          "recaptured), then again as given, same process; repeatable")
     ap.add_argument("--compare-gemv", action="append_const", const="gemv_decode",
                     dest="compare", help="the same as --compare gemv_decode")
+    ap.add_argument("--one-row-config", metavar="BLOCK_T,MAX_SPLITS,WARPS",
+                    help="tiles of the batch-1 attention kernel (kernels/attention/one_row.py)")
     ap.add_argument("--batches", default="1:1024,16:2048,64:2048,256:2048",
                     help="batch:context pairs")
     ap.add_argument("--steps", type=int, default=32)
@@ -274,6 +279,9 @@ def main() -> None:
     args = ap.parse_args()
 
     cases = [tuple(int(x) for x in c.split(":")) for c in args.batches.split(",")]
+    if args.one_row_config:
+        one_row.DEFAULT_CONFIG = one_row.OneRowConfig(
+            *(int(x) for x in args.one_row_config.split(",")))
     max_tokens = max(b * (c + 3 * args.steps + 64) for b, c in cases)
     blocks = max_tokens // 16 + args.prefill_tokens // 16 + 64
     cfg = EngineConfig(model=args.model or args.preset,
@@ -305,7 +313,7 @@ def main() -> None:
             unfused.append(got[0])
             decode[-1]["step_ms_repeat"] = got[1]
         for name in dict.fromkeys(args.compare):
-            if name in ("gemv_decode", "rope_fold") and batch != 1:  # one-row paths
+            if name in ("gemv_decode", "rope_fold", "one_row_attention") and batch != 1:
                 continue
             given = getattr(runner, name)
             setter = getattr(runner, SWITCHES[name])
@@ -334,6 +342,7 @@ def main() -> None:
         "memory": vars(engine.runner.memory),
         "fused_rope_kv_write": engine.runner.fused_rope_kv_write,
         "switches": {name: getattr(runner, name) for name in SWITCHES},
+        "one_row_config": dataclasses.asdict(one_row.DEFAULT_CONFIG),
         "decode_switched": flipped,
         "decode_eager": eager, "decode_unfused_rope_kv": unfused, "decode_unstaged": unstaged,
         "decode_kernel_profiles": profiles,

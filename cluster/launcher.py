@@ -144,6 +144,8 @@ def worker_args_from(args: argparse.Namespace, model: str) -> list[str]:
         out.append("--no-gemv-decode")
     if args.no_pdl:
         out.append("--no-pdl")
+    if args.no_one_row_attention:
+        out.append("--no-one-row-attention")
     if args.overlap_decode_max_rows != EngineConfig.overlap_decode_max_rows:
         out += ["--overlap-decode-max-rows", str(args.overlap_decode_max_rows)]
     if args.tp_cuda_graphs:

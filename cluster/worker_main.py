@@ -59,6 +59,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-gemv-decode", action="store_true",
                    help="batch-1 decode through cuBLAS and FlashInfer's norm/SwiGLU kernels "
                         "instead of Baton's fused GEMV kernels (for comparison and debugging)")
+    p.add_argument("--no-one-row-attention", action="store_true",
+                   help="batch-1 decode attention through FlashInfer instead of Baton's "
+                        "one-kernel attention (for comparison and debugging)")
     p.add_argument("--no-pdl", action="store_true",
                    help="launch Baton's Triton kernels without programmatic dependent launch "
                         "(Hopper; for comparison and debugging)")
@@ -97,6 +100,7 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         seed=args.seed, attention_backend=args.attention_backend,
         cuda_graphs=not args.no_cuda_graphs, tp_cuda_graphs=args.tp_cuda_graphs,
         gemv_decode=not args.no_gemv_decode, pdl=not args.no_pdl,
+        one_row_attention=not args.no_one_row_attention,
         overlap_decode_max_rows=args.overlap_decode_max_rows,
         gpu_memory_utilization=args.gpu_memory_utilization, tp=args.tp,
         host_kv_gb=args.host_kv_gb, disk_kv_dir=args.disk_kv_dir, disk_kv_gb=args.disk_kv_gb,

@@ -34,6 +34,10 @@ class EngineConfig:
     # (kernels/layers/gemv.py; FlashInfer backend, one process, no projection biases):
     # 4.63 vs 4.85 ms per 8B step on the H200 (offline_h200_gemv_configs.json).
     gemv_decode: bool = True
+    # Batch-1 decode attention in Baton's one kernel that reads the KV cache while the
+    # QKV product still runs (kernels/attention/one_row.py; decode graphs, one process)
+    # instead of FlashInfer's split-KV decode and merge kernels.
+    one_row_attention: bool = True
     # Decode steps of at most this many rows launch the next step (staged, graphed)
     # before the host reads their tokens, when every row surely continues unless it
     # samples a stop token: the GPU does not wait for the host between steps (a batch-1

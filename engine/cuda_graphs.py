@@ -41,6 +41,7 @@ import torch
 
 from kernels.attention import AttentionMetadata
 from kernels.attention.flashinfer_backend import DecodePageCache, FlashInferPlanner, PageLists
+from kernels.attention.one_row import OneRowAttention, OneRowPlan
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,11 @@ class GraphCaptureReport:
 class DecodeGraphs:
     def __init__(self, model, kv_layers: list[torch.Tensor], planner: FlashInferPlanner,
                  scratch_block: int, block_size: int, max_blocks_per_seq: int,
-                 buckets: list[int], device: torch.device) -> None:
+                 buckets: list[int], device: torch.device,
+                 one_row: OneRowAttention | None = None) -> None:
         self.model = model
+        # The batch-1 bucket's attention (kernels/attention/one_row.py), where enabled.
+        self.one_row = one_row
         self.kv_layers = kv_layers
         self.planner = planner
         self.block_size = block_size
@@ -95,6 +99,10 @@ class DecodeGraphs:
         self.wrappers: dict[int, object] = {}
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: dict[int, torch.Tensor] = {}
+        # With the one-row kernel: batch 1's graph for contexts past its max_context.
+        self.long_graph: torch.cuda.CUDAGraph | None = None
+        self.long_logits: torch.Tensor | None = None
+        self.last_replayed: torch.cuda.CUDAGraph | None = None  # benchmarks time it alone
 
     def bucket_for(self, n: int) -> int | None:
         return next((b for b in self.buckets if b >= n), None)
@@ -104,10 +112,11 @@ class DecodeGraphs:
         collectives, and NCCL (2.26 and later) will not destroy or abort a communicator
         while a graph that captured it exists: its close would hang."""
         torch.cuda.synchronize(self.device)
-        for graph in self.graphs.values():
+        for graph in [*self.graphs.values(), *filter(None, [self.long_graph])]:
             graph.reset()
         self.graphs.clear()
         self.logits.clear()
+        self.long_graph = self.long_logits = self.last_replayed = None
 
     @torch.inference_mode()
     def capture(self) -> GraphCaptureReport:
@@ -129,6 +138,14 @@ class DecodeGraphs:
                 self.logits[b] = self._forward(b, meta)
             pool = graph.pool()
             self.graphs[b] = graph
+            if b == 1 and self.one_row is not None:
+                # Past the one-row kernel's best context, batch 1 replays a graph of
+                # FlashInfer's kernels over the same inputs and plan.
+                long_meta = self._meta(b, one_row=False)
+                self._forward(b, long_meta)
+                self.long_graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.long_graph, pool=pool):
+                    self.long_logits = self._forward(b, long_meta)
         torch.cuda.synchronize(self.device)
         torch.cuda.empty_cache()  # what remains reserved is the graphs' private pool
         used = torch.cuda.memory_reserved(self.device) - reserved_before
@@ -137,11 +154,17 @@ class DecodeGraphs:
                  len(self.buckets), self.max_bs, report.seconds, used / 2**20)
         return report
 
-    def _meta(self, b: int) -> AttentionMetadata:
+    def _meta(self, b: int, one_row: bool = True) -> AttentionMetadata:
+        plan = self.wrappers[b]
+        if b == 1 and one_row and self.one_row is not None:
+            # The wrapper is still planned each step: planning copies the page lists
+            # into these buffers, which the one-row kernel reads.
+            plan = OneRowPlan(plan, self.one_row, self.indptr[:2], self.indices,
+                              self.last_page_len[:1])
         return AttentionMetadata(
             slot_mapping=self.inputs[2, :b], block_tables=None, seq_lens=None,
             query_lens_cpu=[1] * b, seq_lens_cpu=[1] * b, block_size=self.block_size,
-            plan=self.wrappers[b])
+            plan=plan)
 
     def _forward(self, b: int, meta: AttentionMetadata) -> torch.Tensor:
         hidden = self.model(self.inputs[0, :b], self.inputs[1, :b], self.kv_layers, meta)
@@ -205,17 +228,30 @@ class DecodeGraphs:
                 if self.host_timer is not None:
                     self._tally("launched_used", 1)
                     self._tally("steps", 1)
-                return self.logits[b][:n]
+                return self._graph(b, positions)[1][:n]
         else:
             if staged is not None and staged.launched and self.filled is not None:
                 self.filled.synchronize()  # (long passed: the host has seen later copies)
             self._fill(b, ids, positions, slots, tables, seq_lens, table_keys)
         t0 = time.perf_counter() if self.host_timer is not None else 0.0
-        self.graphs[b].replay()
+        graph, logits = self._graph(b, positions)
+        graph.replay()
         if self.host_timer is not None:
             self._tally("replay", time.perf_counter() - t0)
             self._tally("steps", 1)
-        return self.logits[b][:n]
+        return logits[:n]
+
+    def _graph(self, b: int, positions: list[int]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The graph a step of bucket b replays and its logits: at batch 1 past the
+        one-row kernel's max_context (a decode row's context is its position + 1), the
+        FlashInfer one."""
+        if (b == 1 and self.long_graph is not None
+                and positions[0] + 1 > self.one_row.config.max_context):
+            picked = self.long_graph, self.long_logits
+        else:
+            picked = self.graphs[b], self.logits[b]
+        self.last_replayed = picked[0]
+        return picked
 
     def stage_next(self, step, token_ids: torch.Tensor) -> None:
         """Called after this step's replay and sampling were queued, before the host waits
@@ -264,7 +300,7 @@ class DecodeGraphs:
         staged = self.staged
         if staged is None or staged.launched:
             return
-        self.graphs[self.bucket_for(len(staged.positions))].replay()
+        self._graph(self.bucket_for(len(staged.positions)), staged.positions)[0].replay()
         staged.launched = True
         if self.host_timer is not None:
             self._tally("launched", 1)

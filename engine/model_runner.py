@@ -23,6 +23,7 @@ from engine.tensor_parallel import TPComm
 from kernels import pdl
 from kernels.attention import AttentionMetadata, resolve_attention_backend
 from kernels.attention.flashinfer_backend import FlashInferPlanner, PageLists
+from kernels.attention.one_row import OneRowAttention, one_row_unavailable_reason
 from kernels.config import ModelConfig
 from kernels.layers import fused, gemv
 from kernels.loader import init_dummy_weights, load_weights
@@ -115,6 +116,7 @@ class ModelRunner:
                 self.pc.shard(m.num_heads, "num_attention_heads"),
                 self.pc.shard(m.num_kv_heads, "num_key_value_heads"),
                 m.head_dim, cfg.block_size, m.dtype, self.device)
+        self.one_row = self._one_row_attention(cfg.one_row_attention)
         self.memory = MemoryReport()
         self.graphs_off_reason = self._graphs_off_reason()
         self.kv_spec = self._size_kv_cache()
@@ -172,7 +174,7 @@ class ModelRunner:
             self.model, self.kv_layers, self.planner, scratch_block=s.num_blocks,
             block_size=s.block_size, max_blocks_per_seq=-(-self.max_model_len // s.block_size),
             buckets=[b for b in DEFAULT_BUCKETS if b <= self.cfg.max_num_seqs] or [1],
-            device=self.device)
+            device=self.device, one_row=self.one_row)
         self.graph_report = self.graphs.capture()
         self.memory.graph_bytes = self.graph_report.memory_bytes
 
@@ -207,6 +209,33 @@ class ModelRunner:
         rows = self.cfg.overlap_decode_max_rows or EngineConfig.overlap_decode_max_rows
         self.overlap_rows = rows if on else 0
         return self.overlap_decode
+
+    def _one_row_attention(self, on: bool) -> OneRowAttention | None:
+        """The batch-1 graph's attention kernel's scratch, when it is on and can run here
+        (one process: under TP it is not yet measured)."""
+        if not on or self.planner is None or self.pc.tp_size > 1:
+            return None
+        p = self.planner
+        reason = one_row_unavailable_reason(p.num_heads, p.num_kv_heads, p.head_dim,
+                                            p.dtype, self.device)
+        if reason is not None:
+            log.info("one-row decode attention off: %s", reason)
+            return None
+        return OneRowAttention(p.num_heads, p.num_kv_heads, p.head_dim, self.device)
+
+    @property
+    def one_row_attention(self) -> bool:
+        """Whether batch-1 decode steps run it (it lives in the decode graphs)."""
+        return self.one_row is not None and self.graphs is not None
+
+    def set_one_row_attention(self, on: bool) -> bool:
+        """Benchmarks compare the one-row attention kernel with FlashInfer's in one
+        process: switch, and recapture the decode graphs."""
+        if self.planner is not None and self.pc.tp_size == 1:
+            self.one_row = self._one_row_attention(on)
+            if self.graphs is not None:
+                self._capture_graphs()
+        return self.one_row_attention
 
     def set_pdl(self, on: bool) -> bool:
         return self._switch_kernels("pdl", lambda _model, on: pdl.set_enabled(on), on)

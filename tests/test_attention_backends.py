@@ -77,15 +77,16 @@ def test_fast_path_flags_reach_the_workers() -> None:
     p.add_argument("--kv-transfer-dummy", default=None)
     args = p.parse_args(["--attention-backend", "torch", "--no-cuda-graphs",
                          "--gpu-memory-utilization", "0.45", "--stream-interval", "4",
-                         "--no-gemv-decode", "--no-pdl", "--overlap-decode-max-rows", "0"])
+                         "--no-gemv-decode", "--no-pdl", "--overlap-decode-max-rows", "0",
+                         "--no-one-row-attention"])
     cfg = engine_config(args, "tiny-llama")
     assert (cfg.attention_backend, cfg.cuda_graphs, cfg.gpu_memory_utilization,
-            cfg.gemv_decode, cfg.pdl, cfg.overlap_decode_max_rows) == \
-        ("torch", False, 0.45, False, False, 0)
+            cfg.gemv_decode, cfg.pdl, cfg.overlap_decode_max_rows, cfg.one_row_attention) == \
+        ("torch", False, 0.45, False, False, 0, False)
     forwarded = worker_args_from(args, "tiny-llama")
     assert forwarded[forwarded.index("--attention-backend") + 1] == "torch"
     assert "--no-cuda-graphs" in forwarded and "--no-gemv-decode" in forwarded
-    assert "--no-pdl" in forwarded
+    assert "--no-pdl" in forwarded and "--no-one-row-attention" in forwarded
     assert forwarded[forwarded.index("--overlap-decode-max-rows") + 1] == "0"
     assert forwarded[forwarded.index("--gpu-memory-utilization") + 1] == "0.45"
     assert forwarded[forwarded.index("--stream-interval") + 1] == "4"
