@@ -236,6 +236,7 @@ class DecodeGraphs:
         t0 = time.perf_counter() if self.host_timer is not None else 0.0
         graph, logits = self._graph(b, positions)
         graph.replay()
+        self.last_replayed = graph
         if self.host_timer is not None:
             self._tally("replay", time.perf_counter() - t0)
             self._tally("steps", 1)
@@ -247,11 +248,8 @@ class DecodeGraphs:
         FlashInfer one."""
         if (b == 1 and self.long_graph is not None
                 and positions[0] + 1 > self.one_row.config.max_context):
-            picked = self.long_graph, self.long_logits
-        else:
-            picked = self.graphs[b], self.logits[b]
-        self.last_replayed = picked[0]
-        return picked
+            return self.long_graph, self.long_logits
+        return self.graphs[b], self.logits[b]
 
     def stage_next(self, step, token_ids: torch.Tensor) -> None:
         """Called after this step's replay and sampling were queued, before the host waits
@@ -300,7 +298,9 @@ class DecodeGraphs:
         staged = self.staged
         if staged is None or staged.launched:
             return
-        self._graph(self.bucket_for(len(staged.positions)), staged.positions)[0].replay()
+        graph = self._graph(self.bucket_for(len(staged.positions)), staged.positions)[0]
+        graph.replay()
+        self.last_replayed = graph
         staged.launched = True
         if self.host_timer is not None:
             self._tally("launched", 1)

@@ -136,3 +136,78 @@ def test_batch1_decode_graph_runs_it_and_matches_the_torch_path() -> None:
             assert graphs.last_replayed is graphs.long_graph is not None
         del llm
     assert outs["one-row"] == outs["torch"] == outs["flashinfer"]
+
+
+def test_tiles_must_be_powers_of_two() -> None:
+    for bad in (OneRowConfig(48, 4), OneRowConfig(16, 3), OneRowConfig(8, 4)):
+        with pytest.raises(AssertionError, match="powers of two"):
+            OneRowAttention(8, 2, 64, torch.device("cpu"), bad)
+
+
+@needs_triton
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_after_a_kv_writing_gemv_in_a_graph_of_layers() -> None:
+    """As in a batch-1 step: per layer, the QKV GEMV writes this step's K/V in its epilogue,
+    the kernel (launched under PDL, KV loads before its wait) attends, the o GEMV feeds the
+    next layer; one graph replayed over many lengths. Each KV head's k is 3x its first query
+    head, so the new token dominates that head's softmax: a stale read of its slot shows.
+    Tickets are shared by all layers and must end at zero."""
+    from kernels.layers import gemv
+
+    torch.manual_seed(0)
+    layers, hq, hkv, d, page, hidden, blocks = 8, 32, 8, 128, 16, 4096, 800
+    dev, bf = "cuda", torch.bfloat16
+    cache = torch.randn(blocks, layers, 2, page, hkv, d, device=dev, dtype=bf)
+    w_qkv = torch.randn((hq + 2 * hkv) * d, hidden, device=dev, dtype=bf) * 0.02
+    for h in range(hkv):
+        w_qkv[(hq + h) * d:(hq + h + 1) * d] = 3 * w_qkv[4 * h * d:(4 * h + 1) * d]
+    w_o = torch.randn(hidden, hq * d, device=dev, dtype=bf) * 0.02
+    norm_w = torch.ones(hidden, device=dev, dtype=bf)
+    x = torch.randn(1, hidden, device=dev, dtype=bf)
+    pos = torch.zeros(1, dtype=torch.long, device=dev)
+    slot = pos.clone()
+    cos_sin = torch.randn(10000, d, device=dev)
+    indptr = torch.zeros(2, dtype=torch.int32, device=dev)
+    indices = torch.zeros(blocks, dtype=torch.int32, device=dev)
+    last = torch.ones(1, dtype=torch.int32, device=dev)
+    attention = OneRowAttention(hq, hkv, d, torch.device(dev))
+    reference = TorchPagedAttention(hq, hkv, d)
+
+    def forward():
+        outs, h = [], x
+        for i in range(layers):
+            rope = gemv.RopeWrite(pos, slot, cos_sin, cache[:, i], hq)
+            q, _ = gemv.add_norm_gemv(h, None, norm_w, 1e-5, w_qkv, rope=rope)
+            q = q[:, :hq * d].view(1, hq, d)
+            o = attention(q, cache[:, i], indptr, indices, last)
+            outs.append((q, o))
+            h = gemv.gemv(o.reshape(1, -1), w_o)
+        return outs
+
+    def fill(seq_len: int) -> torch.Tensor:
+        n = -(-seq_len // page)
+        table = torch.randperm(blocks, device=dev)[:n].int()
+        indptr[1], indices[:n], last[0] = n, table, seq_len - (n - 1) * page
+        pos[0], slot[0] = seq_len - 1, table[-1].long() * page + (seq_len - 1) % page
+        return table
+
+    fill(100)
+    forward()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = forward()
+    rng = torch.Generator().manual_seed(1)
+    lens = [1, 2, 15, 16, 17, 63, 64, 65, 1000, 2047, 2048, 2049, 4096, 9000]
+    lens += torch.randint(1, 2100, (40,), generator=rng).tolist()
+    for seq_len in lens:
+        table = fill(seq_len)
+        graph.replay()
+        torch.cuda.synchronize()
+        meta = AttentionMetadata(pos, torch.arange(len(table), device=dev)[None],
+                                 torch.tensor([seq_len], device=dev), [1], [seq_len], page)
+        for i, (q, o) in enumerate(outs):
+            want = reference._decode(q.float(), cache[table.long(), i].float(), meta)
+            torch.testing.assert_close(o.float(), want, atol=5e-2, rtol=5e-2,
+                                       msg=f"seq_len {seq_len} layer {i}")
+        assert not attention.tickets.any(), seq_len

@@ -20,8 +20,9 @@ second kernel for the merge. Two things here cut that chain:
   no second kernel.
 
 A program handles one KV head's GROUP query heads (padded to ROWS >= 16 rows for the
-tensor-core dot). Splits: as many BLOCK_T-token chunks as the context has, at most
-MAX_SPLITS; a split longer than one tile loops over the rest after the wait.
+tensor-core dot). Splits: as many as the context has BLOCK_T-token tiles, at most
+MAX_SPLITS, of equal length; a split longer than one tile loops over the rest after the
+wait.
 
 Only for one decode row (the batch-1 CUDA graph; DecodeGraphs), without sliding window,
 soft cap or ALiBi, and with 1/sqrt(head_dim) scaling, which covers the model families
@@ -63,9 +64,10 @@ def _kernel():
         n_pages = tl.load(indptr_ptr + 1) - first_page
         seq_len = (n_pages - 1) * PAGE + tl.load(last_ptr)
         # Every program derives the same split of [0, seq_len): at most MAX_SPLITS
-        # chunks, each a whole number of BLOCK_T tiles where the context allows.
+        # chunks of about equal length, no more chunks than BLOCK_T tiles. Positions are
+        # looked up one by one, so a chunk need not start on a page.
         n_splits = tl.minimum(MAX_SPLITS, tl.cdiv(seq_len, BLOCK_T))
-        per_split = tl.cdiv(tl.cdiv(seq_len, n_splits), PAGE) * PAGE
+        per_split = tl.cdiv(seq_len, n_splits)
         n_splits = tl.cdiv(seq_len, per_split)
         start = split * per_split
         stop = tl.minimum(start + per_split, seq_len)
@@ -84,7 +86,7 @@ def _kernel():
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         if split < n_splits:
-            new = (pos == seq_len - 1)[:, None]
+            new = ((pos == seq_len - 1) & inside)[:, None]
             k = tl.where(new, tl.load(k_ptrs, mask=new, other=0.0), k)
             v = tl.where(new, tl.load(k_ptrs + c_kv, mask=new, other=0.0), v)
             r = tl.arange(0, ROWS)
@@ -169,6 +171,10 @@ def one_row_unavailable_reason(num_heads: int, num_kv_heads: int, head_dim: int,
                 "group of at most 16")
     if head_dim not in (64, 128, 256):
         return f"head_dim {head_dim} is not 64, 128 or 256"
+    if group * head_dim > 1024:
+        # The merge holds [splits, group, head_dim] float32 at once: past this it spills
+        # registers (ptxas, sm_90a); not measured there.
+        return f"{group} query heads per KV head x head_dim {head_dim} > 1024"
     if dtype not in (torch.bfloat16, torch.float16):
         return f"takes bf16/fp16, not {dtype}"
     return None
@@ -198,7 +204,10 @@ class OneRowAttention:
         config = config or DEFAULT_CONFIG
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.group = num_heads // num_kv_heads
-        assert config.block_t >= 16 and config.max_splits >= 2, config
+        pow2 = all(n > 0 and n & (n - 1) == 0 for n in (config.block_t, config.max_splits))
+        assert pow2 and config.block_t >= 16 and config.max_splits >= 2, \
+            f"{config}: block_t (>= 16) and max_splits (>= 2) must be powers of two"
+
         self.config = config
         slots = num_kv_heads * config.max_splits * self.group
         self.partials = torch.empty(slots * head_dim, dtype=torch.float32, device=device)
