@@ -269,8 +269,9 @@ def main() -> None:
                          "recaptured), then again as given, same process; repeatable")
     ap.add_argument("--compare-gemv", action="append_const", const="gemv_decode",
                     dest="compare", help="the same as --compare gemv_decode")
-    ap.add_argument("--one-row-config", metavar="BLOCK_T,MAX_SPLITS,WARPS",
-                    help="tiles of the batch-1 attention kernel (kernels/attention/one_row.py)")
+    ap.add_argument("--one-row-config", metavar="BLOCK_T,MAX_SPLITS,WARPS[,MAX_CONTEXT]",
+                    help="tiles of the batch-1 attention kernel (kernels/attention/one_row.py) "
+                         "and the longest context it serves")
     ap.add_argument("--batches", default="1:1024,16:2048,64:2048,256:2048",
                     help="batch:context pairs")
     ap.add_argument("--steps", type=int, default=32)
