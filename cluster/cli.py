@@ -99,6 +99,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     p.add_argument("--port", type=int, default=8000)
     add_routing_args(p)
     p.add_argument("--served-model-name", default=None)
+    p.add_argument("--ready-timeout", type=float, default=120.0,
+                   help="seconds to wait at start for every worker to answer (they load "
+                        "their model first), then exit with the ones that did not")
     handlers["router"] = _router
     return parser, handlers
 
@@ -147,7 +150,7 @@ def _router(args: argparse.Namespace) -> int:
         prefill=[a for a in args.prefill_workers.split(",") if a],
         decode=[a for a in args.decode_workers.split(",") if a], routing=args.routing,
         local_prefill_threshold=args.local_prefill_threshold, index=args.index,
-        route_weights=args.route_weights)
+        route_weights=args.route_weights, ready_timeout_s=args.ready_timeout)
     uvicorn.run(create_app(cfg), host=args.host, port=args.port, log_level="warning")
     return 0
 

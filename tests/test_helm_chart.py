@@ -1,0 +1,148 @@
+"""The Helm chart (helm/baton): linted and rendered by Helm itself (its Go SDK through
+helm-python-sdk, as `helm lint --strict` and `helm template` do), every rendered object
+validated against Kubernetes 1.30's schemas, and the rendered command lines parsed by
+Baton's own CLI parsers, so a flag the chart passes must exist. No cluster here: what a
+deployment then does is not tested."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+helm = pytest.importorskip("helm_python", reason="helm-python-sdk (test extras)")
+kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="test extras")
+
+CHART = str(Path(__file__).resolve().parents[1] / "helm" / "baton")
+KUBE = "1.30.0"
+
+
+def render(values: dict | None = None, name: str = "demo") -> list[dict]:
+    chart = helm.Chart.load(CHART)
+    try:
+        files = chart.render(values or {}, name=name, namespace="llm", is_install=True)
+    finally:
+        chart.close()
+    docs = []
+    for path, text in files.items():
+        if path.endswith(".yaml"):
+            docs += [d for d in yaml.safe_load_all(text) if d]
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBE, strict=True)
+    return docs
+
+
+def find(docs: list[dict], kind: str, name: str) -> dict:
+    return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
+
+
+def container(doc: dict) -> dict:
+    return doc["spec"]["template"]["spec"]["containers"][0]
+
+
+def parse(command: list[str], args: list[str]):
+    from cluster.cli import build_parser
+
+    parser, _ = build_parser()
+    assert command[0] == "baton"
+    return parser.parse_args([*command[1:], *args])
+
+
+def test_lints_clean_in_strict_mode() -> None:
+    result = helm.lint(CHART, strict=True, kube_version=KUBE)
+    assert result["errors"] == []
+    assert all(m["severity"] <= 1 for m in result["messages"]), result["messages"]
+
+
+def test_default_is_one_prefill_and_one_decode_worker_behind_the_router() -> None:
+    docs = render()
+    router = container(find(docs, "Deployment", "demo-baton-router"))
+    args = parse(router["command"], router["args"])
+    assert args.prefill_workers == "demo-baton-prefill-0.demo-baton-prefill.llm.svc:50051"
+    assert args.decode_workers == "demo-baton-decode-0.demo-baton-decode.llm.svc:50051"
+    assert (args.routing, args.index, args.host) == ("kv", "memory", "0.0.0.0")
+    assert args.ready_timeout == 1800
+    for pool in ("prefill", "decode"):
+        sts = find(docs, "StatefulSet", f"demo-baton-{pool}")
+        svc = find(docs, "Service", f"demo-baton-{pool}")
+        assert sts["spec"]["serviceName"] == svc["metadata"]["name"]
+        assert svc["spec"]["clusterIP"] == "None"
+        worker = container(sts)
+        wargs = parse(worker["command"], worker["args"])
+        assert (wargs.role, wargs.device, wargs.tp, wargs.host) == (pool, "cuda", 1, "$(POD_IP)")
+        assert worker["resources"]["limits"] == {"nvidia.com/gpu": 1}
+        env = {e["name"]: e.get("value") for e in worker["env"]}
+        assert env["NCCL_NVLS_ENABLE"] == "0" and env["NVSHMEM_DISABLE_NVLS"] == "1"
+        assert env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1" and "POD_IP" in env
+    assert not [d for d in docs if d["metadata"]["name"].endswith("-redis")]
+
+
+def test_pools_scale_with_tp_and_the_router_lists_every_worker() -> None:
+    docs = render({"prefill": {"replicas": 2, "tp": 4, "maxNumBatchedTokens": 16384},
+                   "decode": {"replicas": 3, "tp": 2, "port": 6000,
+                              "extraArgs": ["--host-kv-gb", "64"],
+                              "resources": {"limits": {"memory": "200Gi"}}},
+                   "kvTransfer": "nixl", "router": {"replicas": 2, "routing": "round-robin"}})
+    router = container(find(docs, "Deployment", "demo-baton-router"))
+    args = parse(router["command"], router["args"])
+    assert args.prefill_workers.split(",") == [
+        f"demo-baton-prefill-{i}.demo-baton-prefill.llm.svc:50051" for i in range(2)]
+    assert args.decode_workers.split(",") == [
+        f"demo-baton-decode-{i}.demo-baton-decode.llm.svc:6000" for i in range(3)]
+    assert args.routing == "round-robin"
+    decode = container(find(docs, "StatefulSet", "demo-baton-decode"))
+    wargs = parse(decode["command"], decode["args"])
+    assert (wargs.tp, wargs.kv_transfer, wargs.port, wargs.host_kv_gb) == (2, "nixl", 6000, 64)
+    assert decode["resources"]["limits"] == {"nvidia.com/gpu": 2, "memory": "200Gi"}
+    prefill = container(find(docs, "StatefulSet", "demo-baton-prefill"))
+    assert parse(prefill["command"], prefill["args"]).max_num_batched_tokens == 16384
+    assert find(docs, "StatefulSet", "demo-baton-prefill")["spec"]["replicas"] == 2
+
+
+def test_aggregated_mode_runs_one_pool_of_workers_doing_both() -> None:
+    docs = render({"mode": "aggregated", "decode": {"replicas": 2}})
+    assert not [d for d in docs if "prefill" in d["metadata"]["name"]]
+    router = container(find(docs, "Deployment", "demo-baton-router"))
+    args = parse(router["command"], router["args"])
+    assert args.prefill_workers == "" and len(args.decode_workers.split(",")) == 2
+    worker = container(find(docs, "StatefulSet", "demo-baton-decode"))
+    assert parse(worker["command"], worker["args"]).role == "both"
+
+
+def test_redis_index_in_the_release_or_outside_it() -> None:
+    docs = render({"router": {"index": "redis"}, "redis": {"enabled": True}})
+    find(docs, "Deployment", "demo-baton-redis")
+    find(docs, "Service", "demo-baton-redis")
+    router = container(find(docs, "Deployment", "demo-baton-router"))
+    assert parse(router["command"], router["args"]).index == "redis://demo-baton-redis:6379"
+    docs = render({"router": {"index": "redis"}, "redis": {"url": "redis://cache:6379"}})
+    router = container(find(docs, "Deployment", "demo-baton-router"))
+    assert parse(router["command"], router["args"]).index == "redis://cache:6379"
+    assert not [d for d in docs if d["metadata"]["name"].endswith("-redis")]
+
+
+def test_model_volume_is_mounted_in_the_router_and_every_worker() -> None:
+    volume = {"persistentVolumeClaim": {"claimName": "models", "readOnly": True}}
+    docs = render({"model": {"name": "/models/llama-3.1-70b", "volume": volume}})
+    for kind, name in [("Deployment", "demo-baton-router"),
+                       ("StatefulSet", "demo-baton-prefill"),
+                       ("StatefulSet", "demo-baton-decode")]:
+        pod = find(docs, kind, name)["spec"]["template"]["spec"]
+        assert {"name": "models", **volume} in pod["volumes"]
+        mounts = pod["containers"][0]["volumeMounts"]
+        assert {"name": "models", "mountPath": "/models", "readOnly": True} in mounts
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"mode": "split"}, "mode"),
+    ({"kvTransfer": "rdma"}, "kvTransfer"),
+    ({"decode": {"tp": 0}}, "tp"),
+    ({"router": {"routing": "best"}}, "routing"),
+    ({"router": {"index": "redis"}}, "router.index redis needs redis.enabled"),
+    ({"decode": {"replicas": 0}}, "decode.replicas must be at least 1"),
+    ({"prefill": {"replicas": 0}}, "mode disaggregated needs prefill.replicas >= 1"),
+])
+def test_bad_values_fail_naming_what_is_wrong(values: dict, message: str) -> None:
+    with pytest.raises(helm.HelmError, match=message):
+        render(values)
