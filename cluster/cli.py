@@ -71,24 +71,13 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"])
     handlers["generate"] = _generate
 
-    from cluster.worker_main import add_engine_args, add_worker_parser, main_worker
+    from cluster.worker_main import add_worker_parser, main_worker
 
     add_worker_parser(sub)
     handlers["worker"] = main_worker
 
     p = sub.add_parser("serve", help="router + workers on this machine (the embedded default)")
-    p.add_argument("--prefill", type=int, default=1, help="prefill workers (0: aggregated)")
-    p.add_argument("--decode", type=int, default=1, help="decode workers")
-    p.add_argument("--prefill-gpus", default="",
-                   help="GPUs for the prefill pool, e.g. 0 or 0,1 (each worker takes --tp)")
-    p.add_argument("--decode-gpus", default="",
-                   help="GPUs for the decode (or aggregated) pool, e.g. 1 or 2,3")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    add_routing_args(p)
-    p.add_argument("--served-model-name", default=None)
-    p.add_argument("--ready-timeout", type=float, default=300.0)
-    add_engine_args(p)
+    add_serve_args(p)
     handlers["serve"] = _serve
 
     p = sub.add_parser("router", help="run the router against running workers")
@@ -104,6 +93,26 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
                         "their model first), then exit with the ones that did not")
     handlers["router"] = _router
     return parser, handlers
+
+
+def add_serve_args(p: argparse.ArgumentParser, gpu_lists: bool = True) -> None:
+    """`baton serve`'s flags; the Ray job (cluster/ray_job.py) takes them too, without the
+    GPU lists (Ray places its workers)."""
+    from cluster.worker_main import add_engine_args
+
+    p.add_argument("--prefill", type=int, default=1, help="prefill workers (0: aggregated)")
+    p.add_argument("--decode", type=int, default=1, help="decode workers")
+    if gpu_lists:
+        p.add_argument("--prefill-gpus", default="",
+                       help="GPUs for the prefill pool, e.g. 0 or 0,1 (each worker takes --tp)")
+        p.add_argument("--decode-gpus", default="",
+                       help="GPUs for the decode (or aggregated) pool, e.g. 1 or 2,3")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    add_routing_args(p)
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--ready-timeout", type=float, default=300.0)
+    add_engine_args(p)
 
 
 def add_routing_args(p: argparse.ArgumentParser) -> None:

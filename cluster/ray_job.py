@@ -1,0 +1,121 @@
+"""A whole Baton deployment as one Ray job:
+
+    ray job submit --address http://HEAD:8265 -- python -m cluster.ray_job \\
+        --model /models/llama-3.1-8b --device cuda --prefill 1 --decode 2 --tp 2
+
+Every worker runs in a Ray actor that asks Ray for `--tp` GPUs (or a CPU), so Ray decides
+the node and the GPUs (it sets CUDA_VISIBLE_DEVICES for the actor). The actor starts the
+same `baton worker` process `baton serve` starts, bound to its node's IP (the address the
+router dials and a prefill worker hands to the decode workers that pull its KV), and
+returns the address the worker announces. The router then runs in the job's driver, as
+in `baton serve`, and the job lasts until it is stopped (`ray job stop`): the actors die
+with the driver, and each worker process with its actor (PR_SET_PDEATHSIG).
+
+The flags are `baton serve`'s, but for the GPU lists (Ray places workers), plus
+`--ray-address` (default: the cluster the job runs in, or a new local one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import sys
+import threading
+
+from cluster.launcher import spawn_worker, stop_workers, worker_args_from
+
+log = logging.getLogger(__name__)
+
+
+class WorkerActor:
+    """One `baton worker` process on the node Ray placed this actor on."""
+
+    def __init__(self) -> None:
+        self.procs = []
+
+    def start(self, role: str, worker_args: list[str], timeout: float) -> str:
+        import ray
+
+        host = ray.util.get_node_ip_address()
+        env = dict(os.environ)
+        for name, value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+                            ("NVSHMEM_DISABLE_NVLS", "1")):
+            env.setdefault(name, value)  # NVLink multicast stays off (shared hosts)
+        ready = threading.Event()
+        wp = spawn_worker(role, [*worker_args, "--host", host, "--port", "0"], ready,
+                          self.procs, env)
+        if not ready.wait(timeout) or wp.address is None:
+            stop_workers(self.procs)
+            code = wp.proc.poll()
+            raise RuntimeError(f"{role} worker on {host} "
+                               + (f"exited with code {code}" if code is not None
+                                  else f"not ready after {timeout:.0f}s"))
+        return wp.address
+
+    def stop(self) -> None:
+        stop_workers(self.procs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from cluster.cli import add_serve_args
+
+    parser = argparse.ArgumentParser(
+        prog="python -m cluster.ray_job",
+        description="Baton as one Ray job: flags as `baton serve`, without the GPU lists")
+    add_serve_args(parser, gpu_lists=False)
+    parser.add_argument("--ray-address", default=None,
+                        help="the Ray cluster (default: the one this job runs in, else a "
+                             "new local one)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    import ray
+    import uvicorn
+
+    from router.app import RouterConfig, create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args = build_parser().parse_args(argv)
+    if args.prefill < 0 or args.decode < 1:
+        raise SystemExit("--prefill must be >= 0 and --decode >= 1")
+    if args.model is None:
+        raise SystemExit("--model is required: a checkpoint dir every node can read, or a "
+                         "preset with --load-format dummy")
+    ray.init(address=args.ray_address, log_to_driver=True)
+    gpu = args.device.startswith("cuda")
+    actor_cls = ray.remote(num_gpus=args.tp, num_cpus=0)(WorkerActor) if gpu \
+        else ray.remote(num_cpus=1)(WorkerActor)
+    roles = ["prefill"] * args.prefill + (["decode"] if args.prefill else ["both"]) * args.decode
+    worker_args = worker_args_from(args, args.model)
+    if gpu:  # Ray's CUDA_VISIBLE_DEVICES holds the actor's GPUs: cuda:0..tp-1
+        worker_args[worker_args.index("--device") + 1] = "cuda:0"
+    actors = [actor_cls.remote() for _ in roles]
+    try:
+        addresses = ray.get([a.start.remote(role, worker_args, args.ready_timeout)
+                             for a, role in zip(actors, roles)])
+        for role, address in zip(roles, addresses):
+            log.info("%s worker at %s", role, address)
+        cfg = RouterConfig(
+            model=args.model, served_model_name=args.served_model_name or os.path.basename(
+                args.model.rstrip("/")),
+            prefill=[a for r, a in zip(roles, addresses) if r == "prefill"],
+            decode=[a for r, a in zip(roles, addresses) if r != "prefill"],
+            routing=args.routing, local_prefill_threshold=args.local_prefill_threshold,
+            index=args.index, route_weights=args.route_weights,
+            ready_timeout_s=args.ready_timeout)
+        app = create_app(cfg)
+        host = ray.util.get_node_ip_address() if args.host == "0.0.0.0" else args.host
+        print(f"Baton serving {cfg.served_model_name} on Ray at http://{host}:{args.port}",
+              flush=True)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        with contextlib.suppress(Exception):  # an actor that died has nothing to stop
+            ray.get([a.stop.remote() for a in actors], timeout=30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
