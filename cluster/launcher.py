@@ -57,14 +57,21 @@ def spawn_worker(role: str, worker_args: list[str], ready: threading.Event,
     return wp
 
 
+def worker_env() -> dict[str, str]:
+    """This process's environment with NVLink multicast off for NCCL, torch's symmetric
+    memory and NVSHMEM, unless set otherwise (the GPU hosts are shared)."""
+    env = dict(os.environ)
+    env.setdefault("NCCL_NVLS_ENABLE", "0")
+    env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+    env.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+    return env
+
+
 def start_workers(roles: list[str], worker_args: list[str], timeout: float,
                   placements: list[Placement] | None = None) -> list[WorkerProcess]:
     procs: list[WorkerProcess] = []
     events = []
-    env = dict(os.environ)
-    env.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast stays off (shared hosts)
-    env.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
-    env.setdefault("NVSHMEM_DISABLE_NVLS", "1")
+    env = worker_env()
     if "--device" not in worker_args or worker_args[worker_args.index("--device") + 1] == "cpu":
         # CPU workers share the cores: without this each would spawn one torch thread per
         # core and they would thrash each other (decode steps doubled on 2 cores).

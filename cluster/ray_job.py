@@ -24,7 +24,7 @@ import os
 import sys
 import threading
 
-from cluster.launcher import spawn_worker, stop_workers, worker_args_from
+from cluster.launcher import spawn_worker, stop_workers, worker_args_from, worker_env
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +39,9 @@ class WorkerActor:
         import ray
 
         host = ray.util.get_node_ip_address()
-        env = dict(os.environ)
-        for name, value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
-                            ("NVSHMEM_DISABLE_NVLS", "1")):
-            env.setdefault(name, value)  # NVLink multicast stays off (shared hosts)
         ready = threading.Event()
         wp = spawn_worker(role, [*worker_args, "--host", host, "--port", "0"], ready,
-                          self.procs, env)
+                          self.procs, worker_env())
         if not ready.wait(timeout) or wp.address is None:
             stop_workers(self.procs)
             code = wp.proc.poll()

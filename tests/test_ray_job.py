@@ -42,6 +42,7 @@ def ray_cluster(tmp_path_factory):
     dashboard = free_port()
     temp = tmp_path_factory.mktemp("ray")
     _ray("start", "--head", f"--port={free_port()}", "--num-cpus=2",
+         "--object-store-memory=200000000",
          "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
          f"--dashboard-port={dashboard}", "--disable-usage-stats", f"--temp-dir={temp}",
          env=env)
