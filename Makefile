@@ -23,6 +23,10 @@ $(STAMP): pyproject.toml setup.py router/_block_map.c
 
 $(TEST_STAMP): $(STAMP)
 	$(PIP) install -q -e ".[test]"
+	# Debian's Chromium for the dashboard's browser test (it skips, saying so, without it).
+	command -v chromium >/dev/null 2>&1 || apt-get install -y -q chromium >/dev/null 2>&1 || \
+		(apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) || \
+		echo "Chromium did not install: the dashboard's browser test will skip"
 	touch $@
 
 install: $(STAMP)

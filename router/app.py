@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import IncrementalDetokenizer, TokenizerBundle
+from router import dashboard
 from router.errors import WorkerUnavailableError, error_response
 from router.generation import RequestRunner
 from router.kv_routing import KVRouter
@@ -334,6 +335,14 @@ def create_app(cfg: RouterConfig) -> FastAPI:
                 "mode": "disaggregated" if router.pool.disaggregated else "aggregated",
                 "workers": [w.to_json() for w in router.pool.all]}
         return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/dashboard", response_class=HTMLResponse)
+    async def dashboard_page():
+        return HTMLResponse(dashboard.page())
+
+    @app.get("/dashboard/state")
+    async def dashboard_state():
+        return dashboard.state(router)
 
     @app.get("/metrics")
     async def metrics():

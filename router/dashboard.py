@@ -1,0 +1,78 @@
+"""The operator dashboard: one page (`/dashboard`) that polls one JSON document
+(`/dashboard/state`) and draws the deployment from it.
+
+The state is the router's view, read from the same objects `/health` and `/metrics`
+read: every worker's health, load and KV occupancy, and the router's Prometheus
+counters and histograms as cumulative values. The page keeps the previous poll and
+shows rates and latency percentiles over the interval between polls (from the
+difference of cumulative histogram buckets), so what it shows is the last few seconds,
+not the average since start, and no state is kept here for it.
+"""
+
+from __future__ import annotations
+
+import time
+from importlib.resources import files
+
+from prometheus_client import CollectorRegistry
+
+# Histograms the page shows; labelled series (per worker, per phase) are summed.
+HISTOGRAMS = ("baton_time_to_first_token_seconds", "baton_inter_token_latency_seconds",
+              "baton_e2e_request_latency_seconds", "baton_kv_transfer_seconds",
+              "baton_worker_queue_seconds")
+COUNTERS = ("baton_requests", "baton_prompt_tokens", "baton_cached_prompt_tokens",
+            "baton_generation_tokens", "baton_kv_transfer_bytes", "baton_migrations",
+            "baton_routing_decisions", "baton_kv_route_picks")
+
+
+def page() -> str:
+    return files("router").joinpath("static/dashboard.html").read_text(encoding="utf-8")
+
+
+def metric_values(registry: CollectorRegistry) -> tuple[dict, dict]:
+    """(counters, histograms): counters as {name: {label text: value}} ('' for no
+    labels); histograms as {name: {"le": [...], "cumulative": [...], "sum", "count"}}
+    with every label set but `le` summed."""
+    counters: dict[str, dict[str, float]] = {}
+    histograms: dict[str, dict] = {}
+    for family in registry.collect():
+        if family.type == "counter" and family.name in COUNTERS:
+            series = counters.setdefault(family.name, {})
+            for s in family.samples:
+                if s.name.endswith("_total"):
+                    key = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+                    series[key] = series.get(key, 0.0) + s.value
+        elif family.type == "histogram" and family.name in HISTOGRAMS:
+            buckets: dict[float, float] = {}
+            total = count = 0.0
+            for s in family.samples:
+                if s.name.endswith("_bucket"):
+                    le = float(s.labels["le"])
+                    buckets[le] = buckets.get(le, 0.0) + s.value
+                elif s.name.endswith("_sum"):
+                    total += s.value
+                elif s.name.endswith("_count"):
+                    count += s.value
+            edges = sorted(buckets)
+            histograms[family.name] = {
+                "le": [e if e != float("inf") else None for e in edges],
+                "cumulative": [buckets[e] for e in edges], "sum": total, "count": count}
+    return counters, histograms
+
+
+def state(router) -> dict:
+    """What `/dashboard/state` returns: the deployment as the router sees it now."""
+    cfg, pool = router.cfg, router.pool
+    counters, histograms = metric_values(router.metrics.registry)
+    return {
+        "time": time.time(),
+        "model": cfg.served_model_name,
+        "mode": "disaggregated" if pool.disaggregated else "aggregated",
+        "routing": cfg.routing,
+        "index": "redis" if cfg.index.startswith("redis") else cfg.index,
+        "local_prefill_threshold": cfg.local_prefill_threshold,
+        "max_model_len": pool.max_model_len,
+        "workers": [w.to_json() for w in pool.all],
+        "counters": counters,
+        "histograms": histograms,
+    }

@@ -1,0 +1,107 @@
+"""The operator dashboard against a live `baton serve` (1 prefill + 1 decode worker): the
+state document counts exactly the traffic sent, and the page, loaded in real headless
+Chromium (skipped where it is not installed), draws that state: model, mode, both
+workers, request totals and latency percentiles."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from html.parser import HTMLParser
+
+import httpx
+import pytest
+
+from cluster.local_server import baton_serve, wait_pools_empty
+
+pytestmark = pytest.mark.slow
+PRESET = "tiny-llama-untied"
+REQUESTS, MAX_TOKENS = 5, 7
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint_dir):
+    with baton_serve(checkpoint_dir(PRESET), "--prefill", "1", "--decode", "1",
+                     "--kv-blocks", "256") as url:
+        for i in range(REQUESTS):
+            r = httpx.post(f"{url}/v1/completions", timeout=60, json={
+                "model": PRESET, "prompt": f"request {i}: " + "tell me a story " * 3,
+                "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True})
+            assert r.status_code == 200, r.text
+        wait_pools_empty(url)
+        yield url
+
+
+def test_state_counts_the_traffic_and_names_every_worker(server):
+    state = httpx.get(f"{server}/dashboard/state").json()
+    health = httpx.get(f"{server}/health").json()
+    assert (state["model"], state["mode"], state["routing"], state["index"]) == \
+        (PRESET, "disaggregated", "kv", "memory")
+    assert [w["address"] for w in state["workers"]] == [w["address"] for w in health["workers"]]
+    assert sorted(w["role"] for w in state["workers"]) == ["decode", "prefill"]
+    assert all(w["healthy"] and w["total_blocks"] == 256 for w in state["workers"])
+    counters, hists = state["counters"], state["histograms"]
+    assert counters["baton_requests"] == {"status=ok": REQUESTS}
+    assert counters["baton_generation_tokens"] == {"": REQUESTS * MAX_TOKENS}
+    assert counters["baton_routing_decisions"] == {"kind=disaggregated": REQUESTS}
+    ttft = hists["baton_time_to_first_token_seconds"]
+    assert ttft["count"] == REQUESTS and ttft["cumulative"][-1] == REQUESTS
+    assert ttft["le"][-1] is None and ttft["le"][:-1] == sorted(ttft["le"][:-1])
+    assert hists["baton_inter_token_latency_seconds"]["count"] == REQUESTS * (MAX_TOKENS - 1)
+
+
+def test_page_is_served_as_html(server):
+    r = httpx.get(f"{server}/dashboard")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert 'id="workers"' in r.text and "dashboard/state" in r.text
+
+
+class _Texts(HTMLParser):
+    """Text of every element with an id, and the data-address of every worker row."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.by_id: dict[str, str] = {}
+        self.rows: list[str] = []
+        self._open: list[str | None] = []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "tr" and "data-address" in a:
+            self.rows.append(a["data-address"])
+        if tag not in ("br", "img", "meta", "input"):
+            self._open.append(a.get("id"))
+            if a.get("id"):
+                self.by_id[a["id"]] = ""
+
+    def handle_endtag(self, tag):
+        if self._open:
+            self._open.pop()
+
+    def handle_data(self, data):
+        for i in self._open:
+            if i:
+                self.by_id[i] += data
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (make test installs "
+                    "Debian's chromium where apt can)")
+def test_page_in_headless_chromium_draws_the_state(server, tmp_path):
+    # window=0: percentiles since the router started (the traffic above), not the last 10 s.
+    done = subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path}",
+         "--virtual-time-budget=4000", "--dump-dom", f"{server}/dashboard?window=0"],
+        capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr[-2000:]
+    page = _Texts()
+    page.feed(done.stdout)
+    texts = {k: v.strip() for k, v in page.by_id.items()}
+    assert texts["status"] == "live", texts.get("status")
+    assert (texts["model"], texts["mode"], texts["routing"]) == (PRESET, "disaggregated", "kv")
+    health = httpx.get(f"{server}/health").json()
+    assert sorted(page.rows) == sorted(w["address"] for w in health["workers"])
+    assert texts["req-total"] == str(REQUESTS) and texts["req-errors"] == "0"
+    assert texts["ttft-p50"].endswith(" ms") and texts["ttft-p99"].endswith(" ms")
+    assert texts["itl-p50"].endswith(" ms")
+    assert "prefill placed: disaggregated" in texts["routing-table"]
