@@ -90,8 +90,15 @@ def main(argv: list[str] | None = None) -> int:
         worker_args[worker_args.index("--device") + 1] = "cuda:0"
     actors = [actor_cls.remote() for _ in roles]
     try:
-        addresses = ray.get([a.start.remote(role, worker_args, args.ready_timeout)
-                             for a, role in zip(actors, roles)])
+        try:  # an actor Ray cannot place waits for resources forever: bound it
+            addresses = ray.get([a.start.remote(role, worker_args, args.ready_timeout)
+                                 for a, role in zip(actors, roles)],
+                                timeout=args.ready_timeout + 120)
+        except ray.exceptions.GetTimeoutError:
+            need = f"{args.tp} GPU(s)" if gpu else "1 CPU"
+            raise SystemExit(f"workers not up after {args.ready_timeout + 120:.0f}s: each "
+                             f"of the {len(roles)} needs {need} on one node (see `ray "
+                             "status`), then its model loaded within --ready-timeout") from None
         for role, address in zip(roles, addresses):
             log.info("%s worker at %s", role, address)
         cfg = RouterConfig(

@@ -11,38 +11,43 @@ not the average since start, and no state is kept here for it.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from importlib.resources import files
 
-from prometheus_client import CollectorRegistry
+from router.metrics import RouterMetrics
 
-# Histograms the page shows; labelled series (per worker, per phase) are summed.
-HISTOGRAMS = ("baton_time_to_first_token_seconds", "baton_inter_token_latency_seconds",
-              "baton_e2e_request_latency_seconds", "baton_kv_transfer_seconds",
-              "baton_worker_queue_seconds")
-COUNTERS = ("baton_requests", "baton_prompt_tokens", "baton_cached_prompt_tokens",
-            "baton_generation_tokens", "baton_kv_transfer_bytes", "baton_migrations",
-            "baton_routing_decisions", "baton_kv_route_picks")
+# What the page shows, by RouterMetrics attribute; labelled series are summed (histograms)
+# or kept apart by label (counters). Only these are read: the per-worker histograms of the
+# registry would make every poll cost more as workers are added.
+HISTOGRAMS = ("ttft", "itl")
+COUNTERS = ("requests", "prompt_tokens", "cached_tokens", "generation_tokens", "kv_bytes",
+            "migrations", "routing", "kv_picks")
+# Tells one router process from another: behind a Service the page may reach several, and
+# its window differences must not mix their counters.
+INSTANCE = f"{socket.gethostname()}:{os.getpid()}:{time.time():.0f}"
 
 
 def page() -> str:
     return files("router").joinpath("static/dashboard.html").read_text(encoding="utf-8")
 
 
-def metric_values(registry: CollectorRegistry) -> tuple[dict, dict]:
-    """(counters, histograms): counters as {name: {label text: value}} ('' for no
-    labels); histograms as {name: {"le": [...], "cumulative": [...], "sum", "count"}}
+def metric_values(metrics: RouterMetrics) -> tuple[dict, dict]:
+    """(counters, histograms), keyed by metric name: counters as {label text: value}
+    ('' for no labels); histograms as {"le": [...], "cumulative": [...], "sum", "count"}
     with every label set but `le` summed."""
     counters: dict[str, dict[str, float]] = {}
     histograms: dict[str, dict] = {}
-    for family in registry.collect():
-        if family.type == "counter" and family.name in COUNTERS:
+    for attr in COUNTERS:
+        for family in getattr(metrics, attr).collect():
             series = counters.setdefault(family.name, {})
             for s in family.samples:
                 if s.name.endswith("_total"):
                     key = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
                     series[key] = series.get(key, 0.0) + s.value
-        elif family.type == "histogram" and family.name in HISTOGRAMS:
+    for attr in HISTOGRAMS:
+        for family in getattr(metrics, attr).collect():
             buckets: dict[float, float] = {}
             total = count = 0.0
             for s in family.samples:
@@ -63,8 +68,9 @@ def metric_values(registry: CollectorRegistry) -> tuple[dict, dict]:
 def state(router) -> dict:
     """What `/dashboard/state` returns: the deployment as the router sees it now."""
     cfg, pool = router.cfg, router.pool
-    counters, histograms = metric_values(router.metrics.registry)
+    counters, histograms = metric_values(router.metrics)
     return {
+        "instance": INSTANCE,
         "time": time.time(),
         "model": cfg.served_model_name,
         "mode": "disaggregated" if pool.disaggregated else "aggregated",

@@ -102,6 +102,27 @@ def test_page_in_headless_chromium_draws_the_state(server, tmp_path):
     health = httpx.get(f"{server}/health").json()
     assert sorted(page.rows) == sorted(w["address"] for w in health["workers"])
     assert texts["req-total"] == str(REQUESTS) and texts["req-errors"] == "0"
-    assert texts["ttft-p50"].endswith(" ms") and texts["ttft-p99"].endswith(" ms")
-    assert texts["itl-p50"].endswith(" ms")
+    hists = httpx.get(f"{server}/dashboard/state").json()["histograms"]
+    ttft, itl = (hists[f"baton_{n}_seconds"] for n in ("time_to_first_token",
+                                                       "inter_token_latency"))
+    for shown, hist, q in [("ttft-p50", ttft, 0.5), ("ttft-p99", ttft, 0.99),
+                           ("itl-p50", itl, 0.5)]:
+        assert _shown_ms(texts[shown]) == pytest.approx(_quantile(hist, q) * 1000, abs=0.51)
     assert "prefill placed: disaggregated" in texts["routing-table"]
+
+
+def _quantile(hist: dict, q: float) -> float:
+    """The page's estimate: linear inside the bucket holding the q-th observation."""
+    cum, edges = hist["cumulative"], hist["le"]
+    rank = q * cum[-1]
+    i = next(i for i, c in enumerate(cum) if c >= rank)
+    lo, below = (edges[i - 1], cum[i - 1]) if i else (0.0, 0.0)
+    if edges[i] is None:
+        return lo
+    return lo + (edges[i] - lo) * (rank - below) / (cum[i] - below)
+
+
+def _shown_ms(text: str) -> float:
+    """The page prints '7.3 ms' below 10 ms, else whole milliseconds."""
+    assert text.endswith(" ms"), text
+    return float(text.removesuffix(" ms"))

@@ -134,7 +134,24 @@ def test_model_volume_is_mounted_in_the_router_and_every_worker() -> None:
         assert {"name": "models", "mountPath": "/models", "readOnly": True} in mounts
 
 
+def test_long_release_names_leave_room_for_kubernetes_labels() -> None:
+    docs = render(name="production-llama-70b-instruct-east-us-2-canary")
+    for doc in docs:
+        assert len(doc["metadata"]["name"]) <= 63
+        if doc["kind"] == "StatefulSet":  # + "-" + a 10-character revision hash <= 63
+            assert len(doc["metadata"]["name"]) <= 52, doc["metadata"]["name"]
+
+
+def test_router_waits_for_loading_workers_without_being_restarted() -> None:
+    docs = render({"startupSeconds": 3600})
+    router = container(find(docs, "Deployment", "demo-baton-router"))
+    probe = router["startupProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] > 3600
+    assert parse(router["command"], router["args"]).ready_timeout == 3600
+
+
 @pytest.mark.parametrize("values,message", [
+    ({"kvTransfer": "nccl", "decode": {"tp": 2}}, "kvTransfer nccl works between single-GPU"),
     ({"mode": "split"}, "mode"),
     ({"kvTransfer": "rdma"}, "kvTransfer"),
     ({"decode": {"tp": 0}}, "tp"),

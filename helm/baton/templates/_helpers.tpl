@@ -1,10 +1,12 @@
 {{/* Names, labels and the worker lists the router is given. */}}
 
+{{/* At most 40 characters: a StatefulSet's name plus "-prefill" must leave room for the
+controller-revision-hash label Kubernetes derives from it (63 characters at most). */}}
 {{- define "baton.fullname" -}}
 {{- if contains .Chart.Name .Release.Name -}}
-{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 50 | trimSuffix "-" -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 40 | trimSuffix "-" -}}
 {{- end -}}
 {{- end -}}
 
