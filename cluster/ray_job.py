@@ -33,7 +33,7 @@ class WorkerActor:
     """One `baton worker` process on the node Ray placed this actor on."""
 
     def __init__(self) -> None:
-        self.procs = []
+        self.procs: list = []  # launcher.WorkerProcess, one
 
     def start(self, role: str, worker_args: list[str], timeout: float) -> str:
         import ray
