@@ -3,10 +3,10 @@
 
 The state is the router's view, read from the same objects `/health` and `/metrics`
 read: every worker's health, load and KV occupancy, and the router's Prometheus
-counters and histograms as cumulative values. The page keeps the previous poll and
-shows rates and latency percentiles over the interval between polls (from the
-difference of cumulative histogram buckets), so what it shows is the last few seconds,
-not the average since start, and no state is kept here for it.
+counters and histograms as cumulative values. The page keeps its last polls and shows
+rates and latency percentiles over the last 10 s (from the difference of cumulative
+counters and histogram buckets), so what it shows is now, not the average since start,
+and the router keeps no state for it.
 """
 
 from __future__ import annotations
