@@ -146,20 +146,17 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _router(args: argparse.Namespace) -> int:
     import logging
-    import os
 
     import uvicorn
 
-    from router.app import RouterConfig, create_app
+    from cluster.launcher import router_config
+    from router.app import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    cfg = RouterConfig(
-        model=args.model,
-        served_model_name=args.served_model_name or os.path.basename(args.model.rstrip("/")),
-        prefill=[a for a in args.prefill_workers.split(",") if a],
-        decode=[a for a in args.decode_workers.split(",") if a], routing=args.routing,
-        local_prefill_threshold=args.local_prefill_threshold, index=args.index,
-        route_weights=args.route_weights, ready_timeout_s=args.ready_timeout)
+    cfg = router_config(args, args.model,
+                        prefill=[a for a in args.prefill_workers.split(",") if a],
+                        decode=[a for a in args.decode_workers.split(",") if a],
+                        ready_timeout_s=args.ready_timeout)
     uvicorn.run(create_app(cfg), host=args.host, port=args.port, log_level="warning")
     return 0
 

@@ -176,21 +176,40 @@ def _gpu_count(device: str) -> int:
     return torch.cuda.device_count()
 
 
+def worker_roles(args: argparse.Namespace) -> list[str]:
+    """One role per worker from `--prefill` / `--decode` (no prefill pool: aggregated)."""
+    if args.prefill < 0 or args.decode < 1:
+        raise ValueError("--prefill must be >= 0 and --decode >= 1")
+    return ["prefill"] * args.prefill + (["decode"] if args.prefill else ["both"]) * args.decode
+
+
+def router_config(args: argparse.Namespace, model: str, prefill: list[str],
+                  decode: list[str], **extra):
+    """The router's config from the routing flags (`baton serve`, `baton router`, the Ray
+    job) and its workers' addresses; `extra`: more RouterConfig fields."""
+    from router.app import RouterConfig
+
+    return RouterConfig(
+        model=model, served_model_name=args.served_model_name or os.path.basename(
+            model.rstrip("/")),
+        prefill=prefill, decode=decode, routing=args.routing,
+        local_prefill_threshold=args.local_prefill_threshold, index=args.index,
+        route_weights=args.route_weights, **extra)
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from router.app import RouterConfig, create_app
+    from router.app import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if args.prefill < 0 or args.decode < 1:
-        raise ValueError("--prefill must be >= 0 and --decode >= 1")
+    roles = worker_roles(args)
     model = args.model
     if model is None:
         from cluster.embedded import default_model_dir
 
         model = str(default_model_dir())
         log.info("no --model: serving the embedded tiny model at %s", model)
-    roles = ["prefill"] * args.prefill + (["decode"] if args.prefill else ["both"]) * args.decode
     placements = place_workers(roles, args.device, args.tp, _gpu_count(args.device),
                                args.prefill_gpus, args.decode_gpus)
     check_kv_transfer(placements, args.kv_transfer)
@@ -200,13 +219,9 @@ def serve(args: argparse.Namespace) -> int:
                     args.gpu_memory_utilization)
     procs = start_workers(roles, worker_args_from(args, model), args.ready_timeout, placements)
     try:
-        cfg = RouterConfig(
-            model=model, served_model_name=args.served_model_name or os.path.basename(
-                model.rstrip("/")),
-            prefill=[w.address for w in procs if w.role == "prefill"],
-            decode=[w.address for w in procs if w.role != "prefill"],
-            routing=args.routing, local_prefill_threshold=args.local_prefill_threshold,
-            index=args.index, route_weights=args.route_weights)
+        cfg = router_config(args, model,
+                            prefill=[w.address for w in procs if w.role == "prefill"],
+                            decode=[w.address for w in procs if w.role != "prefill"])
         app = create_app(cfg)
         mode = f"{args.prefill}P{args.decode}D" if args.prefill else f"aggregated x{args.decode}"
         url = f"http://{args.host}:{args.port}"

@@ -20,11 +20,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import os
 import sys
-import threading
 
-from cluster.launcher import spawn_worker, stop_workers, worker_args_from, worker_env
+from cluster.launcher import (
+    router_config,
+    start_workers,
+    stop_workers,
+    worker_args_from,
+    worker_roles,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,19 +40,14 @@ class WorkerActor:
         self.procs: list = []  # launcher.WorkerProcess, one
 
     def start(self, role: str, worker_args: list[str], timeout: float) -> str:
+        """Starts the worker as `baton serve` does, bound to this node's IP; its address.
+        Raises (saying why) if it exits or is not ready within `timeout`."""
         import ray
 
         host = ray.util.get_node_ip_address()
-        ready = threading.Event()
-        wp = spawn_worker(role, [*worker_args, "--host", host, "--port", "0"], ready,
-                          self.procs, worker_env())
-        if not ready.wait(timeout) or wp.address is None:
-            stop_workers(self.procs)
-            code = wp.proc.poll()
-            raise RuntimeError(f"{role} worker on {host} "
-                               + (f"exited with code {code}" if code is not None
-                                  else f"not ready after {timeout:.0f}s"))
-        return wp.address
+        self.procs = start_workers([role], [*worker_args, "--host", host, "--port", "0"],
+                                   timeout)
+        return self.procs[0].address
 
     def stop(self) -> None:
         stop_workers(self.procs)
@@ -71,12 +70,14 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import uvicorn
 
-    from router.app import RouterConfig, create_app
+    from router.app import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args = build_parser().parse_args(argv)
-    if args.prefill < 0 or args.decode < 1:
-        raise SystemExit("--prefill must be >= 0 and --decode >= 1")
+    try:
+        roles = worker_roles(args)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if args.model is None:
         raise SystemExit("--model is required: a checkpoint dir every node can read, or a "
                          "preset with --load-format dummy")
@@ -84,7 +85,6 @@ def main(argv: list[str] | None = None) -> int:
     gpu = args.device.startswith("cuda")
     actor_cls = ray.remote(num_gpus=args.tp, num_cpus=0)(WorkerActor) if gpu \
         else ray.remote(num_cpus=1)(WorkerActor)
-    roles = ["prefill"] * args.prefill + (["decode"] if args.prefill else ["both"]) * args.decode
     worker_args = worker_args_from(args, args.model)
     if gpu:  # Ray's CUDA_VISIBLE_DEVICES holds the actor's GPUs: cuda:0..tp-1
         worker_args[worker_args.index("--device") + 1] = "cuda:0"
@@ -101,14 +101,10 @@ def main(argv: list[str] | None = None) -> int:
                              "status`), then its model loaded within --ready-timeout") from None
         for role, address in zip(roles, addresses):
             log.info("%s worker at %s", role, address)
-        cfg = RouterConfig(
-            model=args.model, served_model_name=args.served_model_name or os.path.basename(
-                args.model.rstrip("/")),
-            prefill=[a for r, a in zip(roles, addresses) if r == "prefill"],
-            decode=[a for r, a in zip(roles, addresses) if r != "prefill"],
-            routing=args.routing, local_prefill_threshold=args.local_prefill_threshold,
-            index=args.index, route_weights=args.route_weights,
-            ready_timeout_s=args.ready_timeout)
+        cfg = router_config(args, args.model,
+                            prefill=[a for r, a in zip(roles, addresses) if r == "prefill"],
+                            decode=[a for r, a in zip(roles, addresses) if r != "prefill"],
+                            ready_timeout_s=args.ready_timeout)
         app = create_app(cfg)
         host = ray.util.get_node_ip_address() if args.host == "0.0.0.0" else args.host
         print(f"Baton serving {cfg.served_model_name} on Ray at http://{host}:{args.port}",
