@@ -332,7 +332,7 @@ def create_app(cfg: RouterConfig) -> FastAPI:
     async def health():
         ok = any(w.healthy for w in router.pool.decode)
         body = {"status": "ok" if ok else "unavailable",
-                "mode": "disaggregated" if router.pool.disaggregated else "aggregated",
+                "mode": router.pool.mode,
                 "workers": [w.to_json() for w in router.pool.all]}
         return JSONResponse(body, status_code=200 if ok else 503)
 

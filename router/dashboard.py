@@ -11,6 +11,7 @@ and the router keeps no state for it.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
@@ -29,7 +30,9 @@ COUNTERS = ("requests", "prompt_tokens", "cached_tokens", "generation_tokens", "
 INSTANCE = f"{socket.gethostname()}:{os.getpid()}:{time.time():.0f}"
 
 
+@functools.cache
 def page() -> str:
+    """The page, read once (it is the same for every request)."""
     return files("router").joinpath("static/dashboard.html").read_text(encoding="utf-8")
 
 
@@ -73,7 +76,7 @@ def state(router) -> dict:
         "instance": INSTANCE,
         "time": time.time(),
         "model": cfg.served_model_name,
-        "mode": "disaggregated" if pool.disaggregated else "aggregated",
+        "mode": pool.mode,
         "routing": cfg.routing,
         "index": "redis" if cfg.index.startswith("redis") else cfg.index,
         "local_prefill_threshold": cfg.local_prefill_threshold,

@@ -72,6 +72,11 @@ class WorkerPool:
         return any(w.healthy for w in self.prefill)
 
     @property
+    def mode(self) -> str:
+        """What /health and the dashboard report: disaggregated while a prefill worker is up."""
+        return "disaggregated" if self.disaggregated else "aggregated"
+
+    @property
     def max_model_len(self) -> int | None:
         lens = [w.status.max_model_len for w in self.all if w.status and w.healthy]
         return min(lens) if lens else None
