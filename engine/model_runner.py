@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -194,11 +195,7 @@ class ModelRunner:
             m.fold_rope_in_gemv for m in self.model.modules() if hasattr(m, "fold_rope_in_gemv"))
 
     def set_rope_fold(self, on: bool) -> bool:
-        if self.planner is not None and self.pc.tp_size == 1:
-            gemv.set_rope_fold(self.model, on)
-            if self.graphs is not None:
-                self._capture_graphs()
-        return self.rope_fold
+        return self._switch(lambda: gemv.set_rope_fold(self.model, on), "rope_fold")
 
     @property
     def overlap_decode(self) -> bool:
@@ -231,22 +228,25 @@ class ModelRunner:
     def set_one_row_attention(self, on: bool) -> bool:
         """Benchmarks compare the one-row attention kernel with FlashInfer's in one
         process: switch, and recapture the decode graphs."""
-        if self.planner is not None and self.pc.tp_size == 1:
-            self.one_row = self._one_row_attention(on)
-            if self.graphs is not None:
-                self._capture_graphs()
-        return self.one_row_attention
+        return self._switch(lambda: setattr(self, "one_row", self._one_row_attention(on)),
+                            "one_row_attention")
 
     def set_pdl(self, on: bool) -> bool:
         return self._switch_kernels("pdl", lambda _model, on: pdl.set_enabled(on), on)
 
     def _switch_kernels(self, attr: str, setter, on: bool) -> bool:
-        if self.planner is None or self.pc.tp_size > 1:
-            return getattr(self, attr)
-        setattr(self, attr, setter(self.model, on))
-        if self.graphs is not None:
-            self._capture_graphs()
-        return getattr(self, attr)
+        """`attr` = setter(model, on), as `_switch` does it."""
+        return self._switch(lambda: setattr(self, attr, setter(self.model, on)), attr)
+
+    def _switch(self, apply: Callable[[], object], state: str) -> bool:
+        """Flips a kernel choice (`apply`) and recaptures the decode graphs that hold the
+        old kernels; returns the `state` attribute after. Only where FlashInfer runs in one
+        process (under TP every rank would have to flip alike)."""
+        if self.planner is not None and self.pc.tp_size == 1:
+            apply()
+            if self.graphs is not None:
+                self._capture_graphs()
+        return getattr(self, state)
 
     def _graphs_off_reason(self) -> str | None:
         """Why decode steps run eagerly, or None when they are captured. Under TP a graph
