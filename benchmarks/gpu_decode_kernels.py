@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import time
 
 import torch
@@ -77,20 +78,26 @@ def attention_case(batch: int, ctx: int, gen) -> dict:
     out = {"batch": batch, "context": ctx, "layers_timed": layers, "kv_bytes_per_layer":
            kv_bytes, "variants": []}
     ref = None
-    variants = [("tensor-cores", True, True, None), ("tensor-cores/no-split", True, False, None),
-                ("cuda-cores", False, True, None), ("cuda-cores/no-split", False, False, None)]
-    # FlashInfer's own split at one row is 128-token chunks (its smallest); other fixed
-    # chunk sizes, in pages, for the tensor-core kernel.
-    variants += [(f"tensor-cores/split-{p}-pages", True, True, p) for p in SPLIT_PAGES
-                 if batch == 1]
-    variants += [("baton-one-row/{}/{}/{}".format(*c), None, None, c) for c in ONE_ROW_CONFIGS
-                 if batch == 1]
-    for name, tc, split, pages_per_chunk in variants:
+    # (name, builder of the runner): FlashInfer's variants (tensor cores, split-KV, fixed
+    # chunk pages), then Baton's one-row kernel's tiles.
+    fi = functools.partial(flashinfer_runner, lists)
+    variants = [("tensor-cores", functools.partial(fi, True, True)),
+                ("tensor-cores/no-split", functools.partial(fi, True, False)),
+                ("cuda-cores", functools.partial(fi, False, True)),
+                ("cuda-cores/no-split", functools.partial(fi, False, False))]
+    if batch == 1:
+        # FlashInfer's own split at one row is 128-token chunks (its smallest); other
+        # fixed chunk sizes, in pages, for the tensor-core kernel.
+        variants += [(f"tensor-cores/split-{p}-pages", functools.partial(fi, True, True, p))
+                     for p in SPLIT_PAGES]
+        variants += [("baton-one-row/{}/{}/{}".format(*c),
+                      functools.partial(one_row_runner, lists, OneRowConfig(*c)))
+                     for c in ONE_ROW_CONFIGS]
+    for name, build in variants:
         row = {"variant": name}
         try:
             t0 = time.perf_counter()
-            run = (one_row_runner(lists, OneRowConfig(*pages_per_chunk)) if tc is None
-                   else flashinfer_runner(lists, tc, split, pages_per_chunk))
+            run = build()
             first = run(q, caches[0])
             torch.cuda.synchronize()
             row["first_call_s"] = time.perf_counter() - t0
