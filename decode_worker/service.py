@@ -62,6 +62,7 @@ class DecodeService(WorkerService):
                 if out.queue_seconds is not None:
                     chunk.queue_seconds = out.queue_seconds
                     chunk.first_token_seconds = out.first_token_seconds
+                    chunk.emit_seconds = time.monotonic() - out.first_token_at
                 first_sent = True
             yield chunk
 

@@ -57,6 +57,9 @@ class RequestOutput:
     # preemption before the first token counts there too).
     queue_seconds: float | None = None
     first_token_seconds: float | None = None
+    # time.monotonic() when that first token was ready: the service that sends it reports
+    # how long the hand-off to gRPC took (the engine thread -> event loop hop, under the GIL).
+    first_token_at: float | None = None
 
 
 def make_tiered_store(cfg: EngineConfig, runner: ModelRunner, events: EventRecorder,
@@ -367,8 +370,9 @@ class LLMEngine:
         if not seq.timing_reported:  # (a step computed it, so the scheduler stamped it)
             seq.timing_reported = True
             started = seq.first_scheduled_time
+            out.first_token_at = time.monotonic()
             out.queue_seconds = started - seq.arrival_time
-            out.first_token_seconds = time.monotonic() - started
+            out.first_token_seconds = out.first_token_at - started
         if seq.is_finished:
             self._forget(seq.request_id)
             if seq.hold_blocks and seq.block_table:

@@ -35,7 +35,8 @@ def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput
     return dataclasses.replace(later, new_token_ids=earlier.new_token_ids + later.new_token_ids,
                                new_text=earlier.new_text + later.new_text,
                                queue_seconds=first.queue_seconds,
-                               first_token_seconds=first.first_token_seconds)
+                               first_token_seconds=first.first_token_seconds,
+                               first_token_at=first.first_token_at)
 
 
 def _deliver(pairs: list[tuple[asyncio.Queue, RequestOutput]]) -> None:

@@ -5,6 +5,7 @@ are freed when the decode worker calls Release, or when the lease runs out."""
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import grpc
 
@@ -53,6 +54,7 @@ class PrefillService(WorkerService):
         if last.queue_seconds is not None:
             resp.queue_seconds = last.queue_seconds
             resp.first_token_seconds = last.first_token_seconds
+            resp.emit_seconds = time.monotonic() - last.first_token_at
         if last.top_logprobs:
             resp.first_top_logprobs.extend(top_to_proto(last.top_logprobs[0]).items)
         if handle is not None:

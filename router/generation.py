@@ -44,6 +44,10 @@ class TokenEvent:
     # "prefill" (whoever made the first token), "decode" (the decode worker of a
     # disaggregated request) or "migrated" (a worker taking over after one failed: it
     # prefills prompt and tokens so far); "kv_transfer_ms" for the decode worker's pull.
+    # Also "<phase>_emit_ms" (token sampled -> handed to gRPC there: the engine thread to
+    # event loop hop), "<phase>_network_ms" (the call's round trip less the worker's own
+    # parts: both gRPC hops and the handler's start) and, on the first stage, "router_ms"
+    # (routing and building the call, from the request reaching the runner).
     timing: dict[str, float] | None = None
 
 
@@ -82,15 +86,16 @@ class RequestRunner:
         routed: WorkerHandle | None = None
         try:
             if disaggregate:
-                first, prefill_w = await self._prefill(request_id, prompt, params, overlaps, bs,
-                                                       tie_key)
+                first, prefill_w, rtt, router_s = await self._prefill(
+                    request_id, prompt, params, overlaps, bs, tie_key, t0)
                 generated.append(first.first_token_id)
                 top = [top_from_proto(pb.TopLogprobList(items=first.first_top_logprobs))] \
                     if first.first_top_logprobs else []
                 yield TokenEvent([first.first_token_id], [first.first_logprob], top,
                                  first.finish_reason or None, first.num_cached_tokens,
                                  route={"prefill": prefill_w.address},
-                                 timing=self._timing("prefill", prefill_w, first))
+                                 timing=self._timing("prefill", prefill_w, first, rtt,
+                                                     router_s))
                 if first.finish_reason:
                     return
                 handle = first.handle if first.HasField("handle") else None
@@ -115,6 +120,8 @@ class RequestRunner:
                 # so a retry must not read them again: it re-prefills locally instead.
                 handle = None
                 w.in_flight += 1
+                sent_at = time.perf_counter()
+                router_s = sent_at - t0 if first_event and attempt == 0 else None
                 call = w.stub.Generate(req)
                 phase = "prefill" if not generated else "decode" if attempt == 0 \
                     else "migrated"
@@ -122,7 +129,8 @@ class RequestRunner:
                 try:
                     async for chunk in call:
                         if timing is None:  # this worker's first chunk
-                            timing = self._timing(phase, w, chunk)
+                            timing = self._timing(phase, w, chunk,
+                                                  time.perf_counter() - sent_at, router_s)
                             if chunk.kv_transfer_backend:
                                 timing["kv_transfer_ms"] = chunk.kv_transfer_seconds * 1e3
                         if local_prefill:
@@ -170,15 +178,21 @@ class RequestRunner:
                 self._background.add(task)
                 task.add_done_callback(self._background.discard)
 
-    def _timing(self, phase: str, w: WorkerHandle, msg: pb.PrefillResponse | pb.TokenChunk
-                ) -> dict[str, float]:
+    def _timing(self, phase: str, w: WorkerHandle, msg: pb.PrefillResponse | pb.TokenChunk,
+                rtt: float, router_s: float | None = None) -> dict[str, float]:
+        """The first message of a call: where its round trip `rtt` (seconds) went."""
+        timing = {} if router_s is None else {"router_ms": router_s * 1e3}
         if not msg.HasField("queue_seconds"):  # a worker that does not report it
-            return {}
+            return timing
         self.metrics.worker_queue.labels(phase, w.address).observe(msg.queue_seconds)
         self.metrics.worker_first_token.labels(phase, w.address).observe(
             msg.first_token_seconds)
-        return {f"{phase}_queue_ms": msg.queue_seconds * 1e3,
-                f"{phase}_first_token_ms": msg.first_token_seconds * 1e3}
+        worker_s = msg.queue_seconds + msg.first_token_seconds + msg.emit_seconds
+        timing.update({f"{phase}_queue_ms": msg.queue_seconds * 1e3,
+                       f"{phase}_first_token_ms": msg.first_token_seconds * 1e3,
+                       f"{phase}_emit_ms": msg.emit_seconds * 1e3,
+                       f"{phase}_network_ms": max(rtt - worker_s, 0.0) * 1e3})
+        return timing
 
     def _pick(self, role: str, failed: set[str], overlaps: dict[str, Overlap],
               block_size: int, tie_key: int) -> WorkerHandle:
@@ -189,19 +203,25 @@ class RequestRunner:
         return self.pool.pick(role, exclude=failed)
 
     async def _prefill(self, request_id: str, prompt: list[int], params: SamplingParams,
-                       overlaps: dict[str, Overlap], block_size: int, tie_key: int
-                       ) -> tuple[pb.PrefillResponse, WorkerHandle]:
+                       overlaps: dict[str, Overlap], block_size: int, tie_key: int,
+                       t0: float) -> tuple[pb.PrefillResponse, WorkerHandle, float, float]:
+        """The first token from a prefill worker, which one, the call's round trip, and
+        the seconds from `t0` to the first call sent (routing)."""
         failed: set[str] = set()
+        router_s: float | None = None
         for _ in range(MAX_ATTEMPTS):
             w = self._pick("prefill", failed, overlaps, block_size, tie_key)
             held = overlaps[w.address].total * block_size if w.address in overlaps else 0
             w.in_flight += 1
             w.pending_prefill_tokens += len(prompt) - held
             try:
-                resp = await w.stub.Prefill(pb.PrefillRequest(
-                    request_id=request_id, prompt_token_ids=prompt,
-                    params=params_to_proto(params)))
-                return resp, w
+                call = pb.PrefillRequest(request_id=request_id, prompt_token_ids=prompt,
+                                         params=params_to_proto(params))
+                sent_at = time.perf_counter()
+                if router_s is None:
+                    router_s = sent_at - t0
+                resp = await w.stub.Prefill(call)
+                return resp, w, time.perf_counter() - sent_at, router_s
             except grpc.aio.AioRpcError as e:
                 if e.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     raise _invalid(e) from None

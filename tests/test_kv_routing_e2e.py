@@ -62,16 +62,21 @@ def test_mostly_cached_prompt_is_prefilled_locally(checkpoint_dir):
         metrics = httpx.get(f"{url}/metrics").text
         assert 'baton_routing_decisions_total{kind="local"} 1.0' in metrics
         assert 'baton_routing_decisions_total{kind="disaggregated"} 1.0' in metrics
-        # Where each request's time to first token went: P's queue and compute, then D's
-        # (and its KV pull) when disaggregated; only the local prefill otherwise.
+        # Where each request's time to first token went: the router's routing, then P's
+        # queue, compute, hand-off to gRPC and the calls' network time; then D's (and its
+        # KV pull) when disaggregated; only the local prefill otherwise.
         t1, t2 = first["baton_timing"][0], second["baton_timing"][0]
-        assert set(t1) == {"ttft_ms", "prefill_queue_ms", "prefill_first_token_ms",
-                           "decode_queue_ms", "decode_first_token_ms", "kv_transfer_ms"}, t1
-        assert set(t2) == {"ttft_ms", "prefill_queue_ms", "prefill_first_token_ms"}, t2
+        stage = {"queue_ms", "first_token_ms", "emit_ms", "network_ms"}
+        assert set(t1) == {"ttft_ms", "router_ms", "kv_transfer_ms",
+                           *(f"prefill_{k}" for k in stage),
+                           *(f"decode_{k}" for k in stage)}, t1
+        assert set(t2) == {"ttft_ms", "router_ms", *(f"prefill_{k}" for k in stage)}, t2
         for t in (t1, t2):
             assert all(v >= 0 for v in t.values()), t
             assert t["prefill_first_token_ms"] > 0
-            assert t["ttft_ms"] >= t["prefill_queue_ms"] + t["prefill_first_token_ms"], t
+            # The parts of the first token's trip happen one after another within TTFT.
+            parts = ["router_ms", *(f"prefill_{k}" for k in stage)]
+            assert t["ttft_ms"] >= sum(t[k] for k in parts), t
         prefill_w, decode_w = first["baton_route"][0]["prefill"], route["decode"]
         assert (f'baton_worker_queue_seconds_count{{phase="prefill",worker="{prefill_w}"}} 1.0'
                 in metrics)

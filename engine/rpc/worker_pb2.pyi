@@ -72,7 +72,7 @@ class TopLogprob(_message.Message):
     def __init__(self, token_id: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("first_token_id", "first_logprob", "first_top_logprobs", "finish_reason", "num_cached_tokens", "handle", "queue_seconds", "first_token_seconds")
+    __slots__ = ("first_token_id", "first_logprob", "first_top_logprobs", "finish_reason", "num_cached_tokens", "handle", "queue_seconds", "first_token_seconds", "emit_seconds")
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_LOGPROB_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +81,7 @@ class PrefillResponse(_message.Message):
     HANDLE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EMIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     first_token_id: int
     first_logprob: float
     first_top_logprobs: _containers.RepeatedCompositeFieldContainer[TopLogprob]
@@ -89,7 +90,8 @@ class PrefillResponse(_message.Message):
     handle: KVHandle
     queue_seconds: float
     first_token_seconds: float
-    def __init__(self, first_token_id: _Optional[int] = ..., first_logprob: _Optional[float] = ..., first_top_logprobs: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., num_cached_tokens: _Optional[int] = ..., handle: _Optional[_Union[KVHandle, _Mapping]] = ..., queue_seconds: _Optional[float] = ..., first_token_seconds: _Optional[float] = ...) -> None: ...
+    emit_seconds: float
+    def __init__(self, first_token_id: _Optional[int] = ..., first_logprob: _Optional[float] = ..., first_top_logprobs: _Optional[_Iterable[_Union[TopLogprob, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., num_cached_tokens: _Optional[int] = ..., handle: _Optional[_Union[KVHandle, _Mapping]] = ..., queue_seconds: _Optional[float] = ..., first_token_seconds: _Optional[float] = ..., emit_seconds: _Optional[float] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
     __slots__ = ("request_id", "prompt_token_ids", "params", "first_token_id", "first_logprob", "handle", "resume_token_ids")
@@ -110,7 +112,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., params: _Optional[_Union[SamplingParams, _Mapping]] = ..., first_token_id: _Optional[int] = ..., first_logprob: _Optional[float] = ..., handle: _Optional[_Union[KVHandle, _Mapping]] = ..., resume_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class TokenChunk(_message.Message):
-    __slots__ = ("token_ids", "logprobs", "top_logprobs", "finish_reason", "num_cached_tokens", "kv_transfer_bytes", "kv_transfer_seconds", "kv_transfer_backend", "queue_seconds", "first_token_seconds")
+    __slots__ = ("token_ids", "logprobs", "top_logprobs", "finish_reason", "num_cached_tokens", "kv_transfer_bytes", "kv_transfer_seconds", "kv_transfer_backend", "queue_seconds", "first_token_seconds", "emit_seconds")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +123,7 @@ class TokenChunk(_message.Message):
     KV_TRANSFER_BACKEND_FIELD_NUMBER: _ClassVar[int]
     QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    EMIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     logprobs: _containers.RepeatedScalarFieldContainer[float]
     top_logprobs: _containers.RepeatedCompositeFieldContainer[TopLogprobList]
@@ -131,7 +134,8 @@ class TokenChunk(_message.Message):
     kv_transfer_backend: str
     queue_seconds: float
     first_token_seconds: float
-    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprobList, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., num_cached_tokens: _Optional[int] = ..., kv_transfer_bytes: _Optional[int] = ..., kv_transfer_seconds: _Optional[float] = ..., kv_transfer_backend: _Optional[str] = ..., queue_seconds: _Optional[float] = ..., first_token_seconds: _Optional[float] = ...) -> None: ...
+    emit_seconds: float
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., top_logprobs: _Optional[_Iterable[_Union[TopLogprobList, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., num_cached_tokens: _Optional[int] = ..., kv_transfer_bytes: _Optional[int] = ..., kv_transfer_seconds: _Optional[float] = ..., kv_transfer_backend: _Optional[str] = ..., queue_seconds: _Optional[float] = ..., first_token_seconds: _Optional[float] = ..., emit_seconds: _Optional[float] = ...) -> None: ...
 
 class TopLogprobList(_message.Message):
     __slots__ = ("items",)

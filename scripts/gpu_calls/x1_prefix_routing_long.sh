@@ -7,13 +7,14 @@
 #   run(kind="nvidia-h200", carry=[".whl/base", ".whl/flashinfer", ".fi-aot"],
 #       command="bash scripts/gpu_calls/x1_prefix_routing_long.sh", timeout_s=560)
 # Each level draws its sessions with seed + its index: LOADS=3,3,3 repeats load 3 on three
-# traces; SEED shifts them all.
+# traces; SEED shifts them all. TURNS / MSG_LEN / OUT_LEN change the chat's shape (the
+# history a turn reuses against the new tokens it brings); NAME suffixes the result file.
 set -u
 source scripts/gpu_calls/steps.sh
-STEP_TAIL=14 step prefix_routing_long 500 python -m benchmarks.prefix_routing --device cuda \
-  --preset llama-3.1-8b --systems 8 --system-len 2048 --sessions 96 --turns 6 \
-  --msg-len 512 --out-len 64 --loads "${LOADS:-2,3}" --policies kv,round-robin \
-  --seed "${SEED:-0}" \
+STEP_TAIL=14 step prefix_routing_long "${STEP_S:-500}" python -m benchmarks.prefix_routing --device cuda \
+  --preset llama-3.1-8b --systems 8 --system-len 2048 --sessions 96 --turns "${TURNS:-6}" \
+  --msg-len "${MSG_LEN:-512}" --out-len "${OUT_LEN:-64}" --loads "${LOADS:-2,3}" \
+  --policies kv,round-robin --seed "${SEED:-0}" \
   --wait-idle 0 --serve-args "--gpu-memory-utilization 0.4 --max-num-batched-tokens 8192" \
-  --out "$OUT/prefix_routing_h200_long.json"
+  --out "$OUT/prefix_routing_h200_long${NAME:-}.json"
 ls -la "$OUT"
