@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -49,6 +50,51 @@ class RankAgent:
                 self.device_id]
 
 
+def progress_delay_us() -> int:
+    """How long (microseconds) the UCX progress thread sleeps in poll() between wake-ups
+    when nothing signals it: `BATON_NIXL_PROGRESS_DELAY_US`, default 1000. 0 keeps NIXL's
+    own default, which polls with no timeout at all: a whole core per agent, spinning even
+    on an idle worker (every tensor-parallel rank has an agent)."""
+    value = os.environ.get("BATON_NIXL_PROGRESS_DELAY_US", "1000")
+    try:
+        delay = int(value)
+    except ValueError:
+        raise ValueError(f"BATON_NIXL_PROGRESS_DELAY_US={value!r}: not a whole number of "
+                         "microseconds") from None
+    if delay < 0:
+        raise ValueError(f"BATON_NIXL_PROGRESS_DELAY_US={delay}: must be >= 0")
+    return delay
+
+
+def make_agent(name: str):
+    """A NIXL agent with the UCX backend whose progress thread waits `progress_delay_us()`
+    in poll() instead of spinning. nixl's Python API (1.5) hard-codes the delay to 0, so
+    the config class it builds is swapped, for this one call, for one that raises it;
+    a worker's completion checks (`check_xfer_state`) still progress its transfers."""
+    from nixl import _api
+    from nixl._api import nixl_agent, nixl_agent_config
+
+    delay = progress_delay_us()
+    base = getattr(_api.nixlBind, "nixlAgentConfig", None)
+    if not delay or base is None or not hasattr(base, "pthrDelay"):
+        return nixl_agent(name, nixl_agent_config(backends=["UCX"]))
+
+    class DelayedConfig(base):
+        @property
+        def pthrDelay(self) -> int:
+            return base.pthrDelay.__get__(self)
+
+        @pthrDelay.setter
+        def pthrDelay(self, value: int) -> None:
+            base.pthrDelay.__set__(self, max(int(value), delay))
+
+    _api.nixlBind.nixlAgentConfig = DelayedConfig
+    try:
+        return nixl_agent(name, nixl_agent_config(backends=["UCX"]))
+    finally:
+        _api.nixlBind.nixlAgentConfig = base
+
+
 def pack_rank_agents(ranks: Sequence[RankAgent]) -> bytes:
     return TP_METADATA_MAGIC + msgpack.packb([r.as_list() for r in ranks])
 
@@ -70,11 +116,9 @@ class NixlBackend(KVTransferBackend):
         """`dram_device_id`: the id host memory is registered under (NIXL matches remote
         descriptors to regions by it; tensor-parallel ranks on CPU use their rank, so the
         CPU tests check that each read names its peer rank's id, as GPUs need)."""
-        from nixl._api import nixl_agent, nixl_agent_config
-
         super().__init__(kv_cache)
         self._name = agent_name
-        self._agent = nixl_agent(agent_name, nixl_agent_config(backends=["UCX"]))
+        self._agent = make_agent(agent_name)
         self._mem = "VRAM" if kv_cache.is_cuda else "DRAM"
         self.device_id = (kv_cache.device.index or 0) if kv_cache.is_cuda else dram_device_id
         self._reg = self._agent.register_memory(
@@ -131,7 +175,7 @@ class NixlBackend(KVTransferBackend):
 
     async def _landed(self, handle) -> str:
         while (state := self._agent.check_xfer_state(handle)) not in ("DONE", "ERR"):
-            await asyncio.sleep(0)  # the UCX progress thread moves the bytes
+            await asyncio.sleep(0)  # the check (and the UCX progress thread) moves them
         return state
 
     def add_peer(self, agent_name: str, metadata: bytes, device_id: int) -> str:
