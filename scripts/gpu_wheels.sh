@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Prepare (here, where PyPI is reachable) what the GPU machines lack, in sets under .whl/:
-#   base       serving stack: fastapi, starlette, uvicorn, pydantic, redis, protobuf (~5 MiB)
+#   base       serving stack: fastapi, starlette, uvicorn, uvloop, httptools, pydantic, redis,
+#              protobuf (~9 MiB)
 #   nixl       nixl-cu13 trimmed by scripts/trim_nixl.py (UCX/POSIX/GDS plugins, CUDA and
 #              shared-memory transports) as one tar.xz, plus the nixl meta package (~8 MiB;
 #              the wheel is 56 MiB)
@@ -65,7 +66,7 @@ sets=("$@")
 for s in "${sets[@]}"; do
   case "$s" in
     base) dl base fastapi==0.115.12 starlette==0.46.2 uvicorn pydantic pydantic-core \
-            annotated-types typing-inspection redis "protobuf>=7.35" ;;
+            annotated-types typing-inspection redis "protobuf>=7.35" uvloop httptools ;;
     nixl) prepare_nixl ;;
     flashinfer) prepare_flashinfer ;;
     *) echo "unknown set $s (base, nixl, flashinfer)" >&2; exit 2 ;;
