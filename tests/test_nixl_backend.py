@@ -42,3 +42,26 @@ def test_pull_names_the_peer_region_device_id() -> None:
     finally:
         decode.close()
         prefill.close()
+
+
+def test_an_idle_agent_does_not_spin_a_core(monkeypatch) -> None:
+    """nixl's Python API starts the UCX progress thread with no poll timeout: one core per
+    agent (99% of one, measured), busy even with nothing to move (every worker, every
+    tensor-parallel rank). The agents Baton makes wait in poll(). (NIXL's default is not
+    started here: an agent that outlived its test would spin through the rest of them.)"""
+    import os
+    import time
+
+    from kvtransfer.transfer.nixl import make_agent, progress_delay_us
+
+    assert progress_delay_us() == 1000
+    agent = make_agent("idle-agent")
+    time.sleep(0.2)  # its progress thread is running
+    t0, w0 = os.times(), time.monotonic()
+    time.sleep(1.0)
+    t1 = os.times()
+    assert (t1.user + t1.system - t0.user - t0.system) / (time.monotonic() - w0) < 0.3
+    del agent
+    monkeypatch.setenv("BATON_NIXL_PROGRESS_DELAY_US", "soon")
+    with pytest.raises(ValueError, match="BATON_NIXL_PROGRESS_DELAY_US"):
+        progress_delay_us()
