@@ -83,7 +83,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     p = sub.add_parser("router", help="run the router against running workers")
     p.add_argument("--model", required=True, help="checkpoint dir or preset (tokenizer)")
     p.add_argument("--prefill-workers", default="", help="comma-separated host:port list")
-    p.add_argument("--decode-workers", required=True, help="comma-separated host:port list")
+    p.add_argument("--decode-workers", default="", help="comma-separated host:port list")
+    p.add_argument("--discover", metavar="redis://HOST:PORT",
+                   help="also serve the workers started with --register against this Redis "
+                        "(joined and dropped as their leases come and go)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     add_routing_args(p)
@@ -152,11 +155,15 @@ def _router(args: argparse.Namespace) -> int:
     from cluster.launcher import router_config
     from router.app import create_app
 
+    decode = [a for a in args.decode_workers.split(",") if a]
+    if not decode and not args.discover:
+        raise ValueError("--decode-workers: give at least one decode worker, or --discover "
+                         "redis://HOST:PORT to serve the workers registered there")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg = router_config(args, args.model,
                         prefill=[a for a in args.prefill_workers.split(",") if a],
-                        decode=[a for a in args.decode_workers.split(",") if a],
-                        ready_timeout_s=args.ready_timeout)
+                        decode=decode, ready_timeout_s=args.ready_timeout,
+                        discover=args.discover)
     uvicorn.run(create_app(cfg), host=args.host, port=args.port, log_level="warning")
     return 0
 

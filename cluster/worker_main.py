@@ -25,6 +25,7 @@ class AggregatedService(PrefillService, DecodeService):
     """Role `both`: prefills for others and decodes (with or without a handle)."""
 
 
+log = logging.getLogger(__name__)
 SERVICES = {"prefill": PrefillService, "decode": DecodeService, "both": AggregatedService}
 
 
@@ -124,8 +125,24 @@ async def run_worker(args: argparse.Namespace) -> None:
                         args.kv_transfer, args.stream_interval)
     service = SERVICES[args.role](ctx)
     pb_grpc.add_WorkerServicer_to_server(service, server)
+    registrar = None
+    if args.register:
+        from cluster.discovery import Registrar, Registration
+
+        registrar = Registrar(args.register, Registration(address, args.role),
+                              args.lease_seconds)
     await serve(service, server, f"{READY_PREFIX} {address} role={args.role} "
-                                 f"kv={ctx.transfer.name}")
+                                 f"kv={ctx.transfer.name}",
+                on_ready=registrar and _registered(registrar),
+                on_stop=registrar and registrar.deregister)
+
+
+def _registered(registrar):
+    async def register() -> None:
+        await registrar.renew()  # fails loudly if Redis is not there at start
+        registrar.start()
+        log.info("registered %s for discovery", registrar.registration)
+    return register
 
 
 def add_worker_parser(sub) -> None:
@@ -135,10 +152,22 @@ def add_worker_parser(sub) -> None:
     p.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
     p.add_argument("--kv-lease-seconds", type=float, default=30.0,
                    help="prefill: free held KV if no decode worker collects it by then")
+    p.add_argument("--register", metavar="redis://HOST:PORT",
+                   help="announce this worker in Redis for routers started with --discover "
+                        "(--host must be an address they can dial)")
+    p.add_argument("--lease-seconds", type=float, default=10.0,
+                   help="with --register: routers drop this worker this long after it "
+                        "stops renewing (it renews three times a lease)")
     add_engine_args(p)
 
 
 def main_worker(args: argparse.Namespace) -> int:
+    if args.register:
+        if args.host in ("0.0.0.0", "::", ""):
+            raise ValueError(f"--register with --host {args.host or '(empty)'}: routers "
+                             "would be told to dial that; bind an address they can reach")
+        if args.lease_seconds < 1:
+            raise ValueError(f"--lease-seconds {args.lease_seconds}: at least 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if not args.model:
         from cluster.embedded import default_model_dir

@@ -9,6 +9,7 @@ import gc
 import logging
 import os
 import signal
+from collections.abc import Awaitable, Callable
 
 import grpc
 
@@ -272,8 +273,12 @@ class WorkerService(pb_grpc.WorkerServicer):
             w.unsubscribe_events(q)
 
 
-async def serve(service: WorkerService, server: grpc.aio.Server, ready_line: str) -> None:
-    """Start the engine thread, announce readiness on stdout, run until SIGTERM/SIGINT."""
+async def serve(service: WorkerService, server: grpc.aio.Server, ready_line: str,
+                on_ready: Callable[[], Awaitable[None]] | None = None,
+                on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
+    """Start the engine thread, announce readiness on stdout, run until SIGTERM/SIGINT.
+    `on_ready` runs once the server answers (registering for discovery), `on_stop` first
+    thing at shutdown (leaving discovery, so routers stop sending before it stops)."""
     ctx = service.ctx
     # Everything alive now (torch, the model, the engine) lives as long as the process:
     # move it out of the collector's reach, or every full collection walks it while
@@ -283,12 +288,16 @@ async def serve(service: WorkerService, server: grpc.aio.Server, ready_line: str
     ctx.worker.start()
     await server.start()
     print(ready_line, flush=True)
+    if on_ready is not None:
+        await on_ready()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("worker shutting down")
+    if on_stop is not None:
+        await on_stop()
     await server.stop(grace=2)
     ctx.worker.stop()
     ctx.engine.close()  # tensor-parallel followers leave with the leader

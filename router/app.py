@@ -23,6 +23,7 @@ from router import dashboard
 from router.errors import WorkerUnavailableError, error_response
 from router.generation import RequestRunner
 from router.kv_routing import KVRouter
+from router.membership import Membership
 from router.metrics import RouterMetrics
 from router.policy import PolicyWeights
 from router.protocol import ChatCompletionRequest, CompletionRequest
@@ -43,6 +44,9 @@ class RouterConfig:
     index: str = "memory"  # memory | redis://HOST:PORT
     route_weights: PolicyWeights = field(default_factory=PolicyWeights)
     ready_timeout_s: float = 120.0
+    # redis://HOST:PORT: also serve the workers registered there (cluster/discovery.py),
+    # added and dropped as their leases come and go.
+    discover: str | None = None
 
 
 def load_tokenizer(model: str) -> TokenizerBundle:
@@ -64,18 +68,28 @@ class Router:
         self.runner = RequestRunner(self.pool, self.metrics, self.kv,
                                     cfg.local_prefill_threshold)
         self._refresher: asyncio.Task | None = None
+        self.membership: Membership | None = None
 
     async def start(self) -> None:
         # grpc.aio channels bind to the running loop: open them here, not in __init__.
         self.pool.add_workers(self.cfg.prefill, self.cfg.decode)
-        await self.pool.wait_ready(self.cfg.ready_timeout_s)
+        if self.pool.all:
+            await self.pool.wait_ready(self.cfg.ready_timeout_s)
         self._refresher = asyncio.create_task(self._refresh_loop())
         if self.kv is not None:
             self.kv.start()
+        if self.cfg.discover:
+            # Workers come later, or are there already: /health says 503 until a decode
+            # worker answers.
+            self.membership = Membership(self.cfg.discover, self.pool, self.kv, self.metrics,
+                                         fixed=set(self.cfg.prefill) | set(self.cfg.decode))
+            await self.membership.start()
 
     async def stop(self) -> None:
         if self._refresher:
             self._refresher.cancel()
+        if self.membership is not None:
+            await self.membership.stop()
         if self.kv is not None:
             await self.kv.stop()
         await self.pool.close()
@@ -84,6 +98,7 @@ class Router:
         while True:
             await asyncio.sleep(0.5)
             await self.pool.refresh()
+            await self.pool.close_idle_retired()
             if self.kv is not None:
                 await self.kv.renew_leases()
             for w in self.pool.all:

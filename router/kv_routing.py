@@ -65,20 +65,35 @@ class KVRouter:
         self.index = make_index(index_spec)
         self.weights = weights or PolicyWeights()
         self.index_ok = True
-        self._tasks: list[asyncio.Task] = []
+        self._followers: dict[str, asyncio.Task] = {}  # worker address -> its follower
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._follow(w)) for w in self.pool.all]
+        for w in self.pool.all:
+            self.follow(w)
+
+    def follow(self, w: WorkerHandle) -> None:
+        """Index this worker's blocks from now on (snapshot, then its event batches)."""
+        self._followers[w.address] = asyncio.create_task(self._follow(w))
+
+    async def unfollow(self, address: str) -> None:
+        """A worker that left: stop following it and forget its blocks."""
+        if (task := self._followers.pop(address, None)) is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        with contextlib.suppress(OSError, RedisError):
+            await self.index.remove_worker(address)
 
     def restart_followers(self) -> None:
-        for t in self._tasks:
+        for t in self._followers.values():
             t.cancel()
+        self._followers.clear()
         self.start()
 
     async def stop(self) -> None:
-        for t in self._tasks:
+        tasks = list(self._followers.values())
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         await self.index.close()
 
     async def _follow(self, w: WorkerHandle) -> None:

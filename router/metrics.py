@@ -3,6 +3,8 @@ test process)."""
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
@@ -60,6 +62,14 @@ class RouterMetrics:
         self.worker_queued_prefill_tokens = Gauge(
             "baton_worker_queued_prefill_tokens", "prompt tokens waiting", ["worker", "role"],
             registry=r)
+
+    def forget_worker(self, address: str, role: str) -> None:
+        """A worker that left: its gauges stop being exported (counters and histograms
+        keep its history)."""
+        for g in (self.worker_in_flight, self.worker_free_blocks, self.worker_running,
+                  self.worker_queued_prefill_tokens):
+            with contextlib.suppress(KeyError):
+                g.remove(address, role)
 
     def kv_transfer(self, backend: str, nbytes: int, seconds: float) -> None:
         self.kv_bytes.labels(backend).inc(nbytes)

@@ -53,15 +53,36 @@ class WorkerPool:
     decode: list[WorkerHandle] = field(default_factory=list)
     routing: str = "round-robin"
     _rr: dict[str, itertools.count] = field(default_factory=dict)
+    # Removed (discovery: its lease ran out) but still serving requests that picked it:
+    # its channel closes when the last of them ends.
+    retired: list[WorkerHandle] = field(default_factory=list)
 
-    def add_workers(self, prefill: list[str], decode: list[str]) -> None:
-        """Open channels (call from the event loop that will use them)."""
+    def add_workers(self, prefill: list[str], decode: list[str]) -> list[WorkerHandle]:
+        """Open channels (call from the event loop that will use them); the new handles."""
         def handle(addr: str, role: str) -> WorkerHandle:
             ch = grpc.aio.insecure_channel(addr, options=GRPC_OPTIONS)
             return WorkerHandle(addr, role, pb_grpc.WorkerStub(ch), ch)
 
-        self.prefill.extend(handle(a, "prefill") for a in prefill)
-        self.decode.extend(handle(a, "decode") for a in decode)
+        new = [handle(a, "prefill") for a in prefill] + [handle(a, "decode") for a in decode]
+        self.prefill.extend(w for w in new if w.role == "prefill")
+        self.decode.extend(w for w in new if w.role == "decode")
+        return new
+
+    def remove(self, address: str) -> WorkerHandle | None:
+        """Stop picking it; requests already on it go on (their channel stays open)."""
+        for pool in (self.prefill, self.decode):
+            for w in pool:
+                if w.address == address:
+                    pool.remove(w)
+                    w.healthy = False
+                    self.retired.append(w)
+                    return w
+        return None
+
+    async def close_idle_retired(self) -> None:
+        for w in [w for w in self.retired if w.in_flight == 0]:
+            self.retired.remove(w)
+            await w.channel.close()
 
     @property
     def all(self) -> list[WorkerHandle]:
@@ -129,5 +150,5 @@ class WorkerPool:
             await asyncio.sleep(0.2)
 
     async def close(self) -> None:
-        for w in self.all:
+        for w in self.all + self.retired:
             await w.channel.close()

@@ -1,0 +1,79 @@
+"""The router's worker set under discovery (`--discover redis://...`, cluster/discovery.py):
+each second, workers whose lease appeared join the pool (and the KV index follows their
+events); workers whose lease is gone, or that came back in another role, leave it: no new
+request goes there, the requests already there finish, and their blocks leave the index.
+Workers given on the command line stay whatever Redis says."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from redis.exceptions import RedisError
+
+from cluster.discovery import Discovery, Registration
+from router.kv_routing import KVRouter
+from router.metrics import RouterMetrics
+from router.workers import WorkerPool
+
+log = logging.getLogger(__name__)
+
+
+class Membership:
+    def __init__(self, url: str, pool: WorkerPool, kv: KVRouter | None,
+                 metrics: RouterMetrics, fixed: set[str], period_s: float = 1.0) -> None:
+        self.discovery = Discovery(url)
+        self.pool, self.kv, self.metrics = pool, kv, metrics
+        self.fixed = fixed
+        self.period_s = period_s
+        self.reachable = True
+        self._task: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        """Raises if Redis is unreachable now: at start that is a misconfiguration."""
+        await self.join_and_leave(await self.discovery.live())
+        self._task = asyncio.create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        await self.discovery.close()
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.period_s)
+            try:
+                live = await self.discovery.live()
+            except (OSError, RedisError) as e:
+                if self.reachable:
+                    log.warning("discovery: Redis unreachable, keeping the known workers: %s",
+                                e)
+                self.reachable = False
+                continue
+            if not self.reachable:
+                log.info("discovery: Redis is back")
+            self.reachable = True
+            await self.join_and_leave(live)
+
+    async def join_and_leave(self, registrations: list[Registration]) -> None:
+        live = {r.address: r for r in registrations}
+        known = {w.address: w for w in self.pool.all}
+        for address, w in list(known.items()):
+            reg = live.get(address)
+            if address in self.fixed or (reg is not None and reg.pool == w.role):
+                continue
+            log.info("discovery: %s worker %s left", w.role, address)
+            self.pool.remove(address)
+            self.metrics.forget_worker(address, w.role)
+            if self.kv is not None:
+                await self.kv.unfollow(address)
+            del known[address]
+        new = [r for a, r in live.items() if a not in known]
+        if not new:
+            return
+        for w in self.pool.add_workers([r.address for r in new if r.pool == "prefill"],
+                                       [r.address for r in new if r.pool == "decode"]):
+            log.info("discovery: %s worker %s joined", w.role, w.address)
+            if self.kv is not None:
+                self.kv.follow(w)
