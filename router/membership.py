@@ -2,12 +2,15 @@
 each second, workers whose lease appeared join the pool (and the KV index follows their
 events); workers whose lease is gone, or that came back in another role, leave it: no new
 request goes there, the requests already there finish, and their blocks leave the index.
-Workers given on the command line stay whatever Redis says."""
+A worker whose lease is gone but which still answers stays `grace_s` more (Redis restarted
+empty: every worker re-registers within a third of its lease), so only dead or departed
+workers leave at once. Workers given on the command line stay whatever Redis says."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from redis.exceptions import RedisError
 
@@ -21,11 +24,14 @@ log = logging.getLogger(__name__)
 
 class Membership:
     def __init__(self, url: str, pool: WorkerPool, kv: KVRouter | None,
-                 metrics: RouterMetrics, fixed: set[str], period_s: float = 1.0) -> None:
+                 metrics: RouterMetrics, fixed: set[str], period_s: float = 1.0,
+                 grace_s: float = 10.0) -> None:
         self.discovery = Discovery(url)
         self.pool, self.kv, self.metrics = pool, kv, metrics
         self.fixed = fixed
         self.period_s = period_s
+        self.grace_s = grace_s
+        self._missing_since: dict[str, float] = {}
         self.reachable = True
         self._task: asyncio.Task | None = None
 
@@ -59,10 +65,18 @@ class Membership:
     async def join_and_leave(self, registrations: list[Registration]) -> None:
         live = {r.address: r for r in registrations}
         known = {w.address: w for w in self.pool.all}
+        now = time.monotonic()
+        for address in [a for a in self._missing_since if a in live or a not in known]:
+            del self._missing_since[address]
         for address, w in list(known.items()):
             reg = live.get(address)
             if address in self.fixed or (reg is not None and reg.pool == w.role):
                 continue
+            if reg is None and w.healthy:  # still answers: leave it a grace period
+                since = self._missing_since.setdefault(address, now)
+                if now - since < self.grace_s:
+                    continue
+            self._missing_since.pop(address, None)
             log.info("discovery: %s worker %s left", w.role, address)
             self.pool.remove(address)
             self.metrics.forget_worker(address, w.role)

@@ -83,6 +83,16 @@ def test_the_pool_follows_the_leases(redis_url) -> None:
         busy.in_flight = 0
         await pool.close_idle_retired()
         assert pool.retired == []
+        # A worker that still answers outlives its lease by the grace period (Redis
+        # restarted empty; its next renewal brings the lease back).
+        m.grace_s = 0.3
+        await m.join_and_leave([Registration("127.0.0.1:4", "both")])
+        pool.decode[-1].healthy = True
+        await m.join_and_leave([])
+        assert [w.address for w in pool.decode] == ["127.0.0.1:1", "127.0.0.1:4"]
+        await asyncio.sleep(0.35)
+        await m.join_and_leave([])
+        assert [w.address for w in pool.decode] == ["127.0.0.1:1"]
         # Back in another role (restarted as a decode worker): re-joins as that.
         await m.join_and_leave([Registration("127.0.0.1:2", "decode")])
         assert pool.prefill == []
