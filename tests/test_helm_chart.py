@@ -122,6 +122,23 @@ def test_redis_index_in_the_release_or_outside_it() -> None:
     assert not [d for d in docs if d["metadata"]["name"].endswith("-redis")]
 
 
+def test_with_discovery_workers_register_and_the_router_lists_none() -> None:
+    docs = render({"discovery": {"enabled": True, "leaseSeconds": 5}, "redis": {"enabled": True},
+                   "decode": {"replicas": 2}})
+    router = container(find(docs, "Deployment", "demo-baton-router"))
+    args = parse(router["command"], router["args"])
+    assert args.discover == "redis://demo-baton-redis:6379"
+    assert (args.prefill_workers, args.decode_workers) == ("", "")
+    for pool in ("prefill", "decode"):
+        worker = container(find(docs, "StatefulSet", f"demo-baton-{pool}"))
+        wargs = parse(worker["command"], worker["args"])
+        assert (wargs.register, wargs.lease_seconds) == ("redis://demo-baton-redis:6379", 5)
+        assert wargs.host == "$(POD_IP)"  # what routers are told to dial
+    docs = render({"discovery": {"enabled": True}, "redis": {"url": "redis://cache:6379"}})
+    router = container(find(docs, "Deployment", "demo-baton-router"))
+    assert parse(router["command"], router["args"]).discover == "redis://cache:6379"
+
+
 def test_model_volume_is_mounted_in_the_router_and_every_worker() -> None:
     volume = {"persistentVolumeClaim": {"claimName": "models", "readOnly": True}}
     docs = render({"model": {"name": "/models/llama-3.1-70b", "volume": volume}})
@@ -158,6 +175,8 @@ def test_router_waits_for_loading_workers_without_being_restarted() -> None:
     ({"router": {"routing": "best"}}, "routing"),
     ({"router": {"index": "redis"}}, "router.index redis needs redis.enabled"),
     ({"decode": {"replicas": 0}}, "decode.replicas must be at least 1"),
+    ({"discovery": {"enabled": True}}, "discovery.enabled needs redis.enabled"),
+    ({"discovery": {"leaseSeconds": 0}}, "leaseSeconds"),
     ({"prefill": {"replicas": 0}}, "mode disaggregated needs prefill.replicas >= 1"),
 ])
 def test_bad_values_fail_naming_what_is_wrong(values: dict, message: str) -> None:
