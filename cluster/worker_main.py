@@ -134,7 +134,7 @@ async def run_worker(args: argparse.Namespace) -> None:
     await serve(service, server, f"{READY_PREFIX} {address} role={args.role} "
                                  f"kv={ctx.transfer.name}",
                 on_ready=registrar and _registered(registrar),
-                on_stop=registrar and registrar.deregister)
+                on_stop=registrar and registrar.deregister, drain_s=args.drain_seconds)
 
 
 def _registered(registrar):
@@ -152,6 +152,9 @@ def add_worker_parser(sub) -> None:
     p.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
     p.add_argument("--kv-lease-seconds", type=float, default=30.0,
                    help="prefill: free held KV if no decode worker collects it by then")
+    p.add_argument("--drain-seconds", type=float, default=30.0,
+                   help="at SIGTERM, turn new requests away and finish the ones here for up "
+                        "to this long before exiting (what is left, routers migrate)")
     p.add_argument("--register", metavar="redis://HOST:PORT",
                    help="announce this worker in Redis for routers started with --discover "
                         "(--host must be an address they can dial)")

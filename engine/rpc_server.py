@@ -91,6 +91,9 @@ class WorkerContext:
                  address: str, kv_transfer: str, stream_interval: int = 1) -> None:
         self.role = role
         self.address = address
+        # Set at SIGTERM: new Generate/Prefill calls are turned away (UNAVAILABLE, which
+        # routers retry elsewhere) while the requests already here finish.
+        self.draining = False
         self.worker = EngineWorker(engine, loop, stream_interval)
         self.peers = PeerChannels()
         engine.events.worker_id = address  # routers know workers by address
@@ -183,6 +186,14 @@ async def abort_invalid(context: grpc.aio.ServicerContext, e: InvalidRequestErro
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{e.param or ''}|{e}")
 
 
+async def refuse_if_draining(ctx: WorkerContext, context: grpc.aio.ServicerContext) -> None:
+    """A new request at a worker that is shutting down: UNAVAILABLE, which the router
+    retries on another worker at once."""
+    if ctx.draining:
+        await context.abort(grpc.StatusCode.UNAVAILABLE,
+                            f"worker {ctx.address} is draining (shutting down)")
+
+
 class WorkerService(pb_grpc.WorkerServicer):
     """Shared RPCs; role classes subclass this and add Prefill and/or Generate."""
 
@@ -203,7 +214,7 @@ class WorkerService(pb_grpc.WorkerServicer):
                 agent_metadata=self.ctx.transfer.metadata(),
                 kv_backend=self.ctx.transfer.name, queued_prefill_tokens=queued,
                 num_preemptions=sched.num_preemptions, max_model_len=e.max_model_len,
-                pid=os.getpid())
+                pid=os.getpid(), draining=self.ctx.draining)
 
         return await self.ctx.worker.call(read)
 
@@ -273,12 +284,36 @@ class WorkerService(pb_grpc.WorkerServicer):
             w.unsubscribe_events(q)
 
 
+async def drain(ctx: WorkerContext, timeout_s: float) -> None:
+    """Wait until nothing runs, waits or is held for a decode worker's pull here (or
+    `timeout_s`); what is left then is cut off and routers migrate it."""
+    if timeout_s <= 0:
+        return
+    def pending(e: LLMEngine) -> int:
+        return len(e.scheduler.running) + len(e.scheduler.waiting) + len(e.held)
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    left = await ctx.worker.call(pending)
+    if left:
+        log.info("draining: %d request(s) to finish (up to %.0fs)", left, timeout_s)
+    while left and loop.time() < deadline:
+        await asyncio.sleep(0.1)
+        left = await ctx.worker.call(pending)
+    if left:
+        log.warning("drain timed out with %d request(s) left: routers will migrate them",
+                    left)
+
+
 async def serve(service: WorkerService, server: grpc.aio.Server, ready_line: str,
                 on_ready: Callable[[], Awaitable[None]] | None = None,
-                on_stop: Callable[[], Awaitable[None]] | None = None) -> None:
-    """Start the engine thread, announce readiness on stdout, run until SIGTERM/SIGINT.
-    `on_ready` runs once the server answers (registering for discovery), `on_stop` first
-    thing at shutdown (leaving discovery, so routers stop sending before it stops)."""
+                on_stop: Callable[[], Awaitable[None]] | None = None,
+                drain_s: float = 0.0) -> None:
+    """Start the engine thread, announce readiness on stdout, run until SIGTERM/SIGINT,
+    then drain: turn new requests away, run `on_stop` (leaving discovery), and finish the
+    requests already here for up to `drain_s` before stopping (a rolling update then loses
+    nothing and migrates nothing). `on_ready` runs once the server answers (registering
+    for discovery)."""
     ctx = service.ctx
     # Everything alive now (torch, the model, the engine) lives as long as the process:
     # move it out of the collector's reach, or every full collection walks it while
@@ -296,8 +331,10 @@ async def serve(service: WorkerService, server: grpc.aio.Server, ready_line: str
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("worker shutting down")
+    ctx.draining = True
     if on_stop is not None:
         await on_stop()
+    await drain(ctx, drain_s)
     await server.stop(grace=2)
     ctx.worker.stop()
     ctx.engine.close()  # tensor-parallel followers leave with the leader

@@ -36,6 +36,7 @@ class WorkerHandle:
     def to_json(self) -> dict:
         s = self.status
         return {"address": self.address, "role": self.role, "healthy": self.healthy,
+                "draining": bool(s and s.draining),
                 "in_flight": self.in_flight,
                 "running": s.num_running if s else None,
                 "waiting": s.num_waiting if s else None,
@@ -122,6 +123,11 @@ class WorkerPool:
         async def one(w: WorkerHandle) -> None:
             try:
                 w.status = await w.stub.Status(pb.StatusRequest(), timeout=2.0)
+                if w.status.draining:  # shutting down: nothing new goes there
+                    if w.healthy:
+                        log.info("%s worker %s is draining", w.role, w.address)
+                    w.healthy = False
+                    return
                 if not w.healthy:
                     log.info("%s worker %s is up", w.role, w.address)
                 w.healthy, w.failures = True, 0

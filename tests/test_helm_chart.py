@@ -75,6 +75,9 @@ def test_default_is_one_prefill_and_one_decode_worker_behind_the_router() -> Non
         env = {e["name"]: e.get("value") for e in worker["env"]}
         assert env["NCCL_NVLS_ENABLE"] == "0" and env["NVSHMEM_DISABLE_NVLS"] == "1"
         assert env["TORCH_SYMM_MEM_DISABLE_MULTICAST"] == "1" and "POD_IP" in env
+        # SIGTERM drains for drainSeconds; Kubernetes waits longer than that to kill.
+        assert wargs.drain_seconds == 30
+        assert sts["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 45
     assert not [d for d in docs if d["metadata"]["name"].endswith("-redis")]
 
 
