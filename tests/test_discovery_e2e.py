@@ -6,15 +6,13 @@ stopped cleanly leaves at once, long before its lease would run out."""
 from __future__ import annotations
 
 import signal
-import subprocess
 import time
 
 import httpx
 import pytest
 
 from cluster.local_server import free_port
-from cluster.worker_main import READY_PREFIX
-from tests.test_redis_routing_e2e import PRESET, complete, drain, start
+from tests.test_redis_routing_e2e import PRESET, complete, drain, start, start_worker, stop_all
 
 pytestmark = pytest.mark.slow
 
@@ -36,16 +34,6 @@ def wait_for(what: str, cond, timeout: float = 30.0) -> None:
         time.sleep(0.2)
 
 
-def start_worker(model: str, redis: str, lease: str) -> tuple[subprocess.Popen, str]:
-    w = start("worker", "--role", "both", "--model", model, "--kv-blocks", "256",
-              "--register", redis, "--lease-seconds", lease)
-    for line in w.stdout:
-        if line.startswith(READY_PREFIX):
-            drain(w)
-            return w, line.split()[1]
-    raise AssertionError(f"worker exited with {w.wait()}")
-
-
 def test_router_serves_the_workers_that_register(checkpoint_dir, redis_url) -> None:
     redis, _ = redis_url
     model = str(checkpoint_dir(PRESET))
@@ -58,7 +46,7 @@ def test_router_serves_the_workers_that_register(checkpoint_dir, redis_url) -> N
         wait_for("the router", lambda: health(url)[0] == 503)
         assert health(url)[1]["workers"] == []
 
-        w1, a1 = start_worker(model, redis, "1")
+        w1, a1 = start_worker(model, "--register", redis, "--lease-seconds", "1")
         procs.append(w1)
         wait_for("the first worker", lambda: health(url)[0] == 200)
         prompt = list(range(40, 90))
@@ -71,7 +59,7 @@ def test_router_serves_the_workers_that_register(checkpoint_dir, redis_url) -> N
         assert time.monotonic() - t0 < 10
         assert health(url)[0] == 503
 
-        w2, a2 = start_worker(model, redis, "30")
+        w2, a2 = start_worker(model, "--register", redis, "--lease-seconds", "30")
         procs.append(w2)
         wait_for("the second worker", lambda: health(url)[0] == 200)
         second = complete(url, prompt)
@@ -84,12 +72,4 @@ def test_router_serves_the_workers_that_register(checkpoint_dir, redis_url) -> N
                  timeout=10)
         assert time.monotonic() - t0 < 10
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-            p.stdout.close()
+        stop_all(procs)

@@ -14,9 +14,8 @@ import httpx
 import pytest
 
 from cluster.local_server import free_port, wait_healthy
-from cluster.worker_main import READY_PREFIX
 from tests.test_discovery_e2e import wait_for
-from tests.test_redis_routing_e2e import PRESET, complete, drain, start
+from tests.test_redis_routing_e2e import PRESET, complete, drain, start, start_worker, stop_all
 
 pytestmark = pytest.mark.slow
 TOKENS = 1500
@@ -28,11 +27,9 @@ def test_a_stopped_worker_finishes_its_stream_and_takes_nothing_new(checkpoint_d
     try:
         addresses = []
         for _ in range(2):
-            w = start("worker", "--role", "both", "--model", model, "--kv-blocks", "512")
+            w, address = start_worker(model)
             procs.append(w)
-            addresses.append(next(line.split()[1] for line in w.stdout
-                                  if line.startswith(READY_PREFIX)))
-            drain(w)
+            addresses.append(address)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         procs.append(start("router", "--model", model, "--port", str(port),
@@ -74,12 +71,4 @@ def test_a_stopped_worker_finishes_its_stream_and_takes_nothing_new(checkpoint_d
         metrics = httpx.get(f"{url}/metrics").text
         assert "baton_migrations_total 0.0" in metrics
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-            p.stdout.close()
+        stop_all(procs)

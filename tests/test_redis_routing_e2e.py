@@ -37,6 +37,29 @@ def drain(p: subprocess.Popen) -> None:
     threading.Thread(target=lambda: [None for _ in p.stdout], daemon=True).start()
 
 
+def start_worker(model: str, *args: str) -> tuple[subprocess.Popen, str]:
+    """An aggregated `baton worker` and the address it prints once it serves."""
+    w = start("worker", "--role", "both", "--model", model, "--kv-blocks", "256", *args)
+    for line in w.stdout:
+        if line.startswith(READY_PREFIX):
+            drain(w)
+            return w, line.split()[1]
+    raise AssertionError(f"worker exited with {w.wait()}")
+
+
+def stop_all(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM whatever still runs, then wait (killing what outlives 30 s)."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+        p.stdout.close()
+
+
 async def index_overlap(url: str, prompt: list[int]) -> dict[str, Overlap]:
     idx = RedisPrefixIndex(url)
     try:
@@ -60,13 +83,9 @@ def test_routers_share_redis_and_survive_its_loss(checkpoint_dir, redis_url):
     try:
         addrs = []
         for _ in range(2):
-            w = start("worker", "--role", "both", "--model", model, "--kv-blocks", "256")
+            w, address = start_worker(model)
             procs.append(w)
-            for line in w.stdout:
-                if line.startswith(READY_PREFIX):
-                    addrs.append(line.split()[1])
-                    break
-            drain(w)
+            addrs.append(address)
         routers = []
         for _ in range(2):
             port = free_port()
@@ -109,11 +128,4 @@ def test_routers_share_redis_and_survive_its_loss(checkpoint_dir, redis_url):
             time.sleep(0.3)
         assert {ask(routers[0]), ask(routers[1]), ask(routers[0])} == {home}
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-            p.stdout.close()
+        stop_all(procs)
