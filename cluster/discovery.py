@@ -37,6 +37,9 @@ def lease_key(address: str) -> str:
 class Registration:
     address: str  # host:port of the worker's gRPC server, as routers should dial it
     role: str  # prefill | decode | both (aggregated: serves as a decode worker)
+    # Its lease: a router keeps a worker that still answers this long after its lease
+    # vanished (Redis restarted empty; the worker renews within a third of it).
+    lease_seconds: float = 10.0
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -52,13 +55,12 @@ class Registrar:
     """The worker's side: keeps its lease alive until `deregister`. Losing Redis does
     not stop the worker; it renews again once Redis is back."""
 
-    def __init__(self, url: str, registration: Registration, lease_seconds: float = 10.0
-                 ) -> None:
-        if lease_seconds < 1:
-            raise ValueError(f"lease of {lease_seconds}s: at least 1s")
+    def __init__(self, url: str, registration: Registration) -> None:
+        if registration.lease_seconds < 1:
+            raise ValueError(f"lease of {registration.lease_seconds}s: at least 1s")
         self.r = aioredis.from_url(url, socket_timeout=2.0)
         self.registration = registration
-        self.lease_seconds = lease_seconds
+        self.lease_seconds = registration.lease_seconds
         self._task: asyncio.Task | None = None
 
     async def renew(self) -> None:

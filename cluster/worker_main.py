@@ -120,7 +120,9 @@ async def run_worker(args: argparse.Namespace) -> None:
     port = server.add_insecure_port(f"{args.host}:{args.port}")
     if port == 0:
         raise RuntimeError(f"--port {args.port}: cannot bind on {args.host}")
-    address = f"{args.host}:{port}"
+    host = f"[{args.host}]" if ":" in args.host and not args.host.startswith("[") \
+        else args.host  # an IPv6 address (a pod IP) needs brackets before the port
+    address = f"{host}:{port}"
     ctx = WorkerContext(engine, asyncio.get_running_loop(), args.role, address,
                         args.kv_transfer, args.stream_interval)
     service = SERVICES[args.role](ctx)
@@ -129,8 +131,8 @@ async def run_worker(args: argparse.Namespace) -> None:
     if args.register:
         from cluster.discovery import Registrar, Registration
 
-        registrar = Registrar(args.register, Registration(address, args.role),
-                              args.lease_seconds)
+        registrar = Registrar(args.register,
+                              Registration(address, args.role, args.lease_seconds))
     await serve(service, server, f"{READY_PREFIX} {address} role={args.role} "
                                  f"kv={ctx.transfer.name}",
                 on_ready=registrar and _registered(registrar),
@@ -139,9 +141,10 @@ async def run_worker(args: argparse.Namespace) -> None:
 
 def _registered(registrar):
     async def register() -> None:
-        await registrar.renew()  # fails loudly if Redis is not there at start
+        # Redis may come up after the worker (one helm install starts both): the renewal
+        # loop keeps trying, and logs while it cannot.
         registrar.start()
-        log.info("registered %s for discovery", registrar.registration)
+        log.info("registering %s for discovery", registrar.registration)
     return register
 
 

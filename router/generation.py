@@ -106,6 +106,9 @@ class RequestRunner:
             for attempt in range(MAX_ATTEMPTS):
                 w = decode_w if attempt == 0 else self._pick("decode", failed, overlaps, bs,
                                                              tie_key)
+                if w.retired:  # it left the pool (discovery) while P prefilled: its channel
+                    failed.add(w.address)  # closes once idle, so do not start on it
+                    w = self._pick("decode", failed, overlaps, bs, tie_key)
                 req = pb.GenerateRequest(request_id=f"{request_id}-{attempt}",
                                          prompt_token_ids=prompt,
                                          params=params_to_proto(params))
@@ -243,3 +246,6 @@ class RequestRunner:
         except grpc.aio.AioRpcError as e:
             log.info("release of %s on %s failed (%s); its lease frees it", request_id,
                      w.address, e.code())
+        except grpc.aio.UsageError:  # it left the pool and its channel is closed
+            log.info("release of %s on %s skipped (the worker left); its lease frees it",
+                     request_id, w.address)

@@ -2,9 +2,10 @@
 each second, workers whose lease appeared join the pool (and the KV index follows their
 events); workers whose lease is gone, or that came back in another role, leave it: no new
 request goes there, the requests already there finish, and their blocks leave the index.
-A worker whose lease is gone but which still answers stays `grace_s` more (Redis restarted
-empty: every worker re-registers within a third of its lease), so only dead or departed
-workers leave at once. Workers given on the command line stay whatever Redis says."""
+A worker whose lease is gone but which still answers stays `grace_s` (or its lease, if
+longer) more: Redis restarted empty, and every worker re-registers within a third of its
+lease. Dead and draining workers (`baton worker --drain-seconds`) leave at once. Workers
+given on the command line stay whatever Redis says."""
 
 from __future__ import annotations
 
@@ -32,12 +33,14 @@ class Membership:
         self.period_s = period_s
         self.grace_s = grace_s
         self._missing_since: dict[str, float] = {}
+        self._lease_s: dict[str, float] = {}  # the lease each worker registered with
         self.reachable = True
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        """Raises if Redis is unreachable now: at start that is a misconfiguration."""
-        await self.join_and_leave(await self.discovery.live())
+        """Joins the workers registered now; if Redis is not up yet (one helm install
+        starts both), the loop keeps asking."""
+        await self._sync()
         self._task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
@@ -50,17 +53,22 @@ class Membership:
         while True:
             await asyncio.sleep(self.period_s)
             try:
-                live = await self.discovery.live()
-            except (OSError, RedisError) as e:
-                if self.reachable:
-                    log.warning("discovery: Redis unreachable, keeping the known workers: %s",
-                                e)
-                self.reachable = False
-                continue
-            if not self.reachable:
-                log.info("discovery: Redis is back")
-            self.reachable = True
-            await self.join_and_leave(live)
+                await self._sync()
+            except Exception:  # never let discovery stop for good
+                log.exception("discovery: sync failed; trying again")
+
+    async def _sync(self) -> None:
+        try:
+            live = await self.discovery.live()
+        except (OSError, RedisError) as e:
+            if self.reachable:
+                log.warning("discovery: Redis unreachable, keeping the known workers: %s", e)
+            self.reachable = False
+            return
+        if not self.reachable:
+            log.info("discovery: Redis is reachable")
+        self.reachable = True
+        await self.join_and_leave(live)
 
     async def join_and_leave(self, registrations: list[Registration]) -> None:
         live = {r.address: r for r in registrations}
@@ -68,15 +76,17 @@ class Membership:
         now = time.monotonic()
         for address in [a for a in self._missing_since if a in live or a not in known]:
             del self._missing_since[address]
+        self._lease_s.update((a, r.lease_seconds) for a, r in live.items())
         for address, w in list(known.items()):
             reg = live.get(address)
             if address in self.fixed or (reg is not None and reg.pool == w.role):
                 continue
             if reg is None and w.healthy:  # still answers: leave it a grace period
                 since = self._missing_since.setdefault(address, now)
-                if now - since < self.grace_s:
+                if now - since < max(self.grace_s, self._lease_s.get(address, 0.0)):
                     continue
             self._missing_since.pop(address, None)
+            self._lease_s.pop(address, None)
             log.info("discovery: %s worker %s left", w.role, address)
             self.pool.remove(address)
             self.metrics.forget_worker(address, w.role)

@@ -64,12 +64,16 @@ class RouterMetrics:
             registry=r)
 
     def forget_worker(self, address: str, role: str) -> None:
-        """A worker that left: its gauges stop being exported (counters and histograms
-        keep its history)."""
+        """A worker that left: its series stop being exported (pods come and go with new
+        addresses; a series per address ever seen would grow without bound)."""
         for g in (self.worker_in_flight, self.worker_free_blocks, self.worker_running,
                   self.worker_queued_prefill_tokens):
             with contextlib.suppress(KeyError):
                 g.remove(address, role)
+        for h in (self.worker_queue, self.worker_first_token):
+            for phase in ("prefill", "decode", "migrated"):
+                with contextlib.suppress(KeyError):
+                    h.remove(phase, address)
 
     def kv_transfer(self, backend: str, nbytes: int, seconds: float) -> None:
         self.kv_bytes.labels(backend).inc(nbytes)

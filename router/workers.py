@@ -32,6 +32,7 @@ class WorkerHandle:
     pending_prefill_tokens: int = 0
     status: pb.WorkerStatus | None = None
     failures: int = 0
+    retired: bool = False  # left the pool (discovery); its channel closes once idle
 
     def to_json(self) -> dict:
         s = self.status
@@ -75,7 +76,7 @@ class WorkerPool:
             for w in pool:
                 if w.address == address:
                     pool.remove(w)
-                    w.healthy = False
+                    w.healthy, w.retired = False, True
                     self.retired.append(w)
                     return w
         return None

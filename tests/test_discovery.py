@@ -19,18 +19,18 @@ def test_registrations_live_lapse_and_leave(redis_url) -> None:
     url, _ = redis_url
 
     async def run() -> None:
-        p = Registrar(url, Registration("10.0.0.1:7001", "prefill"), lease_seconds=1.0)
-        d = Registrar(url, Registration("10.0.0.2:7002", "both"), lease_seconds=1.0)
+        p = Registrar(url, Registration("10.0.0.1:7001", "prefill", 1.0))
+        d = Registrar(url, Registration("10.0.0.2:7002", "both", 1.0))
         disc = Discovery(url)
         await p.renew()  # registered, but nothing renews it: it lapses
         d.start()
         await asyncio.sleep(0.2)
         live = await disc.live()
-        assert live == [Registration("10.0.0.1:7001", "prefill"),
-                        Registration("10.0.0.2:7002", "both")]
+        assert live == [Registration("10.0.0.1:7001", "prefill", 1.0),
+                        Registration("10.0.0.2:7002", "both", 1.0)]
         assert [r.pool for r in live] == ["prefill", "decode"]
         await asyncio.sleep(1.3)  # past p's lease; d renewed itself meanwhile
-        assert await disc.live() == [Registration("10.0.0.2:7002", "both")]
+        assert await disc.live() == [Registration("10.0.0.2:7002", "both", 1.0)]
         r = aioredis.from_url(url)
         assert await r.smembers(MEMBERS) == {b"10.0.0.2:7002"}  # the lapsed one pruned
         await d.deregister()  # a clean stop: gone at once, not a lease later
@@ -48,7 +48,7 @@ def test_bad_registrations(redis_url) -> None:
     with pytest.raises(ValueError, match="role 'encode'"):
         Registration("h:1", "encode")
     with pytest.raises(ValueError, match="at least 1s"):
-        Registrar(url, Registration("h:1", "decode"), lease_seconds=0.5)
+        Registrar(url, Registration("h:1", "decode", lease_seconds=0.5))
 
     async def garbage() -> None:  # someone else's value under our key: skipped, not fatal
         r = aioredis.from_url(url)
@@ -83,14 +83,16 @@ def test_the_pool_follows_the_leases(redis_url) -> None:
         busy.in_flight = 0
         await pool.close_idle_retired()
         assert pool.retired == []
-        # A worker that still answers outlives its lease by the grace period (Redis
-        # restarted empty; its next renewal brings the lease back).
+        # A worker that still answers outlives its vanished lease by the grace period, or
+        # by its lease if longer (Redis restarted empty; its next renewal brings it back).
         m.grace_s = 0.3
-        await m.join_and_leave([Registration("127.0.0.1:4", "both")])
+        await m.join_and_leave([Registration("127.0.0.1:4", "both", lease_seconds=1.0)])
         pool.decode[-1].healthy = True
         await m.join_and_leave([])
+        await asyncio.sleep(0.4)  # past grace_s, within the lease
+        await m.join_and_leave([])
         assert [w.address for w in pool.decode] == ["127.0.0.1:1", "127.0.0.1:4"]
-        await asyncio.sleep(0.35)
+        await asyncio.sleep(0.7)
         await m.join_and_leave([])
         assert [w.address for w in pool.decode] == ["127.0.0.1:1"]
         # Back in another role (restarted as a decode worker): re-joins as that.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
@@ -66,6 +67,9 @@ def progress_delay_us() -> int:
     return delay
 
 
+_CONFIG_SWAP = threading.Lock()
+
+
 def make_agent(name: str):
     """A NIXL agent with the UCX backend whose progress thread waits `progress_delay_us()`
     in poll() instead of spinning. nixl's Python API (1.5) hard-codes the delay to 0, so
@@ -75,24 +79,27 @@ def make_agent(name: str):
     from nixl._api import nixl_agent, nixl_agent_config
 
     delay = progress_delay_us()
-    base = getattr(_api.nixlBind, "nixlAgentConfig", None)
-    if not delay or base is None or not hasattr(base, "pthrDelay"):
-        return nixl_agent(name, nixl_agent_config(backends=["UCX"]))
+    # Under the lock: a thread swapping meanwhile could make `base` the subclass, and
+    # restoring it would leave the swap in place for good.
+    with _CONFIG_SWAP:
+        base = getattr(_api.nixlBind, "nixlAgentConfig", None)
+        if not delay or base is None or not hasattr(base, "pthrDelay"):
+            return nixl_agent(name, nixl_agent_config(backends=["UCX"]))
 
-    class DelayedConfig(base):
-        @property
-        def pthrDelay(self) -> int:
-            return base.pthrDelay.__get__(self)
+        class DelayedConfig(base):
+            @property
+            def pthrDelay(self) -> int:
+                return base.pthrDelay.__get__(self)
 
-        @pthrDelay.setter
-        def pthrDelay(self, value: int) -> None:
-            base.pthrDelay.__set__(self, max(int(value), delay))
+            @pthrDelay.setter
+            def pthrDelay(self, value: int) -> None:
+                base.pthrDelay.__set__(self, max(int(value), delay))
 
-    _api.nixlBind.nixlAgentConfig = DelayedConfig
-    try:
-        return nixl_agent(name, nixl_agent_config(backends=["UCX"]))
-    finally:
-        _api.nixlBind.nixlAgentConfig = base
+        _api.nixlBind.nixlAgentConfig = DelayedConfig
+        try:
+            return nixl_agent(name, nixl_agent_config(backends=["UCX"]))
+        finally:
+            _api.nixlBind.nixlAgentConfig = base
 
 
 def pack_rank_agents(ranks: Sequence[RankAgent]) -> bytes:
