@@ -9,7 +9,9 @@ same `baton worker` process `baton serve` starts, bound to its node's IP (the ad
 router dials and a prefill worker hands to the decode workers that pull its KV), and
 returns the address the worker announces. The router then runs in the job's driver, as
 in `baton serve`, and the job lasts until it is stopped (`ray job stop`): the actors die
-with the driver, and each worker process with its actor (PR_SET_PDEATHSIG).
+with the driver, and each worker process with its actor (PR_SET_PDEATHSIG). Meanwhile a
+supervisor thread restarts any worker that dies (a new process in its actor, or a new
+actor if the actor died with its node) and swaps its new address into the router.
 
 The flags are `baton serve`'s, but for the GPU lists (Ray places workers), plus
 `--ray-address` (default: the cluster the job runs in, or a new local one).
@@ -18,9 +20,11 @@ The flags are `baton serve`'s, but for the GPU lists (Ray places workers), plus
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import logging
 import sys
+import threading
 
 from cluster.launcher import (
     router_config,
@@ -49,8 +53,45 @@ class WorkerActor:
                                    timeout)
         return self.procs[0].address
 
+    def alive(self) -> bool:
+        return bool(self.procs) and self.procs[0].proc.poll() is None
+
     def stop(self) -> None:
         stop_workers(self.procs)
+
+
+def supervise(router, actors: list, roles: list[str], addresses: list[str], make_actor,
+              worker_args: list[str], ready_timeout: float, stop: threading.Event,
+              period_s: float = 2.0) -> None:
+    """Restart what dies: a worker process that exited gets a new one from its actor, an
+    actor that died (its node went away) is replaced by a new one that Ray places; the
+    router swaps the new address in for the old (requests on the dead one migrate)."""
+    import ray
+
+    while not stop.wait(period_s):
+        if router.loop is None:  # the router has not started yet
+            continue
+        for i, role in enumerate(roles):
+            try:
+                if ray.get(actors[i].alive.remote(), timeout=30):
+                    continue
+            except ray.exceptions.GetTimeoutError:
+                continue
+            except ray.exceptions.RayActorError:
+                log.warning("the actor of %s worker %s died: placing a new one", role,
+                            addresses[i])
+                actors[i] = make_actor()
+            log.warning("%s worker %s is gone: starting another", role, addresses[i])
+            try:
+                new = ray.get(actors[i].start.remote(role, worker_args, ready_timeout),
+                              timeout=ready_timeout + 120)
+            except Exception as e:  # keep supervising the others
+                log.error("could not restart the %s worker: %s (trying again)", role, e)
+                continue
+            asyncio.run_coroutine_threadsafe(
+                router.replace_worker(addresses[i], role, new), router.loop).result(30)
+            log.info("%s worker %s replaced by %s", role, addresses[i], new)
+            addresses[i] = new
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     if gpu:  # Ray's CUDA_VISIBLE_DEVICES holds the actor's GPUs: cuda:0..tp-1
         worker_args[worker_args.index("--device") + 1] = "cuda:0"
     actors = [actor_cls.remote() for _ in roles]
+    stopping = threading.Event()
     try:
         try:  # an actor Ray cannot place waits for resources forever: bound it
             addresses = ray.get([a.start.remote(role, worker_args, args.ready_timeout)
@@ -109,8 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         host = ray.util.get_node_ip_address() if args.host == "0.0.0.0" else args.host
         print(f"Baton serving {cfg.served_model_name} on Ray at http://{host}:{args.port}",
               flush=True)
+        threading.Thread(target=supervise, daemon=True, name="supervisor", args=(
+            app.state.router, actors, roles, list(addresses), actor_cls.remote, worker_args,
+            args.ready_timeout, stopping)).start()
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
+        stopping.set()
         with contextlib.suppress(Exception):  # an actor that died has nothing to stop
             ray.get([a.stop.remote() for a in actors], timeout=30)
     return 0

@@ -23,7 +23,7 @@ from router import dashboard
 from router.errors import WorkerUnavailableError, error_response
 from router.generation import RequestRunner
 from router.kv_routing import KVRouter
-from router.membership import Membership
+from router.membership import Membership, admit, retire
 from router.metrics import RouterMetrics
 from router.policy import PolicyWeights
 from router.protocol import ChatCompletionRequest, CompletionRequest
@@ -69,8 +69,17 @@ class Router:
                                     cfg.local_prefill_threshold)
         self._refresher: asyncio.Task | None = None
         self.membership: Membership | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # once started
+
+    async def replace_worker(self, old: str, role: str, new: str) -> None:
+        """A restarted worker at a new address (the Ray job's supervisor): `role` is the
+        pool, prefill or decode."""
+        await retire(self.pool, self.kv, self.metrics, old)
+        admit(self.pool, self.kv, [new] if role == "prefill" else [],
+              [new] if role != "prefill" else [])
 
     async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
         # grpc.aio channels bind to the running loop: open them here, not in __init__.
         self.pool.add_workers(self.cfg.prefill, self.cfg.decode)
         if self.pool.all:

@@ -23,6 +23,27 @@ from router.workers import WorkerPool
 log = logging.getLogger(__name__)
 
 
+async def retire(pool: WorkerPool, kv: KVRouter | None, metrics: RouterMetrics,
+                 address: str) -> None:
+    """Take a worker out of the pool: nothing new goes there, its requests finish, its
+    blocks leave the index and its metric series go."""
+    w = pool.remove(address)
+    if w is None:
+        return
+    log.info("%s worker %s left", w.role, address)
+    metrics.forget_worker(address, w.role)
+    if kv is not None:
+        await kv.unfollow(address)
+
+
+def admit(pool: WorkerPool, kv: KVRouter | None, prefill: list[str], decode: list[str]) -> None:
+    """Add workers to the pool (healthy from the next status poll); the index follows them."""
+    for w in pool.add_workers(prefill, decode):
+        log.info("%s worker %s joined", w.role, w.address)
+        if kv is not None:
+            kv.follow(w)
+
+
 class Membership:
     def __init__(self, url: str, pool: WorkerPool, kv: KVRouter | None,
                  metrics: RouterMetrics, fixed: set[str], period_s: float = 1.0,
@@ -87,17 +108,9 @@ class Membership:
                     continue
             self._missing_since.pop(address, None)
             self._lease_s.pop(address, None)
-            log.info("discovery: %s worker %s left", w.role, address)
-            self.pool.remove(address)
-            self.metrics.forget_worker(address, w.role)
-            if self.kv is not None:
-                await self.kv.unfollow(address)
+            await retire(self.pool, self.kv, self.metrics, address)
             del known[address]
         new = [r for a, r in live.items() if a not in known]
-        if not new:
-            return
-        for w in self.pool.add_workers([r.address for r in new if r.pool == "prefill"],
-                                       [r.address for r in new if r.pool == "decode"]):
-            log.info("discovery: %s worker %s joined", w.role, w.address)
-            if self.kv is not None:
-                self.kv.follow(w)
+        if new:
+            admit(self.pool, self.kv, [r.address for r in new if r.pool == "prefill"],
+                  [r.address for r in new if r.pool == "decode"])

@@ -1,12 +1,13 @@
 """`ray job submit -- python -m cluster.ray_job` on a real single-node Ray cluster (started
 here on loopback, CPU only): the job places a prefill and a decode worker in Ray actors,
-serves transformers' greedy tokens through its router, and `ray job stop` takes every
-process down with it."""
+serves transformers' greedy tokens through its router, restarts a worker killed under it
+(same greedy tokens after), and `ray job stop` takes every process down with it."""
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -85,7 +86,8 @@ def test_job_serves_transformers_greedy_tokens_and_stops_clean(ray_cluster, chec
         assert sorted(w["role"] for w in health["workers"]) == ["decode", "prefill"]
         tok = TokenizerBundle.from_dir(model)
         hf = load_hf(model)
-        for text in TEXTS:
+
+        def served_greedy(text: str) -> None:
             r = httpx.post(f"{url}/v1/completions", timeout=60, json={
                 "model": PRESET, "prompt": text, "max_tokens": 8, "temperature": 0,
                 "ignore_eos": True, "return_token_ids": True}).json()
@@ -93,11 +95,28 @@ def test_job_serves_transformers_greedy_tokens_and_stops_clean(ray_cluster, chec
             assert choice["prompt_token_ids"] == tok.encode(text)
             assert choice["token_ids"] == hf_greedy(hf, tok.encode(text), 8)[0], text
             assert r["baton_route"][0].keys() == {"prefill", "decode"}
+
+        for text in TEXTS:
+            served_greedy(text)
+        # The decode worker dies under the job: its supervisor starts another and the
+        # router serves from the new one.
+        dead = next(w for w in health["workers"] if w["role"] == "decode")
+        os.kill(dead["pid"], signal.SIGKILL)
+
+        def replaced() -> bool:
+            workers = httpx.get(f"{url}/health", timeout=5).json()["workers"]
+            return any(w["role"] == "decode" and w["healthy"] and
+                       w["address"] != dead["address"] for w in workers)
+        deadline = time.monotonic() + 120
+        while not replaced():
+            assert time.monotonic() < deadline, "the killed worker was not replaced"
+            time.sleep(0.5)
+        served_greedy(TEXTS[0])
     finally:
         log = _ray("job", "logs", "--address", address, job, env=env)
         _ray("job", "stop", "--address", address, job, env=env)
     workers = _descendants_of_job(log)
-    assert len(workers) == 2, log[-3000:]
+    assert len(workers) == 3, log[-3000:]  # prefill, decode, and the decode restarted
     deadline = time.monotonic() + 20
     while any(_alive(p) for p in workers) and time.monotonic() < deadline:
         time.sleep(0.2)
