@@ -73,25 +73,29 @@ def supervise(router, actors: list, roles: list[str], addresses: list[str], make
             continue
         for i, role in enumerate(roles):
             try:
-                if ray.get(actors[i].alive.remote(), timeout=30):
-                    continue
-            except ray.exceptions.GetTimeoutError:
-                continue
-            except ray.exceptions.RayActorError:
-                log.warning("the actor of %s worker %s died: placing a new one", role,
-                            addresses[i])
-                actors[i] = make_actor()
-            log.warning("%s worker %s is gone: starting another", role, addresses[i])
-            try:
-                new = ray.get(actors[i].start.remote(role, worker_args, ready_timeout),
-                              timeout=ready_timeout + 120)
-            except Exception as e:  # keep supervising the others
-                log.error("could not restart the %s worker: %s (trying again)", role, e)
-                continue
-            asyncio.run_coroutine_threadsafe(
-                router.replace_worker(addresses[i], role, new), router.loop).result(30)
-            log.info("%s worker %s replaced by %s", role, addresses[i], new)
-            addresses[i] = new
+                _restart_if_dead(ray, router, actors, i, role, addresses, make_actor,
+                                 worker_args, ready_timeout)
+            except Exception:  # keep supervising (this one again next round, the others)
+                log.exception("could not restart the %s worker %s", role, addresses[i])
+
+
+def _restart_if_dead(ray, router, actors: list, i: int, role: str, addresses: list[str],
+                     make_actor, worker_args: list[str], ready_timeout: float) -> None:
+    try:
+        if ray.get(actors[i].alive.remote(), timeout=30):
+            return
+    except ray.exceptions.GetTimeoutError:  # busy: ask again next round
+        return
+    except ray.exceptions.RayActorError:
+        log.warning("the actor of %s worker %s died: placing a new one", role, addresses[i])
+        actors[i] = make_actor()
+    log.warning("%s worker %s is gone: starting another", role, addresses[i])
+    new = ray.get(actors[i].start.remote(role, worker_args, ready_timeout),
+                  timeout=ready_timeout + 120)
+    asyncio.run_coroutine_threadsafe(
+        router.replace_worker(addresses[i], role, new), router.loop).result(30)
+    log.info("%s worker %s replaced by %s", role, addresses[i], new)
+    addresses[i] = new
 
 
 def build_parser() -> argparse.ArgumentParser:
