@@ -61,6 +61,10 @@ def test_a_stopped_worker_finishes_its_stream_and_takes_nothing_new(checkpoint_d
         assert len(streamed) < TOKENS // 2, "the stream ended too soon to test a drain"
         os.kill(target["pid"], signal.SIGTERM)
         proc = next(p for p in procs if p.pid == target["pid"])
+        # The router sees it draining (its status says so; /health and the dashboard show it).
+        wait_for("the router to see the drain", lambda: any(
+            w["address"] == target["address"] and w["draining"] and not w["healthy"]
+            for w in httpx.get(f"{url}/health").json()["workers"]), timeout=10)
 
         others = [complete(url, [20 + i] * 5) for i in range(4)]
         assert {o["baton_route"][0]["decode"] for o in others} == \
