@@ -220,9 +220,10 @@ TTFT_PARTS = {  # part: its key in the router's baton_timing (ms)
 def ttft_parts(log: list[dict]) -> dict[str, dict[str, float]]:
     """Where time to first token went, p50 and mean, from the router's baton_timing: its
     routing, the gRPC round trip less the worker's parts, the first-token worker's queue
-    wait, compute and hand-off to gRPC; "router_other" is the rest of the router's TTFT
-    (validation, stream set-up, its event loop's backlog) and "client" what the client saw
-    beyond the router's TTFT (HTTP both ways, request parsing, the client's own loop)."""
+    wait, compute and hand-off to gRPC; "router_other" is the rest of the router's TTFT,
+    which starts when the request's headers arrive (reading, parsing and validating the
+    body, stream set-up, its event loop's backlog), and "client" what the client saw beyond
+    that (sending the body, the first chunk's trip back, the client's own loop)."""
     rows = [r for r in log if r["ttft"] is not None and
             {"ttft_ms", *TTFT_PARTS.values()} <= set(r.get("timing", {}))]
     if not rows:
