@@ -25,6 +25,7 @@ import contextlib
 import logging
 import sys
 import threading
+import time
 
 from cluster.launcher import (
     router_config,
@@ -36,27 +37,40 @@ from cluster.launcher import (
 
 log = logging.getLogger(__name__)
 
+try:  # Ray >= 2.x: an actor briefly unreachable, not dead
+    from ray.exceptions import ActorUnavailableError as ActorUnavailable
+except ImportError:  # pragma: no cover - older Ray, or Ray not installed
+    class ActorUnavailable(Exception):  # stands in for Ray's name
+        pass
+
 
 class WorkerActor:
     """One `baton worker` process on the node Ray placed this actor on."""
 
     def __init__(self) -> None:
         self.procs: list = []  # launcher.WorkerProcess, one
+        self.stopped = False  # the job is ending: start nothing more
 
     def start(self, role: str, worker_args: list[str], timeout: float) -> str:
         """Starts the worker as `baton serve` does, bound to this node's IP; its address.
         Raises (saying why) if it exits or is not ready within `timeout`."""
         import ray
 
+        if self.stopped:
+            raise RuntimeError("the job is stopping")
         host = ray.util.get_node_ip_address()
         self.procs = start_workers([role], [*worker_args, "--host", host, "--port", "0"],
                                    timeout)
         return self.procs[0].address
 
-    def alive(self) -> bool:
-        return bool(self.procs) and self.procs[0].proc.poll() is None
+    def address(self) -> str | None:
+        """Its worker's address while the process runs; None once it has exited."""
+        if self.procs and self.procs[0].proc.poll() is None:
+            return self.procs[0].address
+        return None
 
     def stop(self) -> None:
+        self.stopped = True
         stop_workers(self.procs)
 
 
@@ -65,37 +79,58 @@ def supervise(router, actors: list, roles: list[str], addresses: list[str], make
               period_s: float = 2.0) -> None:
     """Restart what dies: a worker process that exited gets a new one from its actor, an
     actor that died (its node went away) is replaced by a new one that Ray places; the
-    router swaps the new address in for the old (requests on the dead one migrate)."""
-    import ray
-
+    router swaps the new address in for the old (requests on the dead one migrate). Each
+    round also compares every actor's address with the router's, so a swap that failed, or
+    a start that finished after its wait timed out, is made good. A worker that keeps
+    dying is retried with a growing pause (2 s doubling to 5 min)."""
+    retry_at = [0.0] * len(roles)
+    pause = [period_s] * len(roles)
     while not stop.wait(period_s):
         if router.loop is None:  # the router has not started yet
             continue
         for i, role in enumerate(roles):
+            if stop.is_set() or time.monotonic() < retry_at[i]:
+                continue
             try:
-                _restart_if_dead(ray, router, actors, i, role, addresses, make_actor,
-                                 worker_args, ready_timeout)
-            except Exception:  # keep supervising (this one again next round, the others)
+                restarted = _restart_if_dead(router, actors, i, role, addresses, make_actor,
+                                             worker_args, ready_timeout, stop)
+            except Exception:  # keep supervising (this one again later, the others)
                 log.exception("could not restart the %s worker %s", role, addresses[i])
+                restarted = True
+            if restarted:
+                retry_at[i] = time.monotonic() + pause[i]
+                pause[i] = min(pause[i] * 2, 300.0)
+            elif time.monotonic() - retry_at[i] > 600:  # up 10 min: forget its crashes
+                pause[i] = period_s
 
 
-def _restart_if_dead(ray, router, actors: list, i: int, role: str, addresses: list[str],
-                     make_actor, worker_args: list[str], ready_timeout: float) -> None:
+def _restart_if_dead(router, actors: list, i: int, role: str, addresses: list[str],
+                     make_actor, worker_args: list[str], ready_timeout: float,
+                     stop: threading.Event) -> bool:
+    """True if it had to start a worker (successfully or not: the caller backs off)."""
+    import ray
+
     try:
-        if ray.get(actors[i].alive.remote(), timeout=30):
-            return
-    except ray.exceptions.GetTimeoutError:  # busy: ask again next round
-        return
+        current = ray.get(actors[i].address.remote(), timeout=30)
+    except (ray.exceptions.GetTimeoutError, ActorUnavailable):  # busy or a blip: later
+        return False
     except ray.exceptions.RayActorError:
         log.warning("the actor of %s worker %s died: placing a new one", role, addresses[i])
+        with contextlib.suppress(Exception):
+            ray.kill(actors[i])
         actors[i] = make_actor()
-    log.warning("%s worker %s is gone: starting another", role, addresses[i])
-    new = ray.get(actors[i].start.remote(role, worker_args, ready_timeout),
-                  timeout=ready_timeout + 120)
-    asyncio.run_coroutine_threadsafe(
-        router.replace_worker(addresses[i], role, new), router.loop).result(30)
-    log.info("%s worker %s replaced by %s", role, addresses[i], new)
-    addresses[i] = new
+        current = None
+    restarted = current is None
+    if restarted:
+        log.warning("%s worker %s is gone: starting another", role, addresses[i])
+        current = ray.get(actors[i].start.remote(role, worker_args, ready_timeout),
+                          timeout=ready_timeout + 120)
+    if current != addresses[i] and not stop.is_set():
+        asyncio.run_coroutine_threadsafe(
+            router.replace_worker(addresses[i], role, current), router.loop).result(30)
+        log.info("%s worker %s replaced by %s", role, addresses[i], current)
+        addresses[i] = current
+    return restarted
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         worker_args[worker_args.index("--device") + 1] = "cuda:0"
     actors = [actor_cls.remote() for _ in roles]
     stopping = threading.Event()
+    supervisor: threading.Thread | None = None
     try:
         try:  # an actor Ray cannot place waits for resources forever: bound it
             addresses = ray.get([a.start.remote(role, worker_args, args.ready_timeout)
@@ -155,12 +191,15 @@ def main(argv: list[str] | None = None) -> int:
         host = ray.util.get_node_ip_address() if args.host == "0.0.0.0" else args.host
         print(f"Baton serving {cfg.served_model_name} on Ray at http://{host}:{args.port}",
               flush=True)
-        threading.Thread(target=supervise, daemon=True, name="supervisor", args=(
+        supervisor = threading.Thread(target=supervise, daemon=True, name="supervisor", args=(
             app.state.router, actors, roles, list(addresses), actor_cls.remote, worker_args,
-            args.ready_timeout, stopping)).start()
+            args.ready_timeout, stopping))
+        supervisor.start()
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
         stopping.set()
+        if supervisor is not None:  # a restart under way finishes (or fails) first
+            supervisor.join(timeout=60)
         with contextlib.suppress(Exception):  # an actor that died has nothing to stop
             ray.get([a.stop.remote() for a in actors], timeout=30)
     return 0

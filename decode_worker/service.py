@@ -14,7 +14,12 @@ from engine.errors import InvalidRequestError
 from engine.llm_engine import RemoteAdmission, RequestOutput
 from engine.rpc import worker_pb2 as pb
 from engine.rpc.convert import params_from_proto, top_to_proto
-from engine.rpc_server import WorkerService, abort_invalid, refuse_if_draining
+from engine.rpc_server import (
+    WorkerService,
+    abort_invalid,
+    counted_call,
+    refuse_if_draining,
+)
 
 log = logging.getLogger(__name__)
 ADMIT_TIMEOUT_S = 60.0
@@ -31,8 +36,13 @@ def _chunk(out: RequestOutput, sent: int) -> pb.TokenChunk:
 
 class DecodeService(WorkerService):
     async def Generate(self, request, context):
+        await refuse_if_draining(self.ctx, context)
+        with counted_call(self.ctx):
+            async for chunk in self._generate_stream(request, context):
+                yield chunk
+
+    async def _generate_stream(self, request, context):
         ctx = self.ctx
-        await refuse_if_draining(ctx, context)
         rid = request.request_id
         params = params_from_proto(request.params)
         prompt = list(request.prompt_token_ids)

@@ -5,6 +5,7 @@ The roles' own RPCs live in prefill_worker/ and decode_worker/."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
@@ -94,6 +95,10 @@ class WorkerContext:
         # Set at SIGTERM: new Generate/Prefill calls are turned away (UNAVAILABLE, which
         # routers retry elsewhere) while the requests already here finish.
         self.draining = False
+        # Generate/Prefill calls under way, counted from their first line: one still
+        # waiting for blocks or pulling its KV is not in the engine yet, and a drain must
+        # wait for it too.
+        self.calls_in_flight = 0
         self.worker = EngineWorker(engine, loop, stream_interval)
         self.peers = PeerChannels()
         engine.events.worker_id = address  # routers know workers by address
@@ -192,6 +197,16 @@ async def refuse_if_draining(ctx: WorkerContext, context: grpc.aio.ServicerConte
     if ctx.draining:
         await context.abort(grpc.StatusCode.UNAVAILABLE,
                             f"worker {ctx.address} is draining (shutting down)")
+
+
+@contextlib.contextmanager
+def counted_call(ctx: WorkerContext):
+    """Counts a Generate/Prefill call for the drain while it runs."""
+    ctx.calls_in_flight += 1
+    try:
+        yield
+    finally:
+        ctx.calls_in_flight -= 1
 
 
 class WorkerService(pb_grpc.WorkerServicer):
@@ -294,12 +309,12 @@ async def drain(ctx: WorkerContext, timeout_s: float) -> None:
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    left = await ctx.worker.call(pending)
+    left = max(await ctx.worker.call(pending), ctx.calls_in_flight)
     if left:
         log.info("draining: %d request(s) to finish (up to %.0fs)", left, timeout_s)
     while left and loop.time() < deadline:
         await asyncio.sleep(0.1)
-        left = await ctx.worker.call(pending)
+        left = max(await ctx.worker.call(pending), ctx.calls_in_flight)
     if left:
         log.warning("drain timed out with %d request(s) left: routers will migrate them",
                     left)

@@ -12,13 +12,22 @@ import grpc
 from engine.errors import InvalidRequestError
 from engine.rpc import worker_pb2 as pb
 from engine.rpc.convert import params_from_proto, top_to_proto
-from engine.rpc_server import WorkerService, abort_invalid, refuse_if_draining
+from engine.rpc_server import (
+    WorkerService,
+    abort_invalid,
+    counted_call,
+    refuse_if_draining,
+)
 
 
 class PrefillService(WorkerService):
     async def Prefill(self, request, context):
+        await refuse_if_draining(self.ctx, context)
+        with counted_call(self.ctx):
+            return await self._prefill_call(request, context)
+
+    async def _prefill_call(self, request, context):
         ctx = self.ctx
-        await refuse_if_draining(ctx, context)
         rid = request.request_id
         params = params_from_proto(request.params)
         prompt = list(request.prompt_token_ids)

@@ -37,7 +37,8 @@ class WorkerHandle:
     def to_json(self) -> dict:
         s = self.status
         return {"address": self.address, "role": self.role, "healthy": self.healthy,
-                "draining": bool(s and s.draining),
+                # Only while it answers: one that died draining is down.
+                "draining": bool(s and s.draining) and self.failures == 0,
                 "in_flight": self.in_flight,
                 "running": s.num_running if s else None,
                 "waiting": s.num_waiting if s else None,
@@ -127,7 +128,7 @@ class WorkerPool:
                 if w.status.draining:  # shutting down: nothing new goes there
                     if w.healthy:
                         log.info("%s worker %s is draining", w.role, w.address)
-                    w.healthy = False
+                    w.healthy, w.failures = False, 0  # it answers: draining, not down
                     return
                 if not w.healthy:
                     log.info("%s worker %s is up", w.role, w.address)
