@@ -60,19 +60,25 @@ class Registrar:
             raise ValueError(f"lease of {registration.lease_seconds}s: at least 1s")
         self.r = aioredis.from_url(url, socket_timeout=2.0)
         self.registration = registration
-        self.lease_seconds = registration.lease_seconds
         self._task: asyncio.Task | None = None
 
     async def renew(self) -> None:
         value = json.dumps(asdict(self.registration))
         async with self.r.pipeline(transaction=False) as p:
             p.set(lease_key(self.registration.address), value,
-                  px=int(self.lease_seconds * 1000))
+                  px=int(self.registration.lease_seconds * 1000))
             p.sadd(MEMBERS, self.registration.address)
             await p.execute()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._renew_loop())
+
+    async def register(self) -> None:
+        """`start` for a caller that awaits (the worker's on-ready hook). Redis may come up
+        after the worker (one helm install starts both): the renewal loop keeps trying,
+        and logs while it cannot."""
+        self.start()
+        log.info("registering %s for discovery", self.registration)
 
     async def _renew_loop(self) -> None:
         # Three renewals a lease: one lost round trip does not let the lease lapse.
@@ -88,7 +94,7 @@ class Registrar:
                     log.warning("discovery: cannot renew the lease of %s: %s",
                                 self.registration.address, e)
                 down = True
-            await asyncio.sleep(self.lease_seconds / 3)
+            await asyncio.sleep(self.registration.lease_seconds / 3)
 
     async def deregister(self) -> None:
         """Leave at once (a clean stop): routers stop sending new requests here."""

@@ -25,7 +25,6 @@ class AggregatedService(PrefillService, DecodeService):
     """Role `both`: prefills for others and decodes (with or without a handle)."""
 
 
-log = logging.getLogger(__name__)
 SERVICES = {"prefill": PrefillService, "decode": DecodeService, "both": AggregatedService}
 
 
@@ -135,17 +134,8 @@ async def run_worker(args: argparse.Namespace) -> None:
                               Registration(address, args.role, args.lease_seconds))
     await serve(service, server, f"{READY_PREFIX} {address} role={args.role} "
                                  f"kv={ctx.transfer.name}",
-                on_ready=registrar and _registered(registrar),
+                on_ready=registrar and registrar.register,
                 on_stop=registrar and registrar.deregister, drain_s=args.drain_seconds)
-
-
-def _registered(registrar):
-    async def register() -> None:
-        # Redis may come up after the worker (one helm install starts both): the renewal
-        # loop keeps trying, and logs while it cannot.
-        registrar.start()
-        log.info("registering %s for discovery", registrar.registration)
-    return register
 
 
 def add_worker_parser(sub) -> None:
