@@ -1,6 +1,7 @@
 """KV pull bandwidth GPU0 -> GPU1 per transfer backend, in one run: the nixl backend
 (`NixlBackend.pull`: one-sided READ of VRAM, one descriptor per run of blocks), the nccl
-backend's data path (`NcclLink`: one send/recv per run in NCCL groups, on its own stream),
+backend's data path (`NcclLink`: scattered runs staged through contiguous buffers, long
+runs one send/recv each; `nccl_unstaged`: every run as it is, for comparison),
 and torch.distributed NCCL send/recv of ONE contiguous buffer of the same byte count, the
 ceiling issue 7 measures against (goal: >= 80% of it).
 
@@ -26,6 +27,8 @@ import argparse
 import asyncio
 import contextlib
 import datetime
+import faulthandler
+import gc
 import os
 import queue
 import random
@@ -51,7 +54,12 @@ BLOCK_SHAPE = (32, 2, 16, 8, 128)  # layers, K/V, tokens, KV heads, head dim (bf
 BLOCK_TOKENS = 16
 PLACEMENTS = ("contiguous", "scattered")
 SEEDS = {"prefill": 1, "decode": 2}  # each pool's free-list order
-BACKENDS = ("torch_nccl", "nccl", "nixl")  # torch_nccl first: the others' denominator
+# torch_nccl first: the others' denominator. nccl_unstaged: the nccl link sending each run
+# as it is (what it did before staging), to show what staging buys in the same run.
+# nixl_threads4: NIXL's UCX thread-pool engine (kvtransfer/transfer/nixl.ucx_params), the
+# descriptors of a READ split over 4 threads with their own workers and CUDA streams.
+BACKENDS = ("torch_nccl", "nccl", "nccl_unstaged", "nixl", "nixl_threads4")
+NIXL_THREADS4_ENV = {"BATON_NIXL_UCX_THREADS": "4", "BATON_NIXL_UCX_SPLIT": "8"}
 GOAL = 0.8  # of the contiguous send/recv bandwidth
 
 
@@ -180,7 +188,7 @@ def run_torch_nccl(side: Side, kv8: torch.Tensor) -> None:
     dist.destroy_process_group()
 
 
-def run_nccl(side: Side, kv8: torch.Tensor) -> None:
+def run_nccl(side: Side, kv8: torch.Tensor, staged: bool = True) -> None:
     from cupy.cuda import nccl
 
     from kvtransfer.transfer.nccl_link import RECEIVER, SENDER, NcclLink, new_unique_id
@@ -193,7 +201,9 @@ def run_nccl(side: Side, kv8: torch.Tensor) -> None:
     else:
         (uid,) = side.expect("uid")
     link = NcclLink(rank, uid, 0, kv8.data_ptr(), kv8.shape[1], name=side.role,
-                    compute_stream=torch.cuda.default_stream().cuda_stream)
+                    compute_stream=torch.cuda.default_stream().cuda_stream,
+                    kv_cache=kv8 if staged else None)
+    label = "nccl" if staged else "nccl_unstaged"
     step = side.cfg["step_timeout"]
     link.ready.result(timeout=step)
     for tokens, placement, src, dst in side.cases():
@@ -202,12 +212,26 @@ def run_nccl(side: Side, kv8: torch.Tensor) -> None:
         mine = [(r.dst_start if side.is_decode else r.src_start, r.count) for r in runs]
         _prepare(side, kv8, dst)
         laps = side.timed(lambda mine=mine: link.submit(mine).result(timeout=step))
-        _report(side, "nccl", placement, tokens, kv8, src, dst, laps, len(runs))
+        _report(side, label, placement, tokens, kv8, src, dst, laps, len(runs))
     _finish(side)
+    side.progress("nccl: teardown: abort")
     link.abort()
+    side.progress("nccl: teardown: join the link thread")
+    link._thread.join(30)
+    for what in ("_staging", "_ids", "_ids_host", "_rows", "_copy_stream", "_filled",
+                 "_freed", "_stream", "_done"):
+        side.progress(f"nccl: teardown: release link.{what}")
+        setattr(link, what, None)
+        gc.collect()
+        torch.cuda.synchronize()
+    side.progress("nccl: teardown: release the link")
+    link = None
+    gc.collect()
+    torch.cuda.synchronize()
+    side.progress("nccl: teardown: done")
 
 
-def run_nixl(side: Side, kv8: torch.Tensor) -> None:
+def run_nixl(side: Side, kv8: torch.Tensor, label: str = "nixl") -> None:
     from kvtransfer.transfer.nixl import NixlBackend
 
     side.progress("nixl: agent")
@@ -242,7 +266,7 @@ def run_nixl(side: Side, kv8: torch.Tensor) -> None:
                 backend.pull(peer, "bench", src, dst), step))
 
         laps = side.timed(pull)
-        _report(side, "nixl", placement, tokens, kv8, src, dst, laps, len(runs))
+        _report(side, label, placement, tokens, kv8, src, dst, laps, len(runs))
     _finish(side)
     backend.close()
     loop.close()
@@ -256,10 +280,21 @@ def _finish(side: Side) -> None:
         side.expect("done", timeout=side.cfg["phase_timeout"])
 
 
-RUNNERS = {"torch_nccl": run_torch_nccl, "nccl": run_nccl, "nixl": run_nixl}
+def run_nccl_unstaged(side: Side, kv8: torch.Tensor) -> None:
+    run_nccl(side, kv8, staged=False)
+
+
+def run_nixl_threads4(side: Side, kv8: torch.Tensor) -> None:
+    os.environ.update(NIXL_THREADS4_ENV)  # this phase's own processes only
+    run_nixl(side, kv8, label="nixl_threads4")
+
+
+RUNNERS = {"torch_nccl": run_torch_nccl, "nccl": run_nccl, "nccl_unstaged": run_nccl_unstaged,
+           "nixl": run_nixl, "nixl_threads4": run_nixl_threads4}
 
 
 def child(backend: str, role: str, gpu: str, conn, reports, cfg: dict) -> None:
+    faulthandler.enable(all_threads=True)  # a crash in native code shows where, in the log
     device = torch.device(cfg["device"])
     if device.type == "cuda":
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu  # before CUDA starts in this process
@@ -378,7 +413,7 @@ def main() -> None:
         "block_bytes": block_bytes, "kv_blocks_per_gpu": num_blocks,
         "kv_gib_per_gpu": num_blocks * block_bytes / 2**30, "tokens": tokens,
         "warmup": args.warmup, "repeats": args.repeats, "phases": {}, "cases": {},
-        "nccl_env": {k: os.environ[k] for k in NCCL_ENV}}
+        "nccl_env": {k: os.environ[k] for k in NCCL_ENV}, "nixl_threads4_env": NIXL_THREADS4_ENV}
     if len(gpus) < 2:
         result["error"] = f"needs 2 GPUs, sees {len(gpus)}"
         write_result(args.out, result)
@@ -388,7 +423,7 @@ def main() -> None:
         result["cases"].setdefault(backend, {}).setdefault(placement, {})[str(tokens)] = value
         add_ratios(result)
         ratio = value.get("ratio_to_contiguous_send_recv")
-        print(f"  {backend:10s} {placement:10s} {tokens:6d} tokens: {value['gb_per_s']:7.1f} "
+        print(f"  {backend:14s} {placement:10s} {tokens:6d} tokens: {value['gb_per_s']:7.1f} "
               f"GB/s, {value['ms_median']:8.3f} ms, {value['runs']} runs"
               + (f", {ratio:.0%} of contiguous send/recv" if ratio else "")
               + ("" if value["data_ok"] else "  DATA MISMATCH"), flush=True)
@@ -424,12 +459,12 @@ def add_ratios(result: dict) -> None:
 
 
 def summary(result: dict) -> str:
-    lines = ["backend    placement  tokens   GB/s   ratio  data"]
+    lines = ["backend        placement  tokens   GB/s   ratio  data"]
     for backend, by_placement in result["cases"].items():
         for placement, by_tokens in by_placement.items():
             for tok, v in by_tokens.items():
                 r = v.get("ratio_to_contiguous_send_recv")
-                lines.append(f"{backend:10s} {placement:10s} {tok:>6s} {v['gb_per_s']:6.1f} "
+                lines.append(f"{backend:14s} {placement:10s} {tok:>6s} {v['gb_per_s']:6.1f} "
                              f"{'' if r is None else f'{r:6.0%}':>6s}  "
                              f"{'ok' if v['data_ok'] else 'BAD'}")
     for backend, st in result["phases"].items():

@@ -1,6 +1,7 @@
 """The nccl transfer backend on two GPUs (skipped without them, or without CuPy): an
-NcclLink pair moves scattered block runs (more than one NCCL group of them) to the right
-places, abort() ends a receive whose sender never sends, and `baton serve` 1P1D with
+NcclLink pair moves scattered block runs to the right places, staged (gathered into
+chunks, four of them here, so both buffers are reused) and unstaged (more than one NCCL
+group of runs), abort() ends a receive whose sender never sends, and `baton serve` 1P1D with
 `--kv-transfer nccl` gives transformers' greedy tokens."""
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ pytestmark = [
     pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs"),
     pytest.mark.skipif(importlib.util.find_spec("cupy") is None, reason="needs CuPy"),
 ]
-BLOCKS, WIDTH = 4096, 2048  # 8 KiB blocks of float32
-N = 1500  # scattered: about one run per block, so more than one group of 1024
+BLOCKS, WIDTH = 16384, 2048  # 8 KiB blocks of float32
+N = 7000  # scattered: about one run per block; staged, 4 chunks of <= 16 MiB
 
 
 def _ids(seed: int) -> list[int]:
@@ -31,7 +32,7 @@ def _ids(seed: int) -> list[int]:
     return ids[:N]
 
 
-def _side(rank: int, conn) -> None:
+def _side(rank: int, conn, staged: bool) -> None:
     """Rank 0 (GPU 0) sends, rank 1 (GPU 1) receives; the pipe carries the unique id."""
     from kvtransfer.transfer.nccl_link import NcclLink, new_unique_id
 
@@ -46,7 +47,8 @@ def _side(rank: int, conn) -> None:
         uid = new_unique_id()
         conn.send((uid,))
     link = NcclLink(rank, uid, rank, kv.data_ptr(), WIDTH * 4, f"test{rank}",
-                    compute_stream=torch.cuda.default_stream(rank).cuda_stream)
+                    compute_stream=torch.cuda.default_stream(rank).cuda_stream,
+                    kv_cache=kv if staged else None)
     link.ready.result(timeout=120)
     src, dst = _ids(1), _ids(2)
     runs = coalesce(src, dst)
@@ -74,11 +76,16 @@ def _side(rank: int, conn) -> None:
     conn.send((moved, len(runs), ok, waiting, error, time.monotonic() - t0))
 
 
-def test_link_moves_scattered_runs_and_abort_ends_a_hung_receive():
+@pytest.mark.parametrize("staged", [True, False], ids=["staged", "unstaged"])
+def test_link_moves_scattered_runs_and_abort_ends_a_hung_receive(staged):
+    from kvtransfer.transfer.staging import staged_chunks
+
+    assert len(staged_chunks([1] * N, WIDTH * 4) or []) == 4
     ctx = mp.get_context("spawn")
     a0, b0 = ctx.Pipe()
     a1, b1 = ctx.Pipe()
-    procs = [ctx.Process(target=_side, args=(0, b0)), ctx.Process(target=_side, args=(1, b1))]
+    procs = [ctx.Process(target=_side, args=(0, b0, staged)),
+             ctx.Process(target=_side, args=(1, b1, staged))]
     for p in procs:
         p.start()
     try:

@@ -179,7 +179,8 @@ class NcclBackend(KVTransferBackend):
     def _new_link(self, rank: int, unique_id: bytes, peer: str) -> NcclLink:
         role = "send" if rank == SENDER else "recv"
         return NcclLink(rank, unique_id, self._device, self.base_address, self.block_bytes,
-                        name=f"{role}-{peer}", compute_stream=self._compute_stream)
+                        name=f"{role}-{peer}", compute_stream=self._compute_stream,
+                        kv_cache=self.kv_cache)
 
     async def _drop(self, table: dict[str, _Link], key: str, entry: _Link) -> None:
         if table.get(key) is entry:

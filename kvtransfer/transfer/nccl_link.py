@@ -3,11 +3,13 @@
 sends) and a decode worker (rank 1, which receives), a CUDA stream of its own and a thread
 that joins the communicator and then runs transfers one at a time, in submission order.
 
-A transfer is a list of block runs (first block, count); each run is one contiguous region
-of the KV tensor, so it moves with one ncclSend on one side and one ncclRecv on the other,
-grouped (`groupStart`/`groupEnd`) so NCCL runs them together. NCCL pairs the k-th send with
-the k-th receive, so both sides must submit the same runs in the same order: that order is
-the protocol, and callers serialize transfers per link. The benchmark
+A transfer is a list of block runs (first block, count). Long runs move as they are: one
+ncclSend on one side and one ncclRecv on the other per run, grouped
+(`groupStart`/`groupEnd`) so NCCL runs them together. Many short runs (a pool's scattered
+blocks) are staged (kvtransfer/transfer/staging.py): gathered into a contiguous buffer,
+sent in chunks, scattered on arrival. NCCL pairs the k-th send with the k-th receive, so
+both sides must submit runs of the same lengths in the same order: that order is the
+protocol, and callers serialize transfers per link. The benchmark
 (benchmarks/gpu_transfer.py) drives links directly, with a pipe for control."""
 
 from __future__ import annotations
@@ -17,6 +19,16 @@ import logging
 import queue
 import threading
 from collections.abc import Sequence
+
+import torch
+
+from kernels.block_copy import gather_rows, scatter_rows
+from kvtransfer.transfer.staging import (
+    as_block_rows,
+    block_order,
+    max_chunk_blocks,
+    staged_chunks,
+)
 
 log = logging.getLogger(__name__)
 
@@ -111,10 +123,12 @@ def compute_marker(device: int, compute_stream: int = 0):
 class NcclLink:
     """One side of a prefill-decode link over the KV tensor at `base_address` on `device`.
     `ready` resolves once the communicator is joined (both sides must join concurrently);
-    transfers submitted before that wait behind the join."""
+    transfers submitted before that wait behind the join. With `kv_cache` (the tensor at
+    `base_address`) scattered runs are staged; both sides must pass it, or neither."""
 
     def __init__(self, rank: int, unique_id: bytes, device: int, base_address: int,
-                 block_bytes: int, name: str, compute_stream: int = 0) -> None:
+                 block_bytes: int, name: str, compute_stream: int = 0,
+                 kv_cache: torch.Tensor | None = None) -> None:
         if rank not in (SENDER, RECEIVER):
             raise ValueError(f"rank must be {SENDER} (sender) or {RECEIVER} (receiver)")
         self.rank = rank
@@ -124,6 +138,10 @@ class NcclLink:
         self.name = name
         # The stream the engine computes on: transfers start after the work queued on it.
         self.compute_stream = compute_stream
+        if kv_cache is not None and kv_cache.data_ptr() != base_address:
+            raise ValueError("kv_cache must be the tensor at base_address")
+        self._rows = None if kv_cache is None else as_block_rows(kv_cache, block_bytes)
+        self._staging: list[torch.Tensor] = []  # two buffers, made at the first staged move
         unique_id_candidates(unique_id)  # a malformed id fails here, not on the link thread
         self._uid = unique_id
         self.ready: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -200,6 +218,11 @@ class NcclLink:
         self._after_compute = cupy.cuda.Event(disable_timing=True)
         # Blocking sync: a link waiting on a slow peer sleeps instead of spinning a core.
         self._done = cupy.cuda.Event(block=True, disable_timing=True)
+        # Staged transfers: gathers/scatters run on a second stream beside the sends.
+        self._copy_stream = cupy.cuda.Stream(non_blocking=True)
+        self._filled = [cupy.cuda.Event(disable_timing=True) for _ in range(2)]
+        self._freed = [cupy.cuda.Event(disable_timing=True) for _ in range(2)]
+        self._copies_done = cupy.cuda.Event(disable_timing=True)
         comm = init_communicator(2, self._uid, self.rank)
         with self._lock:
             aborted = self.broken
@@ -233,19 +256,75 @@ class NcclLink:
         self._stream.wait_event(after)
         op = comm.send if self.rank == SENDER else comm.recv
         peer = 1 - self.rank
-        extents = run_extents(runs, self.block_bytes)
-        for batch in group_batches(len(extents)):
-            nccl.groupStart()
-            try:
-                for i in batch:
-                    offset, nbytes = extents[i]
-                    op(self.base_address + offset, nbytes, nccl.NCCL_INT8, peer,
-                       self._stream.ptr)
-            finally:
-                nccl.groupEnd()
+        chunks = (None if self._rows is None
+                  else staged_chunks([count for _, count in runs], self.block_bytes))
+        if chunks is None:
+            extents = run_extents(runs, self.block_bytes)
+            for batch in group_batches(len(extents)):
+                nccl.groupStart()
+                try:
+                    for i in batch:
+                        offset, nbytes = extents[i]
+                        op(self.base_address + offset, nbytes, nccl.NCCL_INT8, peer,
+                           self._stream.ptr)
+                finally:
+                    nccl.groupEnd()
+            moved = sum(nbytes for _, nbytes in extents)
+        else:
+            moved = self._staged(comm, runs, chunks, after)
         self._done.record(self._stream)
         self._done.synchronize()  # GIL released; abort() from another thread ends a hang
         if self._comm is None:
             raise LinkBroken(f"NCCL link {self.name} was aborted during a transfer")
         comm.check_async_error()
-        return sum(nbytes for _, nbytes in extents)
+        return moved
+
+    def _staged(self, comm, runs: Runs, chunks: list[tuple[int, int]], after) -> int:
+        """Queue a staged transfer on the two streams (see staging.py). Buffer b is
+        refilled only after the operation that last used it: the sender's gather waits
+        for the send of two chunks back, the receiver's receive for that chunk's scatter.
+        A stream waits on an event's latest record when the wait is queued, so the two
+        events per buffer are reused chunk after chunk."""
+        from cupy.cuda import nccl
+
+        peer, rows, copy = 1 - self.rank, self._rows, self._copy_stream
+        if not self._staging:
+            # Made once, outside the copy stream's context: torch ties a block to the
+            # stream it was allocated on, and this stream is not torch's.
+            most = max_chunk_blocks(self.block_bytes)  # any later transfer's chunks fit
+            self._staging = [torch.empty(most, rows.shape[1], dtype=rows.dtype,
+                                         device=rows.device) for _ in range(2)]
+            self._ids = torch.empty(rows.shape[0], dtype=torch.int64, device=rows.device)
+            # Pinned, so the copy to the device is asynchronous; reused: the transfer
+            # before has finished (`_transfer` waits for it) when the next one writes it.
+            self._ids_host = torch.empty(rows.shape[0], dtype=torch.int64).pin_memory()
+        copy.wait_event(after)
+        order = block_order(runs)
+        count = len(order)
+        self._ids_host[:count].numpy()[:] = order
+        ids = self._ids[:count]
+        with torch.cuda.device(self.device), torch.cuda.stream(
+                torch.cuda.ExternalStream(copy.ptr, device=rows.device)):
+            ids.copy_(self._ids_host[:count], non_blocking=True)
+            for c, (lo, hi) in enumerate(chunks):
+                b = c % 2
+                buf = self._staging[b][: hi - lo]
+                nbytes = (hi - lo) * self.block_bytes
+                if self.rank == SENDER:
+                    copy.wait_event(self._freed[b])
+                    gather_rows(rows, ids[lo:hi], buf)
+                    self._filled[b].record(copy)
+                    self._stream.wait_event(self._filled[b])
+                    comm.send(buf.data_ptr(), nbytes, nccl.NCCL_INT8, peer, self._stream.ptr)
+                    self._freed[b].record(self._stream)
+                else:
+                    self._stream.wait_event(self._freed[b])
+                    comm.recv(buf.data_ptr(), nbytes, nccl.NCCL_INT8, peer, self._stream.ptr)
+                    self._filled[b].record(self._stream)
+                    copy.wait_event(self._filled[b])
+                    scatter_rows(buf, ids[lo:hi], rows)
+                    self._freed[b].record(copy)
+        # `done` is recorded on the send stream: it must also follow the last copy.
+        self._copies_done.record(copy)
+        self._stream.wait_event(self._copies_done)
+        return count * self.block_bytes

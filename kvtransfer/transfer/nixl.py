@@ -67,6 +67,37 @@ def progress_delay_us() -> int:
     return delay
 
 
+def ucx_params() -> dict[str, str]:
+    """The UCX backend's init parameters. `BATON_NIXL_UCX_THREADS` > 0 starts NIXL's
+    thread-pool engine: a transfer of at least `BATON_NIXL_UCX_SPLIT` descriptors is split
+    across that many threads, each with its own UCX worker and so its own CUDA stream per
+    peer GPU. With one worker every descriptor of a READ is a cuMemcpyDtoDAsync queued
+    one after another on one stream, a few microseconds each: scattered 2 MiB blocks then
+    move at about half of NVLink's bandwidth."""
+    params: dict[str, str] = {}
+    for env, key, low in (("BATON_NIXL_UCX_THREADS", "num_threads", 0),
+                          ("BATON_NIXL_UCX_SPLIT", "split_batch_size", 1)):
+        value = os.environ.get(env)
+        if value is None:
+            continue
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError(f"{env}={value!r}: not a whole number") from None
+        if number < low:
+            raise ValueError(f"{env}={number}: must be >= {low}")
+        params[key] = str(number)
+    return params
+
+
+def _new_agent(name: str):
+    from nixl._api import nixl_agent, nixl_agent_config
+
+    agent = nixl_agent(name, nixl_agent_config(backends=[]))
+    agent.create_backend("UCX", ucx_params())
+    return agent
+
+
 _CONFIG_SWAP = threading.Lock()
 
 
@@ -76,7 +107,6 @@ def make_agent(name: str):
     the config class it builds is swapped, for this one call, for one that raises it;
     a worker's completion checks (`check_xfer_state`) still progress its transfers."""
     from nixl import _api
-    from nixl._api import nixl_agent, nixl_agent_config
 
     delay = progress_delay_us()
     # Under the lock: a thread swapping meanwhile could make `base` the subclass, and
@@ -84,7 +114,7 @@ def make_agent(name: str):
     with _CONFIG_SWAP:
         base = getattr(_api.nixlBind, "nixlAgentConfig", None)
         if not delay or base is None or not hasattr(base, "pthrDelay"):
-            return nixl_agent(name, nixl_agent_config(backends=["UCX"]))
+            return _new_agent(name)
 
         class DelayedConfig(base):
             @property
@@ -97,7 +127,7 @@ def make_agent(name: str):
 
         _api.nixlBind.nixlAgentConfig = DelayedConfig
         try:
-            return nixl_agent(name, nixl_agent_config(backends=["UCX"]))
+            return _new_agent(name)
         finally:
             _api.nixlBind.nixlAgentConfig = base
 

@@ -1,0 +1,67 @@
+"""Staged transfers of scattered KV blocks. A pool that has served a while hands out
+blocks in no particular order, so a prompt's blocks are about one run each, and a
+transfer that moves each run on its own pays a fixed cost per run: on two H200s an NCCL
+send/recv per 2 MiB block reached 36% of one contiguous send's bandwidth, a NIXL
+descriptor per block 51% (benchmarks/results/gpu_transfer_h200x2.json).
+
+Staged, the sender gathers the blocks into a contiguous staging buffer (one
+index_select: HBM moves bytes an order of magnitude faster than NVLink), sends that
+buffer in one operation, and the receiver scatters it into its blocks (one index_copy_).
+Two buffers per side and chunks of at most `MAX_CHUNK_BYTES` let the gather of chunk
+c+1 and the scatter of chunk c-1 overlap the send of chunk c, so a long transfer costs
+about its sends plus one chunk's gather and scatter.
+
+Both sides must cut the same chunks: `staged_chunks` depends only on the run lengths,
+which are equal on both sides (`coalesce` pairs runs)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+# Runs this long on average go as they are: the per-operation cost is already small
+# beside their bytes, and staging would only add the copies.
+DIRECT_RUN_BYTES = 32 << 20
+# Chunks: about a quarter of the transfer, so even a 1k-token prompt's KV pipelines,
+# within bounds: small ones pay the per-operation cost again, big ones cost memory
+# (two buffers per side of each link).
+MIN_CHUNK_BYTES = 16 << 20
+MAX_CHUNK_BYTES = 128 << 20
+
+
+def staged_chunks(counts: Sequence[int], block_bytes: int) -> list[tuple[int, int]] | None:
+    """The chunks [lo, hi) of the transfer's blocks, in transfer order, for runs of
+    `counts` blocks; None when the runs should move as they are."""
+    total = sum(counts)
+    if len(counts) <= 1 or total * block_bytes >= len(counts) * DIRECT_RUN_BYTES:
+        return None
+    chunk_bytes = min(max(total * block_bytes // 4, MIN_CHUNK_BYTES), MAX_CHUNK_BYTES)
+    per = min(max(1, chunk_bytes // block_bytes), max_chunk_blocks(block_bytes))
+    return [(lo, min(lo + per, total)) for lo in range(0, total, per)]
+
+
+def max_chunk_blocks(block_bytes: int) -> int:
+    """The most blocks a chunk holds: what one staging buffer is sized for."""
+    return max(1, MAX_CHUNK_BYTES // block_bytes)
+
+
+def block_order(runs: Sequence[tuple[int, int]]) -> np.ndarray:
+    """The block ids of (first, count) runs, in transfer order (int64). Vectorized: a
+    scattered 64k-token transfer has 4096 runs, and building its ids one run at a time
+    (a torch.arange each) took longer on the host than its sends take on NVLink."""
+    if not runs:
+        return np.zeros(0, dtype=np.int64)
+    table = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
+    starts, counts = table[:, 0], table[:, 1]
+    firsts = np.cumsum(counts) - counts  # where each run begins in the transfer
+    return np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(starts - firsts, counts)
+
+
+def as_block_rows(kv_cache: torch.Tensor, block_bytes: int) -> torch.Tensor:
+    """The KV tensor as [num_blocks, block_bytes / 8] int64 rows: gathers and scatters
+    move 8 bytes per element instead of one."""
+    if block_bytes % 8:
+        raise ValueError(f"blocks of {block_bytes} bytes are not whole 8-byte words")
+    return kv_cache.view(torch.uint8).reshape(-1, block_bytes).view(torch.int64)
