@@ -218,12 +218,8 @@ def run_nccl(side: Side, kv8: torch.Tensor, staged: bool = True) -> None:
     link.abort()
     side.progress("nccl: teardown: join the link thread")
     link._thread.join(30)
-    for what in ("_staging", "_ids", "_ids_host", "_rows", "_copy_stream", "_filled",
-                 "_freed", "_stream", "_done"):
-        side.progress(f"nccl: teardown: release link.{what}")
-        setattr(link, what, None)
-        gc.collect()
-        torch.cuda.synchronize()
+    # Dropped whole, in whatever order the collector frees its parts, as a backend drops
+    # a failed link: a crash here (it once did, SIGSEGV) would take a worker down.
     side.progress("nccl: teardown: release the link")
     link = None
     gc.collect()

@@ -20,6 +20,7 @@ import queue
 import threading
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from kernels.block_copy import gather_rows, scatter_rows
@@ -285,6 +286,7 @@ class NcclLink:
         for the send of two chunks back, the receiver's receive for that chunk's scatter.
         A stream waits on an event's latest record when the wait is queued, so the two
         events per buffer are reused chunk after chunk."""
+        import cupy
         from cupy.cuda import nccl
 
         peer, rows, copy = 1 - self.rank, self._rows, self._copy_stream
@@ -297,15 +299,22 @@ class NcclLink:
             self._ids = torch.empty(rows.shape[0], dtype=torch.int64, device=rows.device)
             # Pinned, so the copy to the device is asynchronous; reused: the transfer
             # before has finished (`_transfer` waits for it) when the next one writes it.
-            self._ids_host = torch.empty(rows.shape[0], dtype=torch.int64).pin_memory()
+            # CuPy's pinned memory and copy, not torch's: torch's host allocator remembers
+            # the stream of a non-blocking copy and records an event on it when the
+            # buffer is freed, which crashed (SIGSEGV) a process whose link was dropped
+            # after this stream had been destroyed.
+            self._ids_pinned = cupy.cuda.alloc_pinned_memory(rows.shape[0] * 8)
+            self._ids_host = np.frombuffer(self._ids_pinned, dtype=np.int64,
+                                           count=rows.shape[0])
         copy.wait_event(after)
         order = block_order(runs)
         count = len(order)
-        self._ids_host[:count].numpy()[:] = order
+        self._ids_host[:count] = order
         ids = self._ids[:count]
+        cupy.cuda.runtime.memcpyAsync(ids.data_ptr(), self._ids_pinned.ptr, count * 8,
+                                      cupy.cuda.runtime.memcpyHostToDevice, copy.ptr)
         with torch.cuda.device(self.device), torch.cuda.stream(
                 torch.cuda.ExternalStream(copy.ptr, device=rows.device)):
-            ids.copy_(self._ids_host[:count], non_blocking=True)
             for c, (lo, hi) in enumerate(chunks):
                 b = c % 2
                 buf = self._staging[b][: hi - lo]
