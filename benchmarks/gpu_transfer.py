@@ -50,8 +50,11 @@ NCCL_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
             "NVSHMEM_DISABLE_NVLS": "1"}
 os.environ.update(NCCL_ENV)
 
-BLOCK_SHAPE = (32, 2, 16, 8, 128)  # layers, K/V, tokens, KV heads, head dim (bf16)
-BLOCK_TOKENS = 16
+BLOCK_TOKENS = 16  # the default --block-size; --block-tokens 64 makes 8 MiB blocks
+
+
+def block_shape(block_tokens: int) -> tuple[int, ...]:
+    return (32, 2, block_tokens, 8, 128)  # layers, K/V, tokens, KV heads, head dim (bf16)
 PLACEMENTS = ("contiguous", "scattered")
 SEEDS = {"prefill": 1, "decode": 2}  # each pool's free-list order
 # torch_nccl first: the others' denominator. nccl_unstaged: the nccl link sending each run
@@ -108,7 +111,7 @@ class Side:
     def cases(self, placements=PLACEMENTS):
         for tokens in self.cfg["tokens"]:
             for placement in placements:
-                n = tokens // BLOCK_TOKENS
+                n = tokens // self.cfg["block_tokens"]
                 nb = self.cfg["num_blocks"]
                 yield tokens, placement, block_ids(placement, n, "prefill", nb), \
                     block_ids(placement, n, "decode", nb)
@@ -170,7 +173,7 @@ def run_torch_nccl(side: Side, kv8: torch.Tensor) -> None:
         world_size=2, timeout=datetime.timedelta(seconds=side.cfg["step_timeout"]))
     for tokens, placement, _, _ in side.cases(placements=("contiguous",)):
         side.progress(f"torch_nccl: {tokens} tokens, one buffer")
-        n = tokens // BLOCK_TOKENS
+        n = tokens // side.cfg["block_tokens"]
         buf = kv8[:n].view(-1)  # blocks 0..n-1: one contiguous region
         _prepare(side, kv8, list(range(n)))
 
@@ -300,7 +303,8 @@ def child(backend: str, role: str, gpu: str, conn, reports, cfg: dict) -> None:
         if device.type == "cuda":
             torch.cuda.set_device(0)
         nb = cfg["num_blocks"]
-        kv = torch.empty(nb, *BLOCK_SHAPE, dtype=torch.bfloat16, device=device)
+        kv = torch.empty(nb, *block_shape(cfg["block_tokens"]), dtype=torch.bfloat16,
+                         device=device)
         kv8 = kv.view(nb, -1).view(torch.uint8)  # [blocks, block bytes]
         if role == "prefill":
             for i in range(0, nb, 512):
@@ -387,6 +391,9 @@ def main() -> None:
                     help="seconds for one wait inside a phase (a handshake, a transfer)")
     ap.add_argument("--slack-blocks", type=int, default=1024,
                     help="KV blocks past the largest prompt's (the scattered free list)")
+    ap.add_argument("--block-tokens", type=int, default=BLOCK_TOKENS,
+                    help="tokens per KV block (a worker's --block-size): fewer, larger "
+                         "blocks mean fewer runs when blocks are scattered")
     ap.add_argument("--device", default="cuda",
                     help="cpu: a dry run of the harness (gloo, NIXL DRAM; nccl fails)")
     ap.add_argument("--out", default="benchmarks/results/gpu_transfer.json")
@@ -399,14 +406,16 @@ def main() -> None:
         gpus = visible.split(",")
     else:
         gpus = [str(i) for i in range(torch.cuda.device_count())]
-    block_bytes = torch.Size(BLOCK_SHAPE).numel() * 2
-    num_blocks = max(tokens) // BLOCK_TOKENS + args.slack_blocks
+    block_bytes = torch.Size(block_shape(args.block_tokens)).numel() * 2
+    num_blocks = max(tokens) // args.block_tokens + args.slack_blocks
     cfg = {"tokens": tokens, "num_blocks": num_blocks, "device": args.device,
+           "block_tokens": args.block_tokens,
            "warmup": args.warmup, "repeats": args.repeats, "phase_timeout": args.phase_timeout,
            "step_timeout": args.step_timeout, "port": free_port()}
     result: dict = {
         "benchmark": "gpu_transfer", "goal": f">= {GOAL} of contiguous NCCL send/recv",
-        "block_bytes": block_bytes, "kv_blocks_per_gpu": num_blocks,
+        "block_tokens": args.block_tokens, "block_bytes": block_bytes,
+        "kv_blocks_per_gpu": num_blocks,
         "kv_gib_per_gpu": num_blocks * block_bytes / 2**30, "tokens": tokens,
         "warmup": args.warmup, "repeats": args.repeats, "phases": {}, "cases": {},
         "nccl_env": {k: os.environ[k] for k in NCCL_ENV}, "nixl_threads4_env": NIXL_THREADS4_ENV}
