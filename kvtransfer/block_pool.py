@@ -5,7 +5,21 @@ Invariants (checked by `check_integrity`):
 - a free block keeps its hash and contents until it is handed out again, so a
   later request can revive it (prefix hit on a freed block);
 - the free queue is in eviction order: the least recently freed block goes first,
-  and callers free a sequence's blocks tail first so its prefix outlives its tail.
+  and callers free a sequence's blocks tail first so its prefix outlives its tail;
+- allocate(n) takes no cached block that the next n evictions in that order would
+  not take: it may take other blocks than strict LRU would, but never a fresher
+  cached one.
+
+Allocations come in runs of consecutive block ids where that costs nothing: after
+the front of the queue, allocate(n) takes the free neighbours of each block it takes
+that are uncached or due for eviction within those n anyway, and hands the blocks out
+sorted. A transfer moves one run per descriptor (NIXL) or operation (NCCL), and a pool
+that hands out blocks in eviction order alone fragments within minutes of serving: a
+simulated chat workload (whole turns allocated at once) got 2.2 blocks per run that way
+and 11.5 with runs, at the same prefix hit ratio (tests/test_block_pool_runs.py; the
+policy is checked against a plain model in tests/test_block_pool.py). It gains little
+where decode steps, a block at a time, interleave sequences and every free block is
+cached and young: 1.1-1.4 blocks per run (benchmarks/gpu_transfer.py's served_* blocks).
 """
 
 from __future__ import annotations
@@ -45,6 +59,10 @@ class BlockPool:
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        # When each block was last freed (a counter): the queue's cached blocks are in
+        # this order, so it tells how soon a cached block is due for eviction.
+        self._freed_at = [0] * num_blocks
+        self._clock = 0
         self._by_hash: dict[int, int] = {}
         self._on_event = on_event
         self.on_evict = on_evict
@@ -86,19 +104,43 @@ class BlockPool:
             block.ref_count += 1
 
     def allocate(self, n: int) -> list[int]:
+        """n blocks, sorted by id, in runs of consecutive ids where possible (see the
+        module docstring); evicted cached blocks are reported to `on_evict` first."""
         if n > len(self._free):
             raise OutOfBlocksError(f"asked for {n} blocks, {len(self._free)} free")
-        out = []
-        for _ in range(n):
+        horizon = self._eviction_horizon(n)
+        out: list[int] = []
+        while len(out) < n:
             block_id, _ = self._free.popitem(last=False)
-            block = self.blocks[block_id]
-            if (self.on_evict is not None and block.block_hash is not None
-                    and self._by_hash.get(block.block_hash) == block_id):
-                self.on_evict(block_id, block.block_hash, block.token_ids)
-            self._drop_hash(block)
-            block.ref_count = 1
-            out.append(block_id)
+            self._take(block_id, out)
+            for step in (-1, 1):  # the run around it
+                b = block_id + step
+                while len(out) < n and 0 <= b < self.num_blocks and b in self._free and (
+                        self.blocks[b].block_hash is None or self._freed_at[b] <= horizon):
+                    del self._free[b]
+                    self._take(b, out)
+                    b += step
+        out.sort()
         return out
+
+    def _eviction_horizon(self, n: int) -> int:
+        """Cached free blocks freed at or before this stamp are among those the next n
+        evictions take anyway (the queue's uncached front goes first; -1: none are)."""
+        for i, block_id in enumerate(self._free):
+            if i >= n:
+                return -1
+            if self.blocks[block_id].block_hash is not None:
+                return self._freed_at[block_id] + (n - i) - 1
+        return -1
+
+    def _take(self, block_id: int, out: list[int]) -> None:
+        block = self.blocks[block_id]
+        if (self.on_evict is not None and block.block_hash is not None
+                and self._by_hash.get(block.block_hash) == block_id):
+            self.on_evict(block_id, block.block_hash, block.token_ids)
+        self._drop_hash(block)
+        block.ref_count = 1
+        out.append(block_id)
 
     def free(self, block_ids: Sequence[int]) -> None:
         """Release one reference each; pass a sequence's blocks tail first."""
@@ -108,6 +150,8 @@ class BlockPool:
                 raise RuntimeError(f"double free of block {block_id}")
             block.ref_count -= 1
             if block.ref_count == 0:
+                self._clock += 1
+                self._freed_at[block_id] = self._clock
                 reachable = block.block_hash is not None and \
                     self._by_hash.get(block.block_hash) == block_id
                 if not reachable:  # nothing can hit it: hand it out before cached ones

@@ -184,8 +184,8 @@ def test_stored_and_removed_events() -> None:
     # The private duplicate is uncached when freed, so it goes out first and silently.
     assert pool.allocate(1) == [blocks[2]]
     assert rec.take() == []
-    assert pool.allocate(2) == [blocks[1], blocks[0]]
-    assert rec.take() == [("removed", hashes[1]), ("removed", hashes[0])]
+    assert pool.allocate(2) == [blocks[0], blocks[1]]  # handed out sorted
+    assert rec.take() == [("removed", hashes[1]), ("removed", hashes[0])]  # evicted tail first
     pool.check_integrity()
 
 
@@ -217,6 +217,8 @@ class ModelPool:
     def __init__(self, n: int) -> None:
         self.ref = [0] * n
         self.free = list(range(n))  # front = next to hand out
+        self.freed_at = [0] * n
+        self.clock = 0
         self.hash_of: dict[int, int] = {}  # block -> hash (including private duplicates)
         self.tokens_of: dict[int, tuple[int, ...]] = {}
         self.by_hash: dict[int, int] = {}
@@ -229,16 +231,39 @@ class ModelPool:
             del self.by_hash[h]
             self.events.append(("removed", h))
 
+    def _cached(self, b: int) -> bool:
+        return b in self.hash_of and self.by_hash.get(self.hash_of[b]) == b
+
     def allocate(self, n: int) -> list[int]:
-        out, self.free = self.free[:n], self.free[n:]
+        # Cached blocks the next n evictions take anyway: after the k uncached blocks at
+        # the front, the n - k cached ones freed longest ago; those freed within n - k
+        # frees of the oldest are surely among them (frees of other blocks come between).
+        k = next((i for i, b in enumerate(self.free) if self._cached(b)), len(self.free))
+        cached = [b for b in self.free if self._cached(b)]
+        due = set()
+        if k < n and cached:
+            oldest = min(self.freed_at[b] for b in cached)
+            due = {b for b in cached if self.freed_at[b] <= oldest + (n - k) - 1}
+        out: list[int] = []
+        while len(out) < n:
+            start = self.free.pop(0)
+            out.append(start)
+            for step in (-1, 1):  # free neighbours that are uncached or due anyway
+                b = start + step
+                while len(out) < n and b in self.free and (not self._cached(b) or b in due):
+                    self.free.remove(b)
+                    out.append(b)
+                    b += step
         for b in out:
             self._drop(b)
             self.ref[b] = 1
-        return out
+        return sorted(out)
 
     def free_one(self, b: int) -> None:
         self.ref[b] -= 1
         if self.ref[b] == 0:
+            self.clock += 1
+            self.freed_at[b] = self.clock
             if b in self.hash_of and self.by_hash.get(self.hash_of[b]) == b:
                 self.free.append(b)
             else:
