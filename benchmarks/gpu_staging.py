@@ -37,7 +37,7 @@ def _timed(fn, sync, repeats: int = 5) -> float:
     return sorted(laps)[len(laps) // 2]
 
 
-def _nccl_side(rank: int, uid, total_mib: int, sizes: list[int], q) -> None:
+def _nccl_side(rank: int, uid, q, total_mib: int, sizes: list[int]) -> None:
     import cupy
     from cupy.cuda import nccl
 
@@ -127,31 +127,14 @@ def _pipeline_side(rank: int, uid, q) -> None:
         q.put(out)
 
 
-def pipeline(programs: int) -> dict:
-    from kernels import block_copy
-    from kvtransfer.transfer.nccl_link import new_unique_id
-
-    block_copy.PROGRAMS = programs
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    uid = new_unique_id()
-    procs = [ctx.Process(target=_pipeline_side, args=(r, uid, q)) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    out = q.get(timeout=300)
-    for p in procs:
-        p.join(timeout=60)
-    return out
-
-
-def nccl_by_op_size(total_mib: int, sizes: list[int]) -> dict:
+def _two_ranks(target, *args) -> dict:
+    """Run target(rank, unique_id, queue, *args) on GPUs 0 and 1; rank 1 reports."""
     from kvtransfer.transfer.nccl_link import new_unique_id
 
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     uid = new_unique_id()
-    procs = [ctx.Process(target=_nccl_side, args=(r, uid, total_mib, sizes, q))
-             for r in (0, 1)]
+    procs = [ctx.Process(target=target, args=(r, uid, q, *args)) for r in (0, 1)]
     for p in procs:
         p.start()
     out = q.get(timeout=300)
@@ -204,10 +187,10 @@ def main() -> None:
     from benchmarks.common import environment
 
     result = {"environment": environment(), "benchmark": "gpu_staging",
-              "nccl_send_recv_by_op_mib": nccl_by_op_size(
-                  args.total_mib, [int(x) for x in args.op_mib.split(",")])}
+              "nccl_send_recv_by_op_mib": _two_ranks(
+                  _nccl_side, args.total_mib, [int(x) for x in args.op_mib.split(",")])}
     print(result["nccl_send_recv_by_op_mib"], flush=True)
-    result["pipeline_64k_tokens"] = pipeline(32)
+    result["pipeline_64k_tokens"] = _two_ranks(_pipeline_side)
     print(result["pipeline_64k_tokens"], flush=True)
     result["gather"] = gather_speeds(4096, 64)
     print(result["gather"], flush=True)

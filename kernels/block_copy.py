@@ -28,33 +28,29 @@ PROGRAMS = 32
 
 
 @functools.cache
-def _kernels():
+def _kernel():
     import triton
     import triton.language as tl
 
     @triton.jit
-    def gather(rows_ptr, ids_ptr, out_ptr, n, words, tiles, TILE: tl.constexpr,
-               PROGRAMS: tl.constexpr):
+    def copy_rows(src_ptr, ids_ptr, dst_ptr, n, words, tiles, GATHER: tl.constexpr,
+                  TILE: tl.constexpr, PROGRAMS: tl.constexpr):
+        # Row i of the buffer is row ids[i] of the blocks: read there (gather) or
+        # written there (scatter).
         for t in range(tl.program_id(0), n * tiles, PROGRAMS):
             i = t // tiles
             offs = (t % tiles) * TILE + tl.arange(0, TILE)
             keep = offs < words
-            row = tl.load(ids_ptr + i)
-            x = tl.load(rows_ptr + row * words + offs, mask=keep)
-            tl.store(out_ptr + i.to(tl.int64) * words + offs, x, mask=keep)
+            in_buffer = i.to(tl.int64) * words + offs
+            in_blocks = tl.load(ids_ptr + i) * words + offs
+            if GATHER:
+                tl.store(dst_ptr + in_buffer, tl.load(src_ptr + in_blocks, mask=keep),
+                         mask=keep)
+            else:
+                tl.store(dst_ptr + in_blocks, tl.load(src_ptr + in_buffer, mask=keep),
+                         mask=keep)
 
-    @triton.jit
-    def scatter(buf_ptr, ids_ptr, rows_ptr, n, words, tiles, TILE: tl.constexpr,
-                PROGRAMS: tl.constexpr):
-        for t in range(tl.program_id(0), n * tiles, PROGRAMS):
-            i = t // tiles
-            offs = (t % tiles) * TILE + tl.arange(0, TILE)
-            keep = offs < words
-            row = tl.load(ids_ptr + i)
-            x = tl.load(buf_ptr + i.to(tl.int64) * words + offs, mask=keep)
-            tl.store(rows_ptr + row * words + offs, x, mask=keep)
-
-    return gather, scatter
+    return copy_rows
 
 
 def _use_triton(t: torch.Tensor) -> bool:
@@ -72,12 +68,12 @@ def _check(rows: torch.Tensor, ids: torch.Tensor, buf: torch.Tensor) -> None:
         raise ValueError("ids must be int64, one per buffer row")
 
 
-def _launch(which: int, src: torch.Tensor, ids: torch.Tensor, dst: torch.Tensor) -> None:
+def _launch(gather: bool, src: torch.Tensor, ids: torch.Tensor, dst: torch.Tensor) -> None:
     words = src.shape[1]
     tiles = (words + TILE - 1) // TILE
     programs = min(PROGRAMS, len(ids) * tiles)
-    _kernels()[which][(programs,)](src, ids, dst, len(ids), words, tiles, TILE=TILE,
-                                   PROGRAMS=programs)
+    _kernel()[(programs,)](src, ids, dst, len(ids), words, tiles, GATHER=gather,
+                            TILE=TILE, PROGRAMS=programs)
 
 
 def gather_rows(rows: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> None:
@@ -88,7 +84,7 @@ def gather_rows(rows: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> Non
     if not _use_triton(rows):
         torch.index_select(rows, 0, ids, out=out)
         return
-    _launch(0, rows, ids, out)
+    _launch(True, rows, ids, out)
 
 
 def scatter_rows(buf: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor) -> None:
@@ -99,4 +95,4 @@ def scatter_rows(buf: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor) -> No
     if not _use_triton(rows):
         rows.index_copy_(0, ids, buf)
         return
-    _launch(1, buf, ids, rows)
+    _launch(False, buf, ids, rows)
