@@ -71,9 +71,11 @@ def _check(rows: torch.Tensor, ids: torch.Tensor, buf: torch.Tensor) -> None:
 def _launch(gather: bool, src: torch.Tensor, ids: torch.Tensor, dst: torch.Tensor) -> None:
     words = src.shape[1]
     tiles = (words + TILE - 1) // TILE
-    programs = min(PROGRAMS, len(ids) * tiles)
-    _kernel()[(programs,)](src, ids, dst, len(ids), words, tiles, GATHER=gather,
-                            TILE=TILE, PROGRAMS=programs)
+    # The stride stays PROGRAMS (one compiled kernel); a smaller transfer launches only
+    # as many programs as it has tiles, each of which then copies one.
+    grid = min(PROGRAMS, len(ids) * tiles)
+    _kernel()[(grid,)](src, ids, dst, len(ids), words, tiles, GATHER=gather, TILE=TILE,
+                       PROGRAMS=PROGRAMS)
 
 
 def gather_rows(rows: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> None:

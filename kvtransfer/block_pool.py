@@ -112,14 +112,18 @@ class BlockPool:
         out: list[int] = []
         while len(out) < n:
             block_id, _ = self._free.popitem(last=False)
-            self._take(block_id, out)
+            out.append(block_id)
             for step in (-1, 1):  # the run around it
                 b = block_id + step
                 while len(out) < n and 0 <= b < self.num_blocks and b in self._free and (
                         self.blocks[b].block_hash is None or self._freed_at[b] <= horizon):
                     del self._free[b]
-                    self._take(b, out)
+                    out.append(b)
                     b += step
+        # Evicted in the order they were freed (a tier below keeps a prefix longest when
+        # it arrives after its tail), handed out by id.
+        for block_id in sorted(out, key=self._freed_at.__getitem__):
+            self._take(block_id)
         out.sort()
         return out
 
@@ -133,14 +137,13 @@ class BlockPool:
                 return self._freed_at[block_id] + (n - i) - 1
         return -1
 
-    def _take(self, block_id: int, out: list[int]) -> None:
+    def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]
         if (self.on_evict is not None and block.block_hash is not None
                 and self._by_hash.get(block.block_hash) == block_id):
             self.on_evict(block_id, block.block_hash, block.token_ids)
         self._drop_hash(block)
         block.ref_count = 1
-        out.append(block_id)
 
     def free(self, block_ids: Sequence[int]) -> None:
         """Release one reference each; pass a sequence's blocks tail first."""

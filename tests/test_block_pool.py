@@ -254,7 +254,7 @@ class ModelPool:
                     self.free.remove(b)
                     out.append(b)
                     b += step
-        for b in out:
+        for b in sorted(out, key=lambda b: self.freed_at[b]):  # evicted in free order
             self._drop(b)
             self.ref[b] = 1
         return sorted(out)

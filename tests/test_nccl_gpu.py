@@ -73,7 +73,8 @@ def _side(rank: int, conn, staged: bool) -> None:
         error = None
     except Exception as e:
         error = type(e).__name__
-    conn.send((moved, len(runs), ok, waiting, error, time.monotonic() - t0))
+    closed = link.wait_closed(30)  # its GPU work has run out: the blocks are free to reuse
+    conn.send((moved, len(runs), ok, waiting, error, time.monotonic() - t0, closed))
 
 
 @pytest.mark.parametrize("staged", [True, False], ids=["staged", "unstaged"])
@@ -92,7 +93,7 @@ def test_link_moves_scattered_runs_and_abort_ends_a_hung_receive(staged):
         assert a1.poll(120), "rank 1 made no unique id"
         a0.send(a1.recv())
         assert a1.poll(240), "the transfer did not finish"
-        moved, runs, ok, waiting, error, abort_s = a1.recv()
+        moved, runs, ok, waiting, error, abort_s, closed = a1.recv()
         a0.send(("done",))
     finally:
         for p in procs:
@@ -101,7 +102,7 @@ def test_link_moves_scattered_runs_and_abort_ends_a_hung_receive(staged):
                 p.kill()
     assert runs > 1024 and moved == N * WIDTH * 4
     assert ok, "blocks landed in the wrong places"
-    assert waiting and error is not None and abort_s < 30
+    assert waiting and error is not None and abort_s < 30 and closed
 
 
 @pytest.mark.slow

@@ -35,6 +35,7 @@ from kvtransfer.transfer.base import (
     PlanRejected,
     SendPlan,
     coalesce,
+    wait_out,
 )
 from kvtransfer.transfer.nccl_link import (
     RECEIVER,
@@ -221,9 +222,15 @@ class NcclBackend(KVTransferBackend):
                 return await _bounded(recv, transfer_timeout(nbytes),
                                       f"NCCL receive of {request_id} from {peer.address}")
             except BaseException:
-                # Abort before the caller frees the destination blocks: an aborted receive
-                # writes nothing more.
+                # Abort, then wait for the link thread to stop, before the caller frees
+                # the destination blocks: it stops once what it queued has run out, and
+                # until then a staged receive's scatter may still write into them.
                 await self._drop(self._pulls, peer.agent_name, entry)
+                stopped = await wait_out(
+                    lambda: asyncio.to_thread(entry.link.wait_closed, ABORT_TIMEOUT_S))
+                if not stopped:
+                    log.error("NCCL link to %s did not stop in %.0f s after its abort",
+                              peer.agent_name, ABORT_TIMEOUT_S)
                 raise
 
     async def _link_to(self, peer: PeerInfo) -> _Link:

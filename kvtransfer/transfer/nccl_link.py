@@ -178,6 +178,13 @@ class NcclLink:
             except Exception as e:  # already torn down: nothing left to stop
                 log.warning("NCCL link %s: abort failed: %s", self.name, e)
 
+    def wait_closed(self, timeout: float) -> bool:
+        """After abort(): wait until the link thread has stopped, which it does only once
+        the GPU work of its last transfer has run out (`_transfer`), so the blocks that
+        transfer touched are no longer written. False if it did not stop in time."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
     def _run(self) -> None:
         if not self.ready.set_running_or_notify_cancel():
             return
@@ -234,6 +241,8 @@ class NcclLink:
             raise LinkBroken(f"NCCL link {self.name} was aborted while joining")
         # The first send/recv between two ranks sets up their connection, which needs both
         # sides; doing it here keeps that cost (and that rendezvous) out of the first pull.
+        if self._rows is not None:
+            self._make_staging()
         scratch = cupy.zeros(1, dtype=cupy.uint8)
         op = comm.send if self.rank == SENDER else comm.recv
         op(scratch.data.ptr, 1, nccl.NCCL_INT8, 1 - self.rank, self._stream.ptr)
@@ -242,7 +251,7 @@ class NcclLink:
             raise LinkBroken(f"NCCL link {self.name} was aborted while connecting")
 
     def _transfer(self, runs: Runs, after) -> int:
-        from cupy.cuda import nccl, runtime
+        from cupy.cuda import runtime
 
         comm = self._comm
         if comm is None:
@@ -254,6 +263,19 @@ class NcclLink:
         if after is None:
             runtime.eventRecord(self._after_compute.ptr, self.compute_stream)
             after = self._after_compute
+        try:
+            return self._queue_and_wait(comm, runs, after)
+        except BaseException:
+            # Whatever was queued runs out before the caller hears of the failure (an
+            # aborted NCCL operation returns; a scatter queued behind it still writes):
+            # only then may the caller free or reuse the blocks.
+            self._copy_stream.synchronize()
+            self._stream.synchronize()
+            raise
+
+    def _queue_and_wait(self, comm, runs: Runs, after) -> int:
+        from cupy.cuda import nccl
+
         self._stream.wait_event(after)
         op = comm.send if self.rank == SENDER else comm.recv
         peer = 1 - self.rank
@@ -280,6 +302,38 @@ class NcclLink:
         comm.check_async_error()
         return moved
 
+    def _make_staging(self) -> None:
+        """Staging buffers, made when the link joins (an allocation that fails fails the
+        join, before either side has queued a transfer), and the copy kernels compiled
+        for the shapes chunks take, so no transfer waits on Triton while its peer's NCCL
+        operations wait on it. Made outside the copy stream's context: torch ties a block
+        to the stream it was allocated on, and that stream is not torch's."""
+        import cupy
+
+        rows = self._rows
+        most = max_chunk_blocks(self.block_bytes)  # any transfer's chunks fit
+        self._staging = [torch.empty(most, rows.shape[1], dtype=rows.dtype,
+                                     device=rows.device) for _ in range(2)]
+        self._ids = torch.empty(rows.shape[0], dtype=torch.int64, device=rows.device)
+        # Pinned, so the copy to the device is asynchronous; reused: the transfer before
+        # has run out (`_transfer` waits for it) when the next one writes it. CuPy's pinned
+        # memory and copy, not torch's: torch's host allocator remembers the stream of a
+        # non-blocking copy and records an event on it when the buffer is freed, which
+        # crashed (SIGSEGV) a process whose link was dropped after this stream had been
+        # destroyed.
+        self._ids_pinned = cupy.cuda.alloc_pinned_memory(rows.shape[0] * 8)
+        self._ids_host = np.frombuffer(self._ids_pinned, dtype=np.int64, count=rows.shape[0])
+        a, b = self._staging
+        with torch.cuda.device(self.device):
+            warm = torch.arange(min(len(a), 18), dtype=torch.int64, device=rows.device)
+            for n in (1, 2, 16):  # Triton specializes on 1 and multiples of 16, and on
+                for first in (0, 1):  # 16-byte alignment of the ids (a chunk's offset)
+                    ids = warm[first:first + n]
+                    if len(ids) == n:
+                        gather_rows(b, ids, a[:n])  # staging to staging: no KV touched
+                        scatter_rows(a[:n], ids, b)
+            torch.cuda.synchronize()
+
     def _staged(self, comm, runs: Runs, chunks: list[tuple[int, int]], after) -> int:
         """Queue a staged transfer on the two streams (see staging.py). Buffer b is
         refilled only after the operation that last used it: the sender's gather waits
@@ -290,22 +344,6 @@ class NcclLink:
         from cupy.cuda import nccl
 
         peer, rows, copy = 1 - self.rank, self._rows, self._copy_stream
-        if not self._staging:
-            # Made once, outside the copy stream's context: torch ties a block to the
-            # stream it was allocated on, and this stream is not torch's.
-            most = max_chunk_blocks(self.block_bytes)  # any later transfer's chunks fit
-            self._staging = [torch.empty(most, rows.shape[1], dtype=rows.dtype,
-                                         device=rows.device) for _ in range(2)]
-            self._ids = torch.empty(rows.shape[0], dtype=torch.int64, device=rows.device)
-            # Pinned, so the copy to the device is asynchronous; reused: the transfer
-            # before has finished (`_transfer` waits for it) when the next one writes it.
-            # CuPy's pinned memory and copy, not torch's: torch's host allocator remembers
-            # the stream of a non-blocking copy and records an event on it when the
-            # buffer is freed, which crashed (SIGSEGV) a process whose link was dropped
-            # after this stream had been destroyed.
-            self._ids_pinned = cupy.cuda.alloc_pinned_memory(rows.shape[0] * 8)
-            self._ids_host = np.frombuffer(self._ids_pinned, dtype=np.int64,
-                                           count=rows.shape[0])
         copy.wait_event(after)
         order = block_order(runs)
         count = len(order)
@@ -316,6 +354,8 @@ class NcclLink:
         with torch.cuda.device(self.device), torch.cuda.stream(
                 torch.cuda.ExternalStream(copy.ptr, device=rows.device)):
             for c, (lo, hi) in enumerate(chunks):
+                if self._comm is None:
+                    raise LinkBroken(f"NCCL link {self.name} was aborted during a transfer")
                 b = c % 2
                 buf = self._staging[b][: hi - lo]
                 nbytes = (hi - lo) * self.block_bytes

@@ -93,8 +93,9 @@ def ucx_params() -> dict[str, str]:
 def _new_agent(name: str):
     from nixl._api import nixl_agent, nixl_agent_config
 
+    params = ucx_params()  # a bad setting fails before an agent starts
     agent = nixl_agent(name, nixl_agent_config(backends=[]))
-    agent.create_backend("UCX", ucx_params())
+    agent.create_backend("UCX", params)
     return agent
 
 

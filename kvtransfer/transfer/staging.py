@@ -64,4 +64,5 @@ def as_block_rows(kv_cache: torch.Tensor, block_bytes: int) -> torch.Tensor:
     move 8 bytes per element instead of one."""
     if block_bytes % 8:
         raise ValueError(f"blocks of {block_bytes} bytes are not whole 8-byte words")
-    return kv_cache.view(torch.uint8).reshape(-1, block_bytes).view(torch.int64)
+    # view, never reshape: a copy would take the transfer's writes
+    return kv_cache.view(torch.uint8).view(-1, block_bytes).view(torch.int64)
