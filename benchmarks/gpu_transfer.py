@@ -31,7 +31,6 @@ import faulthandler
 import gc
 import os
 import queue
-import random
 import socket
 import statistics
 import time
@@ -40,8 +39,8 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
+from benchmarks.block_placements import PLACEMENTS, block_ids
 from benchmarks.common import write_result
-from kvtransfer.block_pool import BlockPool
 from kvtransfer.transfer.base import PeerInfo, coalesce
 
 # Every process keeps NVLink multicast off (with it on, NCCL hangs on these machines): set
@@ -56,10 +55,8 @@ BLOCK_TOKENS = 16  # the default --block-size; --block-tokens 64 makes 8 MiB blo
 
 def block_shape(block_tokens: int) -> tuple[int, ...]:
     return (32, 2, block_tokens, 8, 128)  # layers, K/V, tokens, KV heads, head dim (bf16)
-# served_lru / served_runs: a churned BlockPool's allocation of the prompt, one block at
-# a time (eviction order) or as BlockPool.allocate hands it out (runs of neighbours).
-PLACEMENTS = ("contiguous", "scattered", "served_lru", "served_runs")
-SEEDS = {"prefill": 1, "decode": 2}  # each pool's free-list order
+
+
 # torch_nccl first: the others' denominator. nccl_unstaged: the nccl link sending each run
 # as it is (what it did before staging), to show what staging buys in the same run.
 # nixl_threads4: NIXL's UCX thread-pool engine (kvtransfer/transfer/nixl.ucx_params), the
@@ -67,50 +64,6 @@ SEEDS = {"prefill": 1, "decode": 2}  # each pool's free-list order
 BACKENDS = ("torch_nccl", "nccl", "nccl_unstaged", "nixl", "nixl_threads4")
 NIXL_THREADS4_ENV = {"BATON_NIXL_UCX_THREADS": "4", "BATON_NIXL_UCX_SPLIT": "8"}
 GOAL = 0.8  # of the contiguous send/recv bandwidth
-
-
-def block_ids(placement: str, n: int, role: str, num_blocks: int) -> list[int]:
-    if placement == "contiguous":
-        return list(range(n))
-    if placement.startswith("served"):
-        return served_ids(n, num_blocks, SEEDS[role], placement == "served_runs")
-    free = list(range(num_blocks))
-    random.Random(SEEDS[role]).shuffle(free)
-    return free[:n]
-
-
-def served_ids(n: int, num_blocks: int, seed: int, runs: bool) -> list[int]:
-    """The blocks a pool that has served a while gives a prompt of n blocks: a
-    BlockPool with prefix caching churned by sequences of 4-256 blocks that grow a
-    block at a time while decoding (so sequences interleave) and end at random, then n
-    allocated. `runs`: BlockPool.allocate as it is (runs of free neighbours);
-    otherwise one block at a time, i.e. in eviction order alone."""
-    pool = BlockPool(num_blocks, BLOCK_TOKENS)
-    rng = random.Random(seed)
-    live: list[list[int]] = []
-    stamp = 0
-
-    def take(k: int) -> list[int]:
-        nonlocal stamp
-        ids = pool.allocate(k) if runs else [pool.allocate(1)[0] for _ in range(k)]
-        for b in ids:  # cached under hashes nothing asks for: evicted in LRU order
-            stamp += 1
-            pool.cache_block(b, stamp, (stamp,))
-        return ids
-
-    for _ in range(1500):
-        k = rng.randint(4, 256)
-        if pool.num_free >= k + 64:
-            live.append(take(k))
-        for seq in live:
-            if rng.random() < 0.3 and pool.num_free > 64:
-                seq += take(1)
-        for seq in [q for q in live if rng.random() < 0.03]:
-            live.remove(seq)
-            pool.free(list(reversed(seq)))
-    while pool.num_free < n and live:
-        pool.free(list(reversed(live.pop(rng.randrange(len(live))))))
-    return take(n)
 
 
 def pattern(ids: torch.Tensor, block_bytes: int) -> torch.Tensor:
