@@ -1,6 +1,6 @@
 """The nccl transfer backend on CPU: its pure pieces (run splitting, unique-id bytes, group
 batching), the wire messages and the flag's errors without CUDA. The transfers themselves
-need two GPUs: tests/test_nccl_gpu.py and benchmarks/gpu_transfer.py (not yet run)."""
+need two GPUs: tests/test_nccl_gpu.py and benchmarks/gpu_transfer.py (run on two H200s)."""
 
 from __future__ import annotations
 
