@@ -142,7 +142,7 @@ class NcclLink:
         if kv_cache is not None and kv_cache.data_ptr() != base_address:
             raise ValueError("kv_cache must be the tensor at base_address")
         self._rows = None if kv_cache is None else as_block_rows(kv_cache, block_bytes)
-        self._staging: list[torch.Tensor] = []  # two buffers, made at the first staged move
+        self._staging: list[torch.Tensor] = []  # two buffers, made when the link joins
         unique_id_candidates(unique_id)  # a malformed id fails here, not on the link thread
         self._uid = unique_id
         self.ready: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -239,10 +239,10 @@ class NcclLink:
         if aborted:  # while joining
             comm.abort()
             raise LinkBroken(f"NCCL link {self.name} was aborted while joining")
-        # The first send/recv between two ranks sets up their connection, which needs both
-        # sides; doing it here keeps that cost (and that rendezvous) out of the first pull.
         if self._rows is not None:
             self._make_staging()
+        # The first send/recv between two ranks sets up their connection, which needs both
+        # sides; doing it here keeps that cost (and that rendezvous) out of the first pull.
         scratch = cupy.zeros(1, dtype=cupy.uint8)
         op = comm.send if self.rank == SENDER else comm.recv
         op(scratch.data.ptr, 1, nccl.NCCL_INT8, 1 - self.rank, self._stream.ptr)
