@@ -73,7 +73,9 @@ def ucx_params() -> dict[str, str]:
     across that many threads, each with its own UCX worker and so its own CUDA stream per
     peer GPU. With one worker every descriptor of a READ is a cuMemcpyDtoDAsync queued
     one after another on one stream, a few microseconds each: scattered 2 MiB blocks then
-    move at about half of NVLink's bandwidth."""
+    move at about half of NVLink's bandwidth. On two H200s 4 threads split at 8 did not
+    help (53-58% of a contiguous send/recv against 51-58%, gpu_transfer_h200x2.json), so
+    the engine stays off unless asked for."""
     params: dict[str, str] = {}
     for env, key, low in (("BATON_NIXL_UCX_THREADS", "num_threads", 0),
                           ("BATON_NIXL_UCX_SPLIT", "split_batch_size", 1)):

@@ -4,9 +4,9 @@ transfer that moves each run on its own pays a fixed cost per run: on two H200s 
 send/recv per 2 MiB block reached 36% of one contiguous send's bandwidth, a NIXL
 descriptor per block 51% (benchmarks/results/gpu_transfer_h200x2.json).
 
-Staged, the sender gathers the blocks into a contiguous staging buffer (one
-index_select: HBM moves bytes an order of magnitude faster than NVLink), sends that
-buffer in one operation, and the receiver scatters it into its blocks (one index_copy_).
+Staged, the sender gathers the blocks into a contiguous staging buffer (one kernel,
+kernels/block_copy.py: HBM moves bytes several times faster than NVLink), sends that
+buffer in one operation, and the receiver scatters it into its blocks (one kernel).
 Two buffers per side and chunks of at most `MAX_CHUNK_BYTES` let the gather of chunk
 c+1 and the scatter of chunk c-1 overlap the send of chunk c, so a long transfer costs
 about its sends plus one chunk's gather and scatter.
