@@ -420,7 +420,7 @@ def main() -> None:
         result["cases"].setdefault(backend, {}).setdefault(placement, {})[str(tokens)] = value
         add_ratios(result)
         ratio = value.get("ratio_to_contiguous_send_recv")
-        print(f"  {backend:14s} {placement:10s} {tokens:6d} tokens: {value['gb_per_s']:7.1f} "
+        print(f"  {backend:14s} {placement:11s} {tokens:6d} tokens: {value['gb_per_s']:7.1f} "
               f"GB/s, {value['ms_median']:8.3f} ms, {value['runs']} runs"
               + (f", {ratio:.0%} of contiguous send/recv" if ratio else "")
               + ("" if value["data_ok"] else "  DATA MISMATCH"), flush=True)
@@ -456,12 +456,12 @@ def add_ratios(result: dict) -> None:
 
 
 def summary(result: dict) -> str:
-    lines = ["backend        placement  tokens   GB/s   ratio  data"]
+    lines = ["backend        placement   tokens   GB/s   ratio  data"]
     for backend, by_placement in result["cases"].items():
         for placement, by_tokens in by_placement.items():
             for tok, v in by_tokens.items():
                 r = v.get("ratio_to_contiguous_send_recv")
-                lines.append(f"{backend:14s} {placement:10s} {tok:>6s} {v['gb_per_s']:6.1f} "
+                lines.append(f"{backend:14s} {placement:11s} {tok:>6s} {v['gb_per_s']:6.1f} "
                              f"{'' if r is None else f'{r:6.0%}':>6s}  "
                              f"{'ok' if v['data_ok'] else 'BAD'}")
     for backend, st in result["phases"].items():
