@@ -212,7 +212,7 @@ def run_nccl(side: Side, kv8: torch.Tensor, staged: bool = True) -> None:
     side.progress("nccl: teardown: abort")
     link.abort()
     side.progress("nccl: teardown: join the link thread")
-    link._thread.join(30)
+    link.wait_closed(30)
     # Dropped whole, in whatever order the collector frees its parts, as a backend drops
     # a failed link: a crash here (it once did, SIGSEGV) would take a worker down.
     side.progress("nccl: teardown: release the link")
