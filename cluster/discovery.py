@@ -70,14 +70,11 @@ class Registrar:
             p.sadd(MEMBERS, self.registration.address)
             await p.execute()
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._renew_loop())
-
     async def register(self) -> None:
-        """`start` for a caller that awaits (the worker's on-ready hook). Redis may come up
-        after the worker (one helm install starts both): the renewal loop keeps trying,
-        and logs while it cannot."""
-        self.start()
+        """Start renewing the lease (the worker's on-ready hook). Redis may come up after
+        the worker (one helm install starts both): the renewal loop keeps trying, and
+        logs while it cannot."""
+        self._task = asyncio.create_task(self._renew_loop())
         log.info("registering %s for discovery", self.registration)
 
     async def _renew_loop(self) -> None:

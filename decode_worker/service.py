@@ -17,8 +17,7 @@ from engine.rpc.convert import params_from_proto, top_to_proto
 from engine.rpc_server import (
     WorkerService,
     abort_invalid,
-    counted_call,
-    refuse_if_draining,
+    request_call,
 )
 
 log = logging.getLogger(__name__)
@@ -36,8 +35,7 @@ def _chunk(out: RequestOutput, sent: int) -> pb.TokenChunk:
 
 class DecodeService(WorkerService):
     async def Generate(self, request, context):
-        await refuse_if_draining(self.ctx, context)
-        with counted_call(self.ctx):
+        async with request_call(self.ctx, context):
             async for chunk in self._generate_stream(request, context):
                 yield chunk
 

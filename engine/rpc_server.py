@@ -191,17 +191,14 @@ async def abort_invalid(context: grpc.aio.ServicerContext, e: InvalidRequestErro
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{e.param or ''}|{e}")
 
 
-async def refuse_if_draining(ctx: WorkerContext, context: grpc.aio.ServicerContext) -> None:
-    """A new request at a worker that is shutting down: UNAVAILABLE, which the router
-    retries on another worker at once."""
+@contextlib.asynccontextmanager
+async def request_call(ctx: WorkerContext, context: grpc.aio.ServicerContext):
+    """A Generate/Prefill call: at a worker that is shutting down it is refused with
+    UNAVAILABLE, which the router retries on another worker at once; otherwise it is
+    counted for the drain while it runs."""
     if ctx.draining:
         await context.abort(grpc.StatusCode.UNAVAILABLE,
                             f"worker {ctx.address} is draining (shutting down)")
-
-
-@contextlib.contextmanager
-def counted_call(ctx: WorkerContext):
-    """Counts a Generate/Prefill call for the drain while it runs."""
     ctx.calls_in_flight += 1
     try:
         yield

@@ -15,15 +15,13 @@ from engine.rpc.convert import params_from_proto, top_to_proto
 from engine.rpc_server import (
     WorkerService,
     abort_invalid,
-    counted_call,
-    refuse_if_draining,
+    request_call,
 )
 
 
 class PrefillService(WorkerService):
     async def Prefill(self, request, context):
-        await refuse_if_draining(self.ctx, context)
-        with counted_call(self.ctx):
+        async with request_call(self.ctx, context):
             return await self._prefill_call(request, context)
 
     async def _prefill_call(self, request, context):

@@ -23,7 +23,7 @@ def test_registrations_live_lapse_and_leave(redis_url) -> None:
         d = Registrar(url, Registration("10.0.0.2:7002", "both", 1.0))
         disc = Discovery(url)
         await p.renew()  # registered, but nothing renews it: it lapses
-        d.start()
+        await d.register()
         await asyncio.sleep(0.2)
         live = await disc.live()
         assert live == [Registration("10.0.0.1:7001", "prefill", 1.0),

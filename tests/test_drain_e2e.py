@@ -15,7 +15,14 @@ import pytest
 
 from cluster.local_server import free_port, wait_healthy
 from tests.test_discovery_e2e import wait_for
-from tests.test_redis_routing_e2e import PRESET, complete, drain, start, start_worker, stop_all
+from tests.test_redis_routing_e2e import (
+    PRESET,
+    complete,
+    drain,
+    start,
+    start_workers,
+    stop_all,
+)
 
 pytestmark = pytest.mark.slow
 TOKENS = 1500
@@ -25,11 +32,7 @@ def test_a_stopped_worker_finishes_its_stream_and_takes_nothing_new(checkpoint_d
     model = str(checkpoint_dir(PRESET))
     procs: list[subprocess.Popen] = []
     try:
-        addresses = []
-        for _ in range(2):
-            w, address = start_worker(model)
-            procs.append(w)
-            addresses.append(address)
+        addresses = start_workers(model, 2, procs)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         procs.append(start("router", "--model", model, "--port", str(port),

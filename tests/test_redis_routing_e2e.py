@@ -47,6 +47,17 @@ def start_worker(model: str, *args: str) -> tuple[subprocess.Popen, str]:
     raise AssertionError(f"worker exited with {w.wait()}")
 
 
+def start_workers(model: str, n: int, procs: list[subprocess.Popen]) -> list[str]:
+    """n aggregated workers, each added to `procs` as it starts (so `stop_all` stops those
+    started before one that fails); their addresses."""
+    addresses = []
+    for _ in range(n):
+        w, address = start_worker(model)
+        procs.append(w)
+        addresses.append(address)
+    return addresses
+
+
 def stop_all(procs: list[subprocess.Popen]) -> None:
     """SIGTERM whatever still runs, then wait (killing what outlives 30 s)."""
     for p in procs:
@@ -81,11 +92,7 @@ def test_routers_share_redis_and_survive_its_loss(checkpoint_dir, redis_url):
     model = str(checkpoint_dir(PRESET))
     procs: list[subprocess.Popen] = []
     try:
-        addrs = []
-        for _ in range(2):
-            w, address = start_worker(model)
-            procs.append(w)
-            addrs.append(address)
+        addrs = start_workers(model, 2, procs)
         routers = []
         for _ in range(2):
             port = free_port()
