@@ -35,11 +35,13 @@ from benchmarks.gpu_serve import pct
 from cluster.local_server import baton_serve
 
 
-def layout(name: str, tp: int) -> tuple[list[str], list[str]]:
+def layout(name: str, tp: int, decode_gpus: str = "") -> tuple[list[str], list[str]]:
     """(workers, GPU placement) of a layout, each worker on `tp` GPUs: 1P1D puts prefill
-    on the first tp GPUs and decode on the next tp; 2xagg runs two aggregated replicas."""
+    on the first tp GPUs and decode on the next tp (or on `decode_gpus`: "1,0" puts a TP=2
+    decode worker on the prefill worker's GPUs in reverse, so two GPUs carry a TP=2 1P1D
+    whose rank-to-rank pulls still cross NVLink); 2xagg runs two aggregated replicas."""
     first = ",".join(str(g) for g in range(tp))
-    second = ",".join(str(g) for g in range(tp, 2 * tp))
+    second = decode_gpus or ",".join(str(g) for g in range(tp, 2 * tp))
     if name == "1P1D":
         return ["--prefill", "1", "--decode", "1"], ["--prefill-gpus", first,
                                                      "--decode-gpus", second]
@@ -60,6 +62,21 @@ async def lone_ttft(url: str, in_len: int, repeats: int, vocab: int) -> dict:
     return {"prompt_tokens": in_len, "repeats": repeats,
             "ttft_ms_median": 1e3 * statistics.median(ttfts),
             "ttft_ms_all": [1e3 * t for t in ttfts]}
+
+
+async def greedy_tokens(url: str, prompts: int, vocab: int, in_len: int = 300,
+                        out_len: int = 32) -> list[list[int]]:
+    """Greedy output of fixed prompts, one at a time: every layout (and a run of another
+    --tp or --block-size) must produce the same tokens for the same checkpoint."""
+    rng = random.Random(11)
+    out = []
+    async with httpx.AsyncClient(timeout=120) as client:
+        for _ in range(prompts):
+            tokens: list[int] = []
+            await gpu_serve.one_request(client, url, [rng.randrange(vocab) for _ in range(in_len)],
+                                        out_len, tokens)
+            out.append(tokens)
+    return out
 
 
 async def mixed_load(url: str, args: argparse.Namespace, rate: float, vocab: int) -> dict:
@@ -204,6 +221,10 @@ def main() -> None:
     ap.add_argument("--slo-ttft", type=float, default=1.0)
     ap.add_argument("--slo-itl", type=float, default=0.025)
     ap.add_argument("--serve-args", default="--max-num-batched-tokens 8192")
+    ap.add_argument("--decode-gpus", default="",
+                    help="1P1D: the decode worker's GPUs (default: the tp GPUs after prefill's)")
+    ap.add_argument("--greedy-prompts", type=int, default=4,
+                    help="prompts whose greedy tokens each layout records, to compare layouts")
     ap.add_argument("--out", default="benchmarks/results/gpu_disagg.json")
     args = ap.parse_args()
     rates = [float(x) for x in args.rates.split(",") if x]
@@ -231,7 +252,7 @@ def main() -> None:
         # "2xagg@2048": the layout with another prefill chunk (max batched tokens), the
         # knob an aggregated deployment tunes to keep long prefills from stalling decode.
         base, _, chunk = name.partition("@")
-        workers, gpus = layout(base, args.tp)
+        workers, gpus = layout(base, args.tp, args.decode_gpus)
         serve_args = args.serve_args.split() + (["--max-num-batched-tokens", chunk] if chunk
                                                 else [])
         tp = ["--tp", str(args.tp)] if args.tp > 1 else []
@@ -245,6 +266,7 @@ def main() -> None:
             vocab = 128000 if args.device != "cpu" else 250
             entry["lone"] = asyncio.run(lone_ttft(url, args.lone_in, args.lone_repeats, vocab))
             print(name, "lone", entry["lone"]["ttft_ms_median"], flush=True)
+            entry["greedy"] = asyncio.run(greedy_tokens(url, args.greedy_prompts, vocab))
             write_result(args.out, result)
             if base == "1P1D" and args.transfer_sizes:  # KV bytes and seconds per pull
                 entry["transfer"] = serve_bench.transfer(
@@ -262,6 +284,12 @@ def main() -> None:
                 print(name, key, entry[key][-1], flush=True)
                 write_result(args.out, result)
     lay = result["layouts"]
+    greedy = {n: e["greedy"] for n, e in lay.items() if "greedy" in e}
+    if len(greedy) > 1:  # token agreement of every layout with the first
+        (first, ref), *rest = greedy.items()
+        result["greedy_agreement"] = {
+            f"{n}_vs_{first}": sum(a == b for x, y in zip(g, ref) for a, b in zip(x, y))
+            / max(sum(len(y) for y in ref), 1) for n, g in rest}
     if "1P1D" in lay and "2xagg" in lay and "lone" in lay["1P1D"] and "lone" in lay["2xagg"]:
         added = lay["1P1D"]["lone"]["ttft_ms_median"] / lay["2xagg"]["lone"]["ttft_ms_median"] - 1
         result["added_ttft_lone_1p1d_over_agg"] = added

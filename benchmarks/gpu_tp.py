@@ -63,20 +63,28 @@ def decode_times(preset: str, tp: int, cases: list[tuple[int, int]], steps: int,
         engine.close()
 
 
-def profile_tp(preset: str, tp: int, steps: int = 8) -> dict:
+def profile_tp(preset: str, tp: int, steps: int = 8, graphs: bool = False,
+               trace: str = "") -> dict:
     """Rank 0's view of batch-1 decode steps: GPU kernel time by name and CPU time by op,
-    to say where a TP step's time goes (kernels, collectives waiting, or the host)."""
+    to say where a TP step's time goes (kernels, collectives waiting, or the host). With
+    `graphs`, the steps replay CUDA graphs (all-reduces captured inside under TP); with
+    `trace`, a Chrome trace of the steps goes into that folder."""
     from torch.profiler import ProfilerActivity, profile
 
     engine = LLMEngine(EngineConfig(model=preset, load_format="dummy", device="cuda", tp=tp,
-                                    num_kv_blocks=2048, max_num_seqs=8, cuda_graphs=False,
-                                    enable_prefix_caching=False))
+                                    num_kv_blocks=2048, max_num_seqs=8, cuda_graphs=graphs,
+                                    tp_cuda_graphs=graphs, enable_prefix_caching=False))
     try:
         engine.add_request("prof", list(range(1, 1025)), SamplingParams(
-            max_tokens=steps + 64, temperature=0.0, ignore_eos=True))
+            max_tokens=2 * steps + 64, temperature=0.0, ignore_eos=True))
         while engine.scheduler.waiting or engine.scheduler.running[0].num_output_tokens < 4:
             engine.step()
         torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        torch.cuda.synchronize()
+        bare = time.perf_counter() - t0
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             t0 = time.perf_counter()
             for _ in range(steps):
@@ -84,12 +92,16 @@ def profile_tp(preset: str, tp: int, steps: int = 8) -> dict:
             torch.cuda.synchronize()
             wall = time.perf_counter() - t0
         rows = prof.key_averages()
-        gpu = sorted(rows, key=lambda e: -e.device_time_total)
+        if trace:
+            prof.export_chrome_trace(f"{trace}/tp{tp}{'_graphs' if graphs else ''}.json")
+        gpu = sorted(rows, key=lambda e: -e.self_device_time_total)
         cpu = sorted(rows, key=lambda e: -e.self_cpu_time_total)
-        return {"tp": tp, "step_ms": wall / steps * 1e3,
-                "kernel_busy_ms": sum(e.device_time_total for e in rows) / steps / 1e3,
+        return {"tp": tp, "cuda_graphs": engine.runner.graphs is not None,
+                "step_ms": wall / steps * 1e3, "step_ms_unprofiled": bare / steps * 1e3,
+                "kernel_busy_ms": sum(e.self_device_time_total for e in rows) / steps / 1e3,
                 "top_kernels": [{"name": e.key[:100], "calls_per_step": e.count / steps,
-                                 "us_per_step": e.device_time_total / steps} for e in gpu[:15]],
+                                 "us_per_step": e.self_device_time_total / steps}
+                                for e in gpu[:15]],
                 "top_cpu_ops": [{"name": e.key[:100], "calls_per_step": e.count / steps,
                                  "self_cpu_us_per_step": e.self_cpu_time_total / steps}
                                 for e in cpu[:15]]}
@@ -109,7 +121,10 @@ def main() -> None:
                     help="for TP > 1: eager (0) and/or CUDA graphs with captured all-reduces (1)")
     ap.add_argument("--skip-agreement", action="store_true")
     ap.add_argument("--profile-only", action="store_true",
-                    help="only the rank-0 profile of eager batch-1 decode at each TP size")
+                    help="only the rank-0 profile of batch-1 decode at each TP size")
+    ap.add_argument("--profile-graphs", action="store_true",
+                    help="with --profile-only: profile CUDA-graph steps, not eager ones")
+    ap.add_argument("--trace-dir", default="", help="with --profile-only: Chrome traces here")
     ap.add_argument("--out", default="benchmarks/results/gpu_tp.json")
     args = ap.parse_args()
     sizes = [int(x) for x in args.tp.split(",")]
@@ -119,10 +134,13 @@ def main() -> None:
     if args.profile_only:
         result["profiles"] = []
         for tp in sizes:
-            result["profiles"].append(profile_tp(args.preset, tp))
+            result["profiles"].append(profile_tp(args.preset, tp, graphs=args.profile_graphs,
+                                                  trace=args.trace_dir))
             prof = result["profiles"][-1]
-            print(f"tp={tp}: step {prof['step_ms']:.2f} ms, kernels busy "
-                  f"{prof['kernel_busy_ms']:.2f} ms", flush=True)
+            print(f"tp={tp} graphs={prof['cuda_graphs']}: step {prof['step_ms']:.2f} ms, "
+                  f"kernels busy {prof['kernel_busy_ms']:.2f} ms", flush=True)
+            for row in prof["top_kernels"][:10]:
+                print("   gpu", row, flush=True)
             for row in prof["top_cpu_ops"][:8]:
                 print("   cpu", row, flush=True)
             write_result(args.out, result)
