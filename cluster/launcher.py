@@ -155,8 +155,8 @@ def worker_args_from(args: argparse.Namespace, model: str) -> list[str]:
         out.append("--no-one-row-attention")
     if args.overlap_decode_max_rows != EngineConfig.overlap_decode_max_rows:
         out += ["--overlap-decode-max-rows", str(args.overlap_decode_max_rows)]
-    if args.tp_cuda_graphs:
-        out.append("--tp-cuda-graphs")
+    if args.tp_cuda_graphs != EngineConfig.tp_cuda_graphs:
+        out.append("--tp-cuda-graphs" if args.tp_cuda_graphs else "--no-tp-cuda-graphs")
     if args.kv_blocks is not None:
         out += ["--kv-blocks", str(args.kv_blocks)]
     if args.max_model_len is not None:

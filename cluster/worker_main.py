@@ -70,9 +70,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    default=EngineConfig.overlap_decode_max_rows,
                    help="decode steps of at most N rows queue the next step before the host "
                         "reads their tokens (CUDA graphs); 0 turns it off")
-    p.add_argument("--tp-cuda-graphs", action="store_true",
-                   help="with --tp: capture decode graphs with their all-reduces "
-                        "(CuPy NCCL; experimental, see docs/multi_gpu.md)")
+    p.add_argument("--tp-cuda-graphs", action=argparse.BooleanOptionalAction,
+                   default=EngineConfig.tp_cuda_graphs,
+                   help="with --tp: capture decode graphs with their all-reduces (needs "
+                        "CuPy's NCCL; docs/multi_gpu.md)")
     p.add_argument("--host-kv-gb", type=float, default=0.0,
                    help="host DRAM tier for KV blocks evicted from the device (GiB)")
     p.add_argument("--disk-kv-dir", default=None,

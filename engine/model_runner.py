@@ -83,6 +83,9 @@ class StepInputs:
     # Per row: "serial#epoch" of its block table (Sequence.serial, .block_table_epoch), so
     # decode graphs can mirror tables across steps instead of rebuilding page lists.
     table_keys: list[str] = field(default_factory=list)
+    # Under TP: every rank stages and launches the next decode step before the leader has
+    # seen this one's tokens (decided by the leader: ModelRunner._ahead_allowed).
+    launch_ahead: bool = False
 
 
 class ModelRunner:
@@ -156,10 +159,11 @@ class ModelRunner:
 
     @property
     def stages_next_decode(self) -> bool:
-        """Whether execute() stages the next decode step while the GPU runs this one (one
-        process with decode graphs; under TP every rank would have to stage alike)."""
+        """Whether execute() stages the next decode step while the GPU runs this one (with
+        decode graphs; under TP every rank stages alike, from the leader's token ids, and
+        only for steps it launches ahead: `StepInputs.launch_ahead`)."""
         return (self.graphs is not None and self.use_graphs and self.stage_decode
-                and self.pc.tp_size == 1)
+                and (self.pc.tp_size == 1 or self.pc.comm is not None))
 
     def release_graphs(self) -> None:
         """Before the TP communicator closes (DecodeGraphs.release says why)."""
@@ -257,7 +261,7 @@ class ModelRunner:
         if not self.cfg.cuda_graphs:
             return "cuda_graphs is off"
         if self.pc.tp_size > 1 and not self.cfg.tp_cuda_graphs:
-            return "tp_cuda_graphs turns them on"
+            return "tp_cuda_graphs is off (--no-tp-cuda-graphs)"
         if self.pc.tp_size > 1 and self.pc.comm is None:
             return "tp_cuda_graphs needs CuPy's NCCL for the all-reduces (not loaded)"
         return None
@@ -330,25 +334,28 @@ class ModelRunner:
         t0 = time.perf_counter()
         step = self._prepare(out)
         self.prepare_seconds = time.perf_counter() - t0  # benchmarks: host share of a step
+        batch = self._sampling_batch(out, scheduler)
+        tp = self.pc.tp_size > 1
+        if tp:  # decided before the followers get the step: they launch ahead alike
+            step.launch_ahead = (self.stages_next_decode and step.decode_only
+                                 and self._ahead_allowed(step, batch, out, scheduler))
         logits = self.forward(step)
         if logits is None:
             return StepResult([], [])
-        batch = self._sampling_batch(out, scheduler)
         res = sample(logits, batch, self.default_generator)
         self.launched_ahead = False
-        staged = self._graphed_step and self.stages_next_decode
+        staged = self._graphed_step and self.stages_next_decode and (not tp or step.launch_ahead)
         if staged:
             # Before the host waits for this step's tokens: stage and plan the step that
             # continues every row by one token, so that host work overlaps the GPU's.
-            self.graphs.stage_next(step, res.token_ids)
+            self._stage_next(step, res.token_ids)
         # One device->host copy (one sync) for both: ids and float32 logprobs are exact
         # in float64.
         packed = res.packed
         if packed is None:
             packed = torch.stack([res.token_ids.double(), res.logprobs.double()])
-        if (staged and self.graphs.staged is not None and res.top_ids is None
-                and len(step.ids) <= self.overlap_rows
-                and scheduler.decode_continues(out)):
+        if (staged and self.graphs.staged is not None
+                and (tp or self._ahead_allowed(step, batch, out, scheduler))):
             # (Alternatives are copied out after this: they would wait for the next step.)
             # Copy this step's results out first, then queue the next step behind them:
             # the host waits only for the copy while the GPU runs on.
@@ -368,6 +375,34 @@ class ModelRunner:
             ids, lps = res.top_ids.tolist(), res.top_logprobs.tolist()
             top = [list(zip(ids[r][:k], lps[r][:k])) for r, k in enumerate(batch.num_logprobs)]
         return StepResult(token_ids, logprobs, top)
+
+    def _ahead_allowed(self, step: StepInputs, batch: SamplingBatch, out: SchedulerOutput,
+                       scheduler: Scheduler) -> bool:
+        """Whether the step after this one may be launched before the host sees this one's
+        tokens: a small batch (above `overlap_rows` the GPU step outlasts the host's work
+        anyway), no top-logprob alternatives (copied out after the launch, they would wait
+        for it), and every row continues unless it samples a stop token."""
+        return (len(step.ids) <= self.overlap_rows and not any(batch.num_logprobs)
+                and scheduler.decode_continues(out))
+
+    def _stage_next(self, step: StepInputs, token_ids: torch.Tensor) -> None:
+        """Stages the next decode step from this one's sampled ids; under TP the leader's
+        ids go to every rank first (one NCCL broadcast on the step's stream), so all ranks
+        stage, and launch, the same step."""
+        if self.pc.tp_size > 1:
+            token_ids = self.pc.comm.broadcast(token_ids.to(torch.int64).contiguous())
+        self.graphs.stage_next(step, token_ids)
+
+    @torch.inference_mode()
+    def follow(self, step: StepInputs) -> None:
+        """A TP follower's step: the forward pass, then, where the leader launches the next
+        decode step ahead, the same staging and launch from the leader's token ids."""
+        self.forward(step)
+        if step.launch_ahead and self._graphed_step:
+            self._stage_next(step, torch.empty(len(step.ids), dtype=torch.int64,
+                                               device=self.device))
+            if self.graphs.staged is not None:
+                self.graphs.launch_staged()
 
     def _host_results(self, packed: torch.Tensor) -> torch.Tensor:
         """An asynchronous copy of [2, rows] results into pinned host memory. The

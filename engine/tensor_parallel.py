@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 COLLECTIVE_TIMEOUT_S = 300
 STEP_FIELDS = ("ids", "positions", "slots", "tables", "query_lens", "seq_lens", "logits_rows",
-               "decode_only", "table_keys")
+               "decode_only", "table_keys", "launch_ahead")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,7 +260,7 @@ class TPComm:
                 else:
                     self.write_kv(runner.kv_cache, msg.block_ids)
             else:
-                runner.forward(msg)
+                runner.follow(msg)
 
     def close(self) -> None:
         if self.nixl is not None:

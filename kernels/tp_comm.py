@@ -106,6 +106,16 @@ class NcclComm:
                              torch.cuda.current_stream(self.device).cuda_stream)
         return out
 
+    def broadcast(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `x` into every rank's `x`, in place, on the current stream; returns `x`.
+        (The leader's sampled token ids reach the followers this way when the next decode
+        step is launched ahead: ModelRunner.follow.)"""
+        self._check(x)
+        ptr = x.data_ptr()
+        self._comm.broadcast(ptr, ptr, x.numel(), self._nccl_dtype(x), 0,
+                             torch.cuda.current_stream(self.device).cuda_stream)
+        return x
+
     def close(self) -> None:
         """Frees the communicator. Abort, not destroy: it is local and cannot wait on a
         peer; after the device has synchronized no collective of ours is in flight.

@@ -175,27 +175,38 @@ def test_one_rank_group_runs_cupy_nccl_and_captures_in_a_graph():
 @two_gpus
 def test_tp2_with_decode_graphs_equals_tp1():
     """The engine path: a TP=2 worker captures decode graphs with the communicator's
-    all-reduces inside and gives the same greedy tokens as TP=1 (mini-llama, bf16)."""
+    all-reduces inside and gives the same greedy tokens as TP=1 (mini-llama, bf16). Rows
+    end at different lengths and two requests join a running batch, so the steps every
+    rank launched ahead are both used and wasted (a row finished, a request joined)."""
     pytest.importorskip("flashinfer")
     from engine.llm import LLM
     from engine.sampling_params import SamplingParams
 
     prompts = [[(7 * i + j) % 4000 + 1 for j in range(n)] for i, n in
                enumerate([5, 17, 130, 300, 64, 1, 999])]
-    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-    outs = {}
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True)
+              for m in (24, 9, 31, 16, 24, 40, 5)]
+    arrivals = [0, 0, 0, 0, 0, 12, 20]
+    outs, launched = {}, {}
     for tp in (2, 1):
         with LLM("mini-llama", load_format="dummy", device="cuda", dtype="bfloat16", tp=tp,
                  num_kv_blocks=512, max_num_seqs=8, tp_cuda_graphs=True) as llm:
             runner = llm.engine.runner
             assert runner.graphs is not None, runner.graphs_off_reason
+            assert runner.stages_next_decode
             if tp > 1:
                 assert runner.pc.comm is not None
                 followers = llm.engine.tp.followers
-            outs[tp] = [o.token_ids for o in llm.generate(prompts, params)]
+            runner.graphs.host_timer = {}  # counts the steps launched ahead, and the hits
+            outs[tp] = [o.token_ids for o in llm.generate(prompts, params, arrivals)]
+            launched[tp] = dict(runner.graphs.host_timer)
         if tp > 1:
             assert all(p.poll() is not None for p in followers), "follower outlived close()"
     assert outs[2] == outs[1]
+    print("steps launched ahead (and used):", launched)
+    for tp in (2, 1):
+        assert 0 < launched[tp].get("launched_used", 0) <= launched[tp].get("launched", 0), \
+            launched
 
 
 class _FakeComm:
