@@ -113,8 +113,7 @@ class ModelRunner:
             fused.enable(self.model)  # FlashInfer's norm/RoPE/SwiGLU kernels ride along
             self.fused_rope_kv_write = fused.set_rope_kv_write(self.model,
                                                                cfg.fused_rope_kv_write)
-            if self.pc.tp_size == 1:
-                self.gemv_decode = gemv.set_decode_gemv(self.model, cfg.gemv_decode)
+            self.gemv_decode = gemv.set_decode_gemv(self.model, cfg.gemv_decode)
             m = model_cfg
             self.planner = FlashInferPlanner(
                 self.pc.shard(m.num_heads, "num_attention_heads"),

@@ -26,8 +26,10 @@ the normed vector rounded before and after the norm weight, gate and up rounded 
 SwiGLU), with float32 accumulation in a different order than cuBLAS: results agree to
 bf16 rounding, not bit for bit (tests/test_gemv.py).
 
-Used only for one-row products on CUDA with one process (under TP the row-parallel
-projections need their all-reduce, and the norm's input is not the local shard).
+Used for one-row products on CUDA. Under TP each rank multiplies by its weight shard: the
+norm's input (hidden state and residual) is whole on every rank, and the row-parallel
+products (o, down) are summed by the group's all-reduce after their GEMV, the LM head's
+vocab shards gathered (DecoderLayer._forward_one_row).
 
 Measured on the H200 with the 8B shape (benchmarks/results/*gemv*): a layer's four
 products with their small ops take 120 us against cuBLAS + FlashInfer's 128 us, the LM

@@ -135,10 +135,11 @@ class DecoderLayer(nn.Module):
         qkv, residual = gemv.add_norm_gemv(x, residual, norm1.weight, norm1.eps,
                                            attn.qkv_proj.weight, rope=rope)
         o = attn.attend(positions, qkv, kv_layer, meta, rope_done=rope is not None)
-        h = gemv.gemv(o, attn.o_proj.weight)
+        # Under TP the two row-parallel products sum over the ranks, as their layers do.
+        h = attn.o_proj.pc.all_reduce(gemv.gemv(o, attn.o_proj.weight))
         act, residual = gemv.add_norm_gemv(h, residual, norm2.weight, norm2.eps,
                                            mlp.gate_up_proj.weight, swiglu=True)
-        return gemv.gemv(act, mlp.down_proj.weight), residual
+        return mlp.down_proj.pc.all_reduce(gemv.gemv(act, mlp.down_proj.weight)), residual
 
 
 class DecoderModel(nn.Module):
@@ -193,5 +194,6 @@ class DecoderForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.use_gemv and hidden.shape[0] == 1:
             logits = gemv.gemv(hidden, self.lm_head.weight, out_dtype=torch.float32)
+            logits = self.lm_head.pc.all_gather_last_dim(logits)  # vocab shards under TP
             return logits[..., : self.lm_head.vocab_size]
         return self.lm_head(hidden).float()
