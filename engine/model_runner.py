@@ -212,8 +212,8 @@ class ModelRunner:
 
     def _one_row_attention(self, on: bool) -> OneRowAttention | None:
         """The batch-1 graph's attention kernel's scratch, when it is on and can run here
-        (one process: under TP it is not yet measured)."""
-        if not on or self.planner is None or self.pc.tp_size > 1:
+        (under TP over this rank's heads: the planner's counts are per rank)."""
+        if not on or self.planner is None:
             return None
         p = self.planner
         reason = one_row_unavailable_reason(p.num_heads, p.num_kv_heads, p.head_dim,
