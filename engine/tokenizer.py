@@ -24,6 +24,9 @@ class TokenizerBundle:
     eos_token: str | None
     eos_token_ids: tuple[int, ...] = ()
     special_ids: frozenset[int] = field(default_factory=frozenset)
+    # (source, compiled) of chat_template: _compiled_template().
+    _template: tuple[str, jinja2.Template] | None = field(default=None, init=False,
+                                                          repr=False, compare=False)
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> TokenizerBundle:
@@ -78,22 +81,30 @@ class TokenizerBundle:
         if not self.chat_template:
             raise InvalidRequestError("this model has no chat template; use /v1/completions",
                                       param="messages")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-
-        def raise_exception(msg: str):
-            raise InvalidRequestError(msg, param="messages")
-
-        env.globals["raise_exception"] = raise_exception
         try:
-            return env.from_string(self.chat_template).render(
+            return self._compiled_template().render(
                 messages=messages, add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "", eos_token=self.eos_token or "")
         except jinja2.TemplateError as e:
             raise InvalidRequestError(f"chat template failed: {e}", param="messages") from None
 
+    def _compiled_template(self) -> jinja2.Template:
+        """The chat template, compiled once: compiling a real model's template (Llama 3.1's
+        is 5 KB) took ~11 ms, paid by every chat request when it was compiled per call."""
+        if self._template is None or self._template[0] != self.chat_template:
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = _raise_template_exception
+            self._template = (self.chat_template, env.from_string(self.chat_template))
+        return self._template[1]
+
     def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
         # The template writes the BOS text itself; do not let the post-processor add another.
         return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+
+
+def _raise_template_exception(msg: str):
+    """`raise_exception(...)` inside a chat template: the request's messages are wrong."""
+    raise InvalidRequestError(msg, param="messages")
 
 
 def _read_json(path: Path) -> dict:

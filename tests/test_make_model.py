@@ -135,6 +135,28 @@ def test_chat_template(tiny_dirs: dict[str, Path], name: str) -> None:
     assert (
         tok.eos_token == {"llama3": "<|eot_id|>", "qwen": "<|im_end|>", "mistral": "</s>"}[family]
     )
+    # Baton's own rendering (what the router runs) gives transformers' text and ids, from a
+    # template compiled once and reused by later requests.
+    from engine.tokenizer import TokenizerBundle
+
+    ours = TokenizerBundle.from_dir(tiny_dirs[name])
+    assert ours.apply_chat_template(MESSAGES) == expected
+    compiled = ours._compiled_template()
+    assert ours.chat_prompt_ids(MESSAGES) == ids
+    assert ours._compiled_template() is compiled
+
+
+def test_chat_template_errors_are_bad_requests(tiny_dirs: dict[str, Path]) -> None:
+    from engine.errors import InvalidRequestError
+    from engine.tokenizer import TokenizerBundle
+
+    ours = TokenizerBundle.from_dir(tiny_dirs[TINY[0]])
+    ours.chat_template = "{{ raise_exception('roles must alternate') }}"  # recompiled
+    with pytest.raises(InvalidRequestError, match="roles must alternate"):
+        ours.apply_chat_template(MESSAGES)
+    ours.chat_template = "{% if %}"
+    with pytest.raises(InvalidRequestError, match="chat template failed"):
+        ours.apply_chat_template(MESSAGES)
 
 
 def test_same_seed_same_bytes_other_seed_differs(tmp_path: Path) -> None:
