@@ -19,6 +19,7 @@ from engine.llm_engine import LLMEngine
 from engine.rpc import GRPC_OPTIONS
 from engine.rpc import worker_pb2 as pb
 from engine.rpc import worker_pb2_grpc as pb_grpc
+from engine.rpc.convert import REFUSED_KEY
 from engine.worker import EngineWorker
 from kvtransfer.transfer import (
     KV_LAYOUT,
@@ -195,10 +196,13 @@ async def abort_invalid(context: grpc.aio.ServicerContext, e: InvalidRequestErro
 async def request_call(ctx: WorkerContext, context: grpc.aio.ServicerContext):
     """A Generate/Prefill call: at a worker that is shutting down it is refused with
     UNAVAILABLE, which the router retries on another worker at once; otherwise it is
-    counted for the drain while it runs."""
+    counted for the drain while it runs. A refusal carries REFUSED_KEY in its trailing
+    metadata: the call touched nothing, so a KV handle it carried is still the prefill
+    worker's to serve, and the retry pulls it instead of prefilling again."""
     if ctx.draining:
         await context.abort(grpc.StatusCode.UNAVAILABLE,
-                            f"worker {ctx.address} is draining (shutting down)")
+                            f"worker {ctx.address} is draining (shutting down)",
+                            trailing_metadata=((REFUSED_KEY, "draining"),))
     ctx.calls_in_flight += 1
     try:
         yield

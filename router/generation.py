@@ -17,7 +17,7 @@ import xxhash
 
 from engine.errors import InvalidRequestError
 from engine.rpc import worker_pb2 as pb
-from engine.rpc.convert import params_to_proto, top_from_proto
+from engine.rpc.convert import params_to_proto, refused_before_start, top_from_proto
 from engine.sampling_params import SamplingParams
 from router.errors import WorkerUnavailableError
 from router.kv_routing import KVRouter
@@ -119,9 +119,11 @@ class RequestRunner:
                     req.resume_token_ids.extend(generated[1:])
                 else:
                     req.resume_token_ids.extend(generated)
-                # Whatever happens to this attempt, the decode side releases P's blocks,
-                # so a retry must not read them again: it re-prefills locally instead.
-                handle = None
+                # Whatever happens to an attempt that began, the decode side releases P's
+                # blocks, so a retry must not read them again: it re-prefills locally
+                # instead. A call refused before it began (a draining worker) touched
+                # nothing: its retry pulls the same blocks.
+                offered, handle = handle, None
                 w.in_flight += 1
                 sent_at = time.perf_counter()
                 router_s = sent_at - t0 if first_event and attempt == 0 else None
@@ -161,8 +163,11 @@ class RequestRunner:
                         raise _invalid(e) from None
                     if e.code() not in RETRYABLE:
                         raise
+                    if refused_before_start(e):
+                        handle = offered
                     log.warning("decode worker %s failed on %s (%s): migrating with %d "
-                                "tokens", w.address, request_id, e.code(), len(generated))
+                                "tokens%s", w.address, request_id, e.code(), len(generated),
+                                " and the prefilled KV" if handle is not None else "")
                     self.metrics.migrations.inc()
                     if e.code() == grpc.StatusCode.UNAVAILABLE:
                         self.pool.mark_failed(w)

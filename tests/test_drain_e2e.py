@@ -4,22 +4,33 @@ meanwhile go to the other worker, and it exits by itself once it is idle."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import threading
 
+import grpc
 import httpx
 import pytest
 
 from cluster.local_server import free_port, wait_healthy
+from engine.rpc import GRPC_OPTIONS
+from engine.rpc import worker_pb2 as pb
+from engine.rpc import worker_pb2_grpc as pb_grpc
+from engine.rpc.convert import refused_before_start
+from engine.sampling_params import SamplingParams
+from router.generation import RequestRunner
+from router.metrics import RouterMetrics
+from router.workers import WorkerPool
 from tests.test_discovery_e2e import wait_for
 from tests.test_redis_routing_e2e import (
     PRESET,
     complete,
     drain,
     start,
+    start_worker,
     start_workers,
     stop_all,
 )
@@ -78,4 +89,76 @@ def test_a_stopped_worker_finishes_its_stream_and_takes_nothing_new(checkpoint_d
         metrics = httpx.get(f"{url}/metrics").text
         assert "baton_migrations_total 0.0" in metrics
     finally:
+        stop_all(procs)
+
+
+def test_a_refused_decode_call_leaves_the_prefilled_kv_for_its_retry(checkpoint_dir) -> None:
+    """A draining decode worker refuses a disaggregated Generate before touching its KV
+    handle, and says so (trailing metadata): a retry on another decode worker (what the
+    router does then) pulls the same prefilled blocks instead of prefilling again, and
+    gets the tokens an aggregated run gives."""
+    model = str(checkpoint_dir(PRESET))
+    procs: list[subprocess.Popen] = []
+    channels: list[grpc.Channel] = []
+
+    def stub(address: str) -> pb_grpc.WorkerStub:
+        channels.append(grpc.insecure_channel(address, options=GRPC_OPTIONS))
+        return pb_grpc.WorkerStub(channels[-1])
+
+    params = pb.SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    prompt = list(range(30, 70))
+    try:
+        addresses = {}
+        for name, role in (("p", "prefill"), ("d1", "decode"), ("d2", "decode"), ("agg", "both")):
+            proc, addresses[name] = start_worker(model, role=role)
+            procs.append(proc)
+        expected = [t for ch in stub(addresses["agg"]).Generate(pb.GenerateRequest(
+            request_id="agg", prompt_token_ids=prompt, params=params)) for t in ch.token_ids]
+
+        # d1 serves a long stream, so told to stop it drains (refusing new calls) for a while.
+        long = stub(addresses["d1"]).Generate(pb.GenerateRequest(
+            request_id="long", prompt_token_ids=[5, 6, 7], params=pb.SamplingParams(
+                max_tokens=TOKENS, temperature=0.0, ignore_eos=True)))
+        next(long)
+        procs[1].send_signal(signal.SIGTERM)
+        wait_for("d1 to drain", lambda: stub(addresses["d1"]).Status(
+            pb.StatusRequest()).draining, timeout=10)
+
+        first = stub(addresses["p"]).Prefill(pb.PrefillRequest(
+            request_id="r", prompt_token_ids=prompt, params=params))
+        request = pb.GenerateRequest(request_id="r-0", prompt_token_ids=prompt, params=params,
+                                     first_token_id=first.first_token_id, handle=first.handle)
+        with pytest.raises(grpc.RpcError) as refused:
+            list(stub(addresses["d1"]).Generate(request))
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert refused_before_start(refused.value)
+
+        request.request_id = "r-1"
+        chunks = list(stub(addresses["d2"]).Generate(request))
+        assert chunks[0].kv_transfer_bytes > 0  # pulled, not prefilled again
+        assert [first.first_token_id] + [t for ch in chunks for t in ch.token_ids] == expected
+
+        # The router's side: it has not yet seen d1's drain (its next status poll would),
+        # picks d1 first, is refused, and retries on d2 with the same KV.
+        async def through_router() -> list:
+            pool = WorkerPool(routing="round-robin")
+            for w in pool.add_workers([addresses["p"]], [addresses["d1"], addresses["d2"]]):
+                w.healthy = True
+            try:
+                return [e async for e in RequestRunner(pool, RouterMetrics()).run(
+                    "routed", prompt, SamplingParams(max_tokens=12, temperature=0.0,
+                                                     ignore_eos=True))]
+            finally:
+                await pool.close()
+
+        events = asyncio.run(through_router())
+        assert [t for e in events for t in e.token_ids] == expected
+        timing = {k: v for e in events if e.timing for k, v in e.timing.items()}
+        assert "kv_transfer_ms" in timing, timing  # the retry pulled P's blocks
+        assert [e.route for e in events if e.route] == [{"prefill": addresses["p"]},
+                                                        {"decode": addresses["d2"]}]
+        long.cancel()
+    finally:
+        for c in channels:
+            c.close()
         stop_all(procs)

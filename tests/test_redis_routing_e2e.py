@@ -37,9 +37,10 @@ def drain(p: subprocess.Popen) -> None:
     threading.Thread(target=lambda: [None for _ in p.stdout], daemon=True).start()
 
 
-def start_worker(model: str, *args: str) -> tuple[subprocess.Popen, str]:
-    """An aggregated `baton worker` and the address it prints once it serves."""
-    w = start("worker", "--role", "both", "--model", model, "--kv-blocks", "256", *args)
+def start_worker(model: str, *args: str, role: str = "both") -> tuple[subprocess.Popen, str]:
+    """A `baton worker` (aggregated unless `role` says otherwise) and the address it
+    prints once it serves."""
+    w = start("worker", "--role", role, "--model", model, "--kv-blocks", "256", *args)
     for line in w.stdout:
         if line.startswith(READY_PREFIX):
             drain(w)

@@ -6,6 +6,15 @@ from __future__ import annotations
 from engine.rpc import worker_pb2 as pb
 from engine.sampling_params import SamplingParams
 
+# Trailing metadata of a call a worker refused before it began (it is draining): the call
+# touched nothing, so a KV handle it carried is still the prefill worker's to serve.
+REFUSED_KEY = "baton-refused"
+
+
+def refused_before_start(e) -> bool:
+    """Whether a failed call (a grpc.aio.AioRpcError) was refused before it began."""
+    return any(key == REFUSED_KEY for key, _ in (e.trailing_metadata() or ()))
+
 
 def params_to_proto(p: SamplingParams) -> pb.SamplingParams:
     msg = pb.SamplingParams(max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
