@@ -24,10 +24,12 @@ all-reduces and the lm_head's all-gather: NCCL calls of the group's own communic
 runner captures under TP only with that communicator. Capture is collective (the warm-up
 forwards all-reduce), so every rank captures the same buckets in the same order; every rank
 gets the same step, so each replays the same bucket. The leader's step broadcast (gloo,
-host memory) and `_fill` run before the replay, outside the graph. A follower never syncs
-its host, yet its `_fill` cannot overwrite inputs a previous replay still reads: the leader
-sends the next step only after sampling from the last replay, and sampling waits for that
-replay's final all-gather, which every follower reaches only after its attention layers.
+host memory) and `_fill` run before the replay, outside the graph. A follower's `_fill`
+cannot overwrite inputs a previous replay still reads: the leader sends the next step only
+after it has the last replay's tokens, which wait for that replay's final all-gather, which
+every follower reaches only after its attention layers; where the ranks launch a step ahead
+(ModelRunner.follow), `stage_next` and a miss after a launch wait on `filled` first, as one
+process does.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -333,14 +334,30 @@ class ModelRunner:
         t0 = time.perf_counter()
         step = self._prepare(out)
         self.prepare_seconds = time.perf_counter() - t0  # benchmarks: host share of a step
-        batch = self._sampling_batch(out, scheduler)
+        if self.pc.tp_size == 1:
+            return self._run_step(step, out, scheduler)
+        # Decided before the followers get the step: they launch ahead alike.
+        step.launch_ahead = (self.stages_next_decode and step.decode_only
+                             and self._ahead_allowed(step, out, scheduler))
+        try:
+            return self._run_step(step, out, scheduler)
+        except BaseException:
+            # Once the step is out, the followers run its collectives (and, launched
+            # ahead, the next step's); a leader that stops half-way cannot tell them, and
+            # its next step's collectives would pair with theirs: a silent hang. The
+            # worker goes down instead and the router retries its requests elsewhere.
+            log.critical("tensor-parallel leader failed during a step; this worker stops",
+                         exc_info=True)
+            os._exit(1)
+
+    def _run_step(self, step: StepInputs, out: SchedulerOutput, scheduler: Scheduler
+                  ) -> StepResult:
+        """The step's forward, sampling, and the next step's staging and launch."""
         tp = self.pc.tp_size > 1
-        if tp:  # decided before the followers get the step: they launch ahead alike
-            step.launch_ahead = (self.stages_next_decode and step.decode_only
-                                 and self._ahead_allowed(step, batch, out, scheduler))
         logits = self.forward(step)
         if logits is None:
             return StepResult([], [])
+        batch = self._sampling_batch(out, scheduler)  # host work while the GPU runs
         res = sample(logits, batch, self.default_generator)
         self.launched_ahead = False
         staged = self._graphed_step and self.stages_next_decode and (not tp or step.launch_ahead)
@@ -354,7 +371,7 @@ class ModelRunner:
         if packed is None:
             packed = torch.stack([res.token_ids.double(), res.logprobs.double()])
         if (staged and self.graphs.staged is not None
-                and (tp or self._ahead_allowed(step, batch, out, scheduler))):
+                and (tp or self._ahead_allowed(step, out, scheduler))):
             # (Alternatives are copied out after this: they would wait for the next step.)
             # Copy this step's results out first, then queue the next step behind them:
             # the host waits only for the copy while the GPU runs on.
@@ -375,13 +392,14 @@ class ModelRunner:
             top = [list(zip(ids[r][:k], lps[r][:k])) for r, k in enumerate(batch.num_logprobs)]
         return StepResult(token_ids, logprobs, top)
 
-    def _ahead_allowed(self, step: StepInputs, batch: SamplingBatch, out: SchedulerOutput,
-                       scheduler: Scheduler) -> bool:
+    def _ahead_allowed(self, step: StepInputs, out: SchedulerOutput, scheduler: Scheduler
+                       ) -> bool:
         """Whether the step after this one may be launched before the host sees this one's
         tokens: a small batch (above `overlap_rows` the GPU step outlasts the host's work
         anyway), no top-logprob alternatives (copied out after the launch, they would wait
         for it), and every row continues unless it samples a stop token."""
-        return (len(step.ids) <= self.overlap_rows and not any(batch.num_logprobs)
+        return (len(step.ids) <= self.overlap_rows
+                and not any(item.seq.params.logprobs for item in out.scheduled if item.samples)
                 and scheduler.decode_continues(out))
 
     def _stage_next(self, step: StepInputs, token_ids: torch.Tensor) -> None:
