@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cluster.placement import Placement, check_kv_transfer, place_workers, shared_gpus
 from cluster.worker_main import READY_PREFIX
@@ -33,6 +33,10 @@ class WorkerProcess:
     role: str
     proc: subprocess.Popen
     address: str | None = None
+    # How it was started, so cluster/supervisor.py can start it again alike.
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] | None = None
+    started_at: float = field(default_factory=time.monotonic)
 
 
 def spawn_worker(role: str, worker_args: list[str], ready: threading.Event,
@@ -40,7 +44,7 @@ def spawn_worker(role: str, worker_args: list[str], ready: threading.Event,
     cmd = [sys.executable, "-m", "cluster.cli", "worker", "--role", role, *worker_args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True,
                             preexec_fn=_die_with_parent, env=env)
-    wp = WorkerProcess(role, proc)
+    wp = WorkerProcess(role, proc, args=list(worker_args), env=env)
 
     def pump() -> None:
         assert proc.stdout is not None
@@ -218,6 +222,12 @@ def serve(args: argparse.Namespace) -> int:
                     "--gpu-memory-utilization (now %.2f)", sorted(shared),
                     args.gpu_memory_utilization)
     procs = start_workers(roles, worker_args_from(args, model), args.ready_timeout, placements)
+    supervisor = None
+    if args.restart_workers:
+        from cluster.supervisor import RestartPolicy, WorkerSupervisor
+
+        supervisor = WorkerSupervisor(procs, RestartPolicy(
+            ready_timeout_s=args.ready_timeout)).start()
     try:
         cfg = router_config(args, model,
                             prefill=[w.address for w in procs if w.role == "prefill"],
@@ -231,5 +241,7 @@ def serve(args: argparse.Namespace) -> int:
               f"\"max_tokens\": 16}}'", flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
+        if supervisor is not None:
+            supervisor.stop()
         stop_workers(procs)
     return 0

@@ -113,3 +113,28 @@ def test_decode_worker_death_migrates_request(checkpoint_dir):
         assert text == ref  # one unbroken stream, the same tokens
         metrics = httpx.get(f"{u}/metrics").text
         assert "baton_migrations_total 1.0" in metrics
+
+
+def test_a_killed_worker_is_restarted_on_its_address(checkpoint_dir):
+    """`baton serve` starts a worker that died again, on the same address: the router finds
+    it up at its next status poll and it serves again (here the only decode worker, so
+    nothing could serve until it came back)."""
+    from tests.test_discovery_e2e import wait_for
+
+    with baton_serve(checkpoint_dir(PRESET), "--prefill", "1", "--decode", "1") as u:
+        body = {**OK, "max_tokens": 12, "ignore_eos": True}
+        ref = post(u, "/v1/completions", body).json()["choices"][0]["text"]
+        (dead,) = [w for w in httpx.get(f"{u}/health").json()["workers"]
+                   if w["role"] == "decode"]
+        os.kill(dead["pid"], signal.SIGKILL)
+
+        def back() -> bool:
+            (w,) = [w for w in httpx.get(f"{u}/health").json()["workers"]
+                    if w["role"] == "decode"]
+            return w["healthy"] and w["pid"] not in (None, dead["pid"])
+
+        wait_for("the decode worker to be restarted", back, timeout=60)
+        (w,) = [w for w in httpx.get(f"{u}/health").json()["workers"] if w["role"] == "decode"]
+        assert w["address"] == dead["address"]
+        assert post(u, "/v1/completions", body).json()["choices"][0]["text"] == ref
+        wait_pools_empty(u)

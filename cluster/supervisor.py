@@ -1,0 +1,119 @@
+"""`baton serve` restarts a worker that exits while it serves (a crash, the kernel's OOM
+killer, a `kill`), on the same address. The router keeps its worker list: meanwhile it
+routes around the dead worker (retrying or migrating what was on it), and its status poll
+finds the new one up at the old address, whose KV events it then follows from a fresh
+snapshot. Without this, a one-worker pool stayed down until someone restarted the server.
+
+A worker that dies again soon after it started waits twice as long before each next start
+(1 s up to a minute, as Kubernetes backs off a crash loop); one that ran a while is
+restarted after the first delay again. Restarts of several workers run side by side."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from cluster.launcher import WorkerProcess, spawn_worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    first_delay_s: float = 1.0
+    max_delay_s: float = 60.0
+    # A worker that ran this long before it exited is not crash-looping: its next restart
+    # waits first_delay_s again.
+    stable_after_s: float = 60.0
+    ready_timeout_s: float = 120.0
+
+
+@dataclass
+class _Restart:
+    """One worker's restart in progress: due at `start_at`, then `new` until it is up."""
+
+    dead: WorkerProcess
+    start_at: float
+    new: WorkerProcess | None = None
+    deadline: float = 0.0
+
+
+class WorkerSupervisor:
+    """Watches `procs` (the launcher's list, updated in place as workers are replaced).
+    Everything runs on one long-lived thread, restarts included: a worker dies with the
+    thread that started it (PR_SET_PDEATHSIG follows the parent thread, not the process),
+    so no short-lived thread may start one."""
+
+    def __init__(self, procs: list[WorkerProcess], policy: RestartPolicy | None = None
+                 ) -> None:
+        self.procs = procs
+        self.policy = policy or RestartPolicy()
+        self.restarts = [0] * len(procs)
+        self._delay = [self.policy.first_delay_s] * len(procs)
+        self._last_start = [wp.started_at for wp in procs]
+        self._pending: dict[int, _Restart] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="worker-supervisor",
+                                        daemon=True)
+
+    def start(self) -> WorkerSupervisor:
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """No more restarts; a worker still starting is stopped."""
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.2):
+            for i, wp in enumerate(self.procs):
+                if i in self._pending:
+                    self._advance(i)
+                elif wp.proc.poll() is not None:
+                    self._schedule(i, wp)
+        for r in self._pending.values():
+            if r.new is not None:
+                _kill(r.new)
+
+    def _schedule(self, i: int, dead: WorkerProcess) -> None:
+        lived = time.monotonic() - self._last_start[i]
+        delay = self.policy.first_delay_s if lived >= self.policy.stable_after_s \
+            else self._delay[i]
+        self._delay[i] = min(delay * 2, self.policy.max_delay_s)
+        log.error("%s worker %s (pid %d) exited with code %s after %.0f s; restarting it in "
+                  "%.0f s", dead.role, dead.address, dead.proc.pid, dead.proc.returncode,
+                  lived, delay)
+        self._pending[i] = _Restart(dead, time.monotonic() + delay)
+
+    def _advance(self, i: int) -> None:
+        r, now = self._pending[i], time.monotonic()
+        if r.new is None:
+            if now >= r.start_at:  # same role, flags and environment, on its port
+                port = r.dead.address.rsplit(":", 1)[1] if r.dead.address else "0"
+                r.new = spawn_worker(r.dead.role, [*r.dead.args, "--port", port],
+                                     threading.Event(), [], r.dead.env)
+                r.deadline = now + self.policy.ready_timeout_s
+                self._last_start[i] = now
+            return
+        if r.new.address == r.dead.address:
+            self.procs[i] = r.new
+            self.restarts[i] += 1
+            log.info("%s worker %s is back (pid %d)", r.new.role, r.new.address, r.new.proc.pid)
+        elif r.new.address is not None or r.new.proc.poll() is not None or now > r.deadline:
+            log.error("%s worker did not come back at %s (it %s)", r.dead.role, r.dead.address,
+                      f"announced {r.new.address}" if r.new.address else
+                      f"exited with code {r.new.proc.returncode}"
+                      if r.new.proc.returncode is not None else "was not ready in time")
+            _kill(r.new)  # the dead one stays in procs: the next round schedules again
+        else:
+            return  # still starting
+        del self._pending[i]
+
+
+def _kill(wp: WorkerProcess) -> None:
+    if wp.proc.poll() is None:
+        wp.proc.kill()
+        wp.proc.wait()
