@@ -16,7 +16,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from cluster.placement import Placement, check_kv_transfer, place_workers, shared_gpus
+from cluster.placement import (
+    Placement,
+    check_kv_transfer,
+    check_memory_shares,
+    place_workers,
+    shared_gpus,
+)
 from cluster.worker_main import READY_PREFIX
 from engine.config import EngineConfig
 
@@ -217,10 +223,10 @@ def serve(args: argparse.Namespace) -> int:
     placements = place_workers(roles, args.device, args.tp, _gpu_count(args.device),
                                args.prefill_gpus, args.decode_gpus)
     check_kv_transfer(placements, args.kv_transfer)
+    check_memory_shares(placements, args.gpu_memory_utilization, args.kv_blocks)
     if shared := shared_gpus(placements):
-        log.warning("GPU(s) %s serve more than one worker: give each a share with "
-                    "--gpu-memory-utilization (now %.2f)", sorted(shared),
-                    args.gpu_memory_utilization)
+        log.info("GPU(s) %s serve more than one worker, each with --gpu-memory-utilization "
+                 "%.2f of the card", sorted(shared), args.gpu_memory_utilization)
     procs = start_workers(roles, worker_args_from(args, model), args.ready_timeout, placements)
     supervisor = None
     if args.restart_workers:

@@ -77,12 +77,29 @@ def place_workers(roles: list[str], device: str, tp: int, gpu_count: int,
     return out
 
 
-def shared_gpus(placements: list[Placement]) -> set[int]:
+def shared_gpus(placements: list[Placement]) -> dict[int, int]:
+    """GPU -> how many workers it serves, for the GPUs that serve more than one."""
     seen: dict[int, int] = {}
     for p in placements:
         for g in p.gpus:
             seen[g] = seen.get(g, 0) + 1
-    return {g for g, n in seen.items() if n > 1}
+    return {g: n for g, n in seen.items() if n > 1}
+
+
+def check_memory_shares(placements: list[Placement], utilization: float,
+                        kv_blocks: int | None) -> None:
+    """`--gpu-memory-utilization` is each worker's share of its GPU: workers sharing one
+    must not ask for more than the card (said at start-up, not as a worker's MemoryError).
+    With --kv-blocks the caches are sized by count and the share is not used."""
+    shared = shared_gpus(placements)
+    if kv_blocks is not None or not shared:
+        return
+    most = max(shared.values())
+    if utilization * most > 1.0:
+        raise ValueError(
+            f"--gpu-memory-utilization {utilization:.2f} is each worker's share of its GPU, "
+            f"and {most} workers share GPU(s) {sorted(shared)}: {utilization * most:.2f} of a "
+            f"card; give each at most {0.9 / most:.2f} (or size caches with --kv-blocks)")
 
 
 def check_kv_transfer(placements: list[Placement], kv_transfer: str) -> None:

@@ -89,6 +89,23 @@ class StepInputs:
     launch_ahead: bool = False
 
 
+# Left free beside the KV cache for the CUDA context and the allocator's slack.
+FREE_MARGIN_BYTES = 512 * 2**20
+
+
+def kv_budget_bytes(utilization: float, total: int, free: int, own_bytes: int,
+                    reserve_bytes: int) -> int:
+    """Bytes for a worker's KV cache. `utilization` is this worker's share of the card:
+    less what it holds (`own_bytes`, its weights) and will need (`reserve_bytes`:
+    activations, graphs). A share of the card, not a ceiling on its total use, so workers
+    sharing a GPU each get theirs in whatever order they start (with the old ceiling the
+    second to size its cache found the first's memory used and got none). Never more than
+    is free now, less that reserve and FREE_MARGIN_BYTES."""
+    share = utilization * total - own_bytes - reserve_bytes
+    available = free - reserve_bytes - FREE_MARGIN_BYTES
+    return int(max(min(share, available), 0))
+
+
 class ModelRunner:
     def __init__(self, model_cfg: ModelConfig, cfg: EngineConfig, model_dir: str | None,
                  max_model_len: int | None = None, tp: TPComm | None = None) -> None:
@@ -284,18 +301,19 @@ class ModelRunner:
         return KVCacheSpec(n, m.num_layers, self.cfg.block_size, heads, m.head_dim, m.dtype)
 
     def _blocks_from_gpu_memory(self, probe: KVCacheSpec) -> int:
-        """KV gets what is left of `gpu_memory_utilization` x the card after the weights,
-        the peak activations of the largest step (measured by running one) and a reserve
-        for CUDA graphs; never more than is actually free (other processes share GPUs)."""
+        """KV gets what is left of this worker's share of the card after its weights, the
+        peak activations of its largest step (measured by running one) and a reserve for
+        CUDA graphs; never more than is actually free (`kv_budget_bytes`)."""
         dev = self.device
         torch.cuda.synchronize(dev)
         self.memory.weights_bytes = torch.cuda.memory_allocated(dev)
         self.memory.activation_peak_bytes = self._profile_activations(probe)
         free, total = torch.cuda.mem_get_info(dev)
         graphs = GRAPH_RESERVE_BYTES if self.graphs_off_reason is None else 0
-        budget = self.cfg.gpu_memory_utilization * total - (total - free)
-        budget -= self.memory.activation_peak_bytes + graphs
-        return int(max(budget, 0) // probe.block_bytes)
+        budget = kv_budget_bytes(self.cfg.gpu_memory_utilization, total, free,
+                                 self.memory.weights_bytes,
+                                 self.memory.activation_peak_bytes + graphs)
+        return budget // probe.block_bytes
 
     @torch.inference_mode()
     def _profile_activations(self, probe: KVCacheSpec) -> int:

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from cluster.launcher import physical_gpus
-from cluster.placement import PlacementError, place_workers, shared_gpus
+from cluster.placement import PlacementError, check_memory_shares, place_workers, shared_gpus
+from engine.model_runner import FREE_MARGIN_BYTES, kv_budget_bytes
 
 
 def gpus(placements):
@@ -24,7 +25,35 @@ def test_default_order_and_sharing_when_gpus_run_out() -> None:
         [("prefill", (0,)), ("decode", (1,))]
     one_gpu = place_workers(["prefill", "decode"], "cuda", 1, 1)
     assert gpus(one_gpu) == [("prefill", (0,)), ("decode", (0,))]
-    assert shared_gpus(one_gpu) == {0}
+    assert shared_gpus(one_gpu) == {0: 2}
+
+
+def test_workers_sharing_a_gpu_must_fit_their_shares_on_it() -> None:
+    two_on_one = place_workers(["both", "both"], "cuda", 1, 1)
+    check_memory_shares(two_on_one, 0.45, None)
+    with pytest.raises(ValueError, match=r"--gpu-memory-utilization 0.90 .* 1.80 of a card; "
+                                         r"give each at most 0.45"):
+        check_memory_shares(two_on_one, 0.9, None)
+    check_memory_shares(two_on_one, 0.9, 4096)  # sized by --kv-blocks: shares unused
+    check_memory_shares(place_workers(["both", "both"], "cuda", 1, 2), 0.9, None)
+
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize("case, util, free, own, reserve, expected", [
+    # One worker on an empty 100 GiB card: its share less its weights and reserve.
+    ("alone", 0.9, 99 * GIB, 16 * GIB, 2 * GIB, 72 * GIB),
+    # The second of two workers at 0.45 each, after the first took its 45 GiB: its own
+    # share, where the old ceiling (0.45 of the card minus everything used) left nothing.
+    ("second of two", 0.45, 38 * GIB, 16 * GIB, 2 * GIB, 27 * GIB),
+    # Less free than the share (another process holds memory): what is free, less margin.
+    ("crowded", 0.9, 20 * GIB, 16 * GIB, 2 * GIB, 18 * GIB - FREE_MARGIN_BYTES),
+    ("nothing left", 0.2, 50 * GIB, 19 * GIB, 2 * GIB, 0),
+])
+def test_kv_budget_is_the_workers_share_within_free_memory(case, util, free, own, reserve,
+                                                            expected) -> None:
+    assert kv_budget_bytes(util, 100 * GIB, free, own, reserve) == expected, case
 
 
 def test_aggregated_workers_use_the_decode_pool() -> None:
