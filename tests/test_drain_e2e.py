@@ -36,7 +36,9 @@ from tests.test_redis_routing_e2e import (
 )
 
 pytestmark = pytest.mark.slow
-TOKENS = 1500
+# Long enough that the drain outlasts a few of the router's status polls (0.5 s apart) on
+# a loaded 2-core machine: at 1500 tokens the stream once ended before the router looked.
+TOKENS = 3500
 
 
 def test_a_stopped_worker_finishes_its_stream_and_takes_nothing_new(checkpoint_dir) -> None:
