@@ -106,7 +106,20 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         overlap_decode_max_rows=args.overlap_decode_max_rows,
         gpu_memory_utilization=args.gpu_memory_utilization, tp=args.tp,
         host_kv_gb=args.host_kv_gb, disk_kv_dir=args.disk_kv_dir, disk_kv_gb=args.disk_kv_gb,
-        disk_kv_policy=args.disk_kv_policy, disk_kv_prefetch=not args.no_disk_kv_prefetch)
+        disk_kv_policy=args.disk_kv_policy, disk_kv_prefetch=not args.no_disk_kv_prefetch,
+        transfer_reserve_bytes=transfer_reserve_bytes(args.kv_transfer, args.device))
+
+
+def transfer_reserve_bytes(kv_transfer: str, device: str) -> int:
+    """GPU memory the KV transfer backend allocates beside the KV cache: each nccl link side
+    stages scattered blocks through two buffers of up to MAX_CHUNK_BYTES, made when the
+    link joins; the cache leaves room for STAGED_LINKS_RESERVED links (a worker with more
+    peers takes the rest from what is free). NIXL and tcp move blocks in place."""
+    if kv_transfer != "nccl" or not device.startswith("cuda"):
+        return 0
+    from kvtransfer.transfer.staging import MAX_CHUNK_BYTES, STAGED_LINKS_RESERVED
+
+    return STAGED_LINKS_RESERVED * 2 * MAX_CHUNK_BYTES
 
 
 async def run_worker(args: argparse.Namespace) -> None:

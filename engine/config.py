@@ -20,6 +20,9 @@ class EngineConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None  # None: sized from memory
     gpu_memory_utilization: float = 0.9
+    # Held back from a GPU KV cache for the KV transfer backend's own device buffers (the
+    # nccl links' staging: cluster/worker_main.py sets it), inside the worker's share.
+    transfer_reserve_bytes: int = 0
     cpu_kv_cache_gb: float = 1.0
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048

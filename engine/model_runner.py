@@ -312,7 +312,8 @@ class ModelRunner:
         graphs = GRAPH_RESERVE_BYTES if self.graphs_off_reason is None else 0
         budget = kv_budget_bytes(self.cfg.gpu_memory_utilization, total, free,
                                  self.memory.weights_bytes,
-                                 self.memory.activation_peak_bytes + graphs)
+                                 self.memory.activation_peak_bytes + graphs
+                                 + self.cfg.transfer_reserve_bytes)
         return budget // probe.block_bytes
 
     @torch.inference_mode()

@@ -88,3 +88,15 @@ def test_block_order_of_long_and_empty_runs():
 def test_blocks_must_be_whole_words():
     with pytest.raises(ValueError, match="8-byte"):
         as_block_rows(torch.zeros(4, 3, dtype=torch.uint8), 3)
+
+
+def test_a_gpu_worker_leaves_room_for_its_nccl_staging_buffers():
+    """The staging buffers are made when a link joins, after the KV cache took its share:
+    the cache leaves room for STAGED_LINKS_RESERVED links' two buffers each."""
+    from cluster.worker_main import transfer_reserve_bytes
+    from kvtransfer.transfer.staging import MAX_CHUNK_BYTES, STAGED_LINKS_RESERVED
+
+    assert transfer_reserve_bytes("nccl", "cuda") == STAGED_LINKS_RESERVED * 2 * MAX_CHUNK_BYTES
+    assert transfer_reserve_bytes("nccl", "cuda:1") == 2**30
+    assert transfer_reserve_bytes("nixl", "cuda") == transfer_reserve_bytes("auto", "cuda") == 0
+    assert transfer_reserve_bytes("nccl", "cpu") == 0

@@ -29,6 +29,9 @@ DIRECT_RUN_BYTES = 32 << 20
 # (two buffers per side of each link).
 MIN_CHUNK_BYTES = 16 << 20
 MAX_CHUNK_BYTES = 128 << 20
+# Links whose two staging buffers a GPU worker's KV budget leaves room for
+# (cluster/worker_main.transfer_reserve_bytes): 1 GiB in all.
+STAGED_LINKS_RESERVED = 4
 
 
 def staged_chunks(counts: Sequence[int], block_bytes: int) -> list[tuple[int, int]] | None:
