@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cluster.launcher import WorkerProcess, spawn_worker
@@ -55,6 +56,8 @@ class WorkerSupervisor:
         self._last_start = [wp.started_at for wp in procs]
         self._pending: dict[int, _Restart] = {}
         self._stop = threading.Event()
+        # Called (on the supervisor's thread) with a worker's address once it is back.
+        self.on_restart: Callable[[str], None] | None = None
         self._thread = threading.Thread(target=self._watch, name="worker-supervisor",
                                         daemon=True)
 
@@ -102,6 +105,8 @@ class WorkerSupervisor:
             self.procs[i] = r.new
             self.restarts[i] += 1
             log.info("%s worker %s is back (pid %d)", r.new.role, r.new.address, r.new.proc.pid)
+            if self.on_restart is not None:
+                self.on_restart(r.new.address)
         elif r.new.address is not None or r.new.proc.poll() is not None or now > r.deadline:
             log.error("%s worker did not come back at %s (it %s)", r.dead.role, r.dead.address,
                       f"announced {r.new.address}" if r.new.address else

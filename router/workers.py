@@ -33,6 +33,9 @@ class WorkerHandle:
     status: pb.WorkerStatus | None = None
     failures: int = 0
     retired: bool = False  # left the pool (discovery); its channel closes once idle
+    # Times a supervisor started it again at this address (`baton serve`; None where no
+    # supervisor of this process watches it: separate workers, Kubernetes pods).
+    restarts: int | None = None
 
     def to_json(self) -> dict:
         s = self.status
@@ -47,7 +50,8 @@ class WorkerHandle:
                 "total_blocks": s.total_blocks if s else None,
                 "cached_blocks": s.cached_blocks if s else None,
                 "kv_backend": s.kv_backend if s else None,
-                "pid": s.pid if s else None}
+                "pid": s.pid if s else None,
+                "restarts": self.restarts}
 
 
 @dataclass
@@ -59,17 +63,27 @@ class WorkerPool:
     # Removed (discovery: its lease ran out) but still serving requests that picked it:
     # its channel closes when the last of them ends.
     retired: list[WorkerHandle] = field(default_factory=list)
+    # Addresses a supervisor in this process restarts (`baton serve`): their handles count
+    # restarts (count_restart), the others report none.
+    supervised: set[str] = field(default_factory=set)
 
     def add_workers(self, prefill: list[str], decode: list[str]) -> list[WorkerHandle]:
         """Open channels (call from the event loop that will use them); the new handles."""
         def handle(addr: str, role: str) -> WorkerHandle:
             ch = grpc.aio.insecure_channel(addr, options=GRPC_OPTIONS)
-            return WorkerHandle(addr, role, pb_grpc.WorkerStub(ch), ch)
+            return WorkerHandle(addr, role, pb_grpc.WorkerStub(ch), ch,
+                                restarts=0 if addr in self.supervised else None)
 
         new = [handle(a, "prefill") for a in prefill] + [handle(a, "decode") for a in decode]
         self.prefill.extend(w for w in new if w.role == "prefill")
         self.decode.extend(w for w in new if w.role == "decode")
         return new
+
+    def count_restart(self, address: str) -> None:
+        """A supervisor in this process started the worker at `address` again."""
+        for w in self.all:
+            if w.address == address:
+                w.restarts = (w.restarts or 0) + 1
 
     def remove(self, address: str) -> WorkerHandle | None:
         """Stop picking it; requests already on it go on (their channel stays open)."""

@@ -135,6 +135,7 @@ def test_a_killed_worker_is_restarted_on_its_address(checkpoint_dir):
 
         wait_for("the decode worker to be restarted", back, timeout=60)
         (w,) = [w for w in httpx.get(f"{u}/health").json()["workers"] if w["role"] == "decode"]
-        assert w["address"] == dead["address"]
+        assert w["address"] == dead["address"] and w["restarts"] == 1
+        assert dead["restarts"] == 0
         assert post(u, "/v1/completions", body).json()["choices"][0]["text"] == ref
         wait_pools_empty(u)
