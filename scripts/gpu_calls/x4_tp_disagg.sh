@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One device call on nvidia-h200-x4 (issue 9 scaled down): llama-3.1-70b shape, random
+# One device call on nvidia-h200-x4 (issue 9 scaled down; not yet run: x4 was first lent
+# when session 12 had two device minutes left, spent on x4_tp4.sh's step times): llama-3.1-70b shape, random
 # bf16 weights built on the GPUs, one prefill worker at TP=2 (GPUs 0-1) + one decode worker
 # at TP=2 (GPUs 2-3) against two aggregated TP=2 replicas, same run: lone 3000-token TTFT,
 # KV pull per request, then input 3000 / output 150 requests at rising open-loop rates.
