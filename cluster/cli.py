@@ -79,8 +79,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
     p = sub.add_parser("serve", help="router + workers on this machine (the embedded default)")
     add_serve_args(p)
     p.add_argument("--restart-workers", action=argparse.BooleanOptionalAction, default=True,
-                   help="start a worker that exits again on its address (backing off while "
-                        "it keeps dying)")
+                   help="start a worker that fails (exits with a nonzero status or a "
+                        "signal) again on its address, backing off while it keeps failing")
     handlers["serve"] = _serve
 
     p = sub.add_parser("router", help="run the router against running workers")

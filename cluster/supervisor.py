@@ -1,8 +1,10 @@
-"""`baton serve` restarts a worker that exits while it serves (a crash, the kernel's OOM
-killer, a `kill`), on the same address. The router keeps its worker list: meanwhile it
-routes around the dead worker (retrying or migrating what was on it), and its status poll
-finds the new one up at the old address, whose KV events it then follows from a fresh
-snapshot. Without this, a one-worker pool stayed down until someone restarted the server.
+"""`baton serve` restarts a worker that fails while it serves (a crash, the kernel's OOM
+killer, a `kill -9`), on the same address. One that exits cleanly (status 0: it was told to
+stop, drained and left, as at Ctrl-C, which reaches the workers too) stays down. The
+router keeps its worker list: meanwhile it routes around the dead worker (retrying or
+migrating what was on it), and its status poll finds the new one up at the old address,
+whose KV events it then follows from a fresh snapshot. Without this, a one-worker pool
+stayed down until someone restarted the server.
 
 A worker that dies again soon after it started waits twice as long before each next start
 (1 s up to a minute, as Kubernetes backs off a crash loop); one that ran a while is
@@ -51,10 +53,10 @@ class WorkerSupervisor:
                  ) -> None:
         self.procs = procs
         self.policy = policy or RestartPolicy()
-        self.restarts = [0] * len(procs)
         self._delay = [self.policy.first_delay_s] * len(procs)
         self._last_start = [wp.started_at for wp in procs]
         self._pending: dict[int, _Restart] = {}
+        self._stopped: set[int] = set()  # exited cleanly: left down
         self._stop = threading.Event()
         # Called (on the supervisor's thread) with a worker's address once it is back.
         self.on_restart: Callable[[str], None] | None = None
@@ -75,21 +77,30 @@ class WorkerSupervisor:
             for i, wp in enumerate(self.procs):
                 if i in self._pending:
                     self._advance(i)
-                elif wp.proc.poll() is not None:
-                    self._schedule(i, wp)
+                elif i not in self._stopped and wp.proc.poll() is not None:
+                    if wp.proc.returncode == 0:
+                        log.info("%s worker %s stopped (status 0); not restarted", wp.role,
+                                 wp.address)
+                        self._stopped.add(i)
+                    else:
+                        self._schedule(i, wp)
         for r in self._pending.values():
             if r.new is not None:
                 _kill(r.new)
 
     def _schedule(self, i: int, dead: WorkerProcess) -> None:
         lived = time.monotonic() - self._last_start[i]
+        delay = self._next_delay(i, lived)
+        log.error("%s worker %s (pid %d) exited with code %s after %.0f s; restarting it in "
+                  "%.2f s", dead.role, dead.address, dead.proc.pid, dead.proc.returncode,
+                  lived, delay)
+        self._pending[i] = _Restart(dead, time.monotonic() + delay)
+
+    def _next_delay(self, i: int, lived: float) -> float:
         delay = self.policy.first_delay_s if lived >= self.policy.stable_after_s \
             else self._delay[i]
         self._delay[i] = min(delay * 2, self.policy.max_delay_s)
-        log.error("%s worker %s (pid %d) exited with code %s after %.0f s; restarting it in "
-                  "%.0f s", dead.role, dead.address, dead.proc.pid, dead.proc.returncode,
-                  lived, delay)
-        self._pending[i] = _Restart(dead, time.monotonic() + delay)
+        return delay
 
     def _advance(self, i: int) -> None:
         r, now = self._pending[i], time.monotonic()
@@ -103,19 +114,20 @@ class WorkerSupervisor:
             return
         if r.new.address == r.dead.address:
             self.procs[i] = r.new
-            self.restarts[i] += 1
             log.info("%s worker %s is back (pid %d)", r.new.role, r.new.address, r.new.proc.pid)
             if self.on_restart is not None:
                 self.on_restart(r.new.address)
+            del self._pending[i]
         elif r.new.address is not None or r.new.proc.poll() is not None or now > r.deadline:
-            log.error("%s worker did not come back at %s (it %s)", r.dead.role, r.dead.address,
-                      f"announced {r.new.address}" if r.new.address else
-                      f"exited with code {r.new.proc.returncode}"
-                      if r.new.proc.returncode is not None else "was not ready in time")
-            _kill(r.new)  # the dead one stays in procs: the next round schedules again
-        else:
-            return  # still starting
-        del self._pending[i]
+            why = (f"announced {r.new.address}" if r.new.address else
+                   f"exited with code {r.new.proc.returncode}"
+                   if r.new.proc.returncode is not None else "was not ready in time")
+            _kill(r.new)
+            delay = self._next_delay(i, now - self._last_start[i])
+            log.error("%s worker did not come back at %s (it %s); trying again in %.2f s",
+                      r.dead.role, r.dead.address, why, delay)
+            self._pending[i] = _Restart(r.dead, now + delay)
+        # else: still starting
 
 
 def _kill(wp: WorkerProcess) -> None:

@@ -55,8 +55,8 @@ class EngineConfig:
     tp: int = 1
     # Decode graphs under --tp, with the all-reduces of the group's CuPy NCCL communicator
     # inside (kernels/tp_comm.py; without CuPy they stay off, with a reason logged).
-    # Measured on two H200s: TP=2 at batch 1 3.6 ms a step against 14.5 eager
-    # (docs/multi_gpu.md).
+    # Measured on two H200s: the 8B shape at TP=2 and batch 1 3.0 ms a step against 14.5
+    # eager (docs/multi_gpu.md).
     tp_cuda_graphs: bool = True
     # Tiered KV cache below the device: host DRAM (G2) and disk files (G3). Sizes in GiB,
     # or in blocks (the *_blocks fields win; tests use them for tiny tiers).
