@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import sys
@@ -82,26 +83,38 @@ def supervise(router, actors: list, roles: list[str], addresses: list[str], make
     router swaps the new address in for the old (requests on the dead one migrate). Each
     round also compares every actor's address with the router's, so a swap that failed, or
     a start that finished after its wait timed out, is made good. A worker that keeps
-    dying is retried with a growing pause (2 s doubling to 5 min)."""
+    dying is retried with a growing pause (2 s doubling to 5 min). Workers are checked and
+    restarted side by side (a node that went away takes several at once), each by one
+    thread at a time."""
     retry_at = [0.0] * len(roles)
     pause = [period_s] * len(roles)
-    while not stop.wait(period_s):
-        if router.loop is None:  # the router has not started yet
-            continue
-        for i, role in enumerate(roles):
-            if stop.is_set() or time.monotonic() < retry_at[i]:
+    running: dict[int, concurrent.futures.Future] = {}
+
+    def one(i: int) -> bool:
+        try:
+            return _restart_if_dead(router, actors, i, roles[i], addresses, make_actor,
+                                    worker_args, ready_timeout, stop)
+        except Exception:  # keep supervising (this one again later, the others)
+            log.exception("could not restart the %s worker %s", roles[i], addresses[i])
+            return True
+
+    with concurrent.futures.ThreadPoolExecutor(max(len(roles), 1),
+                                               thread_name_prefix="supervise") as pool:
+        while not stop.wait(period_s):
+            if router.loop is None:  # the router has not started yet
                 continue
-            try:
-                restarted = _restart_if_dead(router, actors, i, role, addresses, make_actor,
-                                             worker_args, ready_timeout, stop)
-            except Exception:  # keep supervising (this one again later, the others)
-                log.exception("could not restart the %s worker %s", role, addresses[i])
-                restarted = True
-            if restarted:
-                retry_at[i] = time.monotonic() + pause[i]
-                pause[i] = min(pause[i] * 2, 300.0)
-            elif time.monotonic() - retry_at[i] > 600:  # up 10 min: forget its crashes
-                pause[i] = period_s
+            for i, fut in list(running.items()):
+                if not fut.done():
+                    continue
+                del running[i]
+                if fut.result():  # it had to start a worker: back off before the next
+                    retry_at[i] = time.monotonic() + pause[i]
+                    pause[i] = min(pause[i] * 2, 300.0)
+                elif time.monotonic() - retry_at[i] > 600:  # up 10 min: forget its crashes
+                    pause[i] = period_s
+            for i in range(len(roles)):
+                if i not in running and not stop.is_set() and time.monotonic() >= retry_at[i]:
+                    running[i] = pool.submit(one, i)
 
 
 def _restart_if_dead(router, actors: list, i: int, role: str, addresses: list[str],

@@ -1,6 +1,6 @@
 """`ray job submit -- python -m cluster.ray_job` on a real single-node Ray cluster (started
 here on loopback, CPU only): the job places a prefill and a decode worker in Ray actors,
-serves transformers' greedy tokens through its router, restarts a worker killed under it
+serves transformers' greedy tokens through its router, restarts workers killed under it
 (same greedy tokens after), and `ray job stop` takes every process down with it."""
 
 from __future__ import annotations
@@ -98,25 +98,26 @@ def test_job_serves_transformers_greedy_tokens_and_stops_clean(ray_cluster, chec
 
         for text in TEXTS:
             served_greedy(text)
-        # The decode worker dies under the job: its supervisor starts another and the
-        # router serves from the new one.
-        dead = next(w for w in health["workers"] if w["role"] == "decode")
-        os.kill(dead["pid"], signal.SIGKILL)
+        # Both workers die at once under the job: its supervisor starts another of each
+        # (side by side) and the router serves from the new ones.
+        dead = {w["address"] for w in health["workers"]}
+        for w in health["workers"]:
+            os.kill(w["pid"], signal.SIGKILL)
 
         def replaced() -> bool:
             workers = httpx.get(f"{url}/health", timeout=5).json()["workers"]
-            return any(w["role"] == "decode" and w["healthy"] and
-                       w["address"] != dead["address"] for w in workers)
+            return {w["role"] for w in workers if w["healthy"] and w["address"] not in dead} \
+                == {"prefill", "decode"}
         deadline = time.monotonic() + 120
         while not replaced():
-            assert time.monotonic() < deadline, "the killed worker was not replaced"
+            assert time.monotonic() < deadline, "the killed workers were not replaced"
             time.sleep(0.5)
         served_greedy(TEXTS[0])
     finally:
         log = _ray("job", "logs", "--address", address, job, env=env)
         _ray("job", "stop", "--address", address, job, env=env)
     workers = _descendants_of_job(log)
-    assert len(workers) == 3, log[-3000:]  # prefill, decode, and the decode restarted
+    assert len(workers) == 4, log[-3000:]  # prefill and decode, each started twice
     deadline = time.monotonic() + 20
     while any(_alive(p) for p in workers) and time.monotonic() < deadline:
         time.sleep(0.2)
