@@ -59,14 +59,21 @@ class Session:
     thinks: list[float]  # seconds between a turn's last token and the next turn, at load 1
 
 
+def first_msg_len(args) -> int:
+    """A session's first message: --first-msg-len (a document pasted at the start of a
+    chat), else as long as the others."""
+    return args.first_msg_len or args.msg_len
+
+
 def make_sessions(args, seed: int) -> list[Session]:
     rng = random.Random(seed)
     systems = [[rng.randrange(4, 1000) for _ in range(args.system_len)]
                for _ in range(args.systems)]
     out, t = [], 0.0
     for s in range(args.sessions):
-        msgs = [[rng.randrange(4, 1000) for _ in range(args.msg_len)]
-                for _ in range(args.turns)]
+        msgs = [[rng.randrange(4, 1000) for _ in range(first_msg_len(args) if turn == 0
+                                                        else args.msg_len)]
+                for turn in range(args.turns)]
         thinks = [rng.uniform(0.5, 1.5) * args.think for _ in range(args.turns)]
         out.append(Session(s, t, systems[s % args.systems], msgs, thinks))
         t += rng.expovariate(args.rate)
@@ -290,7 +297,8 @@ def write_levels(args, levels: list[dict], kv_blocks: int, working_set: int, cap
         "serve_args": args.serve_args, "workers": args.workers,
         "kv_blocks_per_worker": kv_blocks, "working_set_tokens": working_set,
         "capacity_tokens": capacity, "workload": {k: getattr(args, k) for k in (
-            "systems", "system_len", "sessions", "turns", "msg_len", "out_len", "rate",
+            "systems", "system_len", "sessions", "turns", "msg_len", "first_msg_len",
+            "out_len", "rate",
             "think", "seed")},
         "loadavg_start": loadavg_start, "loadavg_end": list(os.getloadavg()),
         "levels": levels, "loads_with_3x_lower_ttft_p50": three_x,
@@ -308,6 +316,9 @@ def main() -> None:
     ap.add_argument("--sessions", type=int, default=48)
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--msg-len", type=int, default=96)
+    ap.add_argument("--first-msg-len", type=int, default=0,
+                    help="tokens of each session's first message (a document the chat is "
+                         "about, reused by every later turn); 0: --msg-len")
     ap.add_argument("--out-len", type=int, default=16)
     ap.add_argument("--rate", type=float, default=1.2, help="session arrivals/s at load 1")
     ap.add_argument("--think", type=float, default=2.5,
@@ -326,8 +337,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/prefix_routing_cpu.json")
     args = ap.parse_args()
 
-    working_set = args.systems * args.system_len + args.sessions * args.turns * (
-        args.msg_len + args.out_len)
+    working_set = args.systems * args.system_len + args.sessions * (
+        first_msg_len(args) + (args.turns - 1) * args.msg_len + args.turns * args.out_len)
     kv_blocks = args.kv_blocks or math.ceil(working_set / 2 / BLOCK / args.workers)
     capacity = args.workers * kv_blocks * BLOCK
     print(f"working set {working_set} tokens, KV capacity {capacity} tokens "

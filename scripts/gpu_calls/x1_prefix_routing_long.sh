@@ -8,12 +8,18 @@
 #       command="bash scripts/gpu_calls/x1_prefix_routing_long.sh", timeout_s=560)
 # Each level draws its sessions with seed + its index: LOADS=3,3,3 repeats load 3 on three
 # traces; SEED shifts them all. TURNS / MSG_LEN / OUT_LEN change the chat's shape (the
-# history a turn reuses against the new tokens it brings); NAME suffixes the result file.
+# history a turn reuses against the new tokens it brings), FIRST_MSG_LEN makes each
+# session open with a document that every later turn reuses (a chat about a paste: what
+# round-robin must recompute wherever it lands); NAME suffixes the result file. On
+# nvidia-h200-x2 the two workers take a GPU each. Next to run (session 12's proposal):
+#   FIRST_MSG_LEN=6144 MSG_LEN=128 TURNS=6 OUT_LEN=64 LOADS=2,2,2 NAME=_x2_docs
+#   (kind nvidia-h200-x2)
 set -u
 source scripts/gpu_calls/steps.sh
 STEP_TAIL=14 step prefix_routing_long "${STEP_S:-500}" python -m benchmarks.prefix_routing --device cuda \
   --preset llama-3.1-8b --systems 8 --system-len 2048 --sessions 96 --turns "${TURNS:-6}" \
-  --msg-len "${MSG_LEN:-512}" --out-len "${OUT_LEN:-64}" --loads "${LOADS:-2,3}" \
+  --msg-len "${MSG_LEN:-512}" --first-msg-len "${FIRST_MSG_LEN:-0}" \
+  --out-len "${OUT_LEN:-64}" --loads "${LOADS:-2,3}" \
   --policies kv,round-robin --seed "${SEED:-0}" \
   --wait-idle 0 --serve-args "--gpu-memory-utilization 0.4 --max-num-batched-tokens 8192" \
   --out "$OUT/prefix_routing_h200_long${NAME:-}.json"
