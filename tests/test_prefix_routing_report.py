@@ -34,6 +34,7 @@ def test_a_repeated_load_passes_only_on_its_median(tmp_path, capsys) -> None:
         out = str(tmp_path / "r.json")
         preset, device, serve_args, workers = "small-llama", "cpu", "", 2
         systems, system_len, sessions, turns, msg_len, out_len = 8, 64, 4, 2, 16, 4
+        first_msg_len = 0
         rate, think, seed = 1.0, 1.0, 0
     write_levels(Args, [level(3.0, 4.5), level(3.0, 2.0), level(3.0, 2.5), level(4.0, 3.1)],
                  kv_blocks=10, working_set=100, capacity=50, loadavg_start=[0.0, 0.0, 0.0])
