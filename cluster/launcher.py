@@ -248,7 +248,8 @@ def serve(args: argparse.Namespace) -> int:
         print(f"Baton serving {cfg.served_model_name} ({mode}) at {url}\n"
               f"  curl {url}/v1/completions -H 'Content-Type: application/json' -d "
               f"'{{\"model\": \"{cfg.served_model_name}\", \"prompt\": \"Hello\", "
-              f"\"max_tokens\": 16}}'", flush=True)
+              f"\"max_tokens\": 16}}'\n"
+              f"  dashboard {url}/dashboard   metrics {url}/metrics", flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     finally:
         if supervisor is not None:
