@@ -86,7 +86,8 @@ def test_pools_scale_with_tp_and_the_router_lists_every_worker() -> None:
                    "decode": {"replicas": 3, "tp": 2, "port": 6000,
                               "extraArgs": ["--host-kv-gb", "64"],
                               "resources": {"limits": {"memory": "200Gi"}}},
-                   "kvTransfer": "nixl", "router": {"replicas": 2, "routing": "round-robin"}})
+                   "kvTransfer": "nixl", "blockSize": 64,
+                   "router": {"replicas": 2, "routing": "round-robin"}})
     router = container(find(docs, "Deployment", "demo-baton-router"))
     args = parse(router["command"], router["args"])
     assert args.prefill_workers.split(",") == [
@@ -97,9 +98,11 @@ def test_pools_scale_with_tp_and_the_router_lists_every_worker() -> None:
     decode = container(find(docs, "StatefulSet", "demo-baton-decode"))
     wargs = parse(decode["command"], decode["args"])
     assert (wargs.tp, wargs.kv_transfer, wargs.port, wargs.host_kv_gb) == (2, "nixl", 6000, 64)
+    assert wargs.block_size == 64
     assert decode["resources"]["limits"] == {"nvidia.com/gpu": 2, "memory": "200Gi"}
     prefill = container(find(docs, "StatefulSet", "demo-baton-prefill"))
-    assert parse(prefill["command"], prefill["args"]).max_num_batched_tokens == 16384
+    pargs = parse(prefill["command"], prefill["args"])
+    assert (pargs.max_num_batched_tokens, pargs.block_size) == (16384, 64)  # pools agree
     assert find(docs, "StatefulSet", "demo-baton-prefill")["spec"]["replicas"] == 2
 
 
@@ -174,6 +177,7 @@ def test_router_waits_for_loading_workers_without_being_restarted() -> None:
     ({"kvTransfer": "nccl", "decode": {"tp": 2}}, "kvTransfer nccl works between single-GPU"),
     ({"mode": "split"}, "mode"),
     ({"kvTransfer": "rdma"}, "kvTransfer"),
+    ({"blockSize": 48}, "blockSize"),
     ({"decode": {"tp": 0}}, "tp"),
     ({"router": {"routing": "best"}}, "routing"),
     ({"router": {"index": "redis"}}, "router.index redis needs redis.enabled"),
