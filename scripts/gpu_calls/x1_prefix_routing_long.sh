@@ -14,6 +14,9 @@
 # nvidia-h200-x2 the two workers take a GPU each. Next to run (session 12's proposal):
 #   FIRST_MSG_LEN=6144 MSG_LEN=128 TURNS=6 OUT_LEN=64 LOADS=2,2,2 NAME=_x2_docs
 #   (kind nvidia-h200-x2)
+# SERVE_EXTRA adds `baton serve` flags, e.g. SERVE_EXTRA="--overlap-decode-max-rows 0" to
+# see what launching decode steps ahead costs arriving requests (a step launched ahead
+# that a new arrival turns into a miss runs anyway, before the arrival's prefill).
 set -u
 source scripts/gpu_calls/steps.sh
 STEP_TAIL=14 step prefix_routing_long "${STEP_S:-500}" python -m benchmarks.prefix_routing --device cuda \
@@ -21,6 +24,6 @@ STEP_TAIL=14 step prefix_routing_long "${STEP_S:-500}" python -m benchmarks.pref
   --msg-len "${MSG_LEN:-512}" --first-msg-len "${FIRST_MSG_LEN:-0}" \
   --out-len "${OUT_LEN:-64}" --loads "${LOADS:-2,3}" \
   --policies kv,round-robin --seed "${SEED:-0}" \
-  --wait-idle 0 --serve-args "--gpu-memory-utilization 0.4 --max-num-batched-tokens 8192" \
+  --wait-idle 0 --serve-args "--gpu-memory-utilization 0.4 --max-num-batched-tokens 8192 ${SERVE_EXTRA:-}" \
   --out "$OUT/prefix_routing_h200_long${NAME:-}.json"
 ls -la "$OUT"
