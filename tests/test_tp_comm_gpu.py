@@ -209,6 +209,41 @@ def test_tp2_with_decode_graphs_equals_tp1():
             launched
 
 
+@two_gpus
+def test_tp2_launching_ahead_through_preemption_host_tier_seeds_and_logprobs():
+    """Launched-ahead TP steps among what breaks their pattern: a pool too small for every
+    sequence (preemption, recompute), a host KV tier (offloads, and hits copied back by
+    every rank between steps), seeded temperature sampling (the leader's ids are what the
+    followers stage from) and rows asking for logprobs (never launched ahead). TP=2 gives
+    TP=1's tokens (mini-llama, bf16, decode graphs)."""
+    pytest.importorskip("flashinfer")
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+
+    prompts = [[(11 * i + 3 * j) % 3000 + 5 for j in range(n)] for i, n in
+               enumerate([60, 40, 70, 33, 50, 64, 45, 12])]
+    params = [SamplingParams(max_tokens=120, temperature=0.8, seed=100 + i, ignore_eos=True)
+              if i % 3 == 1 else
+              SamplingParams(max_tokens=120, temperature=0.0, logprobs=2, ignore_eos=True)
+              if i % 3 == 2 else
+              SamplingParams(max_tokens=120, temperature=0.0, ignore_eos=True)
+              for i in range(len(prompts))]
+    outs, seen = {}, {}
+    for tp in (2, 1):
+        with LLM("mini-llama", load_format="dummy", device="cuda", dtype="bfloat16", tp=tp,
+                 num_kv_blocks=48, host_kv_blocks=64, max_num_seqs=8,
+                 tp_cuda_graphs=True) as llm:
+            assert llm.engine.runner.stages_next_decode
+            llm.engine.runner.graphs.host_timer = {}
+            outs[tp] = [o.token_ids for o in llm.generate(prompts, params)]
+            seen[tp] = (llm.engine.scheduler.num_preemptions,
+                        llm.engine.tiers.stats.hits["host"],
+                        llm.engine.runner.graphs.host_timer.get("launched_used", 0))
+    print("preemptions, host-tier hits, steps launched ahead and used:", seen)
+    assert outs[2] == outs[1]
+    assert all(p > 0 and h > 0 and used > 0 for p, h, used in seen.values()), seen
+
+
 class _FakeComm:
     """Rank 0 of two, whose peer holds x + 10."""
 
