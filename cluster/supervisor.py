@@ -54,7 +54,6 @@ class WorkerSupervisor:
         self.procs = procs
         self.policy = policy or RestartPolicy()
         self._delay = [self.policy.first_delay_s] * len(procs)
-        self._last_start = [wp.started_at for wp in procs]
         self._pending: dict[int, _Restart] = {}
         self._stopped: set[int] = set()  # exited cleanly: left down
         self._stop = threading.Event()
@@ -89,7 +88,7 @@ class WorkerSupervisor:
                 _kill(r.new)
 
     def _schedule(self, i: int, dead: WorkerProcess) -> None:
-        lived = time.monotonic() - self._last_start[i]
+        lived = time.monotonic() - dead.started_at
         delay = self._next_delay(i, lived)
         log.error("%s worker %s (pid %d) exited with code %s after %.0f s; restarting it in "
                   "%.2f s", dead.role, dead.address, dead.proc.pid, dead.proc.returncode,
@@ -110,7 +109,6 @@ class WorkerSupervisor:
                 r.new = spawn_worker(r.dead.role, [*r.dead.args, "--port", port],
                                      threading.Event(), [], r.dead.env)
                 r.deadline = now + self.policy.ready_timeout_s
-                self._last_start[i] = now
             return
         if r.new.address == r.dead.address:
             self.procs[i] = r.new
@@ -123,7 +121,7 @@ class WorkerSupervisor:
                    f"exited with code {r.new.proc.returncode}"
                    if r.new.proc.returncode is not None else "was not ready in time")
             _kill(r.new)
-            delay = self._next_delay(i, now - self._last_start[i])
+            delay = self._next_delay(i, now - r.new.started_at)
             log.error("%s worker did not come back at %s (it %s); trying again in %.2f s",
                       r.dead.role, r.dead.address, why, delay)
             self._pending[i] = _Restart(r.dead, now + delay)

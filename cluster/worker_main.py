@@ -111,15 +111,13 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
 
 
 def transfer_reserve_bytes(kv_transfer: str, device: str) -> int:
-    """GPU memory the KV transfer backend allocates beside the KV cache: each nccl link side
-    stages scattered blocks through two buffers of up to MAX_CHUNK_BYTES, made when the
-    link joins; the cache leaves room for STAGED_LINKS_RESERVED links (a worker with more
-    peers takes the rest from what is free). NIXL and tcp move blocks in place."""
+    """GPU memory the KV transfer backend allocates beside the KV cache: the nccl links'
+    staging buffers. NIXL and tcp move blocks in place."""
     if kv_transfer != "nccl" or not device.startswith("cuda"):
         return 0
-    from kvtransfer.transfer.staging import MAX_CHUNK_BYTES, STAGED_LINKS_RESERVED
+    from kvtransfer.transfer.staging import staging_reserve_bytes
 
-    return STAGED_LINKS_RESERVED * 2 * MAX_CHUNK_BYTES
+    return staging_reserve_bytes()
 
 
 async def run_worker(args: argparse.Namespace) -> None:

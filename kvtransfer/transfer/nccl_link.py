@@ -25,6 +25,7 @@ import torch
 
 from kernels.block_copy import gather_rows, scatter_rows
 from kvtransfer.transfer.staging import (
+    STAGING_BUFFERS,
     as_block_rows,
     block_order,
     max_chunk_blocks,
@@ -228,8 +229,8 @@ class NcclLink:
         self._done = cupy.cuda.Event(block=True, disable_timing=True)
         # Staged transfers: gathers/scatters run on a second stream beside the sends.
         self._copy_stream = cupy.cuda.Stream(non_blocking=True)
-        self._filled = [cupy.cuda.Event(disable_timing=True) for _ in range(2)]
-        self._freed = [cupy.cuda.Event(disable_timing=True) for _ in range(2)]
+        self._filled = [cupy.cuda.Event(disable_timing=True) for _ in range(STAGING_BUFFERS)]
+        self._freed = [cupy.cuda.Event(disable_timing=True) for _ in range(STAGING_BUFFERS)]
         self._copies_done = cupy.cuda.Event(disable_timing=True)
         comm = init_communicator(2, self._uid, self.rank)
         with self._lock:
@@ -313,7 +314,7 @@ class NcclLink:
         rows = self._rows
         most = max_chunk_blocks(self.block_bytes)  # any transfer's chunks fit
         self._staging = [torch.empty(most, rows.shape[1], dtype=rows.dtype,
-                                     device=rows.device) for _ in range(2)]
+                                     device=rows.device) for _ in range(STAGING_BUFFERS)]
         self._ids = torch.empty(rows.shape[0], dtype=torch.int64, device=rows.device)
         # Pinned, so the copy to the device is asynchronous; reused: the transfer before
         # has run out (`_transfer` waits for it) when the next one writes it. CuPy's pinned
@@ -356,7 +357,7 @@ class NcclLink:
             for c, (lo, hi) in enumerate(chunks):
                 if self._comm is None:
                     raise LinkBroken(f"NCCL link {self.name} was aborted during a transfer")
-                b = c % 2
+                b = c % STAGING_BUFFERS
                 buf = self._staging[b][: hi - lo]
                 nbytes = (hi - lo) * self.block_bytes
                 if self.rank == SENDER:

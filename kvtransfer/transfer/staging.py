@@ -29,9 +29,18 @@ DIRECT_RUN_BYTES = 32 << 20
 # (two buffers per side of each link).
 MIN_CHUNK_BYTES = 16 << 20
 MAX_CHUNK_BYTES = 128 << 20
-# Links whose two staging buffers a GPU worker's KV budget leaves room for
-# (cluster/worker_main.transfer_reserve_bytes): 1 GiB in all.
+# Staging buffers per side of a link: one is filled while the other moves.
+STAGING_BUFFERS = 2
+# Links whose staging buffers a GPU worker's KV budget leaves room for
+# (`staging_reserve_bytes`): 1 GiB in all.
 STAGED_LINKS_RESERVED = 4
+
+
+def staging_reserve_bytes() -> int:
+    """Device memory a GPU worker's KV cache leaves free for its nccl links' staging
+    buffers, made when each link joins (a worker with more peers than
+    STAGED_LINKS_RESERVED takes the rest from what is free)."""
+    return STAGED_LINKS_RESERVED * STAGING_BUFFERS * MAX_CHUNK_BYTES
 
 
 def staged_chunks(counts: Sequence[int], block_bytes: int) -> list[tuple[int, int]] | None:
