@@ -26,13 +26,13 @@ from engine.sampling_params import SamplingParams
 
 
 def tp_agreement(tp_sizes: list[int], prompts: int, new_tokens: int,
-                 tp_graphs: bool = False) -> dict:
+                 tp_graphs: bool = False, model: str = "mini-llama") -> dict:
     rng = random.Random(1)
     batch = [[rng.randrange(4096) for _ in range(rng.randint(16, 512))] for _ in range(prompts)]
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True, logprobs=0)
     runs = {}
     for tp in tp_sizes:
-        with LLM("mini-llama", load_format="dummy", device="cuda", dtype="bfloat16", tp=tp,
+        with LLM(model, load_format="dummy", device="cuda", dtype="bfloat16", tp=tp,
                  num_kv_blocks=4096, tp_cuda_graphs=tp_graphs) as llm:
             runs[tp] = [(o.token_ids, o.logprobs) for o in llm.generate(batch, params)]
     base = runs[tp_sizes[0]]
@@ -120,6 +120,9 @@ def main() -> None:
     ap.add_argument("--tp-graphs", default="0,1",
                     help="for TP > 1: eager (0) and/or CUDA graphs with captured all-reduces (1)")
     ap.add_argument("--skip-agreement", action="store_true")
+    ap.add_argument("--agreement-model", default="mini-llama",
+                    help="preset of the agreement check; mini-llama-wide has the 8 kv heads "
+                         "that TP=4 and TP=8 need")
     ap.add_argument("--profile-only", action="store_true",
                     help="only the rank-0 profile of batch-1 decode at each TP size")
     ap.add_argument("--profile-graphs", action="store_true",
@@ -128,7 +131,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/gpu_tp.json")
     args = ap.parse_args()
     sizes = [int(x) for x in args.tp.split(",")]
-    cases = [tuple(int(x) for x in c.split(":")) for c in args.batches.split(",")]
+    cases = [tuple(int(x) for x in c.split(":")) for c in args.batches.split(",") if c]
     graph_modes = [bool(int(x)) for x in args.tp_graphs.split(",")]
     result: dict = {"benchmark": "gpu_tp", "preset": args.preset, "tp_sizes": sizes}
     if args.profile_only:
@@ -147,12 +150,14 @@ def main() -> None:
         return
     if not args.skip_agreement:
         for g in graph_modes:
-            key = "mini_llama_agreement" + ("_tp_graphs" if g else "")
-            result[key] = tp_agreement(sizes, args.prompts, args.new_tokens, g)
+            key = (args.agreement_model.replace("-", "_") + "_agreement"
+                   + ("_tp_graphs" if g else ""))
+            result[key] = tp_agreement(sizes, args.prompts, args.new_tokens, g,
+                                       args.agreement_model)
             print(key, result[key], flush=True)
             write_result(args.out, result)
     result["decode"] = []
-    for tp in sizes:
+    for tp in sizes if cases else []:
         for g in graph_modes if tp > 1 else [False]:
             result["decode"] += decode_times(args.preset, tp, cases, args.steps, g)
             write_result(args.out, result)

@@ -261,6 +261,13 @@ PRESETS: dict[str, Preset] = {
             "tied head (as Llama 3.2 1B/3B) for peaked logits",
         ),
         _preset(
+            "mini-llama-wide",
+            "llama3",
+            _llama(hidden=2048, layers=4, heads=16, kv_heads=8, inter=5632, vocab=4096,
+                   max_pos=8192, original_max=8192, tie=True, dtype="bfloat16"),
+            "GPU test shape for TP up to 8: mini-llama with 8 kv heads (2:1 GQA), head_dim 128",
+        ),
+        _preset(
             "llama-3.1-8b",
             "llama3",
             _llama(**_LLAMA_8B),
