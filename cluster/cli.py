@@ -128,6 +128,11 @@ def add_routing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-prefill-threshold", type=int, default=0,
                    help="prefill on the decode worker when at most this many prompt tokens "
                         "are not cached there (0: always use a prefill worker)")
+    p.add_argument("--prefill-overflow-wait", type=_seconds, default=0.0, metavar="SECONDS",
+                   help="prefill on the decode worker too while every prefill worker would "
+                        "keep a prompt waiting longer than this (at its measured speed): "
+                        "bursts cost inter-token latency instead of queueing "
+                        "(0: never, the default)")
     p.add_argument("--route-weights", default=PolicyWeights(), type=_route_weights,
                    metavar="NAME=X,...",
                    help="KV routing score weights, e.g. active_decode=0.05,host=0.5 "
@@ -135,6 +140,16 @@ def add_routing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", default="memory",
                    help="prefix index: memory (this router only) or redis://HOST:PORT "
                         "(shared by router replicas)")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be finite and >= 0, got {text}")
+    return value
 
 
 def _route_weights(spec: str) -> PolicyWeights:

@@ -203,7 +203,8 @@ def router_config(args: argparse.Namespace, model: str, prefill: list[str],
         model=model, served_model_name=args.served_model_name or os.path.basename(
             model.rstrip("/")),
         prefill=prefill, decode=decode, routing=args.routing,
-        local_prefill_threshold=args.local_prefill_threshold, index=args.index,
+        local_prefill_threshold=args.local_prefill_threshold,
+        prefill_overflow_wait_s=args.prefill_overflow_wait, index=args.index,
         route_weights=args.route_weights, **extra)
 
 

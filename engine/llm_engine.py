@@ -319,7 +319,7 @@ class LLMEngine:
         unmeasured = self.runner.launched_ahead
         t0 = time.perf_counter()
         result = self.runner.execute(out, self.scheduler)
-        if self.tiers is not None and not unmeasured:
+        if not unmeasured:
             self._measure_prefill(out, time.perf_counter() - t0)
         self.scheduler.update(out, result)
         outputs = []
@@ -327,6 +327,13 @@ class LLMEngine:
             if item.samples:
                 outputs.append(self._output(item.seq))
         return outputs
+
+    @property
+    def prefill_tokens_per_s(self) -> float | None:
+        """Prefill speed measured on this worker's own steps: the tier store weighs it
+        against disk reads; the router, against how long a prompt would queue here."""
+        per_block = self.kv.recompute_s_per_block
+        return self.cfg.block_size / per_block if per_block else None
 
     def _measure_prefill(self, out, seconds: float) -> None:
         """Seconds per block of a prefill-sized step (the sampled logits come back to

@@ -230,7 +230,8 @@ class WorkerService(pb_grpc.WorkerServicer):
                 agent_metadata=self.ctx.transfer.metadata(),
                 kv_backend=self.ctx.transfer.name, queued_prefill_tokens=queued,
                 num_preemptions=sched.num_preemptions, max_model_len=e.max_model_len,
-                pid=os.getpid(), draining=self.ctx.draining)
+                pid=os.getpid(), draining=self.ctx.draining,
+                prefill_tokens_per_s=e.prefill_tokens_per_s or 0.0)
 
         return await self.ctx.worker.call(read)
 

@@ -41,6 +41,9 @@ class RouterConfig:
     decode: list[str] = field(default_factory=list)
     routing: str = "kv"  # kv | round-robin | random | least-loaded
     local_prefill_threshold: int = 0  # uncached prompt tokens at or below: prefill on D
+    # Prefill on D too while every prefill worker would keep the prompt waiting longer
+    # than this (seconds at its measured speed); 0: never.
+    prefill_overflow_wait_s: float = 0.0
     index: str = "memory"  # memory | redis://HOST:PORT
     route_weights: PolicyWeights = field(default_factory=PolicyWeights)
     ready_timeout_s: float = 120.0
@@ -66,7 +69,7 @@ class Router:
         self.kv = (KVRouter(self.pool, cfg.index, cfg.route_weights)
                    if cfg.routing == "kv" else None)
         self.runner = RequestRunner(self.pool, self.metrics, self.kv,
-                                    cfg.local_prefill_threshold)
+                                    cfg.local_prefill_threshold, cfg.prefill_overflow_wait_s)
         self._refresher: asyncio.Task | None = None
         self.membership: Membership | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # once started

@@ -80,6 +80,7 @@ def state(router) -> dict:
         "routing": cfg.routing,
         "index": "redis" if cfg.index.startswith("redis") else cfg.index,
         "local_prefill_threshold": cfg.local_prefill_threshold,
+        "prefill_overflow_wait_s": cfg.prefill_overflow_wait_s,
         "max_model_len": pool.max_model_len,
         "workers": [w.to_json() for w in pool.all],
         "counters": counters,

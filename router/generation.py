@@ -22,6 +22,7 @@ from engine.sampling_params import SamplingParams
 from router.errors import WorkerUnavailableError
 from router.kv_routing import KVRouter
 from router.metrics import RouterMetrics
+from router.policy import prefill_placement
 from router.prefix_index import Overlap
 from router.workers import WorkerHandle, WorkerPool
 
@@ -58,11 +59,13 @@ def _invalid(e: grpc.aio.AioRpcError) -> InvalidRequestError:
 
 class RequestRunner:
     def __init__(self, pool: WorkerPool, metrics: RouterMetrics, kv: KVRouter | None = None,
-                 local_prefill_threshold: int = 0) -> None:
+                 local_prefill_threshold: int = 0, prefill_overflow_wait_s: float = 0.0
+                 ) -> None:
         self.pool = pool
         self.metrics = metrics
         self.kv = kv  # None: round-robin / random / least-loaded picks
         self.local_prefill_threshold = local_prefill_threshold
+        self.prefill_overflow_wait_s = prefill_overflow_wait_s  # 0: never overflow
         self._background: set[asyncio.Future] = set()
 
     async def run(self, request_id: str, prompt: list[int], params: SamplingParams
@@ -75,11 +78,17 @@ class RequestRunner:
         tie_key = xxhash.xxh3_64_intdigest(struct.pack(f"<{len(prompt)}I", *prompt))
         decode_w = self._pick("decode", set(), overlaps, bs, tie_key)
         # Conditional disaggregation: when what decode_w lacks of the prompt is short,
-        # prefilling it right there beats shipping KV from a prefill worker.
+        # prefilling it right there beats shipping KV from a prefill worker; so does a
+        # prefill pool backed up past --prefill-overflow-wait (router/policy.py).
         held = overlaps[decode_w.address].total * bs if decode_w.address in overlaps else 0
-        disaggregate = self.pool.disaggregated and \
-            len(prompt) - held > self.local_prefill_threshold
-        self.metrics.routing.labels("disaggregated" if disaggregate else "local").inc()
+        placement = "local"
+        if self.pool.disaggregated:
+            prefill_wait, rate = self.pool.shortest_prefill_wait()
+            placement = prefill_placement(len(prompt) - held, self.local_prefill_threshold,
+                                          self.prefill_overflow_wait_s, prefill_wait,
+                                          decode_w.prefill_wait_s(rate))
+        disaggregate = placement == "disaggregated"
+        self.metrics.routing.labels(placement).inc()
         self.metrics.router_span.labels("route").observe(time.perf_counter() - t0)
         local_prefill = 0
         failed: set[str] = set()

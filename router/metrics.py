@@ -35,7 +35,9 @@ class RouterMetrics:
         self.migrations = Counter("baton_migrations", "requests moved after a worker failed",
                                   registry=r)
         self.routing = Counter("baton_routing_decisions",
-                               "prefill placement: on a prefill worker, or local on decode",
+                               "prefill placement: on a prefill worker (disaggregated), on the "
+                               "decode worker (local: little uncached; overflow: the "
+                               "prefill pool backed up)",
                                ["kind"], registry=r)
         self.kv_picks = Counter("baton_kv_route_picks",
                                 "KV-aware picks: to the best prefix holder, diverted from it "

@@ -81,3 +81,25 @@ def choose(candidates: list[str], overlaps: dict[str, Overlap], loads: dict[str,
     tied = [c for c in candidates if scores[c] >= best - 1e-9]
     picked = rng.choice(tied)
     return picked, scores[picked]
+
+
+def prefill_placement(uncached_tokens: int, local_threshold: int, overflow_wait_s: float,
+                      prefill_wait_s: float | None, decode_wait_s: float | None) -> str:
+    """Where a disaggregated deployment prefills one request: "local" (on its decode
+    worker: what that worker lacks of the prompt is at most `local_threshold` tokens),
+    "overflow" (on its decode worker because every prefill worker is backed up) or
+    "disaggregated" (on a prefill worker, KV shipped after).
+
+    Overflow trades the decode pool's inter-token latency for time to first token, and
+    only when that trade is lopsided: the least-backed-up prefill worker would keep the
+    prompt waiting longer than `overflow_wait_s` (0: never overflow) and the decode
+    worker's own queue of prefill is shorter. A prefill pool sized for the average load
+    then rides out bursts instead of queueing them (Dynamo's conditional
+    disaggregation does the same on the prefill queue's length). `None` waits are not
+    known yet (no speed measured): they never trigger an overflow."""
+    if uncached_tokens <= local_threshold:
+        return "local"
+    if overflow_wait_s > 0 and prefill_wait_s is not None and prefill_wait_s > overflow_wait_s \
+            and (decode_wait_s is None or decode_wait_s < prefill_wait_s):
+        return "overflow"
+    return "disaggregated"

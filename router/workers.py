@@ -37,6 +37,19 @@ class WorkerHandle:
     # supervisor of this process watches it: separate workers, Kubernetes pods).
     restarts: int | None = None
 
+    @property
+    def prefill_tokens_per_s(self) -> float | None:
+        """The speed it measured on its own prefill steps (None: none yet)."""
+        rate = self.status.prefill_tokens_per_s if self.status else 0.0
+        return rate or None
+
+    def prefill_wait_s(self, rate: float | None = None) -> float | None:
+        """Seconds a prompt sent now would wait behind the prefill this router has
+        queued here, at this worker's measured speed (or `rate`, a stand-in while it
+        has measured none); None when neither is known."""
+        rate = self.prefill_tokens_per_s or rate
+        return self.pending_prefill_tokens / rate if rate else None
+
     def to_json(self) -> dict:
         s = self.status
         return {"address": self.address, "role": self.role, "healthy": self.healthy,
@@ -51,6 +64,7 @@ class WorkerHandle:
                 "cached_blocks": s.cached_blocks if s else None,
                 "kv_backend": s.kv_backend if s else None,
                 "pid": s.pid if s else None,
+                "prefill_tokens_per_s": self.prefill_tokens_per_s,
                 "restarts": self.restarts}
 
 
@@ -118,6 +132,13 @@ class WorkerPool:
     def max_model_len(self) -> int | None:
         lens = [w.status.max_model_len for w in self.all if w.status and w.healthy]
         return min(lens) if lens else None
+
+    def shortest_prefill_wait(self) -> tuple[float | None, float | None]:
+        """The least-backed-up live prefill worker: its wait in seconds and its
+        measured speed (Nones while no prefill worker has measured one)."""
+        known = [(wait, w.prefill_tokens_per_s) for w in self.prefill
+                 if w.healthy and (wait := w.prefill_wait_s()) is not None]
+        return min(known, key=lambda k: k[0]) if known else (None, None)
 
     def pick(self, role: str, exclude: set[str] | None = None) -> WorkerHandle:
         pool = self.prefill if role == "prefill" else self.decode

@@ -87,9 +87,11 @@ def test_pools_scale_with_tp_and_the_router_lists_every_worker() -> None:
                               "extraArgs": ["--host-kv-gb", "64"],
                               "resources": {"limits": {"memory": "200Gi"}}},
                    "kvTransfer": "nixl", "blockSize": 64,
-                   "router": {"replicas": 2, "routing": "round-robin"}})
+                   "router": {"replicas": 2, "routing": "round-robin",
+                              "localPrefillThreshold": 64, "prefillOverflowWait": 1.5}})
     router = container(find(docs, "Deployment", "demo-baton-router"))
     args = parse(router["command"], router["args"])
+    assert (args.local_prefill_threshold, args.prefill_overflow_wait) == (64, 1.5)
     assert args.prefill_workers.split(",") == [
         f"demo-baton-prefill-{i}.demo-baton-prefill.llm.svc:50051" for i in range(2)]
     assert args.decode_workers.split(",") == [
@@ -184,6 +186,7 @@ def test_router_waits_for_loading_workers_without_being_restarted() -> None:
     ({"decode": {"replicas": 0}}, "decode.replicas must be at least 1"),
     ({"discovery": {"enabled": True}}, "discovery.enabled needs redis.enabled"),
     ({"discovery": {"leaseSeconds": 0}}, "leaseSeconds"),
+    ({"router": {"prefillOverflowWait": -1}}, "prefillOverflowWait"),
     ({"prefill": {"replicas": 0}}, "mode disaggregated needs prefill.replicas >= 1"),
 ])
 def test_bad_values_fail_naming_what_is_wrong(values: dict, message: str) -> None:

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -93,3 +95,39 @@ def test_mostly_cached_prompt_is_prefilled_locally(checkpoint_dir):
                       if line.startswith("data: {")]
         assert chunks[-1]["usage"]["prompt_tokens_details"]["cached_tokens"] == 160
         assert chunks[-1]["baton_timing"][0]["prefill_first_token_ms"] > 0
+
+
+def test_backed_up_prefill_pool_overflows_to_the_decode_worker(checkpoint_dir):
+    """--prefill-overflow-wait: while the prefill worker has a prompt queued (it would keep
+    the next one waiting longer than the limit, at the speed it measured), a burst's
+    other prompts are prefilled on the decode worker; every one still gets the tokens
+    the engine alone gives it."""
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+
+    rng = random.Random(2)
+    prompts = [[rng.randrange(4, 1000) for _ in range(480)] for _ in range(9)]
+    with LLM(checkpoint_dir(PRESET)) as llm:
+        expected = [o.text for o in llm.generate(
+            prompts, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))]
+    with baton_serve(checkpoint_dir(PRESET), "--prefill", "1", "--decode", "1",
+                     "--kv-blocks", "1024", "--prefill-overflow-wait", "0.000001") as url:
+        first = complete(url, prompts[0])  # nothing queued, and no speed known yet
+        assert "prefill" in first["baton_route"][0]
+        deadline = time.monotonic() + 10
+        while True:  # P measured its speed on that 480-token step; the router polls it
+            workers = httpx.get(f"{url}/dashboard/state").json()["workers"]
+            speed = next(w for w in workers if w["role"] == "prefill")["prefill_tokens_per_s"]
+            if speed or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert speed and speed > 0, workers
+        with ThreadPoolExecutor(8) as pool:
+            bodies = list(pool.map(lambda p: complete(url, p), prompts[1:]))
+        assert [b["choices"][0]["text"] for b in [first, *bodies]] == expected
+        metrics = httpx.get(f"{url}/metrics").text
+        kinds = {k: float(v) for k, v in re.findall(
+            r'baton_routing_decisions_total\{kind="(\w+)"\} ([\d.]+)', metrics)}
+        local = [b for b in bodies if "prefill" not in b["baton_route"][0]]
+        assert kinds.get("overflow", 0) == len(local) >= 1, kinds
+        assert kinds["disaggregated"] == 9 - len(local) >= 2, kinds

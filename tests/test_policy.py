@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from router.policy import PolicyWeights, WorkerLoad, choose, score
+from router.policy import PolicyWeights, WorkerLoad, choose, prefill_placement, score
 from router.prefix_index import Overlap
 
 W = PolicyWeights()
@@ -84,3 +84,24 @@ def test_weights_parse():
                       ("disk=-1", ">= 0"), ("disk=inf", ">= 0")]:
         with pytest.raises(ValueError, match=says):
             PolicyWeights.parse(bad)
+
+
+# (uncached tokens, --local-prefill-threshold, --prefill-overflow-wait, least prefill wait,
+#  the decode worker's own prefill wait) -> where the prompt is prefilled.
+PLACEMENTS = [
+    ("short remainder stays local", (20, 32, 0.0, None, None), "local"),
+    ("at the threshold still local", (32, 32, 0.0, 0.0, 0.0), "local"),
+    ("long prompt, overflow off", (4000, 32, 0.0, 9.0, 0.0), "disaggregated"),
+    ("prefill pool keeps up", (4000, 0, 1.0, 0.4, 0.0), "disaggregated"),
+    ("prefill pool backed up", (4000, 0, 1.0, 2.5, 0.3), "overflow"),
+    ("decode worker as backed up", (4000, 0, 1.0, 2.5, 2.5), "disaggregated"),
+    ("decode worker's speed unknown", (4000, 0, 1.0, 2.5, None), "overflow"),
+    ("no prefill speed measured yet", (4000, 0, 1.0, None, 0.0), "disaggregated"),
+    ("wait equal to the limit", (4000, 0, 1.0, 1.0, 0.0), "disaggregated"),
+]
+
+
+@pytest.mark.parametrize("args,where", [c[1:] for c in PLACEMENTS],
+                         ids=[c[0] for c in PLACEMENTS])
+def test_prefill_placement(args, where):
+    assert prefill_placement(*args) == where

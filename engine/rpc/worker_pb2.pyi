@@ -204,7 +204,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("role", "model", "num_running", "num_waiting", "num_held", "total_blocks", "free_blocks", "used_blocks", "cached_blocks", "block_size", "agent_name", "agent_metadata", "kv_backend", "queued_prefill_tokens", "num_preemptions", "max_model_len", "pid", "draining")
+    __slots__ = ("role", "model", "num_running", "num_waiting", "num_held", "total_blocks", "free_blocks", "used_blocks", "cached_blocks", "block_size", "agent_name", "agent_metadata", "kv_backend", "queued_prefill_tokens", "num_preemptions", "max_model_len", "pid", "draining", "prefill_tokens_per_s")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -223,6 +223,7 @@ class WorkerStatus(_message.Message):
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TOKENS_PER_S_FIELD_NUMBER: _ClassVar[int]
     role: str
     model: str
     num_running: int
@@ -241,7 +242,8 @@ class WorkerStatus(_message.Message):
     max_model_len: int
     pid: int
     draining: bool
-    def __init__(self, role: _Optional[str] = ..., model: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_held: _Optional[int] = ..., total_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., used_blocks: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., agent_name: _Optional[str] = ..., agent_metadata: _Optional[bytes] = ..., kv_backend: _Optional[str] = ..., queued_prefill_tokens: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., max_model_len: _Optional[int] = ..., pid: _Optional[int] = ..., draining: bool = ...) -> None: ...
+    prefill_tokens_per_s: float
+    def __init__(self, role: _Optional[str] = ..., model: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., num_held: _Optional[int] = ..., total_blocks: _Optional[int] = ..., free_blocks: _Optional[int] = ..., used_blocks: _Optional[int] = ..., cached_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., agent_name: _Optional[str] = ..., agent_metadata: _Optional[bytes] = ..., kv_backend: _Optional[str] = ..., queued_prefill_tokens: _Optional[int] = ..., num_preemptions: _Optional[int] = ..., max_model_len: _Optional[int] = ..., pid: _Optional[int] = ..., draining: bool = ..., prefill_tokens_per_s: _Optional[float] = ...) -> None: ...
 
 class KVEventsRequest(_message.Message):
     __slots__ = ()
