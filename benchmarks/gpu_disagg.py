@@ -47,7 +47,18 @@ def layout(name: str, tp: int, decode_gpus: str = "") -> tuple[list[str], list[s
                                                      "--decode-gpus", second]
     if name == "2xagg":
         return ["--prefill", "0", "--decode", "2"], ["--decode-gpus", f"{first},{second}"]
-    raise ValueError(f"--layouts: unknown layout {name!r} (1P1D, 2xagg, NAME@CHUNK)")
+    raise ValueError(f"--layouts: unknown layout {name!r} "
+                     "(1P1D, 2xagg, NAME@CHUNK, NAME/overflow=SECONDS)")
+
+
+def placements(url: str) -> dict[str, float]:
+    """The router's baton_routing_decisions so far, by kind (disaggregated, local,
+    overflow)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    return {s.labels["kind"]: s.value for f in text_string_to_metric_families(text)
+            for s in f.samples if s.name == "baton_routing_decisions_total"}
 
 
 async def lone_ttft(url: str, in_len: int, repeats: int, vocab: int) -> dict:
@@ -251,10 +262,14 @@ def main() -> None:
     for name in args.layouts.split(","):
         # "2xagg@2048": the layout with another prefill chunk (max batched tokens), the
         # knob an aggregated deployment tunes to keep long prefills from stalling decode.
-        base, _, chunk = name.partition("@")
+        # "1P1D/overflow=0.5": with --prefill-overflow-wait 0.5 (prefill on the decode
+        # worker while the prefill worker is backed up more than 0.5 s).
+        spec, _, overflow = name.partition("/overflow=")
+        base, _, chunk = spec.partition("@")
         workers, gpus = layout(base, args.tp, args.decode_gpus)
         serve_args = args.serve_args.split() + (["--max-num-batched-tokens", chunk] if chunk
-                                                else [])
+                                                else []) + \
+            (["--prefill-overflow-wait", overflow] if overflow else [])
         tp = ["--tp", str(args.tp)] if args.tp > 1 else []
         flags = [*workers, *(gpus if args.device != "cpu" else []), "--device", args.device,
                  *tp, *load, "--kv-transfer", args.kv_transfer, *serve_args]
@@ -280,7 +295,10 @@ def main() -> None:
                 [("closed", c, closed_load) for c in levels] + \
                 [("sessions", c, chat_sessions) for c in session_levels]
             for key, level, fn in runs:
+                before = placements(url)
                 entry.setdefault(key, []).append(asyncio.run(fn(url, args, level, vocab)))
+                after = placements(url)  # where this level's prompts were prefilled
+                entry[key][-1]["placements"] = {k: after[k] - before.get(k, 0) for k in after}
                 print(name, key, entry[key][-1], flush=True)
                 write_result(args.out, result)
     lay = result["layouts"]
