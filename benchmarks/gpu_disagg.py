@@ -48,7 +48,22 @@ def layout(name: str, tp: int, decode_gpus: str = "") -> tuple[list[str], list[s
     if name == "2xagg":
         return ["--prefill", "0", "--decode", "2"], ["--decode-gpus", f"{first},{second}"]
     raise ValueError(f"--layouts: unknown layout {name!r} "
-                     "(1P1D, 2xagg, NAME@CHUNK, NAME/overflow=SECONDS)")
+                     "(1P1D, 2xagg, NAME@CHUNK, NAME/overflow=SECONDS/local=TOKENS)")
+
+
+LAYOUT_OPTIONS = {"overflow": "--prefill-overflow-wait", "local": "--local-prefill-threshold"}
+
+
+def layout_options(options: list[str]) -> list[str]:
+    """`baton serve` flags of a layout's "/NAME=VALUE" options."""
+    flags = []
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or key not in LAYOUT_OPTIONS:
+            raise ValueError(f"--layouts: unknown option {option!r} (overflow=SECONDS, "
+                             "local=TOKENS)")
+        flags += [LAYOUT_OPTIONS[key], value]
+    return flags
 
 
 def placements(url: str) -> dict[str, float]:
@@ -262,14 +277,14 @@ def main() -> None:
     for name in args.layouts.split(","):
         # "2xagg@2048": the layout with another prefill chunk (max batched tokens), the
         # knob an aggregated deployment tunes to keep long prefills from stalling decode.
-        # "1P1D/overflow=0.5": with --prefill-overflow-wait 0.5 (prefill on the decode
-        # worker while the prefill worker is backed up more than 0.5 s).
-        spec, _, overflow = name.partition("/overflow=")
+        # "1P1D/overflow=0.5/local=512": conditional disaggregation, with
+        # --prefill-overflow-wait 0.5 (prefill on the decode worker while the prefill
+        # worker is backed up more than 0.5 s) and --local-prefill-threshold 512.
+        spec, *options = name.split("/")
         base, _, chunk = spec.partition("@")
         workers, gpus = layout(base, args.tp, args.decode_gpus)
         serve_args = args.serve_args.split() + (["--max-num-batched-tokens", chunk] if chunk
-                                                else []) + \
-            (["--prefill-overflow-wait", overflow] if overflow else [])
+                                                else []) + layout_options(options)
         tp = ["--tp", str(args.tp)] if args.tp > 1 else []
         flags = [*workers, *(gpus if args.device != "cpu" else []), "--device", args.device,
                  *tp, *load, "--kv-transfer", args.kv_transfer, *serve_args]
