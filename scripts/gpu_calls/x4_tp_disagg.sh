@@ -12,8 +12,8 @@
 # whose uncached part on it is 512 tokens or fewer (the multi-turn level). ~9.5 min.
 #   run(kind="nvidia-h200-x4", carry=[".whl/base", ".whl/flashinfer", ".fi-aot", ".whl/nixl"],
 #       command="bash scripts/gpu_calls/x4_tp_disagg.sh", timeout_s=600)
-# LAYOUTS (default 1P1D,1P1D/overflow=0.5/local=512,2xagg@2048), RATES, CONC (closed-loop users),
-# SESSIONS (multi-turn users), SIZES (timed KV pulls, e.g. 1024,4096) and NAME change the
+# LAYOUTS (default 1P1D,1P1D/overflow=0.5/local=512,2xagg@2048), RATES, CONC (closed-loop
+# users), SESSIONS (multi-turn users), SIZES (timed KV pulls, e.g. 1024,4096) and NAME change the
 # run; TCP=1 pulls over tcp through the TP leaders instead (1P1D only).
 set -u
 source scripts/gpu_calls/steps.sh
