@@ -18,6 +18,7 @@ import concurrent.futures
 import logging
 import queue
 import threading
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -108,6 +109,25 @@ def run_extents(runs: Runs, block_bytes: int) -> list[tuple[int, int]]:
 def group_batches(num_ops: int, max_ops: int = MAX_OPS_PER_GROUP) -> list[range]:
     """Consecutive operation index ranges, one NCCL group each."""
     return [range(i, min(i + max_ops, num_ops)) for i in range(0, num_ops, max_ops)]
+
+
+# A transfer of up to a few hundred MB ends within about a millisecond over NVLink; a
+# thread sleeping in a blocking event sync takes tens of microseconds (more under load)
+# to be woken, a share such transfers notice. So the link polls first, yielding the GIL
+# between polls, and sleeps only past this.
+SPIN_SECONDS = 0.002
+
+
+def wait_for(event, spin_s: float = SPIN_SECONDS) -> None:
+    """Until the CUDA `event` (made with block=True) has completed: polled for up to
+    `spin_s`, then a blocking sync (GIL released; abort() from another thread ends a
+    hang)."""
+    deadline = time.perf_counter() + spin_s
+    while not event.query():
+        if time.perf_counter() > deadline:
+            event.synchronize()
+            return
+        time.sleep(0)
 
 
 def compute_marker(device: int, compute_stream: int = 0):
@@ -297,7 +317,7 @@ class NcclLink:
         else:
             moved = self._staged(comm, runs, chunks, after)
         self._done.record(self._stream)
-        self._done.synchronize()  # GIL released; abort() from another thread ends a hang
+        wait_for(self._done)
         if self._comm is None:
             raise LinkBroken(f"NCCL link {self.name} was aborted during a transfer")
         comm.check_async_error()

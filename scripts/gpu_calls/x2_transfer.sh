@@ -4,6 +4,10 @@
 # backends beside one contiguous NCCL send/recv (1k-64k tokens, contiguous and scattered
 # blocks), then the two-GPU nccl tests (staged and unstaged link data path and abort, 1P1D
 # serving), then the bandwidths again with 64-token blocks. About 3 minutes warm.
+# Next run (session 13's change, not yet on GPUs): a link polls its transfer's end for up to
+# 2 ms before sleeping in a blocking sync (nccl_link.wait_for); compare nccl contiguous and
+# staged at 1k tokens with gpu_transfer_h200x2.json (67% / 50%) and the 64-token run (79% /
+# 27%, bimodal laps).
 #   run(kind="nvidia-h200-x2", carry=[".whl/base", ".whl/nixl"],
 #       command="bash scripts/gpu_calls/x2_transfer.sh")
 set -u
