@@ -241,9 +241,9 @@ def serve(args: argparse.Namespace) -> int:
                             decode=[w.address for w in procs if w.role != "prefill"])
         app = create_app(cfg)
         if supervisor is not None:  # /health and the dashboard count each worker's restarts
-            pool = app.state.router.pool  # its workers join when the app starts, below
-            pool.supervised = {w.address for w in procs}
-            supervisor.on_restart = pool.count_restart
+            router = app.state.router  # its workers join when the app starts, below
+            router.pool.supervised = {w.address for w in procs}
+            supervisor.on_restart = router.count_restart_threadsafe
         mode = f"{args.prefill}P{args.decode}D" if args.prefill else f"aggregated x{args.decode}"
         url = f"http://{args.host}:{args.port}"
         print(f"Baton serving {cfg.served_model_name} ({mode}) at {url}\n"

@@ -35,6 +35,7 @@ from cluster.launcher import (
     worker_args_from,
     worker_roles,
 )
+from cluster.supervisor import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +84,13 @@ def supervise(router, actors: list, roles: list[str], addresses: list[str], make
     router swaps the new address in for the old (requests on the dead one migrate). Each
     round also compares every actor's address with the router's, so a swap that failed, or
     a start that finished after its wait timed out, is made good. A worker that keeps
-    dying is retried with a growing pause (2 s doubling to 5 min). Workers are checked and
+    dying is retried with a growing pause (2 s doubling to 5 min; after 10 min up, 2 s
+    again: cluster/supervisor.py's Backoff). Workers are checked and
     restarted side by side (a node that went away takes several at once), each by one
     thread at a time."""
     retry_at = [0.0] * len(roles)
-    pause = [period_s] * len(roles)
+    started_at = [time.monotonic()] * len(roles)  # of each one's last start here
+    backoff = [Backoff(period_s, 300.0, 600.0) for _ in roles]
     running: dict[int, concurrent.futures.Future] = {}
 
     def one(i: int) -> bool:
@@ -108,10 +111,9 @@ def supervise(router, actors: list, roles: list[str], addresses: list[str], make
                     continue
                 del running[i]
                 if fut.result():  # it had to start a worker: back off before the next
-                    retry_at[i] = time.monotonic() + pause[i]
-                    pause[i] = min(pause[i] * 2, 300.0)
-                elif time.monotonic() - retry_at[i] > 600:  # up 10 min: forget its crashes
-                    pause[i] = period_s
+                    now = time.monotonic()
+                    retry_at[i] = now + backoff[i].next(now - started_at[i])
+                    started_at[i] = now
             for i in range(len(roles)):
                 if i not in running and not stop.is_set() and time.monotonic() >= retry_at[i]:
                     running[i] = pool.submit(one, i)

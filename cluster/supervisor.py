@@ -16,7 +16,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cluster.launcher import WorkerProcess, spawn_worker
 
@@ -31,6 +31,27 @@ class RestartPolicy:
     # waits first_delay_s again.
     stable_after_s: float = 60.0
     ready_timeout_s: float = 120.0
+
+
+@dataclass
+class Backoff:
+    """Pauses before restarting one worker: `first_s`, doubling up to `cap_s` while it
+    keeps failing; once it stayed up `stable_s`, its next failure starts over (shared by
+    `baton serve`'s supervisor and the Ray job's)."""
+
+    first_s: float
+    cap_s: float
+    stable_s: float
+    _next_s: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._next_s = self.first_s
+
+    def next(self, lived_s: float) -> float:
+        """The pause before the next start of a worker that ran `lived_s` seconds."""
+        wait = self.first_s if lived_s >= self.stable_s else self._next_s
+        self._next_s = min(wait * 2, self.cap_s)
+        return wait
 
 
 @dataclass
@@ -53,7 +74,9 @@ class WorkerSupervisor:
                  ) -> None:
         self.procs = procs
         self.policy = policy or RestartPolicy()
-        self._delay = [self.policy.first_delay_s] * len(procs)
+        p = self.policy
+        self._backoff = [Backoff(p.first_delay_s, p.max_delay_s, p.stable_after_s)
+                         for _ in procs]
         self._pending: dict[int, _Restart] = {}
         self._stopped: set[int] = set()  # exited cleanly: left down
         self._stop = threading.Event()
@@ -89,17 +112,11 @@ class WorkerSupervisor:
 
     def _schedule(self, i: int, dead: WorkerProcess) -> None:
         lived = time.monotonic() - dead.started_at
-        delay = self._next_delay(i, lived)
+        delay = self._backoff[i].next(lived)
         log.error("%s worker %s (pid %d) exited with code %s after %.0f s; restarting it in "
                   "%.2f s", dead.role, dead.address, dead.proc.pid, dead.proc.returncode,
                   lived, delay)
         self._pending[i] = _Restart(dead, time.monotonic() + delay)
-
-    def _next_delay(self, i: int, lived: float) -> float:
-        delay = self.policy.first_delay_s if lived >= self.policy.stable_after_s \
-            else self._delay[i]
-        self._delay[i] = min(delay * 2, self.policy.max_delay_s)
-        return delay
 
     def _advance(self, i: int) -> None:
         r, now = self._pending[i], time.monotonic()
@@ -121,7 +138,7 @@ class WorkerSupervisor:
                    f"exited with code {r.new.proc.returncode}"
                    if r.new.proc.returncode is not None else "was not ready in time")
             _kill(r.new)
-            delay = self._next_delay(i, now - r.new.started_at)
+            delay = self._backoff[i].next(now - r.new.started_at)
             log.error("%s worker did not come back at %s (it %s); trying again in %.2f s",
                       r.dead.role, r.dead.address, why, delay)
             self._pending[i] = _Restart(r.dead, now + delay)

@@ -74,6 +74,15 @@ class Router:
         self.membership: Membership | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # once started
 
+    def count_restart_threadsafe(self, address: str) -> None:
+        """A supervisor thread's report that the worker at `address` is back: counted on
+        the event loop that owns the pool (or here, before the router has started)."""
+        loop = self.loop
+        if loop is None or loop.is_closed():
+            self.pool.count_restart(address)
+        else:
+            loop.call_soon_threadsafe(self.pool.count_restart, address)
+
     async def replace_worker(self, old: str, role: str, new: str) -> None:
         """A restarted worker at a new address (the Ray job's supervisor): `role` is the
         pool, prefill or decode."""

@@ -11,7 +11,7 @@ import sys
 import time
 
 from cluster.launcher import WorkerProcess
-from cluster.supervisor import RestartPolicy, WorkerSupervisor
+from cluster.supervisor import Backoff, RestartPolicy, WorkerSupervisor
 
 
 def exited(code: int, address: str) -> WorkerProcess:
@@ -42,3 +42,10 @@ def test_clean_exits_stay_down_and_failures_restart_with_backoff(caplog) -> None
     assert waits[:4] == ["0.05 s", "0.10 s", "0.20 s", "0.20 s"], waits  # up to the max
     assert "(it exited with code 2)" in text  # why each start failed
     assert procs[1].proc.returncode == 3  # still the failed one: no start succeeded
+
+
+def test_backoff_doubles_to_its_cap_and_starts_over_after_a_stable_run() -> None:
+    b = Backoff(first_s=1.0, cap_s=5.0, stable_s=60.0)
+    assert [b.next(lived_s=3.0) for _ in range(5)] == [1.0, 2.0, 4.0, 5.0, 5.0]
+    assert b.next(lived_s=60.0) == 1.0  # it ran long enough: not a crash loop
+    assert b.next(lived_s=0.5) == 2.0
