@@ -20,6 +20,7 @@ import torch
 
 from engine.config import EngineConfig
 from engine.cuda_graphs import DEFAULT_BUCKETS, DecodeGraphs, GraphCaptureReport
+from engine.kv_sizing import MemoryReport, size_kv_cache
 from engine.scheduler import Scheduler, SchedulerOutput, StepResult
 from engine.tensor_parallel import TPComm
 from kernels import pdl
@@ -34,40 +35,6 @@ from kernels.parallel import ParallelContext
 from kernels.sampling import SamplingBatch, sample
 
 log = logging.getLogger(__name__)
-
-# Held back from the KV cache for decode graphs (they share one pool; the largest
-# bucket's activations dominate). Measured use is logged after capture.
-GRAPH_RESERVE_BYTES = 1 * 2**30
-
-
-@dataclass
-class MemoryReport:
-    weights_bytes: int = 0
-    activation_peak_bytes: int = 0
-    graph_bytes: int = 0
-    kv_cache_bytes: int = 0
-
-    def summary(self) -> str:
-        g = 2**30
-        return (f"weights {self.weights_bytes / g:.2f} GiB, activation peak "
-                f"{self.activation_peak_bytes / g:.2f} GiB, CUDA graphs {self.graph_bytes / g:.2f}"
-                f" GiB, KV cache {self.kv_cache_bytes / g:.2f} GiB")
-
-
-@dataclass(frozen=True)
-class KVCacheSpec:
-    num_blocks: int
-    num_layers: int
-    block_size: int
-    num_kv_heads: int
-    head_dim: int
-    dtype: torch.dtype
-
-    @property
-    def block_bytes(self) -> int:
-        itemsize = torch.empty((), dtype=self.dtype).element_size()
-        return self.num_layers * 2 * self.block_size * self.num_kv_heads * self.head_dim * itemsize
-
 
 @dataclass
 class StepInputs:
@@ -87,23 +54,6 @@ class StepInputs:
     # Under TP: every rank stages and launches the next decode step before the leader has
     # seen this one's tokens (decided by the leader: ModelRunner._ahead_allowed).
     launch_ahead: bool = False
-
-
-# Left free beside the KV cache for the CUDA context and the allocator's slack.
-FREE_MARGIN_BYTES = 512 * 2**20
-
-
-def kv_budget_bytes(utilization: float, total: int, free: int, own_bytes: int,
-                    reserve_bytes: int) -> int:
-    """Bytes for a worker's KV cache. `utilization` is this worker's share of the card:
-    less what it holds (`own_bytes`, its weights) and will need (`reserve_bytes`:
-    activations, graphs). A share of the card, not a ceiling on its total use, so workers
-    sharing a GPU each get theirs in whatever order they start (with the old ceiling the
-    second to size its cache found the first's memory used and got none). Never more than
-    is free now, less that reserve and FREE_MARGIN_BYTES."""
-    share = utilization * total - own_bytes - reserve_bytes
-    available = free - reserve_bytes - FREE_MARGIN_BYTES
-    return int(max(min(share, available), 0))
 
 
 class ModelRunner:
@@ -140,7 +90,7 @@ class ModelRunner:
         self.one_row = self._one_row_attention(cfg.one_row_attention)
         self.memory = MemoryReport()
         self.graphs_off_reason = self._graphs_off_reason()
-        self.kv_spec = self._size_kv_cache()
+        self.kv_spec = size_kv_cache(self)
         if self.tp is not None:  # every rank must hold the same number of blocks
             self.kv_spec = dataclasses.replace(
                 self.kv_spec, num_blocks=self.tp.agree_min(self.kv_spec.num_blocks))
@@ -282,71 +232,6 @@ class ModelRunner:
         if self.pc.tp_size > 1 and self.pc.comm is None:
             return "tp_cuda_graphs needs CuPy's NCCL for the all-reduces (not loaded)"
         return None
-
-    def _size_kv_cache(self) -> KVCacheSpec:
-        m = self.model_cfg
-        heads = self.pc.shard(m.num_kv_heads, "num_key_value_heads")
-        probe = KVCacheSpec(1, m.num_layers, self.cfg.block_size, heads, m.head_dim, m.dtype)
-        if self.cfg.num_kv_blocks is not None:
-            n = self.cfg.num_kv_blocks
-        elif self.device.type == "cuda":
-            n = self._blocks_from_gpu_memory(probe)
-        else:
-            n = int(self.cfg.cpu_kv_cache_gb * 2**30 // probe.block_bytes)
-            n = min(n, -(-self.cfg.max_num_seqs * self.max_model_len // probe.block_size))
-        if n < 1:
-            raise MemoryError("no memory left for the KV cache after loading the weights "
-                              f"({self.memory.summary()}); lower --max-num-batched-tokens or "
-                              "raise --gpu-memory-utilization")
-        return KVCacheSpec(n, m.num_layers, self.cfg.block_size, heads, m.head_dim, m.dtype)
-
-    def _blocks_from_gpu_memory(self, probe: KVCacheSpec) -> int:
-        """KV gets what is left of this worker's share of the card after its weights, the
-        peak activations of its largest step (measured by running one) and a reserve for
-        CUDA graphs; never more than is actually free (`kv_budget_bytes`)."""
-        dev = self.device
-        torch.cuda.synchronize(dev)
-        self.memory.weights_bytes = torch.cuda.memory_allocated(dev)
-        self.memory.activation_peak_bytes = self._profile_activations(probe)
-        free, total = torch.cuda.mem_get_info(dev)
-        graphs = GRAPH_RESERVE_BYTES if self.graphs_off_reason is None else 0
-        budget = kv_budget_bytes(self.cfg.gpu_memory_utilization, total, free,
-                                 self.memory.weights_bytes,
-                                 self.memory.activation_peak_bytes + graphs
-                                 + self.cfg.transfer_reserve_bytes)
-        return budget // probe.block_bytes
-
-    @torch.inference_mode()
-    def _profile_activations(self, probe: KVCacheSpec) -> int:
-        """Runs the largest prefill the scheduler can issue (one sequence of
-        max_num_batched_tokens, logits for max_num_seqs rows) on a throwaway cache."""
-        dev = self.device
-        n = max(1, min(self.cfg.max_num_batched_tokens, self.max_model_len))
-        bs = probe.block_size
-        blocks = -(-n // bs)
-        kv = torch.zeros(blocks + 1, probe.num_layers, 2, bs, probe.num_kv_heads,
-                         probe.head_dim, dtype=probe.dtype, device=dev)
-        layers = [kv[:, i] for i in range(probe.num_layers)]
-        table = list(range(blocks))
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        base = torch.cuda.memory_allocated(dev)
-        meta = AttentionMetadata(
-            slot_mapping=torch.arange(n, device=dev), block_tables=torch.tensor([table],
-                                                                                device=dev),
-            seq_lens=torch.tensor([n], device=dev), query_lens_cpu=[n], seq_lens_cpu=[n],
-            block_size=bs)
-        if self.planner is not None:
-            meta.plan = self.planner.plan(PageLists.build([table], [n], [n], bs), False)
-        ids = torch.zeros(n, dtype=torch.int64, device=dev)
-        hidden = self.model(ids, torch.arange(n, device=dev), layers, meta)
-        rows = min(n, self.cfg.max_num_seqs)
-        self.model.compute_logits(hidden[:rows]).log_softmax(-1)
-        torch.cuda.synchronize(dev)
-        peak = torch.cuda.max_memory_allocated(dev) - base
-        del kv, layers, hidden, meta
-        torch.cuda.empty_cache()
-        return peak
 
     @torch.inference_mode()
     def execute(self, out: SchedulerOutput, scheduler: Scheduler) -> StepResult:

@@ -6,7 +6,7 @@ import pytest
 
 from cluster.launcher import physical_gpus
 from cluster.placement import PlacementError, check_memory_shares, place_workers, shared_gpus
-from engine.model_runner import FREE_MARGIN_BYTES, kv_budget_bytes
+from engine.kv_sizing import FREE_MARGIN_BYTES, kv_budget_bytes
 
 
 def gpus(placements):
