@@ -85,10 +85,11 @@ def size_kv_cache(runner: ModelRunner) -> KVCacheSpec:
                           "raise --gpu-memory-utilization")
     return KVCacheSpec(n, m.num_layers, runner.cfg.block_size, heads, m.head_dim, m.dtype)
 
+
 def _blocks_from_gpu_memory(runner: ModelRunner, probe: KVCacheSpec) -> int:
     """KV gets what is left of this worker's share of the card after its weights, the
-    peak activations of its largest step (measured by running one) and a reserve for
-    CUDA graphs; never more than is actually free (`kv_budget_bytes`)."""
+    peak activations of its largest step (measured by running one) and reserves for CUDA
+    graphs and transfer staging; never more than is actually free (`kv_budget_bytes`)."""
     dev = runner.device
     torch.cuda.synchronize(dev)
     runner.memory.weights_bytes = torch.cuda.memory_allocated(dev)
@@ -100,6 +101,7 @@ def _blocks_from_gpu_memory(runner: ModelRunner, probe: KVCacheSpec) -> int:
                              runner.memory.activation_peak_bytes + graphs
                              + runner.cfg.transfer_reserve_bytes)
     return budget // probe.block_bytes
+
 
 @torch.inference_mode()
 def _profile_activations(runner: ModelRunner, probe: KVCacheSpec) -> int:
