@@ -51,7 +51,8 @@ def layout(name: str, tp: int, decode_gpus: str = "") -> tuple[list[str], list[s
                      "(1P1D, 2xagg, NAME@CHUNK, NAME/overflow=SECONDS/local=TOKENS)")
 
 
-LAYOUT_OPTIONS = {"overflow": "--prefill-overflow-wait", "local": "--local-prefill-threshold"}
+LAYOUT_OPTIONS = {"overflow": "--prefill-overflow-wait", "local": "--local-prefill-threshold",
+                  "sat": "--prefill-saturation-tokens"}
 
 
 def layout_options(options: list[str]) -> list[str]:
@@ -61,7 +62,7 @@ def layout_options(options: list[str]) -> list[str]:
         key, sep, value = option.partition("=")
         if not sep or key not in LAYOUT_OPTIONS:
             raise ValueError(f"--layouts: unknown option {option!r} (overflow=SECONDS, "
-                             "local=TOKENS)")
+                             "local=TOKENS, sat=TOKENS)")
         flags += [LAYOUT_OPTIONS[key], value]
     return flags
 
@@ -279,7 +280,8 @@ def main() -> None:
         # knob an aggregated deployment tunes to keep long prefills from stalling decode.
         # "1P1D/overflow=0.5/local=512": conditional disaggregation, with
         # --prefill-overflow-wait 0.5 (prefill on the decode worker while the prefill
-        # worker is backed up more than 0.5 s) and --local-prefill-threshold 512.
+        # worker is backed up more than 0.5 s) and --local-prefill-threshold 512;
+        # "/sat=3000": --prefill-saturation-tokens 3000.
         spec, *options = name.split("/")
         base, _, chunk = spec.partition("@")
         workers, gpus = layout(base, args.tp, args.decode_gpus)

@@ -23,10 +23,15 @@ from cluster.placement import (
     place_workers,
     shared_gpus,
 )
-from cluster.worker_main import READY_PREFIX
-from engine.config import EngineConfig
+from cluster.worker_main import READY_PREFIX, add_engine_args, engine_config
+from kernels.errors import BatonError
 
 log = logging.getLogger(__name__)
+
+
+class WorkerStartError(BatonError, RuntimeError):
+    """A worker `baton serve` started exited or hung before it was ready; its own log
+    (printed above) says why."""
 
 
 def _die_with_parent() -> None:
@@ -106,11 +111,13 @@ def start_workers(roles: list[str], worker_args: list[str], timeout: float,
         while wp.address is None:
             if wp.proc.poll() is not None:
                 stop_workers(procs)
-                raise RuntimeError(f"{wp.role} worker exited with code {wp.proc.returncode} "
-                                   "before it was ready (see its log above)")
+                raise WorkerStartError(f"{wp.role} worker exited with code "
+                                       f"{wp.proc.returncode} before it was ready (see its "
+                                       "log above)")
             if time.monotonic() > deadline:
                 stop_workers(procs)
-                raise RuntimeError(f"{wp.role} worker not ready after {timeout:.0f}s")
+                raise WorkerStartError(f"{wp.role} worker not ready after {timeout:.0f}s "
+                                       "(--ready-timeout)")
             ev.wait(0.1)
     return procs
 
@@ -138,43 +145,26 @@ def stop_workers(procs: list[WorkerProcess], grace: float = 5.0) -> None:
 
 
 def worker_args_from(args: argparse.Namespace, model: str) -> list[str]:
-    out = ["--model", model, "--load-format", args.load_format, "--device", args.device,
-           "--block-size", str(args.block_size), "--kv-transfer", args.kv_transfer,
-           "--max-num-seqs", str(args.max_num_seqs),
-           "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-           "--seed", str(args.seed), "--attention-backend", args.attention_backend,
-           "--gpu-memory-utilization", str(args.gpu_memory_utilization)]
-    if args.stream_interval != 1:
-        out += ["--stream-interval", str(args.stream_interval)]
-    if args.tp > 1:
-        out += ["--tp", str(args.tp)]
-    if args.host_kv_gb:
-        out += ["--host-kv-gb", str(args.host_kv_gb)]
-    if args.disk_kv_dir:
-        out += ["--disk-kv-dir", args.disk_kv_dir, "--disk-kv-gb", str(args.disk_kv_gb),
-                "--disk-kv-policy", args.disk_kv_policy]
-        if args.no_disk_kv_prefetch:
-            out.append("--no-disk-kv-prefetch")
-    if args.no_cuda_graphs:
-        out.append("--no-cuda-graphs")
-    if args.no_gemv_decode:
-        out.append("--no-gemv-decode")
-    if args.no_pdl:
-        out.append("--no-pdl")
-    if args.no_one_row_attention:
-        out.append("--no-one-row-attention")
-    if args.overlap_decode_max_rows != EngineConfig.overlap_decode_max_rows:
-        out += ["--overlap-decode-max-rows", str(args.overlap_decode_max_rows)]
-    if args.tp_cuda_graphs != EngineConfig.tp_cuda_graphs:
-        out.append("--tp-cuda-graphs" if args.tp_cuda_graphs else "--no-tp-cuda-graphs")
-    if args.kv_blocks is not None:
-        out += ["--kv-blocks", str(args.kv_blocks)]
-    if args.max_model_len is not None:
-        out += ["--max-model-len", str(args.max_model_len)]
-    if args.dtype:
-        out += ["--dtype", args.dtype]
-    if args.no_prefix_caching:
-        out.append("--no-prefix-caching")
+    """`baton worker` flags for the engine flags of `args` (`baton serve`, the Ray job):
+    every flag of `add_engine_args` whose value differs from its default, so a flag added
+    there reaches the workers without a line here. `--device` always (placement rewrites
+    it per worker)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_engine_args(parser)
+    out = ["--model", model, "--device", args.device]
+    for action in parser._actions:
+        flag = action.option_strings[0] if action.option_strings else None
+        if flag in (None, "--model", "--device") or not hasattr(args, action.dest):
+            continue
+        value = getattr(args, action.dest)
+        if value == action.default:
+            continue
+        if isinstance(action, argparse.BooleanOptionalAction):
+            out.append(flag if value else f"--no-{flag[2:]}")
+        elif action.nargs == 0:  # store_true
+            out.append(flag)
+        else:
+            out += [flag, str(value)]
     return out
 
 
@@ -221,6 +211,7 @@ def serve(args: argparse.Namespace) -> int:
 
         model = str(default_model_dir())
         log.info("no --model: serving the embedded tiny model at %s", model)
+    engine_config(args, model)  # a bad engine flag fails here, named, not in every worker
     placements = place_workers(roles, args.device, args.tp, _gpu_count(args.device),
                                args.prefill_gpus, args.decode_gpus)
     check_kv_transfer(placements, args.kv_transfer)

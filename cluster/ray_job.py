@@ -36,6 +36,8 @@ from cluster.launcher import (
     worker_roles,
 )
 from cluster.supervisor import Backoff
+from cluster.worker_main import engine_config
+from kernels.errors import BatonError
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is None:
         raise SystemExit("--model is required: a checkpoint dir every node can read, or a "
                          "preset with --load-format dummy")
+    try:  # a bad engine flag fails here, named, before any actor starts
+        engine_config(args, args.model)
+    except BatonError as e:
+        raise SystemExit(str(e)) from None
     ray.init(address=args.ray_address, log_to_driver=True)
     gpu = args.device.startswith("cuda")
     actor_cls = ray.remote(num_gpus=args.tp, num_cpus=0)(WorkerActor) if gpu \

@@ -47,6 +47,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--prefill-saturation-tokens", type=int, default=0, metavar="N",
+                   help="a step already holding N prompt tokens admits no new request: "
+                        "past the size that keeps the GPU busy, batching another long "
+                        "prompt only delays the first one's first token (0: off)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--kv-transfer", default="auto", choices=BACKENDS,
@@ -98,6 +102,7 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         model=model, load_format=args.load_format, device=args.device, dtype=args.dtype,
         block_size=args.block_size, num_kv_blocks=args.kv_blocks,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        prefill_saturation_tokens=args.prefill_saturation_tokens,
         max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
         seed=args.seed, attention_backend=args.attention_backend,
         cuda_graphs=not args.no_cuda_graphs, tp_cuda_graphs=args.tp_cuda_graphs,

@@ -26,6 +26,9 @@ class EngineConfig:
     cpu_kv_cache_gb: float = 1.0
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
+    # A step holding this many prompt tokens admits no new request (0: off): see
+    # SchedulerConfig.prefill_saturation_tokens.
+    prefill_saturation_tokens: int = 0
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # auto: FlashInfer where it runs, else torch
@@ -108,6 +111,8 @@ class EngineConfig:
         check(self.max_num_seqs >= 1, "max-num-seqs", f"must be >= 1, got {self.max_num_seqs}")
         check(self.max_num_batched_tokens >= 1, "max-num-batched-tokens",
               f"must be >= 1, got {self.max_num_batched_tokens}")
+        check(self.prefill_saturation_tokens >= 0, "prefill-saturation-tokens",
+              f"must be >= 0, got {self.prefill_saturation_tokens}")
         check(self.max_model_len is None or self.max_model_len >= 2, "max-model-len",
               f"must be >= 2, got {self.max_model_len}")
         check(self.attention_backend in ("auto", "torch", "flashinfer"), "attention-backend",

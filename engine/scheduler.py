@@ -23,6 +23,11 @@ class SchedulerConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int = 4096
+    # A step already holding this many prompt tokens admits no new request (0: no limit).
+    # Past the size where a step keeps the GPU busy, a second long prompt in the same step
+    # adds no throughput and only delays the first one's first token: two 3000-token
+    # prompts prefilled together both finish when the second would have alone.
+    prefill_saturation_tokens: int = 0
 
 
 @dataclass
@@ -94,6 +99,8 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        saturation = self.config.prefill_saturation_tokens or budget + 1
+        prompt_tokens = 0  # in this step's chunks of more than one token
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -107,10 +114,12 @@ class Scheduler:
             else:
                 out.scheduled.append(ScheduledSeq(seq, n, n == seq.num_uncomputed_tokens))
                 budget -= n
+                prompt_tokens += n if n > 1 else 0
                 i += 1
         # Admit new work only if nobody was preempted: memory is tight otherwise.
         while (self.waiting and budget > 0 and not out.preempted
-               and len(self.running) < self.config.max_num_seqs):
+               and len(self.running) < self.config.max_num_seqs
+               and prompt_tokens < saturation):
             seq = self.waiting[0]
             cached = self.kv.find_cached_prefix(seq) if not seq.block_table else []
             uncomputed = seq.num_uncomputed_tokens - len(cached) * self.kv.block_size
@@ -126,6 +135,7 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, n, n == seq.num_uncomputed_tokens))
             budget -= n
+            prompt_tokens += n
         if self.decode_lookahead:
             # Last, from what scheduling and admission left free: a lookahead block never
             # costs a preemption or an admission (allocate changes nothing when it fails).

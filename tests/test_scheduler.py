@@ -31,10 +31,10 @@ def next_token(seq: Sequence) -> int:
 class Harness:
     def __init__(self, num_blocks: int = 64, budget: int = 64, max_seqs: int = 16,
                  max_model_len: int = 4096, caching: bool = True,
-                 lookahead: bool = False) -> None:
+                 lookahead: bool = False, saturation: int = 0) -> None:
         self.pool = BlockPool(num_blocks, BS, caching)
         self.kv = KVCacheManager(self.pool)
-        self.config = SchedulerConfig(max_seqs, budget, max_model_len)
+        self.config = SchedulerConfig(max_seqs, budget, max_model_len, saturation)
         self.sched = Scheduler(self.config, self.kv, eos_token_ids=(EOS,))
         self.sched.decode_lookahead = lookahead
         self.outputs: list[SchedulerOutput] = []
@@ -453,3 +453,29 @@ def test_decode_continues_predicts_the_next_step() -> None:
     assert {seq.request_id: seq.finish_reason for seq in h.finished} == \
         {"a": "length", "b": "length", "c": "length"}
     assert not any(h.continues[i] for i in last_step.values())
+
+
+def test_a_saturated_step_admits_no_second_long_prompt() -> None:
+    """--prefill-saturation-tokens: once a step holds that many prompt tokens, the next
+    prompt waits for the following step, so the first one's first token is not held back
+    by the second's prefill; short prompts still share a step, and decode rows are not
+    prompt tokens."""
+    def first_steps(saturation: int) -> list[list[tuple[str, int]]]:
+        h = Harness(num_blocks=256, budget=100, saturation=saturation)
+        h.add("long", prompt(40, 1), max_tokens=3)
+        h.add("next", prompt(40, 2), max_tokens=3)
+        h.add("short", prompt(6, 3), max_tokens=3)
+        h.run()
+        return [[(i.seq.request_id, i.num_new_tokens) for i in out.scheduled]
+                for out in h.outputs[:3]]
+
+    assert first_steps(0)[0] == [("long", 40), ("next", 40), ("short", 6)]
+    steps = first_steps(32)
+    assert steps[0] == [("long", 40)]  # "long" samples its first token a step sooner
+    assert steps[1] == [("long", 1), ("next", 40)]
+    assert steps[2] == [("long", 1), ("next", 1), ("short", 6)]
+    # Below the limit prompts still share a step: 6 + 6 + 6 < 32.
+    h = Harness(num_blocks=256, budget=100, saturation=32)
+    for i in range(3):
+        h.add(str(i), prompt(6, i), max_tokens=2)
+    assert [i.num_new_tokens for i in h.step().scheduled] == [6, 6, 6]

@@ -14,7 +14,9 @@
 #       command="bash scripts/gpu_calls/x4_tp_disagg.sh", timeout_s=600)
 # LAYOUTS (default 1P1D,1P1D/overflow=0.5/local=512,2xagg@2048), RATES, CONC (closed-loop
 # users), SESSIONS (multi-turn users), SIZES (timed KV pulls, e.g. 1024,4096) and NAME change the
-# run; TCP=1 pulls over tcp through the TP leaders instead (1P1D only).
+# run; TCP=1 pulls over tcp through the TP leaders instead (1P1D only). Second call:
+# LAYOUTS=1P1D,1P1D/sat=3000 NAME=_sat (--prefill-saturation-tokens 3000: the prefill
+# worker stops packing two 3000-token prompts into one ~750 ms step).
 set -u
 source scripts/gpu_calls/steps.sh
 if [ "${TCP:-0}" = 1 ]; then
