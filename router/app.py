@@ -65,6 +65,7 @@ class Router:
         self.cfg = cfg
         self.tok = load_tokenizer(cfg.model)
         self.metrics = RouterMetrics()
+        self.chart = dashboard.ChartHistory()  # the dashboard chart's last two minutes
         self.pool = WorkerPool(routing=cfg.routing)
         self.kv = (KVRouter(self.pool, cfg.index, cfg.route_weights)
                    if cfg.routing == "kv" else None)
@@ -118,6 +119,7 @@ class Router:
     async def _refresh_loop(self) -> None:
         while True:
             await asyncio.sleep(0.5)
+            self.chart.maybe_sample(self.metrics)
             await self.pool.refresh()
             await self.pool.close_idle_retired()
             if self.kv is not None:
@@ -398,8 +400,8 @@ def create_app(cfg: RouterConfig) -> FastAPI:
         return HTMLResponse(dashboard.page())
 
     @app.get("/dashboard/state")
-    async def dashboard_state():
-        return dashboard.state(router)
+    async def dashboard_state(history: bool = False):
+        return dashboard.state(router, history)
 
     @app.get("/metrics")
     async def metrics():

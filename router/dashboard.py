@@ -5,8 +5,10 @@ The state is the router's view, read from the same objects `/health` and `/metri
 read: every worker's health, load and KV occupancy, and the router's Prometheus
 counters and histograms as cumulative values. The page keeps its last polls and shows
 rates and latency percentiles over the last 10 s (from the difference of cumulative
-counters and histogram buckets), so what it shows is now, not the average since start,
-and the router keeps no state for it.
+counters and histogram buckets), so what it shows is now, not the average since start.
+The one thing the router keeps for it is the chart's recent past (`ChartHistory`: a
+sample of two series a second for two minutes), so a page opened now draws the last two
+minutes at once instead of an empty chart.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import functools
 import os
 import socket
 import time
+from collections import deque
 from importlib.resources import files
 
 from router.metrics import RouterMetrics
@@ -36,20 +39,21 @@ def page() -> str:
     return files("router").joinpath("static/dashboard.html").read_text(encoding="utf-8")
 
 
-def metric_values(metrics: RouterMetrics) -> tuple[dict, dict]:
-    """(counters, histograms), keyed by metric name: counters as {label text: value}
-    ('' for no labels); histograms as {"le": [...], "cumulative": [...], "sum", "count"}
-    with every label set but `le` summed."""
+def metric_values(metrics: RouterMetrics, counter_attrs: tuple[str, ...] = COUNTERS,
+                  histogram_attrs: tuple[str, ...] = HISTOGRAMS) -> tuple[dict, dict]:
+    """(counters, histograms) of those RouterMetrics attributes, keyed by metric name:
+    counters as {label text: value} ('' for no labels); histograms as {"le": [...],
+    "cumulative": [...], "sum", "count"} with every label set but `le` summed."""
     counters: dict[str, dict[str, float]] = {}
     histograms: dict[str, dict] = {}
-    for attr in COUNTERS:
+    for attr in counter_attrs:
         for family in getattr(metrics, attr).collect():
             series = counters.setdefault(family.name, {})
             for s in family.samples:
                 if s.name.endswith("_total"):
                     key = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
                     series[key] = series.get(key, 0.0) + s.value
-    for attr in HISTOGRAMS:
+    for attr in histogram_attrs:
         for family in getattr(metrics, attr).collect():
             buckets: dict[float, float] = {}
             total = count = 0.0
@@ -68,11 +72,33 @@ def metric_values(metrics: RouterMetrics) -> tuple[dict, dict]:
     return counters, histograms
 
 
-def state(router) -> dict:
-    """What `/dashboard/state` returns: the deployment as the router sees it now."""
+class ChartHistory:
+    """What the chart needs of the last `seconds`: at most one sample a second of the
+    output tokens so far and the TTFT histogram (cumulative, as in the state), from which
+    the page computes each point as it does for live polls."""
+
+    def __init__(self, seconds: int = 130) -> None:
+        self.samples: deque[dict] = deque(maxlen=seconds)
+
+    def maybe_sample(self, metrics: RouterMetrics, now: float | None = None) -> None:
+        """Called every refresh (0.5 s); records a sample when a second has passed."""
+        now = time.time() if now is None else now
+        if self.samples and now - self.samples[-1]["time"] < 1.0:
+            return
+        counters, histograms = metric_values(metrics, ("generation_tokens",), ("ttft",))
+        self.samples.append({"time": now,
+                             "generation_tokens": sum(
+                                 counters["baton_generation_tokens"].values()),
+                             "ttft": histograms["baton_time_to_first_token_seconds"]})
+
+
+def state(router, history: bool = False) -> dict:
+    """What `/dashboard/state` returns: the deployment as the router sees it now, and with
+    `history` the chart's samples (the page asks once, when it opens)."""
     cfg, pool = router.cfg, router.pool
     counters, histograms = metric_values(router.metrics)
-    return {
+    extra = {"history": list(router.chart.samples)} if history else {}
+    return {**extra,
         "instance": INSTANCE,
         "time": time.time(),
         "model": cfg.served_model_name,

@@ -5,8 +5,10 @@ workers, request totals and latency percentiles."""
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import subprocess
+import time
 from html.parser import HTMLParser
 
 import httpx
@@ -51,6 +53,22 @@ def test_state_counts_the_traffic_and_names_every_worker(server):
     assert hists["baton_inter_token_latency_seconds"]["count"] == REQUESTS * (MAX_TOKENS - 1)
 
 
+def test_the_router_keeps_the_charts_last_minutes(server):
+    """A sample a second of output tokens and the TTFT histogram, sent only when asked
+    (the page asks when it opens)."""
+    assert "history" not in httpx.get(f"{server}/dashboard/state").json()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:  # three samples, the last after all the traffic
+        history = httpx.get(f"{server}/dashboard/state?history=1").json()["history"]
+        if len(history) >= 3 and history[-1]["ttft"]["count"] == REQUESTS:
+            break
+        time.sleep(0.5)
+    times = [h["time"] for h in history]
+    assert len(times) >= 3 and all(b - a >= 1.0 for a, b in itertools.pairwise(times))
+    assert history[-1]["generation_tokens"] == REQUESTS * MAX_TOKENS
+    assert history[-1]["ttft"]["count"] == REQUESTS
+
+
 def test_page_is_served_as_html(server):
     r = httpx.get(f"{server}/dashboard")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
@@ -63,6 +81,7 @@ class _Texts(HTMLParser):
     def __init__(self) -> None:
         super().__init__()
         self.by_id: dict[str, str] = {}
+        self.attrs: dict[str, dict] = {}
         self.rows: list[str] = []
         self._open: list[str | None] = []
 
@@ -74,6 +93,7 @@ class _Texts(HTMLParser):
             self._open.append(a.get("id"))
             if a.get("id"):
                 self.by_id[a["id"]] = ""
+                self.attrs[a["id"]] = a
 
     def handle_endtag(self, tag):
         if self._open:
@@ -88,6 +108,13 @@ class _Texts(HTMLParser):
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (make test installs "
                     "Debian's chromium where apt can)")
 def test_page_in_headless_chromium_draws_the_state(server, tmp_path):
+    # The router's chart samples by now: the page starts its chart from them, so it draws
+    # more points than its own few polls.
+    deadline = time.monotonic() + 15
+    while len(httpx.get(f"{server}/dashboard/state?history=1").json()["history"]) < 10 \
+            and time.monotonic() < deadline:
+        time.sleep(0.5)
+    samples = len(httpx.get(f"{server}/dashboard/state?history=1").json()["history"])
     # window=0: percentiles since the router started (the traffic above), not the last 10 s.
     done = subprocess.run(
         [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={tmp_path}",
@@ -109,6 +136,7 @@ def test_page_in_headless_chromium_draws_the_state(server, tmp_path):
                            ("itl-p50", itl, 0.5)]:
         assert _shown_ms(texts[shown]) == pytest.approx(_quantile(hist, q) * 1000, abs=0.51)
     assert "prefill placed: disaggregated" in texts["routing-table"]
+    assert int(page.attrs["chart"]["data-points"]) >= samples >= 10
 
 
 def _quantile(hist: dict, q: float) -> float:
