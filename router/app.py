@@ -132,6 +132,8 @@ class Router:
                     m.worker_running.labels(*labels).set(w.status.num_running)
                     m.worker_queued_prefill_tokens.labels(*labels).set(
                         w.status.queued_prefill_tokens)
+                    if (backlog := w.prefill_backlog_s) is not None:
+                        m.worker_prefill_backlog.labels(*labels).set(backlog)
 
     # ---- request preparation -------------------------------------------------------
     @staticmethod

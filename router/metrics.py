@@ -64,12 +64,18 @@ class RouterMetrics:
         self.worker_queued_prefill_tokens = Gauge(
             "baton_worker_queued_prefill_tokens", "prompt tokens waiting", ["worker", "role"],
             registry=r)
+        # Its queued prompt tokens over the speed it measured: seconds of prefill backlog.
+        # A prefill pool whose workers sit high here is too small for the traffic.
+        self.worker_prefill_backlog = Gauge(
+            "baton_worker_prefill_backlog_seconds",
+            "queued prompt tokens over the worker's measured prefill speed",
+            ["worker", "role"], registry=r)
 
     def forget_worker(self, address: str, role: str) -> None:
         """A worker that left: its series stop being exported (pods come and go with new
         addresses; a series per address ever seen would grow without bound)."""
         for g in (self.worker_in_flight, self.worker_free_blocks, self.worker_running,
-                  self.worker_queued_prefill_tokens):
+                  self.worker_queued_prefill_tokens, self.worker_prefill_backlog):
             with contextlib.suppress(KeyError):
                 g.remove(address, role)
         for h in (self.worker_queue, self.worker_first_token):

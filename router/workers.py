@@ -50,6 +50,13 @@ class WorkerHandle:
         rate = self.prefill_tokens_per_s or rate
         return self.pending_prefill_tokens / rate if rate else None
 
+    @property
+    def prefill_backlog_s(self) -> float | None:
+        """Seconds of prefill queued here (the worker's own count, which includes other
+        routers' requests) at its measured speed; None before it has measured one."""
+        rate = self.prefill_tokens_per_s
+        return self.status.queued_prefill_tokens / rate if rate else None
+
     def to_json(self) -> dict:
         s = self.status
         return {"address": self.address, "role": self.role, "healthy": self.healthy,
@@ -65,6 +72,7 @@ class WorkerHandle:
                 "kv_backend": s.kv_backend if s else None,
                 "pid": s.pid if s else None,
                 "prefill_tokens_per_s": self.prefill_tokens_per_s,
+                "prefill_backlog_s": self.prefill_backlog_s,
                 "restarts": self.restarts}
 
 

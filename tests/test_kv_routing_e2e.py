@@ -122,10 +122,13 @@ def test_backed_up_prefill_pool_overflows_to_the_decode_worker(checkpoint_dir):
                 break
             time.sleep(0.2)
         assert speed and speed > 0, workers
+        prefill = next(w for w in workers if w["role"] == "prefill")
+        assert prefill["prefill_backlog_s"] == 0.0  # idle: nothing queued
         with ThreadPoolExecutor(8) as pool:
             bodies = list(pool.map(lambda p: complete(url, p), prompts[1:]))
         assert [b["choices"][0]["text"] for b in [first, *bodies]] == expected
         metrics = httpx.get(f"{url}/metrics").text
+        assert "baton_worker_prefill_backlog_seconds{" in metrics
         kinds = {k: float(v) for k, v in re.findall(
             r'baton_routing_decisions_total\{kind="(\w+)"\} ([\d.]+)', metrics)}
         local = [b for b in bodies if "prefill" not in b["baton_route"][0]]
