@@ -91,7 +91,10 @@ def supervise(router, actors: list, roles: list[str], addresses: list[str], make
     restarted side by side (a node that went away takes several at once), each by one
     thread at a time."""
     retry_at = [0.0] * len(roles)
-    started_at = [time.monotonic()] * len(roles)  # of each one's last start here
+    # When each worker was last started here (up, or its start given up on), and when the
+    # check that found it dead began: it lived from the one to the other.
+    up_at = [time.monotonic()] * len(roles)
+    checked_at = [0.0] * len(roles)
     backoff = [Backoff(period_s, 300.0, 600.0) for _ in roles]
     running: dict[int, concurrent.futures.Future] = {}
 
@@ -114,10 +117,11 @@ def supervise(router, actors: list, roles: list[str], addresses: list[str], make
                 del running[i]
                 if fut.result():  # it had to start a worker: back off before the next
                     now = time.monotonic()
-                    retry_at[i] = now + backoff[i].next(now - started_at[i])
-                    started_at[i] = now
+                    retry_at[i] = now + backoff[i].next(checked_at[i] - up_at[i])
+                    up_at[i] = now
             for i in range(len(roles)):
                 if i not in running and not stop.is_set() and time.monotonic() >= retry_at[i]:
+                    checked_at[i] = time.monotonic()
                     running[i] = pool.submit(one, i)
 
 

@@ -77,6 +77,9 @@ class WorkerSupervisor:
         p = self.policy
         self._backoff = [Backoff(p.first_delay_s, p.max_delay_s, p.stable_after_s)
                          for _ in procs]
+        # When each worker was last known up (ready): how long it lived is from then, not
+        # from its spawn, so a model that loads for minutes is not taken for stable.
+        self._up_at = [time.monotonic()] * len(procs)
         self._pending: dict[int, _Restart] = {}
         self._stopped: set[int] = set()  # exited cleanly: left down
         self._stop = threading.Event()
@@ -111,7 +114,7 @@ class WorkerSupervisor:
                 _kill(r.new)
 
     def _schedule(self, i: int, dead: WorkerProcess) -> None:
-        lived = time.monotonic() - dead.started_at
+        lived = time.monotonic() - self._up_at[i]
         delay = self._backoff[i].next(lived)
         log.error("%s worker %s (pid %d) exited with code %s after %.0f s; restarting it in "
                   "%.2f s", dead.role, dead.address, dead.proc.pid, dead.proc.returncode,
@@ -129,6 +132,7 @@ class WorkerSupervisor:
             return
         if r.new.address == r.dead.address:
             self.procs[i] = r.new
+            self._up_at[i] = now
             log.info("%s worker %s is back (pid %d)", r.new.role, r.new.address, r.new.proc.pid)
             if self.on_restart is not None:
                 self.on_restart(r.new.address)
@@ -138,7 +142,7 @@ class WorkerSupervisor:
                    f"exited with code {r.new.proc.returncode}"
                    if r.new.proc.returncode is not None else "was not ready in time")
             _kill(r.new)
-            delay = self._backoff[i].next(now - r.new.started_at)
+            delay = self._backoff[i].next(0.0)  # it never came up
             log.error("%s worker did not come back at %s (it %s); trying again in %.2f s",
                       r.dead.role, r.dead.address, why, delay)
             self._pending[i] = _Restart(r.dead, now + delay)

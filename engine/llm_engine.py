@@ -338,7 +338,8 @@ class LLMEngine:
     def _measure_prefill(self, out, seconds: float) -> None:
         """Seconds per block of a prefill-sized step (the sampled logits come back to
         the host, so the step has finished on the device when execute returns)."""
-        tokens = sum(item.num_new_tokens for item in out.scheduled)
+        # Prompt chunks only: a decode step of 256+ rows is not prefill speed.
+        tokens = sum(item.num_new_tokens for item in out.scheduled if item.num_new_tokens > 1)
         if tokens < 256:
             return
         per_block = seconds / tokens * self.cfg.block_size

@@ -134,6 +134,9 @@ class Router:
                         w.status.queued_prefill_tokens)
                     if (backlog := w.prefill_backlog_s) is not None:
                         m.worker_prefill_backlog.labels(*labels).set(backlog)
+                    else:  # no speed measured (a restarted worker): no stale value
+                        with contextlib.suppress(KeyError):
+                            m.worker_prefill_backlog.remove(*labels)
 
     # ---- request preparation -------------------------------------------------------
     @staticmethod

@@ -6,9 +6,9 @@ read: every worker's health, load and KV occupancy, and the router's Prometheus
 counters and histograms as cumulative values. The page keeps its last polls and shows
 rates and latency percentiles over the last 10 s (from the difference of cumulative
 counters and histogram buckets), so what it shows is now, not the average since start.
-The one thing the router keeps for it is the chart's recent past (`ChartHistory`: a
-sample of two series a second for two minutes), so a page opened now draws the last two
-minutes at once instead of an empty chart.
+The one thing the router keeps for it is the recent past (`ChartHistory`: a sample a
+second for two minutes), so a page opened now draws the last two minutes at once instead
+of an empty chart, and its first rates cover the whole window.
 """
 
 from __future__ import annotations
@@ -73,9 +73,10 @@ def metric_values(metrics: RouterMetrics, counter_attrs: tuple[str, ...] = COUNT
 
 
 class ChartHistory:
-    """What the chart needs of the last `seconds`: at most one sample a second of the
-    output tokens so far and the TTFT histogram (cumulative, as in the state), from which
-    the page computes each point as it does for live polls."""
+    """The recent past the page would have polled had it been open: at most one sample a
+    second, each shaped like a state's `counters` and `histograms` for what the rates,
+    percentiles and chart read (requests, output tokens, TTFT, ITL), so the page treats
+    them as its own earlier polls."""
 
     def __init__(self, seconds: int = 130) -> None:
         self.samples: deque[dict] = deque(maxlen=seconds)
@@ -85,11 +86,10 @@ class ChartHistory:
         now = time.time() if now is None else now
         if self.samples and now - self.samples[-1]["time"] < 1.0:
             return
-        counters, histograms = metric_values(metrics, ("generation_tokens",), ("ttft",))
-        self.samples.append({"time": now,
-                             "generation_tokens": sum(
-                                 counters["baton_generation_tokens"].values()),
-                             "ttft": histograms["baton_time_to_first_token_seconds"]})
+        counters, histograms = metric_values(metrics, ("requests", "generation_tokens"),
+                                             HISTOGRAMS)
+        self.samples.append({"instance": INSTANCE, "time": now, "counters": counters,
+                             "histograms": histograms})
 
 
 def state(router, history: bool = False) -> dict:

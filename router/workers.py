@@ -43,19 +43,30 @@ class WorkerHandle:
         rate = self.status.prefill_tokens_per_s if self.status else 0.0
         return rate or None
 
+    @property
+    def queued_prefill_tokens(self) -> int:
+        """Prompt tokens ahead of a new one here: what this router has sent and not had
+        back, or what the worker last reported waiting (other routers' requests too),
+        whichever is more."""
+        reported = self.status.queued_prefill_tokens if self.status else 0
+        return max(self.pending_prefill_tokens, reported)
+
     def prefill_wait_s(self, rate: float | None = None) -> float | None:
-        """Seconds a prompt sent now would wait behind the prefill this router has
-        queued here, at this worker's measured speed (or `rate`, a stand-in while it
-        has measured none); None when neither is known."""
+        """Seconds a prompt sent now would wait behind the prefill queued here, at this
+        worker's measured speed (or `rate`, a stand-in while it has measured none); 0
+        when nothing is queued; None when there is a queue and no speed to time it."""
+        queued = self.queued_prefill_tokens
+        if queued == 0:
+            return 0.0
         rate = self.prefill_tokens_per_s or rate
-        return self.pending_prefill_tokens / rate if rate else None
+        return queued / rate if rate else None
 
     @property
     def prefill_backlog_s(self) -> float | None:
-        """Seconds of prefill queued here (the worker's own count, which includes other
-        routers' requests) at its measured speed; None before it has measured one."""
+        """Seconds of prefill queued here (`queued_prefill_tokens`) at its measured
+        speed; None before it has measured one."""
         rate = self.prefill_tokens_per_s
-        return self.status.queued_prefill_tokens / rate if rate else None
+        return self.queued_prefill_tokens / rate if rate else None
 
     def to_json(self) -> dict:
         s = self.status
@@ -142,11 +153,15 @@ class WorkerPool:
         return min(lens) if lens else None
 
     def shortest_prefill_wait(self) -> tuple[float | None, float | None]:
-        """The least-backed-up live prefill worker: its wait in seconds and its
-        measured speed (Nones while no prefill worker has measured one)."""
-        known = [(wait, w.prefill_tokens_per_s) for w in self.prefill
-                 if w.healthy and (wait := w.prefill_wait_s()) is not None]
-        return min(known, key=lambda k: k[0]) if known else (None, None)
+        """The least-backed-up live prefill worker's wait in seconds, and a prefill speed
+        to time other queues with (the fastest measured). A worker that has measured no
+        speed yet (just restarted, or only short prompts so far) is timed at that speed,
+        and an idle one waits 0: either may be the shortest queue. Nones while nothing
+        can be timed."""
+        live = [w for w in self.prefill if w.healthy]
+        rate = max((r for w in live if (r := w.prefill_tokens_per_s)), default=None)
+        waits = [wait for w in live if (wait := w.prefill_wait_s(rate)) is not None]
+        return (min(waits) if waits else None), rate
 
     def pick(self, role: str, exclude: set[str] | None = None) -> WorkerHandle:
         pool = self.prefill if role == "prefill" else self.decode

@@ -54,19 +54,24 @@ def test_state_counts_the_traffic_and_names_every_worker(server):
 
 
 def test_the_router_keeps_the_charts_last_minutes(server):
-    """A sample a second of output tokens and the TTFT histogram, sent only when asked
-    (the page asks when it opens)."""
+    """A sample a second of what the page's rates and percentiles read, shaped like a
+    state's counters and histograms, sent only when asked (the page asks when it opens)."""
     assert "history" not in httpx.get(f"{server}/dashboard/state").json()
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:  # three samples, the last after all the traffic
         history = httpx.get(f"{server}/dashboard/state?history=1").json()["history"]
-        if len(history) >= 3 and history[-1]["ttft"]["count"] == REQUESTS:
+        last = history[-1]["histograms"] if history else None
+        if len(history) >= 3 and last["baton_time_to_first_token_seconds"]["count"] == REQUESTS:
             break
         time.sleep(0.5)
     times = [h["time"] for h in history]
     assert len(times) >= 3 and all(b - a >= 1.0 for a, b in itertools.pairwise(times))
-    assert history[-1]["generation_tokens"] == REQUESTS * MAX_TOKENS
-    assert history[-1]["ttft"]["count"] == REQUESTS
+    newest = history[-1]
+    assert newest["instance"] == httpx.get(f"{server}/dashboard/state").json()["instance"]
+    assert newest["counters"]["baton_generation_tokens"] == {"": REQUESTS * MAX_TOKENS}
+    assert newest["counters"]["baton_requests"] == {"status=ok": REQUESTS}
+    assert newest["histograms"]["baton_inter_token_latency_seconds"]["count"] == \
+        REQUESTS * (MAX_TOKENS - 1)
 
 
 def test_page_is_served_as_html(server):

@@ -17,9 +17,36 @@ from kvtransfer.transfer.nccl_link import (
     run_extents,
     unique_id_candidates,
     unique_id_to_bytes,
+    wait_for,
 )
 
 # -- pure pieces --------------------------------------------------------------------------
+
+
+class _Polled:
+    """What wait_for reads of a cupy.cuda.Event (`done`, `synchronize`), counted: its
+    control flow on CPU. With real events: tests/test_nccl_gpu.py."""
+
+    def __init__(self, polls_until_done: int) -> None:
+        self.left, self.polls, self.synced = polls_until_done, 0, False
+
+    @property
+    def done(self) -> bool:
+        self.polls += 1
+        self.left -= 1
+        return self.left < 0
+
+    def synchronize(self) -> None:
+        self.synced = True
+
+
+def test_wait_for_polls_a_short_transfer_and_sleeps_on_a_long_one():
+    quick = _Polled(polls_until_done=3)
+    wait_for(quick, spin_s=10.0)
+    assert (quick.polls, quick.synced) == (4, False)
+    slow = _Polled(polls_until_done=10**9)
+    wait_for(slow, spin_s=0.001)
+    assert slow.synced and slow.polls >= 1
 
 
 def test_split_runs_reads_the_runs_a_decode_worker_cut():

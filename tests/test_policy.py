@@ -105,3 +105,30 @@ PLACEMENTS = [
                          ids=[c[0] for c in PLACEMENTS])
 def test_prefill_placement(args, where):
     assert prefill_placement(*args) == where
+
+
+def _prefill_worker(address: str, speed: float, pending: int = 0, reported: int = 0):
+    from engine.rpc import worker_pb2 as pb
+    from router.workers import WorkerHandle
+
+    w = WorkerHandle(address, "prefill", stub=None, channel=None, healthy=True,
+                     pending_prefill_tokens=pending)
+    w.status = pb.WorkerStatus(prefill_tokens_per_s=speed, queued_prefill_tokens=reported)
+    return w
+
+
+def test_shortest_prefill_wait_counts_idle_and_unmeasured_workers():
+    """The overflow rule's "least-backed-up prefill worker": an idle worker waits 0 even
+    before it has measured a speed; an unmeasured busy one is timed at the fastest
+    measured speed; a queue other routers filled (the worker's own report) counts."""
+    from router.workers import WorkerPool
+
+    busy = _prefill_worker("a", speed=1000.0, pending=3000)
+    pool = WorkerPool(prefill=[busy, _prefill_worker("b", speed=0.0)])
+    assert pool.shortest_prefill_wait() == (0.0, 1000.0)  # b is idle, just restarted
+    pool = WorkerPool(prefill=[busy, _prefill_worker("b", speed=0.0, pending=500)])
+    assert pool.shortest_prefill_wait() == (0.5, 1000.0)
+    pool = WorkerPool(prefill=[busy, _prefill_worker("b", speed=2000.0, reported=8000)])
+    assert pool.shortest_prefill_wait() == (3.0, 2000.0)  # b: 8000 / 2000 = 4 s
+    pool = WorkerPool(prefill=[_prefill_worker("a", speed=0.0, pending=10)])
+    assert pool.shortest_prefill_wait() == (None, None)  # nothing to time it with

@@ -119,11 +119,11 @@ SPIN_SECONDS = 0.002
 
 
 def wait_for(event, spin_s: float = SPIN_SECONDS) -> None:
-    """Until the CUDA `event` (made with block=True) has completed: polled for up to
-    `spin_s`, then a blocking sync (GIL released; abort() from another thread ends a
-    hang)."""
+    """Until the CUDA `event` (a cupy.cuda.Event made with block=True) has completed:
+    polled (`done`) for up to `spin_s`, then a blocking sync (GIL released; abort() from
+    another thread ends a hang). `done` is False on an error too: the sync raises it."""
     deadline = time.perf_counter() + spin_s
-    while not event.query():
+    while not event.done:
         if time.perf_counter() > deadline:
             event.synchronize()
             return
