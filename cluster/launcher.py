@@ -23,7 +23,12 @@ from cluster.placement import (
     place_workers,
     shared_gpus,
 )
-from cluster.worker_main import READY_PREFIX, add_engine_args, engine_config
+from cluster.worker_main import (
+    READY_PREFIX,
+    add_engine_args,
+    check_tp_transfer,
+    engine_config,
+)
 from kernels.errors import BatonError
 
 log = logging.getLogger(__name__)
@@ -211,7 +216,8 @@ def serve(args: argparse.Namespace) -> int:
 
         model = str(default_model_dir())
         log.info("no --model: serving the embedded tiny model at %s", model)
-    engine_config(args, model)  # a bad engine flag fails here, named, not in every worker
+    # A bad engine flag fails here, named, not in every worker.
+    check_tp_transfer(engine_config(args, model).tp, args.kv_transfer)
     placements = place_workers(roles, args.device, args.tp, _gpu_count(args.device),
                                args.prefill_gpus, args.decode_gpus)
     check_kv_transfer(placements, args.kv_transfer)

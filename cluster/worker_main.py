@@ -10,7 +10,7 @@ from collections.abc import Coroutine
 import grpc
 
 from decode_worker.service import DecodeService
-from engine.config import EngineConfig
+from engine.config import ConfigError, EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.rpc import GRPC_OPTIONS
 from engine.rpc import worker_pb2_grpc as pb_grpc
@@ -115,6 +115,15 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         transfer_reserve_bytes=transfer_reserve_bytes(args.kv_transfer, args.device))
 
 
+def check_tp_transfer(tp: int, kv_transfer: str) -> None:
+    """A tensor-parallel worker moves KV over nixl or tcp only (`baton serve` checks this
+    before it starts any worker, a worker again when it starts)."""
+    if tp > 1 and kv_transfer not in ("auto", "tcp", "nixl"):
+        raise ConfigError(f"--kv-transfer {kv_transfer} with --tp {tp}: a tensor-parallel "
+                          "worker moves KV over nixl (rank to rank, both workers at the "
+                          "same --tp) or tcp (through the leaders, any --tp)")
+
+
 def transfer_reserve_bytes(kv_transfer: str, device: str) -> int:
     """GPU memory the KV transfer backend allocates beside the KV cache: the nccl links'
     staging buffers. NIXL and tcp move blocks in place."""
@@ -127,10 +136,10 @@ def transfer_reserve_bytes(kv_transfer: str, device: str) -> int:
 
 async def run_worker(args: argparse.Namespace) -> None:
     cfg = engine_config(args, args.model)
-    if cfg.tp > 1 and args.kv_transfer not in ("auto", "tcp", "nixl"):
-        raise SystemExit(f"--kv-transfer {args.kv_transfer} with --tp {cfg.tp}: a "
-                         "tensor-parallel worker moves KV over nixl (rank to rank, both "
-                         "workers at the same --tp) or tcp (through the leaders, any --tp)")
+    try:
+        check_tp_transfer(cfg.tp, args.kv_transfer)
+    except ConfigError as e:
+        raise SystemExit(str(e)) from None
     engine = LLMEngine(cfg, detokenize=False, kv_lease_seconds=args.kv_lease_seconds)
     server = grpc.aio.server(options=GRPC_OPTIONS)
     port = server.add_insecure_port(f"{args.host}:{args.port}")

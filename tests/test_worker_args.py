@@ -54,12 +54,14 @@ def test_defaults_forward_nothing_but_model_and_device() -> None:
                                                                   "--device", "cpu"]
 
 
-@pytest.mark.parametrize("flag,value", [("--prefill-saturation-tokens", "-1"),
-                                        ("--max-num-batched-tokens", "0"),
-                                        ("--block-size", "3")])
-def test_bad_engine_flag_fails_in_serve_naming_it(flag: str, value: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "cluster.cli", "serve", flag, value],
+@pytest.mark.parametrize("flags,named", [
+    (["--prefill-saturation-tokens", "-1"], "--prefill-saturation-tokens"),
+    (["--max-num-batched-tokens", "0"], "--max-num-batched-tokens"),
+    (["--block-size", "3"], "--block-size"),
+    (["--tp", "2", "--kv-transfer", "nccl"], "--kv-transfer")])
+def test_bad_engine_flag_fails_in_serve_naming_it(flags: list[str], named: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "cluster.cli", "serve", *flags],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2
-    assert f"baton serve: error: {flag}:" in done.stderr
-    assert "Traceback" not in done.stderr and "worker" not in done.stderr.split("error:")[1]
+    assert f"baton serve: error: {named}" in done.stderr
+    assert "Traceback" not in done.stderr and "baton worker" not in done.stderr

@@ -11,9 +11,10 @@
 # deployment tunes to keep decode moving; at 8192 their ITL p99 was 390 ms on x4).
 #   run(kind="nvidia-h200-x8", carry=[".whl/base", ".whl/flashinfer", ".fi-aot", ".whl/nixl"],
 #       command="bash scripts/gpu_calls/x8_70b_disagg.sh", timeout_s=600)
-# Second call: LAYOUTS=1P1D/overflow=0.5/local=512 NAME=_conditional (the decode worker
-# prefills while the prefill worker is backed up more than 0.5 s, and turns with 512 or
-# fewer uncached tokens), then LAYOUTS=2xagg NAME=_agg8192.
+# Second call: LAYOUTS=1P1D/overflow=0.5,1P1D/local=512,1P1D/sat=3000 NAME=_knobs (the
+# decode worker prefills while the prefill worker is backed up more than 0.5 s; turns with
+# 512 or fewer uncached tokens stay on the decode worker; the prefill worker packs no
+# second long prompt into a step), then LAYOUTS=2xagg NAME=_agg8192.
 set -u
 source scripts/gpu_calls/steps.sh
 STEP_TAIL=24 step tp4_disagg 570 python -m benchmarks.gpu_disagg --preset llama-3.1-70b \
