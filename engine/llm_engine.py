@@ -229,8 +229,7 @@ class LLMEngine:
         if arrival_time is not None:
             seq.arrival_time = arrival_time
         if resume:
-            seq.token_ids.extend(resume)
-            seq.logprobs.extend([0.0] * len(resume))
+            seq.extend_sampled_elsewhere(resume, [0.0] * len(resume))
         self._track(seq)
         self.scheduler.add(seq)
         return seq
@@ -253,8 +252,7 @@ class LLMEngine:
             raise InvalidRequestError(f"duplicate request id {request_id!r}")
         self.validate(prompt_token_ids, params)
         seq = Sequence(request_id, list(prompt_token_ids), params)
-        seq.token_ids.extend(generated)
-        seq.logprobs.extend(logprobs)
+        seq.extend_sampled_elsewhere(generated, logprobs)
         n_prompt = len(prompt_token_ids)
         bs = self.cfg.block_size
         hits = self.kv.find_cached_prefix(seq)[: n_prompt // bs]

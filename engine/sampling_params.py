@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 from engine.errors import InvalidRequestError
 
+INT32_MAX = 2**31 - 1
+
 
 @dataclass
 class SamplingParams:
@@ -52,3 +54,12 @@ class SamplingParams:
             raise bad("logprobs", f"must be in [0, 20], got {self.logprobs}")
         if any(not s for s in self.stop):
             raise bad("stop", "strings must not be empty")
+        # The wire to the workers carries these as 32- and 64-bit integers.
+        if self.max_tokens > INT32_MAX:
+            raise bad("max_tokens", f"must be at most {INT32_MAX}, got {self.max_tokens}")
+        if self.top_k > INT32_MAX:
+            raise bad("top_k", f"must be at most {INT32_MAX}, got {self.top_k}")
+        if self.seed is not None and not -(2**63) <= self.seed < 2**63:
+            raise bad("seed", f"must fit a signed 64-bit integer, got {self.seed}")
+        if any(not 0 <= t <= INT32_MAX for t in self.stop_token_ids):
+            raise bad("stop_token_ids", f"must be token ids in [0, {INT32_MAX}]")

@@ -79,6 +79,16 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
+    def extend_sampled_elsewhere(self, token_ids: list[int], logprobs: list[float]) -> None:
+        """Tokens another worker sampled for it (a prefill worker's first token, or those
+        generated before a migration). Their top-logprob rows were sent from there: a
+        request that asked for them gets empty rows here, so every later row stays level
+        with its token."""
+        self.token_ids.extend(token_ids)
+        self.logprobs.extend(logprobs)
+        if self.params.logprobs:
+            self.top_logprobs.extend([] for _ in token_ids)
+
     def append_token(self, token_id: int, logprob: float,
                      top: list[tuple[int, float]] | None = None) -> None:
         self.token_ids.append(token_id)

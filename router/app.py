@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -20,7 +19,7 @@ from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
 from engine.tokenizer import IncrementalDetokenizer, TokenizerBundle
 from router import dashboard
-from router.errors import WorkerUnavailableError, error_response
+from router.errors import WorkerUnavailableError, install_error_handlers, model_not_found
 from router.generation import RequestRunner
 from router.kv_routing import KVRouter
 from router.membership import Membership, admit, retire
@@ -174,7 +173,8 @@ class Router:
     def params_of(self, req, prompt_len: int) -> SamplingParams:
         max_len = self.pool.max_model_len or 0
         if isinstance(req, ChatCompletionRequest):
-            max_tokens = req.max_completion_tokens or req.max_tokens
+            max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None \
+                else req.max_tokens
             logprobs = (req.top_logprobs or 0) if req.logprobs else None
         else:
             max_tokens, logprobs = req.max_tokens, req.logprobs
@@ -213,19 +213,29 @@ class Router:
                     state.route.update(ev.route)
                 if ev.timing:
                     state.timing.update(ev.timing)
-                text = "".join(state.detok.add_token(t) for t in ev.token_ids)
+                # Token by token: a stop string ends the choice at the token completing
+                # it, and the tokens after it in this chunk (the worker does not know the
+                # stop strings) are neither returned nor counted.
+                parts, kept = [], 0
+                for t in ev.token_ids:
+                    parts.append(state.detok.add_token(t))
+                    kept += 1
+                    if state.detok.stopped:
+                        break
+                text = "".join(parts)
                 finish = ev.finish_reason
                 if state.detok.stopped:
                     finish = "stop"
                 elif finish:
                     text += state.detok.flush()
-                state.token_ids.extend(ev.token_ids)
-                state.logprobs.extend(ev.logprobs)
-                state.top_logprobs.extend(ev.top_logprobs)
+                ids, lps, tops = (list(ev.token_ids[:kept]), list(ev.logprobs[:kept]),
+                                  list(ev.top_logprobs[:kept]))
+                state.token_ids.extend(ids)
+                state.logprobs.extend(lps)
+                state.top_logprobs.extend(tops)
                 state.text += text
                 m.router_span.labels("detokenize").observe(time.perf_counter() - t0)
-                yield Delta(state.index, text, list(ev.token_ids), list(ev.logprobs),
-                            list(ev.top_logprobs), finish)
+                yield Delta(state.index, text, ids, lps, tops, finish)
                 if finish:
                     state.finish_reason = finish
                     status = "ok"
@@ -245,11 +255,9 @@ class Router:
         body was read, parsed and validated), where TTFT counts from."""
         t_handler = time.perf_counter()
         t_start = arrived if arrived is not None else t_handler
+        if req.model != self.cfg.served_model_name:  # as OpenAI: 404, model_not_found
+            return model_not_found(req.model, self.cfg.served_model_name)
         req.check_supported()
-        if req.model != self.cfg.served_model_name:
-            return error_response(400, f"The model `{req.model}` does not exist; this server "
-                                  f"serves `{self.cfg.served_model_name}`.", param="model",
-                                  code="model_not_found")
         # Tokenizing a long prompt takes milliseconds: keep it off the event loop, which is
         # streaming every other request's tokens meanwhile. Token ids need no tokenizer,
         # only a range check: inline, without the ~1 ms thread hop.
@@ -359,24 +367,7 @@ def create_app(cfg: RouterConfig) -> FastAPI:
     app.add_middleware(StampArrival)
     app.state.router = router
 
-    @app.exception_handler(RequestValidationError)
-    async def on_validation(request: Request, exc: RequestValidationError):
-        errs = exc.errors()
-        first = errs[0] if errs else {}
-        loc = [str(x) for x in first.get("loc", []) if x != "body"]
-        msg = first.get("msg", "invalid request")
-        if first.get("type") == "json_invalid":
-            return error_response(400, f"request body is not valid JSON: {msg}")
-        return error_response(400, f"{'.'.join(loc) or 'body'}: {msg}",
-                              param=".".join(loc) or None)
-
-    @app.exception_handler(InvalidRequestError)
-    async def on_invalid(request: Request, exc: InvalidRequestError):
-        return error_response(400, str(exc), param=exc.param)
-
-    @app.exception_handler(WorkerUnavailableError)
-    async def on_unavailable(request: Request, exc: WorkerUnavailableError):
-        return error_response(503, str(exc))
+    install_error_handlers(app)
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
@@ -386,11 +377,19 @@ def create_app(cfg: RouterConfig) -> FastAPI:
     async def chat(req: ChatCompletionRequest, request: Request):
         return await router.handle(req, "chat", request.scope.get(ARRIVED))
 
+    def model_card() -> dict:
+        return {"id": cfg.served_model_name, "object": "model", "created": 0,
+                "owned_by": "baton", "max_model_len": router.pool.max_model_len}
+
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{
-            "id": cfg.served_model_name, "object": "model", "created": 0,
-            "owned_by": "baton", "max_model_len": router.pool.max_model_len}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):
+        if model_id != cfg.served_model_name:
+            return model_not_found(model_id, cfg.served_model_name)
+        return model_card()
 
     @app.get("/health")
     async def health():

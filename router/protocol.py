@@ -3,9 +3,9 @@ validated strictly; responses are plain dicts built in `router.responses`."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
@@ -15,8 +15,27 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+# Fields OpenAI's spec marks nullable, or clients send as null when unset (the official
+# client sends `"temperature": null` for temperature=None): null means the default.
+_NULL_IS_DEFAULT = frozenset({
+    "temperature", "top_p", "n", "stream", "presence_penalty", "frequency_penalty",
+    "logprobs", "echo", "top_k", "ignore_eos", "min_tokens", "return_token_ids",
+    "skip_special_tokens", "include_stop_str_in_output"})
+
+
+def _unsupported(param: str, what: str) -> InvalidRequestError:
+    return InvalidRequestError(f"{what} is not supported by this server", param=param)
+
+
 class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None or k not in _NULL_IS_DEFAULT}
+        return data
 
     model: str
     temperature: float = 1.0
@@ -37,6 +56,8 @@ class _Common(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Accepted so that asking for them fails clearly instead of being ignored.
+    logit_bias: dict[str, float] | None = None
 
     def check_supported(self) -> None:
         if self.n != 1:
@@ -45,6 +66,8 @@ class _Common(BaseModel):
             raise InvalidRequestError("presence/frequency penalties are not supported yet",
                                       param="presence_penalty" if self.presence_penalty
                                       else "frequency_penalty")
+        if self.logit_bias:
+            raise _unsupported("logit_bias", "logit_bias")
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -61,11 +84,17 @@ class CompletionRequest(_Common):
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
         if self.echo:
             raise InvalidRequestError("echo is not supported", param="echo")
+        if self.suffix:
+            raise _unsupported("suffix", "suffix (fill in the middle)")
+        if self.best_of not in (None, 1):
+            raise _unsupported("best_of", "best_of > 1")
 
 
 class ChatMessage(BaseModel):
@@ -75,7 +104,7 @@ class ChatMessage(BaseModel):
     content: str | list[dict] | None = None
 
     def text(self) -> str:
-        if isinstance(self.content, list):  # content parts: keep the text ones
+        if isinstance(self.content, list):  # content parts: text only (check_supported)
             return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
         return self.content or ""
 
@@ -86,3 +115,35 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict | None = None
+    functions: list[Any] | None = None
+    function_call: str | dict | None = None
+    response_format: dict | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.tools or self.functions:
+            raise _unsupported("tools" if self.tools else "functions", "tool calling")
+        for param, choice in (("tool_choice", self.tool_choice),
+                              ("function_call", self.function_call)):
+            if choice not in (None, "none", "auto"):
+                raise _unsupported(param, f"{param} {choice!r}")
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            raise _unsupported("response_format", f"response_format {kind!r}")
+        for i, m in enumerate(self.messages):
+            for part in m.content if isinstance(m.content, list) else []:
+                if part.get("type") != "text":
+                    raise _unsupported(f"messages.{i}.content",
+                                       f"content of type {part.get('type')!r} (text only)")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise InvalidRequestError("top_logprobs needs logprobs: true",
+                                      param="top_logprobs")
+        if self.top_logprobs is not None and not 0 <= self.top_logprobs <= 20:
+            raise InvalidRequestError(f"top_logprobs must be in [0, 20], got "
+                                      f"{self.top_logprobs}", param="top_logprobs")
+        if self.max_completion_tokens is not None and self.max_completion_tokens < 1:
+            raise InvalidRequestError(f"max_completion_tokens must be at least 1, got "
+                                      f"{self.max_completion_tokens}",
+                                      param="max_completion_tokens")

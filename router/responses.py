@@ -158,4 +158,4 @@ class Formatter:
     def error_event(status: int, message: str) -> str:
         return Formatter._sse({"error": {"message": message, "type": "internal_server_error"
                                          if status >= 500 else "invalid_request_error",
-                                         "param": None, "code": status}})
+                                         "param": None, "code": None}})

@@ -118,6 +118,56 @@ def test_streaming_equals_non_streaming(server, expected):
     assert usage.completion_tokens == MAX_NEW and finish == "length"
 
 
+def test_top_logprobs_stay_level_with_their_tokens(server):
+    """One row of alternatives per token, the chosen (greedy) token's the best of its
+    row, in every mode: the first token comes from the prefill worker with its row, the
+    decode worker's rows follow from the second token on."""
+    url, _ = server
+    c = client(url)
+    r = c.completions.create(model=PRESET, prompt=TEXTS[0], max_tokens=MAX_NEW, logprobs=2,
+                             temperature=0, extra_body={"ignore_eos": True})
+    lp = r.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == MAX_NEW
+    for tok, chosen, row in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs):
+        assert len(row) == 2 and row[tok] == pytest.approx(max(row.values())) == \
+            pytest.approx(chosen)
+    rows = []
+    for chunk in c.completions.create(model=PRESET, prompt=TEXTS[0], max_tokens=MAX_NEW,
+                                      logprobs=2, temperature=0, stream=True,
+                                      extra_body={"ignore_eos": True}):
+        for ch in chunk.choices:
+            if ch.logprobs:
+                rows += ch.logprobs.top_logprobs
+    assert rows == lp.top_logprobs
+    r = c.chat.completions.create(model=PRESET, messages=[{"role": "user", "content": "Hi"}],
+                                  max_tokens=MAX_NEW, temperature=0, logprobs=True,
+                                  top_logprobs=3, extra_body={"ignore_eos": True})
+    content = r.choices[0].logprobs.content
+    assert len(content) == MAX_NEW and all(len(t.top_logprobs) == 3 for t in content)
+    assert all(t.top_logprobs[0].logprob == pytest.approx(t.logprob) for t in content)
+
+
+def test_a_stop_string_ends_the_usage_too(server):
+    """Tokens generated after the one completing a stop string are neither returned nor
+    counted (the workers do not see stop strings; the router cuts there)."""
+    url, _ = server
+    c = client(url)
+    free = c.completions.create(model=PRESET, prompt=TEXTS[2], max_tokens=MAX_NEW,
+                                temperature=0, extra_body={"return_token_ids": True,
+                                                           "ignore_eos": True})
+    ids, text = free.choices[0].token_ids, free.choices[0].text
+    stop = text[len(text) // 3:len(text) // 3 + 2]  # ends in the first half of the text
+    assert stop.strip(), text
+    r = c.completions.create(model=PRESET, prompt=TEXTS[2], max_tokens=MAX_NEW,
+                             temperature=0, stop=[stop], logprobs=0,
+                             extra_body={"return_token_ids": True, "ignore_eos": True})
+    choice = r.choices[0]
+    assert choice.finish_reason == "stop" and text.startswith(choice.text + stop)
+    kept = choice.token_ids
+    assert kept == ids[:len(kept)] and len(kept) < MAX_NEW
+    assert r.usage.completion_tokens == len(kept) == len(choice.logprobs.tokens)
+
+
 def test_chat(server, model_dir):
     url, _ = server
     c = client(url)

@@ -31,9 +31,9 @@ def post(url: str, path: str, body, raw: bool = False) -> httpx.Response:
 
 
 OK = {"model": PRESET, "prompt": "Hello", "max_tokens": 4, "temperature": 0}
+CHAT = {"model": PRESET, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
 BAD = [
     ("malformed json", "/v1/completions", '{"model": "tiny-llama", "prompt": ', None),
-    ("unknown model", "/v1/completions", {**OK, "model": "gpt-9"}, "model"),
     ("max_tokens < 1", "/v1/completions", {**OK, "max_tokens": 0}, "max_tokens"),
     ("prompt beyond context", "/v1/completions", {**OK, "prompt": [5] * 1100}, "max_tokens"),
     ("temperature < 0", "/v1/completions", {**OK, "temperature": -0.5}, "temperature"),
@@ -46,6 +46,28 @@ BAD = [
     ("n > 1", "/v1/completions", {**OK, "n": 3}, "n"),
     ("bad role", "/v1/chat/completions",
      {"model": PRESET, "messages": [{"role": "wizard", "content": "hi"}]}, "messages"),
+    ("seed past 64 bits", "/v1/completions", {**OK, "seed": 2**63}, "seed"),
+    ("stop token id past 32 bits", "/v1/completions", {**OK, "stop_token_ids": [2**40]},
+     "stop_token_ids"),
+    ("top_k past 32 bits", "/v1/completions", {**OK, "top_k": 2**40}, "top_k"),
+    # Asked-for features this server lacks fail, rather than being silently ignored.
+    ("tools", "/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {
+        "name": "f", "parameters": {}}}]}, "tools"),
+    ("tool_choice required", "/v1/chat/completions", {**CHAT, "tool_choice": "required"},
+     "tool_choice"),
+    ("json mode", "/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}},
+     "response_format"),
+    ("image part", "/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}]},
+     "messages.0.content"),
+    ("logit_bias", "/v1/completions", {**OK, "logit_bias": {"5": 10}}, "logit_bias"),
+    ("suffix", "/v1/completions", {**OK, "suffix": "end"}, "suffix"),
+    ("best_of", "/v1/completions", {**OK, "best_of": 3}, "best_of"),
+    ("top_logprobs without logprobs", "/v1/chat/completions", {**CHAT, "top_logprobs": 2},
+     "top_logprobs"),
+    ("max_completion_tokens 0", "/v1/chat/completions", {**CHAT, "max_completion_tokens": 0},
+     "max_completion_tokens"),
 ]
 
 
@@ -60,6 +82,27 @@ def test_bad_request_gets_openai_400(url, name, path, body, param):
     # ...and the server keeps serving.
     ok = post(url, "/v1/completions", OK)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 4
+
+
+def test_unknown_model_is_404_as_at_openai(url):
+    for r in (post(url, "/v1/completions", {**OK, "model": "gpt-9", "n": 2}),
+              httpx.get(f"{url}/v1/models/gpt-9")):
+        assert r.status_code == 404, r.text
+        assert r.json()["error"]["code"] == "model_not_found"  # before any other check
+    card = httpx.get(f"{url}/v1/models/{PRESET}").json()
+    assert (card["id"], card["object"]) == (PRESET, "model")
+    r = httpx.get(f"{url}/v1/nowhere")  # unknown paths answer in the same shape
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_null_means_the_default(url):
+    """Clients send null for fields left unset (the openai client: temperature=None)."""
+    nulls = dict.fromkeys(["temperature", "top_p", "n", "stream", "presence_penalty",
+                           "frequency_penalty", "logprobs", "echo"])
+    r = post(url, "/v1/completions", {**OK, **nulls})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text
+    r = post(url, "/v1/chat/completions", {**CHAT, **nulls, "echo": None})
+    assert r.status_code == 200 and r.json()["choices"][0]["logprobs"] is None, r.text
 
 
 def test_client_disconnect_frees_blocks_on_both_workers(url):
