@@ -100,6 +100,8 @@ class WorkerContext:
         # waiting for blocks or pulling its KV is not in the engine yet, and a drain must
         # wait for it too.
         self.calls_in_flight = 0
+        # Set once a Status call has answered "draining": a router polling has seen it.
+        self.drain_seen = asyncio.Event()
         self.worker = EngineWorker(engine, loop, stream_interval)
         self.peers = PeerChannels()
         engine.events.worker_id = address  # routers know workers by address
@@ -217,6 +219,9 @@ class WorkerService(pb_grpc.WorkerServicer):
         self.ctx = ctx
 
     async def Status(self, request, context):
+        if self.ctx.draining:
+            self.ctx.drain_seen.set()
+
         def read(e: LLMEngine) -> pb.WorkerStatus:
             pool, sched = e.block_pool, e.scheduler
             queued = sum(s.num_uncomputed_tokens for s in sched.waiting) + sum(
@@ -301,6 +306,10 @@ class WorkerService(pb_grpc.WorkerServicer):
             w.unsubscribe_events(q)
 
 
+# Routers poll each worker's Status every 0.5 s.
+DRAIN_SEEN_WAIT_S = 1.5
+
+
 async def drain(ctx: WorkerContext, timeout_s: float) -> None:
     """Wait until nothing runs, waits or is held for a decode worker's pull here (or
     `timeout_s`); what is left then is cut off and routers migrate it."""
@@ -352,6 +361,10 @@ async def serve(service: WorkerService, server: grpc.aio.Server, ready_line: str
     if on_stop is not None:
         await on_stop()
     await drain(ctx, drain_s)
+    if drain_s > 0:  # linger until a router has polled the drain, so it sees a worker
+        # that stopped, not one that failed (a short drain can end between two polls)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(ctx.drain_seen.wait(), DRAIN_SEEN_WAIT_S)
     await server.stop(grace=2)
     ctx.worker.stop()
     ctx.engine.close()  # tensor-parallel followers leave with the leader
