@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import time
@@ -246,8 +247,9 @@ class Router:
         finally:
             m.requests.labels(status).inc()
             m.e2e.observe(time.perf_counter() - t_start)
-            m.prompt_tokens.inc(len(state.prompt_token_ids))
-            m.cached_tokens.inc(state.cached_tokens)
+            if not state.shares_prompt:
+                m.prompt_tokens.inc(len(state.prompt_token_ids))
+                m.cached_tokens.inc(state.cached_tokens)
             m.generation_tokens.inc(len(state.token_ids))
 
     async def handle(self, req, kind: str, arrived: float | None = None):
@@ -265,13 +267,17 @@ class Router:
             prompts = await asyncio.to_thread(self.prompts_of, req)
         else:
             prompts = self.prompts_of(req)
-        params = [self.params_of(req, len(p)) for p in prompts]
+        # n choices per prompt, numbered prompt by prompt as OpenAI does; a seeded request's
+        # choice j samples with seed + j (choice 0 is what n=1 gives).
+        per_prompt = [self.params_of(req, len(p)) for p in prompts]
+        params = [dataclasses.replace(sp, seed=sp.seed + j) if j and sp.seed is not None
+                  else sp for sp in per_prompt for j in range(req.n)]
         self.metrics.router_span.labels("tokenize").observe(time.perf_counter() - t_handler)
         request_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
-        states = [ChoiceState(i, p, IncrementalDetokenizer(
+        states = [ChoiceState(i, prompts[i // req.n], IncrementalDetokenizer(
             self.tok, sp.stop, sp.skip_special_tokens, sp.include_stop_str_in_output,
-            sp.min_tokens))
-            for i, (p, sp) in enumerate(zip(prompts, params))]
+            sp.min_tokens), shares_prompt=i % req.n > 0)
+            for i, sp in enumerate(params)]
         fmt = Formatter(kind, request_id, self.cfg.served_model_name, self.tok,
                         req.return_token_ids, params[0].logprobs)
         if not req.stream:

@@ -23,6 +23,9 @@ _NULL_IS_DEFAULT = frozenset({
     "skip_special_tokens", "include_stop_str_in_output"})
 
 
+MAX_N = 128  # choices per prompt, as OpenAI allows
+
+
 def _unsupported(param: str, what: str) -> InvalidRequestError:
     return InvalidRequestError(f"{what} is not supported by this server", param=param)
 
@@ -60,8 +63,8 @@ class _Common(BaseModel):
     logit_bias: dict[str, float] | None = None
 
     def check_supported(self) -> None:
-        if self.n != 1:
-            raise InvalidRequestError("only n=1 is supported", param="n")
+        if not 1 <= self.n <= MAX_N:
+            raise InvalidRequestError(f"n must be in [1, {MAX_N}], got {self.n}", param="n")
         if self.presence_penalty or self.frequency_penalty:
             raise InvalidRequestError("presence/frequency penalties are not supported yet",
                                       param="presence_penalty" if self.presence_penalty

@@ -16,6 +16,8 @@ class ChoiceState:
     index: int
     prompt_token_ids: list[int]
     detok: IncrementalDetokenizer
+    # Another choice of the same prompt (n > 1) already counts the prompt in usage.
+    shares_prompt: bool = False
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
@@ -39,11 +41,13 @@ class Delta:
 
 
 def usage(choices: list[ChoiceState]) -> dict:
-    prompt = sum(len(c.prompt_token_ids) for c in choices)
+    """As OpenAI counts: each prompt once, however many choices (n) it has."""
+    firsts = [c for c in choices if not c.shares_prompt]
+    prompt = sum(len(c.prompt_token_ids) for c in firsts)
     completion = sum(len(c.token_ids) for c in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion,
             "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(c.cached_tokens for c in choices)}}
+            "prompt_tokens_details": {"cached_tokens": sum(c.cached_tokens for c in firsts)}}
 
 
 def _token_str(tok: TokenizerBundle, token_id: int) -> str:

@@ -168,6 +168,38 @@ def test_a_stop_string_ends_the_usage_too(server):
     assert r.usage.completion_tokens == len(kept) == len(choice.logprobs.tokens)
 
 
+def test_n_choices(server, expected):
+    """n > 1: choices numbered prompt by prompt; greedy choices are the same tokens; a
+    seeded request's choice 0 is what n=1 gives; usage counts each prompt once."""
+    url, _ = server
+    prompts, refs = expected
+    c = client(url)
+    r = c.completions.create(model=PRESET, prompt=[TEXTS[0], TEXTS[1]], n=3, max_tokens=4,
+                             temperature=0, extra_body={"return_token_ids": True,
+                                                        "ignore_eos": True})
+    assert [ch.index for ch in r.choices] == list(range(6))
+    for ch in r.choices:
+        assert ch.token_ids == refs[ch.index // 3][:4]
+    assert r.usage.prompt_tokens == len(prompts[0]) + len(prompts[1])
+    assert r.usage.completion_tokens == 6 * 4
+    sampled = dict(model=PRESET, prompt=TEXTS[2], max_tokens=8, temperature=1.0, seed=7,
+                   extra_body={"return_token_ids": True, "ignore_eos": True})
+    one = c.completions.create(**sampled)
+    four = c.completions.create(n=4, **sampled)
+    assert four.choices[0].token_ids == one.choices[0].token_ids
+    assert len({tuple(ch.token_ids) for ch in four.choices}) > 1  # seeds 7, 8, 9, 10
+    stream = c.chat.completions.create(model=PRESET, n=2, max_tokens=4, temperature=0,
+                                       messages=[{"role": "user", "content": "Hi"}],
+                                       stream=True, stream_options={"include_usage": True})
+    texts, roles = {0: "", 1: ""}, set()
+    for chunk in stream:
+        for ch in chunk.choices:
+            texts[ch.index] += ch.delta.content or ""
+            if ch.delta.role:
+                roles.add(ch.index)
+    assert roles == {0, 1} and texts[0] == texts[1]
+
+
 def test_chat(server, model_dir):
     url, _ = server
     c = client(url)
