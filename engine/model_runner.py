@@ -419,4 +419,7 @@ class ModelRunner:
             generators=gens,
             num_logprobs=[s.params.logprobs or 0 for s in rows],
             banned_token_ids=[scheduler.banned_tokens(s) for s in rows],
+            penalties=[(s.params.presence_penalty, s.params.frequency_penalty,
+                        s.output_token_ids) if s.params.penalized else None for s in rows]
+            if any(s.params.penalized for s in rows) else None,
         )

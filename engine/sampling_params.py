@@ -22,6 +22,10 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: int | None = None  # None: none; 0: chosen token only; k: plus top-k
+    # OpenAI's: subtracted from the logit of every token already generated, once
+    # (presence) and per occurrence (frequency); the prompt does not count.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
 
@@ -29,6 +33,10 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.validate()
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
 
     @property
     def greedy(self) -> bool:
@@ -50,6 +58,10 @@ class SamplingParams:
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise bad("min_tokens", f"must be in [0, max_tokens={self.max_tokens}], "
                                     f"got {self.min_tokens}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and -2.0 <= v <= 2.0):
+                raise bad(name, f"must be in [-2, 2], got {v}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise bad("logprobs", f"must be in [0, 20], got {self.logprobs}")
         if any(not s for s in self.stop):

@@ -1,5 +1,6 @@
-"""Token sampling for one step: greedy, temperature, top-k, top-p, per-request seeds,
-and log-probabilities of the raw model distribution (as vLLM reports them).
+"""Token sampling for one step: greedy, temperature, top-k, top-p, presence and frequency
+penalties, per-request seeds, and log-probabilities of the raw model distribution (as
+vLLM reports them).
 
 Sampling from `softmax(logits)` is done as argmax(probs / Exp(1) noise): equivalent
 to a categorical draw, needs no host sync, and lets a seeded request draw its own
@@ -8,6 +9,7 @@ noise from its own generator so its output does not depend on batch composition.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,10 +27,16 @@ class SamplingBatch:
     generators: list[torch.Generator | None]  # per-request seeded generator, or None
     num_logprobs: list[int]  # top alternatives to report per row (0 = chosen token only)
     banned_token_ids: list[tuple[int, ...]]  # e.g. EOS while below min_tokens
+    # Per row: (presence, frequency, the tokens generated so far), or None: no penalty.
+    penalties: list[tuple[float, float, Sequence[int]] | None] | None = None
 
     @property
     def all_greedy(self) -> bool:
         return all(t == 0.0 for t in self.temperatures)
+
+    @property
+    def penalized(self) -> bool:
+        return self.penalties is not None and any(p is not None for p in self.penalties)
 
 
 @dataclass
@@ -44,18 +52,21 @@ class SampleResult:
 def sample(logits: torch.Tensor, batch: SamplingBatch,
            default_generator: torch.Generator | None = None) -> SampleResult:
     """logits: [B, V] float32, left unchanged. Reported logprobs are those of the raw
-    logits, before bans, temperature, top-k and top-p (vLLM's default `raw_logprobs`)."""
+    logits, before penalties, bans, temperature, top-k and top-p (vLLM's default
+    `raw_logprobs`)."""
     raw = logits
     k = max(batch.num_logprobs, default=0)
     if (batch.all_greedy and k == 0 and not any(batch.banned_token_ids)
-            and greedy.usable(logits)):
+            and not batch.penalized and greedy.usable(logits)):
         token_ids, chosen, packed = greedy.argmax_with_logprob(logits)  # one kernel
         return SampleResult(token_ids, chosen, None, None, packed)
     # Only a row asking for alternatives needs the whole [B, V] log-distribution; the
     # chosen token's logprob is its logit minus the row's logsumexp (no [B, V] write).
     logprobs_all = torch.log_softmax(logits, dim=-1) if k > 0 else None
-    if any(batch.banned_token_ids):
+    if any(batch.banned_token_ids) or batch.penalized:
         logits = logits.clone()
+        if batch.penalized:
+            apply_penalties(logits, batch.penalties)
         for row, banned in enumerate(batch.banned_token_ids):
             if banned:
                 logits[row, list(banned)] = float("-inf")
@@ -70,6 +81,20 @@ def sample(logits: torch.Tensor, batch: SamplingBatch,
         chosen = logprobs_all.gather(1, token_ids[:, None]).squeeze(1)
         top_lp, top_ids = logprobs_all.topk(k, dim=-1)
     return SampleResult(token_ids, chosen, top_ids, top_lp)
+
+
+def apply_penalties(logits: torch.Tensor,
+                    penalties: list[tuple[float, float, Sequence[int]] | None]) -> None:
+    """In place, OpenAI's presence and frequency penalties: each token generated so far
+    loses `presence` once and `frequency` per time it was generated."""
+    vocab = logits.shape[-1]
+    for row, pen in enumerate(penalties):
+        if pen is None or not pen[2]:
+            continue
+        presence, frequency, tokens = pen
+        counts = torch.bincount(torch.as_tensor(tokens, device=logits.device),
+                                minlength=vocab)[:vocab].to(logits.dtype)
+        logits[row] -= frequency * counts + presence * (counts > 0).to(logits.dtype)
 
 
 def _sample_random(logits: torch.Tensor, batch: SamplingBatch,

@@ -65,10 +65,6 @@ class _Common(BaseModel):
     def check_supported(self) -> None:
         if not 1 <= self.n <= MAX_N:
             raise InvalidRequestError(f"n must be in [1, {MAX_N}], got {self.n}", param="n")
-        if self.presence_penalty or self.frequency_penalty:
-            raise InvalidRequestError("presence/frequency penalties are not supported yet",
-                                      param="presence_penalty" if self.presence_penalty
-                                      else "frequency_penalty")
         if self.logit_bias:
             raise _unsupported("logit_bias", "logit_bias")
 
@@ -79,7 +75,8 @@ class _Common(BaseModel):
             top_k=self.top_k, seed=self.seed, ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens, stop=stop, stop_token_ids=self.stop_token_ids or [],
             logprobs=logprobs, include_stop_str_in_output=self.include_stop_str_in_output,
-            skip_special_tokens=self.skip_special_tokens)
+            skip_special_tokens=self.skip_special_tokens,
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty)
 
 
 class CompletionRequest(_Common):

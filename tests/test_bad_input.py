@@ -112,6 +112,8 @@ def test_bad_prompt_tokens(llm: LLM) -> None:
     ({"min_tokens": -1}, "min_tokens", "got -1"),
     ({"logprobs": 21}, "logprobs", "[0, 20], got 21"),
     ({"stop": ["ok", ""]}, "stop", "must not be empty"),
+    ({"presence_penalty": 2.5}, "presence_penalty", "[-2, 2], got 2.5"),
+    ({"frequency_penalty": float("inf")}, "frequency_penalty", "got inf"),
 ])
 def test_bad_sampling_params(kwargs: dict, param: str, fragment: str) -> None:
     with pytest.raises(InvalidRequestError) as info:

@@ -78,3 +78,39 @@ def test_greedy_matches_transformers(preset, scenario, reference):
     pool = llm.engine.block_pool
     pool.check_integrity()
     assert pool.num_used == 0, "blocks leaked"
+
+
+def test_penalties_match_a_reference_loop_over_transformers(checkpoint_dir) -> None:
+    """Greedy with presence and frequency penalties: the engine's tokens equal a plain loop
+    over transformers' logits with OpenAI's formula applied (the tied tiny model repeats
+    itself, so the penalties change its output)."""
+    import torch
+
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+    from tests.hf_oracle import load_hf
+
+    model_dir = checkpoint_dir("tiny-llama")
+    hf = load_hf(model_dir)
+    prompts = [[5, 9, 14, 3, 7], [100, 200, 300, 400, 500, 600, 700]]
+    presence, frequency, new = 0.6, 0.4, 24
+
+    def reference(prompt: list[int]) -> list[int]:
+        out: list[int] = []
+        for _ in range(new):
+            with torch.inference_mode():
+                logits = hf(torch.tensor([prompt + out])).logits[0, -1].double()
+            counts = torch.bincount(torch.tensor(out, dtype=torch.long),
+                                    minlength=logits.numel()).double() if out else 0
+            penalized = logits - frequency * counts - presence * (torch.as_tensor(counts) > 0)
+            out.append(int(penalized.argmax()))
+        return out
+
+    params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True,
+                            presence_penalty=presence, frequency_penalty=frequency)
+    plain = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
+    with LLM(str(model_dir)) as llm:
+        got = [o.token_ids for o in llm.generate(prompts, params)]
+        unpenalized = [o.token_ids for o in llm.generate(prompts, plain)]
+    assert got == [reference(p) for p in prompts]
+    assert got != unpenalized

@@ -200,6 +200,25 @@ def test_n_choices(server, expected):
     assert roles == {0, 1} and texts[0] == texts[1]
 
 
+def test_penalties_served_as_the_engine_applies_them(server, model_dir, expected):
+    """presence/frequency penalties reach the worker that samples each token (the decode
+    worker, from the second token on when disaggregated): the same tokens as the engine
+    in this process."""
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+
+    prompts, _ = expected
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True,
+                            presence_penalty=0.8, frequency_penalty=0.5)
+    with LLM(str(model_dir)) as llm:
+        want = llm.generate([prompts[2]], params)[0].token_ids
+    url, _ = server
+    r = client(url).completions.create(
+        model=PRESET, prompt=TEXTS[2], max_tokens=16, temperature=0, presence_penalty=0.8,
+        frequency_penalty=0.5, extra_body={"return_token_ids": True, "ignore_eos": True})
+    assert r.choices[0].token_ids == want
+
+
 def test_chat(server, model_dir):
     url, _ = server
     c = client(url)

@@ -19,7 +19,9 @@ def refused_before_start(e) -> bool:
 def params_to_proto(p: SamplingParams) -> pb.SamplingParams:
     msg = pb.SamplingParams(max_tokens=p.max_tokens, temperature=p.temperature, top_p=p.top_p,
                             top_k=p.top_k, ignore_eos=p.ignore_eos, min_tokens=p.min_tokens,
-                            stop_token_ids=p.stop_token_ids)
+                            stop_token_ids=p.stop_token_ids,
+                            presence_penalty=p.presence_penalty,
+                            frequency_penalty=p.frequency_penalty)
     if p.seed is not None:
         msg.seed = p.seed
     if p.logprobs is not None:
@@ -34,7 +36,8 @@ def params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         top_k=msg.top_k, seed=msg.seed if msg.HasField("seed") else None,
         ignore_eos=msg.ignore_eos, min_tokens=msg.min_tokens,
         stop_token_ids=list(msg.stop_token_ids),
-        logprobs=msg.logprobs if msg.HasField("logprobs") else None)
+        logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        presence_penalty=msg.presence_penalty, frequency_penalty=msg.frequency_penalty)
 
 
 def top_to_proto(top: list[tuple[int, float]]) -> pb.TopLogprobList:
