@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -12,6 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine.errors import InvalidRequestError
 
 log = logging.getLogger(__name__)
+_TYPE_TAG = re.compile(r"^(str|int|float|bool|dict|list|none|[\w-]+\[.*\])$")
 
 
 def error_response(status: int, message: str, param: str | None = None,
@@ -43,7 +45,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_validation(request: Request, exc: RequestValidationError):
         errs = exc.errors()
         first = errs[0] if errs else {}
-        loc = [str(x) for x in first.get("loc", []) if x != "body"]
+        # Union members show up in the location ("prompt", "list[int]", 0): drop them, so
+        # `param` names the request's own field.
+        loc = [str(x) for x in first.get("loc", []) if x != "body" and not (
+            isinstance(x, str) and _TYPE_TAG.match(x))]
         msg = first.get("msg", "invalid request")
         if first.get("type") == "json_invalid":
             return error_response(400, f"request body is not valid JSON: {msg}")
