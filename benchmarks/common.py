@@ -61,3 +61,14 @@ def write_result(path: str | Path, result: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"environment": environment(), **result}, indent=2) + "\n")
     return path
+
+
+def counter_by_label(metrics_text: str, name: str, label: str, **only: str
+                     ) -> dict[str, float]:
+    """A counter from Prometheus exposition text (the router's /metrics), its values keyed
+    by `label`, over the samples whose other labels equal `only`."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {s.labels[label]: s.value for family in text_string_to_metric_families(metrics_text)
+            for s in family.samples if s.name == f"{name}_total"
+            and all(s.labels.get(k) == v for k, v in only.items())}

@@ -30,7 +30,7 @@ import httpx
 
 from benchmarks import gpu_serve
 from benchmarks import serve as serve_bench
-from benchmarks.common import write_result
+from benchmarks.common import counter_by_label, write_result
 from benchmarks.gpu_serve import pct
 from cluster.local_server import baton_serve
 
@@ -70,11 +70,8 @@ def layout_options(options: list[str]) -> list[str]:
 def placements(url: str) -> dict[str, float]:
     """The router's baton_routing_decisions so far, by kind (disaggregated, local,
     overflow)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    return {s.labels["kind"]: s.value for f in text_string_to_metric_families(text)
-            for s in f.samples if s.name == "baton_routing_decisions_total"}
+    return counter_by_label(httpx.get(f"{url}/metrics", timeout=10).text,
+                            "baton_routing_decisions", "kind")
 
 
 async def lone_ttft(url: str, in_len: int, repeats: int, vocab: int) -> dict:

@@ -40,9 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.common import pct, write_result
+from benchmarks.common import counter_by_label, pct, write_result
 from cluster.local_server import baton_serve
 from kernels.checkpoint_writer import write_checkpoint
 from kvtransfer.hashing import block_hashes
@@ -150,10 +149,7 @@ async def workload(url: str, model: str, sessions: list[Session], load: float,
 def kv_picks(metrics_text: str) -> dict[str, float]:
     """The router's `baton_kv_route_picks` counters by outcome (decode role: the
     aggregated workers), empty under other policies."""
-    return {s.labels["outcome"]: s.value
-            for family in text_string_to_metric_families(metrics_text)
-            if family.name == "baton_kv_route_picks" for s in family.samples
-            if s.name == "baton_kv_route_picks_total" and s.labels["role"] == "decode"}
+    return counter_by_label(metrics_text, "baton_kv_route_picks", "outcome", role="decode")
 
 
 def oracle_hit_ratio(log: list[dict], capacity_blocks: int) -> float:

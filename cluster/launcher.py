@@ -26,8 +26,7 @@ from cluster.placement import (
 from cluster.worker_main import (
     READY_PREFIX,
     add_engine_args,
-    check_tp_transfer,
-    engine_config,
+    check_engine_flags,
 )
 from kernels.errors import BatonError
 
@@ -216,8 +215,7 @@ def serve(args: argparse.Namespace) -> int:
 
         model = str(default_model_dir())
         log.info("no --model: serving the embedded tiny model at %s", model)
-    # A bad engine flag fails here, named, not in every worker.
-    check_tp_transfer(engine_config(args, model).tp, args.kv_transfer)
+    check_engine_flags(args, model)
     placements = place_workers(roles, args.device, args.tp, _gpu_count(args.device),
                                args.prefill_gpus, args.decode_gpus)
     check_kv_transfer(placements, args.kv_transfer)

@@ -36,7 +36,7 @@ from cluster.launcher import (
     worker_roles,
 )
 from cluster.supervisor import Backoff
-from cluster.worker_main import check_tp_transfer, engine_config
+from cluster.worker_main import check_engine_flags
 from kernels.errors import BatonError
 
 log = logging.getLogger(__name__)
@@ -182,8 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is None:
         raise SystemExit("--model is required: a checkpoint dir every node can read, or a "
                          "preset with --load-format dummy")
-    try:  # a bad engine flag fails here, named, before any actor starts
-        check_tp_transfer(engine_config(args, args.model).tp, args.kv_transfer)
+    try:  # before any actor starts
+        check_engine_flags(args, args.model)
     except BatonError as e:
         raise SystemExit(str(e)) from None
     ray.init(address=args.ray_address, log_to_driver=True)

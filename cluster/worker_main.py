@@ -115,6 +115,12 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         transfer_reserve_bytes=transfer_reserve_bytes(args.kv_transfer, args.device))
 
 
+def check_engine_flags(args: argparse.Namespace, model: str) -> None:
+    """Every check a worker makes of its engine flags, made before any worker starts
+    (`baton serve`, the Ray job): a bad flag fails once, named, not in each worker."""
+    check_tp_transfer(engine_config(args, model).tp, args.kv_transfer)
+
+
 def check_tp_transfer(tp: int, kv_transfer: str) -> None:
     """A tensor-parallel worker moves KV over nixl or tcp only (`baton serve` checks this
     before it starts any worker, a worker again when it starts)."""

@@ -63,10 +63,9 @@ class WorkerHandle:
 
     @property
     def prefill_backlog_s(self) -> float | None:
-        """Seconds of prefill queued here (`queued_prefill_tokens`) at its measured
-        speed; None before it has measured one."""
-        rate = self.prefill_tokens_per_s
-        return self.queued_prefill_tokens / rate if rate else None
+        """Seconds of prefill queued here at its own measured speed; None before it has
+        measured one (no stand-in speed: this is what the worker itself reports)."""
+        return self.prefill_wait_s() if self.prefill_tokens_per_s else None
 
     def to_json(self) -> dict:
         s = self.status
