@@ -41,6 +41,7 @@ import torch.multiprocessing as mp
 
 from benchmarks.block_placements import PLACEMENTS, block_ids
 from benchmarks.common import write_result
+from benchmarks.nccl_variants import VARIANTS, trace_medians
 from kvtransfer.transfer.base import PeerInfo, coalesce
 
 # Every process keeps NVLink multicast off (with it on, NCCL hangs on these machines): set
@@ -100,9 +101,9 @@ class Side:
             raise RuntimeError(f"{self.role}: expected {tag!r}, got {msg[0]!r}")
         return msg[1:]
 
-    def cases(self, placements=PLACEMENTS):
+    def cases(self, placements=None):
         for tokens in self.cfg["tokens"]:
-            for placement in placements:
+            for placement in placements or self.cfg["placements"]:
                 n = tokens // self.cfg["block_tokens"]
                 nb = self.cfg["num_blocks"]
                 yield tokens, placement, block_ids(placement, n, "prefill", nb), \
@@ -183,11 +184,12 @@ def run_torch_nccl(side: Side, kv8: torch.Tensor) -> None:
     dist.destroy_process_group()
 
 
-def run_nccl(side: Side, kv8: torch.Tensor, staged: bool = True) -> None:
+def run_nccl(side: Side, kv8: torch.Tensor, staged: bool = True, label: str = "nccl") -> None:
     from cupy.cuda import nccl
 
     from kvtransfer.transfer.nccl_link import RECEIVER, SENDER, NcclLink, new_unique_id
 
+    plan, traced = VARIANTS.get(label, VARIANTS["nccl"])
     side.progress(f"nccl: join (NCCL {nccl.get_version()})")
     rank = RECEIVER if side.is_decode else SENDER
     if side.is_decode:  # as in serving: the decode side makes the id
@@ -197,8 +199,7 @@ def run_nccl(side: Side, kv8: torch.Tensor, staged: bool = True) -> None:
         (uid,) = side.expect("uid")
     link = NcclLink(rank, uid, 0, kv8.data_ptr(), kv8.shape[1], name=side.role,
                     compute_stream=torch.cuda.default_stream().cuda_stream,
-                    kv_cache=kv8 if staged else None)
-    label = "nccl" if staged else "nccl_unstaged"
+                    kv_cache=kv8 if staged else None, plan=plan, trace=traced)
     step = side.cfg["step_timeout"]
     link.ready.result(timeout=step)
     for tokens, placement, src, dst in side.cases():
@@ -206,7 +207,12 @@ def run_nccl(side: Side, kv8: torch.Tensor, staged: bool = True) -> None:
         side.progress(f"nccl: {tokens} tokens, {placement} ({len(runs)} runs)")
         mine = [(r.dst_start if side.is_decode else r.src_start, r.count) for r in runs]
         _prepare(side, kv8, dst)
+        link.traces.clear()
         laps = side.timed(lambda mine=mine: link.submit(mine).result(timeout=step))
+        if traced:  # the timed laps' transfers, warm-up dropped
+            timed = list(link.traces)[-side.cfg["repeats"]:]
+            side.reports.put(("trace", label, placement, tokens, side.role,
+                              trace_medians(timed)))
         _report(side, label, placement, tokens, kv8, src, dst, laps, len(runs))
     _finish(side)
     side.progress("nccl: teardown: abort")
@@ -272,7 +278,11 @@ def _finish(side: Side) -> None:
 
 
 def run_nccl_unstaged(side: Side, kv8: torch.Tensor) -> None:
-    run_nccl(side, kv8, staged=False)
+    run_nccl(side, kv8, staged=False, label="nccl_unstaged")
+
+
+def nccl_variant(label: str):
+    return lambda side, kv8: run_nccl(side, kv8, label=label)
 
 
 def run_nixl_threads4(side: Side, kv8: torch.Tensor) -> None:
@@ -280,8 +290,9 @@ def run_nixl_threads4(side: Side, kv8: torch.Tensor) -> None:
     run_nixl(side, kv8, label="nixl_threads4")
 
 
-RUNNERS = {"torch_nccl": run_torch_nccl, "nccl": run_nccl, "nccl_unstaged": run_nccl_unstaged,
-           "nixl": run_nixl, "nixl_threads4": run_nixl_threads4}
+RUNNERS = {"torch_nccl": run_torch_nccl, "nccl_unstaged": run_nccl_unstaged,
+           "nixl": run_nixl, "nixl_threads4": run_nixl_threads4,
+           **{label: nccl_variant(label) for label in VARIANTS}}
 
 
 def child(backend: str, role: str, gpu: str, conn, reports, cfg: dict) -> None:
@@ -314,7 +325,7 @@ def child(backend: str, role: str, gpu: str, conn, reports, cfg: dict) -> None:
             conn.send(("error", f"{role}: {type(e).__name__}: {e}"))
 
 
-def run_backend(backend: str, cfg: dict, gpus: list[str], on_result) -> dict:
+def run_backend(backend: str, cfg: dict, gpus: list[str], on_result, on_trace) -> dict:
     """Both sides of one backend in fresh processes; returns how the phase ended."""
     ctx = mp.get_context("spawn")
     reports = ctx.Queue()
@@ -349,6 +360,8 @@ def run_backend(backend: str, cfg: dict, gpus: list[str], on_result) -> dict:
             print(f"[{backend}] {role}: {msg[2]}", flush=True)
         elif kind == "result":
             on_result(*msg[1:])
+        elif kind == "trace":
+            on_trace(*msg[1:])
         elif kind == "error":
             status.setdefault("errors", {})[role] = {"in": where.get(role),
                                                      "traceback": msg[2][-3000:]}
@@ -386,6 +399,8 @@ def main() -> None:
     ap.add_argument("--block-tokens", type=int, default=BLOCK_TOKENS,
                     help="tokens per KV block (a worker's --block-size): fewer, larger "
                          "blocks mean fewer runs when blocks are scattered")
+    ap.add_argument("--placements", default=",".join(PLACEMENTS),
+                    help=f"block placements to move, of {', '.join(PLACEMENTS)}")
     ap.add_argument("--device", default="cuda",
                     help="cpu: a dry run of the harness (gloo, NIXL DRAM; nccl fails)")
     ap.add_argument("--out", default="benchmarks/results/gpu_transfer.json")
@@ -400,7 +415,11 @@ def main() -> None:
         gpus = [str(i) for i in range(torch.cuda.device_count())]
     block_bytes = torch.Size(block_shape(args.block_tokens)).numel() * 2
     num_blocks = max(tokens) // args.block_tokens + args.slack_blocks
+    placements = args.placements.split(",")
+    if not set(placements) <= set(PLACEMENTS):
+        ap.error(f"--placements: unknown {sorted(set(placements) - set(PLACEMENTS))}")
     cfg = {"tokens": tokens, "num_blocks": num_blocks, "device": args.device,
+           "placements": placements,
            "block_tokens": args.block_tokens,
            "warmup": args.warmup, "repeats": args.repeats, "phase_timeout": args.phase_timeout,
            "step_timeout": args.step_timeout, "port": free_port()}
@@ -426,10 +445,18 @@ def main() -> None:
               + ("" if value["data_ok"] else "  DATA MISMATCH"), flush=True)
         write_result(args.out, result)
 
+    def on_trace(backend: str, placement: str, tokens: int, role: str, medians: dict) -> None:
+        traces = result.setdefault("nccl_traces_median_ms", {})
+        traces.setdefault(backend, {}).setdefault(placement, {}).setdefault(
+            str(tokens), {})["sender" if role == "prefill" else "receiver"] = medians
+
+    unknown = [b for b in args.backends.split(",") if b not in RUNNERS]
+    if unknown:
+        ap.error(f"--backends: unknown {unknown}; known: {sorted(RUNNERS)}")
     for backend in args.backends.split(","):
         t0 = time.monotonic()
         print(f"=== {backend}", flush=True)
-        status = run_backend(backend, cfg, gpus[:2], on_result)
+        status = run_backend(backend, cfg, gpus[:2], on_result, on_trace)
         status["seconds"] = round(time.monotonic() - t0, 1)
         result["phases"][backend] = status
         add_ratios(result)

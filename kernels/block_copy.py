@@ -68,28 +68,31 @@ def _check(rows: torch.Tensor, ids: torch.Tensor, buf: torch.Tensor) -> None:
         raise ValueError("ids must be int64, one per buffer row")
 
 
-def _launch(gather: bool, src: torch.Tensor, ids: torch.Tensor, dst: torch.Tensor) -> None:
+def _launch(gather: bool, src: torch.Tensor, ids: torch.Tensor, dst: torch.Tensor,
+            programs: int) -> None:
     words = src.shape[1]
     tiles = (words + TILE - 1) // TILE
-    # The stride stays PROGRAMS (one compiled kernel); a smaller transfer launches only
-    # as many programs as it has tiles, each of which then copies one.
-    grid = min(PROGRAMS, len(ids) * tiles)
+    # The stride stays `programs` (one compiled kernel per count); a smaller transfer
+    # launches only as many programs as it has tiles, each of which then copies one.
+    grid = min(programs, len(ids) * tiles)
     _kernel()[(grid,)](src, ids, dst, len(ids), words, tiles, GATHER=gather, TILE=TILE,
-                       PROGRAMS=PROGRAMS)
+                       PROGRAMS=programs)
 
 
-def gather_rows(rows: torch.Tensor, ids: torch.Tensor, out: torch.Tensor) -> None:
-    """out[i] = rows[ids[i]], on the current stream."""
+def gather_rows(rows: torch.Tensor, ids: torch.Tensor, out: torch.Tensor,
+                programs: int | None = None) -> None:
+    """out[i] = rows[ids[i]], on the current stream, by `programs` programs (PROGRAMS)."""
     _check(rows, ids, out)
     if not len(ids):
         return
     if not _use_triton(rows):
         torch.index_select(rows, 0, ids, out=out)
         return
-    _launch(True, rows, ids, out)
+    _launch(True, rows, ids, out, programs or PROGRAMS)
 
 
-def scatter_rows(buf: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor) -> None:
+def scatter_rows(buf: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor,
+                 programs: int | None = None) -> None:
     """rows[ids[i]] = buf[i], on the current stream (ids distinct)."""
     _check(rows, ids, buf)
     if not len(ids):
@@ -97,4 +100,4 @@ def scatter_rows(buf: torch.Tensor, ids: torch.Tensor, rows: torch.Tensor) -> No
     if not _use_triton(rows):
         rows.index_copy_(0, ids, buf)
         return
-    _launch(False, buf, ids, rows)
+    _launch(False, buf, ids, rows, programs or PROGRAMS)

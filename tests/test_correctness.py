@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
@@ -80,12 +81,14 @@ def test_greedy_matches_transformers(preset, scenario, reference):
     assert pool.num_used == 0, "blocks leaked"
 
 
-def test_penalties_match_a_reference_loop_over_transformers(checkpoint_dir) -> None:
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_penalties_match_a_reference_loop_over_transformers(checkpoint_dir, device) -> None:
     """Greedy with presence and frequency penalties: the engine's tokens equal a plain loop
     over transformers' logits with OpenAI's formula applied (the tied tiny model repeats
-    itself, so the penalties change its output)."""
-    import torch
-
+    itself, so the penalties change its output). On a GPU the engine runs in float32 with
+    its CUDA sampler (the penalized rows' bincount there), the reference on the CPU."""
     from engine.llm import LLM
     from engine.sampling_params import SamplingParams
     from tests.hf_oracle import load_hf
@@ -109,7 +112,8 @@ def test_penalties_match_a_reference_loop_over_transformers(checkpoint_dir) -> N
     params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True,
                             presence_penalty=presence, frequency_penalty=frequency)
     plain = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
-    with LLM(str(model_dir)) as llm:
+    kwargs = {"device": "cuda", "dtype": "float32"} if device == "cuda" else {}
+    with LLM(str(model_dir), **kwargs) as llm:
         got = [o.token_ids for o in llm.generate(prompts, params)]
         unpenalized = [o.token_ids for o in llm.generate(prompts, plain)]
     assert got == [reference(p) for p in prompts]

@@ -48,7 +48,7 @@ def _side(rank: int, conn, staged: bool) -> None:
         conn.send((uid,))
     link = NcclLink(rank, uid, rank, kv.data_ptr(), WIDTH * 4, f"test{rank}",
                     compute_stream=torch.cuda.default_stream(rank).cuda_stream,
-                    kv_cache=kv if staged else None)
+                    kv_cache=kv if staged else None, trace=True)
     link.ready.result(timeout=120)
     src, dst = _ids(1), _ids(2)
     runs = coalesce(src, dst)
@@ -74,7 +74,8 @@ def _side(rank: int, conn, staged: bool) -> None:
     except Exception as e:
         error = type(e).__name__
     closed = link.wait_closed(30)  # its GPU work has run out: the blocks are free to reuse
-    conn.send((moved, len(runs), ok, waiting, error, time.monotonic() - t0, closed))
+    conn.send((moved, len(runs), ok, waiting, error, time.monotonic() - t0, closed,
+               link.traces[0]))
 
 
 @pytest.mark.parametrize("staged", [True, False], ids=["staged", "unstaged"])
@@ -93,7 +94,7 @@ def test_link_moves_scattered_runs_and_abort_ends_a_hung_receive(staged):
         assert a1.poll(120), "rank 1 made no unique id"
         a0.send(a1.recv())
         assert a1.poll(240), "the transfer did not finish"
-        moved, runs, ok, waiting, error, abort_s, closed = a1.recv()
+        moved, runs, ok, waiting, error, abort_s, closed, trace = a1.recv()
         a0.send(("done",))
     finally:
         for p in procs:
@@ -103,6 +104,16 @@ def test_link_moves_scattered_runs_and_abort_ends_a_hung_receive(staged):
     assert runs > 1024 and moved == N * WIDTH * 4
     assert ok, "blocks landed in the wrong places"
     assert waiting and error is not None and abort_s < 30 and closed
+    # The receiver's trace: host marks in order, GPU marks from real timing events (each
+    # chunk's receive, then its scatter, when staged)
+    assert trace["bytes"] == moved and trace["runs"] == runs
+    assert 0 <= trace["host_taken_ms"] <= trace["host_queued_ms"] <= trace["host_seen_done_ms"]
+    gpu = trace["gpu"]
+    assert gpu["start"] == 0 and gpu["end"] > 0
+    if staged:
+        for c in range(4):
+            assert gpu[f"op{c}"] <= gpu[f"opped{c}"] <= gpu[f"copy{c}"] <= gpu[f"copied{c}"]
+        assert gpu["copied3"] <= gpu["end"]
 
 
 @pytest.mark.slow

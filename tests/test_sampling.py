@@ -231,17 +231,20 @@ def test_mixed_greedy_and_random_rows() -> None:
     assert res.token_ids[2] == logits[2].topk(2).indices[1]
 
 
-def test_presence_and_frequency_penalties_follow_openais_formula() -> None:
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                         reason="needs a CUDA GPU"))])
+def test_presence_and_frequency_penalties_follow_openais_formula(device) -> None:
     """logit[t] -= frequency * count(t) + presence * (count(t) > 0), over the tokens
     generated so far; a row without penalties is untouched; logprobs stay raw."""
-    logits = torch.tensor([[5.0, 4.9, 4.0, 1.0], [5.0, 4.9, 4.0, 1.0]])
+    logits = torch.tensor([[5.0, 4.9, 4.0, 1.0], [5.0, 4.9, 4.0, 1.0]], device=device)
     b = batch(2, temperature=0.0)
     b.penalties = [(0.5, 0.3, [0, 0, 2]), None]  # token 0 twice, token 2 once
     res = sample(logits, b)
     # row 0: 5 - 0.6 - 0.5 = 3.9, 4.9, 4 - 0.3 - 0.5 = 3.2, 1.0 -> token 1
     assert res.token_ids.tolist() == [1, 0]
     expected = torch.log_softmax(logits, -1)
-    assert torch.allclose(res.logprobs, expected[[0, 1], [1, 0]])
+    assert torch.allclose(res.logprobs.to(device), expected[[0, 1], [1, 0]])
     assert logits[0, 0] == 5.0  # the caller's logits are left alone
     # Negative penalties favour repeats.
     b.penalties = [(-1.0, 0.0, [3]), None]

@@ -16,6 +16,7 @@ from kvtransfer.transfer.staging import (
     DIRECT_RUN_BYTES,
     MAX_CHUNK_BYTES,
     MIN_CHUNK_BYTES,
+    StagingPlan,
     as_block_rows,
     block_order,
     max_chunk_blocks,
@@ -46,6 +47,29 @@ def test_chunks_cover_the_transfer_in_order_within_bounds(blocks, block_bytes):
 def test_a_small_transfer_still_pipelines():
     """A 1k-token prompt of the 8B shape (64 blocks of 2 MiB) goes in 4 chunks."""
     assert len(staged_chunks([1] * 64, 2 * MIB)) == 4
+
+
+def test_a_plan_sets_the_pieces_and_bounds():
+    one = StagingPlan(pieces=1)
+    assert one.chunks([1] * 64, 2 * MIB) == [(0, 64)]  # 128 MiB: one buffer's worth
+    assert len(one.chunks([1] * 128, 2 * MIB)) == 2  # 256 MiB: bounded by the buffer
+    assert StagingPlan(pieces=2).chunks([1] * 64, 2 * MIB) == [(0, 32), (32, 64)]
+    assert StagingPlan().chunks([1] * 64, 2 * MIB) == staged_chunks([1] * 64, 2 * MIB)
+    with pytest.raises(ValueError):
+        StagingPlan(min_chunk_bytes=2 * MAX_CHUNK_BYTES)
+    with pytest.raises(ValueError):
+        StagingPlan(pieces=0)
+
+
+def test_trace_medians_keep_the_marks_every_transfer_has():
+    from benchmarks.nccl_variants import trace_medians
+
+    traces = [{"runs": 3, "host_taken_ms": 0.1 * i, "gpu": {"start": 0.0, "end": 1.0 * i}}
+              for i in (1, 2, 3)]
+    traces[1]["gpu"]["op0"] = 0.5
+    assert trace_medians(traces) == {"runs": 3, "host_taken_ms": 0.2, "gpu_start_ms": 0.0,
+                                     "gpu_end_ms": 2.0}
+    assert trace_medians([]) == {}
 
 
 def test_both_sides_cut_the_same_chunks():

@@ -14,6 +14,7 @@ protocol, and callers serialize transfers per link. The benchmark
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
 import queue
@@ -21,17 +22,11 @@ import threading
 import time
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 
-from kernels.block_copy import gather_rows, scatter_rows
-from kvtransfer.transfer.staging import (
-    STAGING_BUFFERS,
-    as_block_rows,
-    block_order,
-    max_chunk_blocks,
-    staged_chunks,
-)
+from kvtransfer.transfer.nccl_staged import LinkAborted, StagedPath
+from kvtransfer.transfer.nccl_trace import NO_TRACE, TransferTrace
+from kvtransfer.transfer.staging import DEFAULT_PLAN, StagingPlan, as_block_rows
 
 log = logging.getLogger(__name__)
 
@@ -146,11 +141,14 @@ class NcclLink:
     """One side of a prefill-decode link over the KV tensor at `base_address` on `device`.
     `ready` resolves once the communicator is joined (both sides must join concurrently);
     transfers submitted before that wait behind the join. With `kv_cache` (the tensor at
-    `base_address`) scattered runs are staged; both sides must pass it, or neither."""
+    `base_address`) scattered runs are staged as `plan` says; both sides must pass it, or
+    neither, with equal plans. `trace` keeps where each transfer's time went (nccl_trace)
+    in `traces`, the latest last."""
 
     def __init__(self, rank: int, unique_id: bytes, device: int, base_address: int,
                  block_bytes: int, name: str, compute_stream: int = 0,
-                 kv_cache: torch.Tensor | None = None) -> None:
+                 kv_cache: torch.Tensor | None = None, plan: StagingPlan = DEFAULT_PLAN,
+                 trace: bool = False) -> None:
         if rank not in (SENDER, RECEIVER):
             raise ValueError(f"rank must be {SENDER} (sender) or {RECEIVER} (receiver)")
         self.rank = rank
@@ -163,7 +161,11 @@ class NcclLink:
         if kv_cache is not None and kv_cache.data_ptr() != base_address:
             raise ValueError("kv_cache must be the tensor at base_address")
         self._rows = None if kv_cache is None else as_block_rows(kv_cache, block_bytes)
-        self._staging: list[torch.Tensor] = []  # two buffers, made when the link joins
+        self.plan = plan
+        self._staged: StagedPath | None = None  # made when the link joins
+        self.trace = trace
+        self.traces: collections.deque[dict] = collections.deque(maxlen=1024)
+        self._trace_events: list = []  # timing events, made as traces need them, reused
         unique_id_candidates(unique_id)  # a malformed id fails here, not on the link thread
         self._uid = unique_id
         self.ready: concurrent.futures.Future[None] = concurrent.futures.Future()
@@ -183,7 +185,7 @@ class NcclLink:
         if self.broken:
             fut.set_exception(LinkBroken(f"NCCL link {self.name} is broken"))
         else:
-            self._jobs.put((fut, list(runs), after))
+            self._jobs.put((fut, list(runs), after, time.perf_counter()))
         return fut
 
     def abort(self) -> None:
@@ -218,11 +220,11 @@ class NcclLink:
             return
         self.ready.set_result(None)
         while (job := self._jobs.get()) is not None:
-            fut, runs, after = job
+            fut, runs, after, submitted_at = job
             if not fut.set_running_or_notify_cancel():
                 continue
             try:
-                fut.set_result(self._transfer(runs, after))
+                fut.set_result(self._transfer(runs, after, submitted_at))
             except BaseException as e:
                 self.broken = True  # the sides may now disagree on what moved
                 fut.set_exception(e)
@@ -249,9 +251,8 @@ class NcclLink:
         self._done = cupy.cuda.Event(block=True, disable_timing=True)
         # Staged transfers: gathers/scatters run on a second stream beside the sends.
         self._copy_stream = cupy.cuda.Stream(non_blocking=True)
-        self._filled = [cupy.cuda.Event(disable_timing=True) for _ in range(STAGING_BUFFERS)]
-        self._freed = [cupy.cuda.Event(disable_timing=True) for _ in range(STAGING_BUFFERS)]
-        self._copies_done = cupy.cuda.Event(disable_timing=True)
+        self._copy_stream_torch = torch.cuda.ExternalStream(
+            self._copy_stream.ptr, device=torch.device("cuda", self.device))
         comm = init_communicator(2, self._uid, self.rank)
         with self._lock:
             aborted = self.broken
@@ -261,7 +262,7 @@ class NcclLink:
             comm.abort()
             raise LinkBroken(f"NCCL link {self.name} was aborted while joining")
         if self._rows is not None:
-            self._make_staging()
+            self._staged = StagedPath(self._rows, self.block_bytes, self.plan, self.device)
         # The first send/recv between two ranks sets up their connection, which needs both
         # sides; doing it here keeps that cost (and that rendezvous) out of the first pull.
         scratch = cupy.zeros(1, dtype=cupy.uint8)
@@ -271,7 +272,7 @@ class NcclLink:
         if self._comm is None:
             raise LinkBroken(f"NCCL link {self.name} was aborted while connecting")
 
-    def _transfer(self, runs: Runs, after) -> int:
+    def _transfer(self, runs: Runs, after, submitted_at: float) -> int:
         from cupy.cuda import runtime
 
         comm = self._comm
@@ -284,8 +285,13 @@ class NcclLink:
         if after is None:
             runtime.eventRecord(self._after_compute.ptr, self.compute_stream)
             after = self._after_compute
+        trace = TransferTrace(submitted_at, self._trace_events) if self.trace else NO_TRACE
         try:
-            return self._queue_and_wait(comm, runs, after)
+            moved = self._queue_and_wait(comm, runs, after, trace)
+        except LinkAborted:
+            self._copy_stream.synchronize()
+            self._stream.synchronize()
+            raise LinkBroken(f"NCCL link {self.name} was aborted during a transfer") from None
         except BaseException:
             # Whatever was queued runs out before the caller hears of the failure (an
             # aborted NCCL operation returns; a scatter queued behind it still writes):
@@ -293,15 +299,19 @@ class NcclLink:
             self._copy_stream.synchronize()
             self._stream.synchronize()
             raise
+        if self.trace:
+            self.traces.append({"runs": len(runs), "bytes": moved, **trace.summary()})
+        return moved
 
-    def _queue_and_wait(self, comm, runs: Runs, after) -> int:
+    def _queue_and_wait(self, comm, runs: Runs, after, trace) -> int:
         from cupy.cuda import nccl
 
         self._stream.wait_event(after)
+        trace.gpu_mark("start", self._stream)
         op = comm.send if self.rank == SENDER else comm.recv
         peer = 1 - self.rank
-        chunks = (None if self._rows is None
-                  else staged_chunks([count for _, count in runs], self.block_bytes))
+        chunks = (None if self._staged is None
+                  else self.plan.chunks([count for _, count in runs], self.block_bytes))
         if chunks is None:
             extents = run_extents(runs, self.block_bytes)
             for batch in group_batches(len(extents)):
@@ -315,86 +325,15 @@ class NcclLink:
                     nccl.groupEnd()
             moved = sum(nbytes for _, nbytes in extents)
         else:
-            moved = self._staged(comm, runs, chunks, after)
+            moved = self._staged.queue(comm, self.rank, self._stream, self._copy_stream,
+                                       self._copy_stream_torch, runs, chunks, after,
+                                       lambda: self._comm is None, trace)
+        trace.gpu_mark("end", self._stream)
         self._done.record(self._stream)
+        trace.host_mark("queued")
         wait_for(self._done)
+        trace.host_mark("seen_done")
         if self._comm is None:
             raise LinkBroken(f"NCCL link {self.name} was aborted during a transfer")
         comm.check_async_error()
         return moved
-
-    def _make_staging(self) -> None:
-        """Staging buffers, made when the link joins (an allocation that fails fails the
-        join, before either side has queued a transfer), and the copy kernels compiled
-        for the shapes chunks take, so no transfer waits on Triton while its peer's NCCL
-        operations wait on it. Made outside the copy stream's context: torch ties a block
-        to the stream it was allocated on, and that stream is not torch's."""
-        import cupy
-
-        rows = self._rows
-        most = max_chunk_blocks(self.block_bytes)  # any transfer's chunks fit
-        self._staging = [torch.empty(most, rows.shape[1], dtype=rows.dtype,
-                                     device=rows.device) for _ in range(STAGING_BUFFERS)]
-        self._ids = torch.empty(rows.shape[0], dtype=torch.int64, device=rows.device)
-        # Pinned, so the copy to the device is asynchronous; reused: the transfer before
-        # has run out (`_transfer` waits for it) when the next one writes it. CuPy's pinned
-        # memory and copy, not torch's: torch's host allocator remembers the stream of a
-        # non-blocking copy and records an event on it when the buffer is freed, which
-        # crashed (SIGSEGV) a process whose link was dropped after this stream had been
-        # destroyed.
-        self._ids_pinned = cupy.cuda.alloc_pinned_memory(rows.shape[0] * 8)
-        self._ids_host = np.frombuffer(self._ids_pinned, dtype=np.int64, count=rows.shape[0])
-        a, b = self._staging
-        with torch.cuda.device(self.device):
-            warm = torch.arange(min(len(a), 18), dtype=torch.int64, device=rows.device)
-            for n in (1, 2, 16):  # Triton specializes on 1 and multiples of 16, and on
-                for first in (0, 1):  # 16-byte alignment of the ids (a chunk's offset)
-                    ids = warm[first:first + n]
-                    if len(ids) == n:
-                        gather_rows(b, ids, a[:n])  # staging to staging: no KV touched
-                        scatter_rows(a[:n], ids, b)
-            torch.cuda.synchronize()
-
-    def _staged(self, comm, runs: Runs, chunks: list[tuple[int, int]], after) -> int:
-        """Queue a staged transfer on the two streams (see staging.py). Buffer b is
-        refilled only after the operation that last used it: the sender's gather waits
-        for the send of two chunks back, the receiver's receive for that chunk's scatter.
-        A stream waits on an event's latest record when the wait is queued, so the two
-        events per buffer are reused chunk after chunk."""
-        import cupy
-        from cupy.cuda import nccl
-
-        peer, rows, copy = 1 - self.rank, self._rows, self._copy_stream
-        copy.wait_event(after)
-        order = block_order(runs)
-        count = len(order)
-        self._ids_host[:count] = order
-        ids = self._ids[:count]
-        cupy.cuda.runtime.memcpyAsync(ids.data_ptr(), self._ids_pinned.ptr, count * 8,
-                                      cupy.cuda.runtime.memcpyHostToDevice, copy.ptr)
-        with torch.cuda.device(self.device), torch.cuda.stream(
-                torch.cuda.ExternalStream(copy.ptr, device=rows.device)):
-            for c, (lo, hi) in enumerate(chunks):
-                if self._comm is None:
-                    raise LinkBroken(f"NCCL link {self.name} was aborted during a transfer")
-                b = c % STAGING_BUFFERS
-                buf = self._staging[b][: hi - lo]
-                nbytes = (hi - lo) * self.block_bytes
-                if self.rank == SENDER:
-                    copy.wait_event(self._freed[b])
-                    gather_rows(rows, ids[lo:hi], buf)
-                    self._filled[b].record(copy)
-                    self._stream.wait_event(self._filled[b])
-                    comm.send(buf.data_ptr(), nbytes, nccl.NCCL_INT8, peer, self._stream.ptr)
-                    self._freed[b].record(self._stream)
-                else:
-                    self._stream.wait_event(self._freed[b])
-                    comm.recv(buf.data_ptr(), nbytes, nccl.NCCL_INT8, peer, self._stream.ptr)
-                    self._filled[b].record(self._stream)
-                    copy.wait_event(self._filled[b])
-                    scatter_rows(buf, ids[lo:hi], rows)
-                    self._freed[b].record(copy)
-        # `done` is recorded on the send stream: it must also follow the last copy.
-        self._copies_done.record(copy)
-        self._stream.wait_event(self._copies_done)
-        return count * self.block_bytes

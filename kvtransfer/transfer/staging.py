@@ -17,9 +17,12 @@ which are equal on both sides (`coalesce` pairs runs)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from kernels.block_copy import PROGRAMS
 
 # Runs this long on average go as they are: the per-operation cost is already small
 # beside their bytes, and staging would only add the copies.
@@ -43,20 +46,55 @@ def staging_reserve_bytes() -> int:
     return STAGED_LINKS_RESERVED * STAGING_BUFFERS * MAX_CHUNK_BYTES
 
 
+@dataclass(frozen=True)
+class StagingPlan:
+    """How a link stages: both sides of a link must use the same plan (it decides the
+    chunks, which are the protocol). The defaults are what serving uses; the transfer
+    benchmark tries others side by side."""
+
+    direct_run_bytes: int = DIRECT_RUN_BYTES
+    min_chunk_bytes: int = MIN_CHUNK_BYTES
+    max_chunk_bytes: int = MAX_CHUNK_BYTES
+    pieces: int = 4  # a transfer is cut into about this many chunks, within the bounds
+    copy_programs: int = PROGRAMS  # of the gather and scatter kernels
+    # "triton": kernels/block_copy.py on `copy_programs` programs; "torch": index_select
+    # and index_copy_ (every SM, and a C++ launch instead of Triton's Python one)
+    copy_kernel: str = "triton"
+    # The first gather and the last scatter on every SM (torch's ops): they overlap no
+    # NCCL operation of the transfer, so a narrow grid there only lengthens it
+    wide_edges: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_chunk_bytes <= self.max_chunk_bytes or self.pieces < 1 or \
+                self.copy_kernel not in ("triton", "torch"):
+            raise ValueError(f"bad staging plan {self}")
+
+    def chunks(self, counts: Sequence[int], block_bytes: int) -> list[tuple[int, int]] | None:
+        """The chunks [lo, hi) of the transfer's blocks, in transfer order, for runs of
+        `counts` blocks; None when the runs should move as they are."""
+        total = sum(counts)
+        if len(counts) <= 1 or total * block_bytes >= len(counts) * self.direct_run_bytes:
+            return None
+        chunk_bytes = min(max(total * block_bytes // self.pieces, self.min_chunk_bytes),
+                          self.max_chunk_bytes)
+        per = min(max(1, chunk_bytes // block_bytes), self.max_chunk_blocks(block_bytes))
+        return [(lo, min(lo + per, total)) for lo in range(0, total, per)]
+
+    def max_chunk_blocks(self, block_bytes: int) -> int:
+        """The most blocks a chunk holds: what one staging buffer is sized for."""
+        return max(1, self.max_chunk_bytes // block_bytes)
+
+
+DEFAULT_PLAN = StagingPlan()
+
+
 def staged_chunks(counts: Sequence[int], block_bytes: int) -> list[tuple[int, int]] | None:
-    """The chunks [lo, hi) of the transfer's blocks, in transfer order, for runs of
-    `counts` blocks; None when the runs should move as they are."""
-    total = sum(counts)
-    if len(counts) <= 1 or total * block_bytes >= len(counts) * DIRECT_RUN_BYTES:
-        return None
-    chunk_bytes = min(max(total * block_bytes // 4, MIN_CHUNK_BYTES), MAX_CHUNK_BYTES)
-    per = min(max(1, chunk_bytes // block_bytes), max_chunk_blocks(block_bytes))
-    return [(lo, min(lo + per, total)) for lo in range(0, total, per)]
+    """`DEFAULT_PLAN.chunks`: what serving links cut."""
+    return DEFAULT_PLAN.chunks(counts, block_bytes)
 
 
 def max_chunk_blocks(block_bytes: int) -> int:
-    """The most blocks a chunk holds: what one staging buffer is sized for."""
-    return max(1, MAX_CHUNK_BYTES // block_bytes)
+    return DEFAULT_PLAN.max_chunk_blocks(block_bytes)
 
 
 def block_order(runs: Sequence[tuple[int, int]]) -> np.ndarray:
