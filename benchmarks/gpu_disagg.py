@@ -48,11 +48,13 @@ def layout(name: str, tp: int, decode_gpus: str = "") -> tuple[list[str], list[s
     if name == "2xagg":
         return ["--prefill", "0", "--decode", "2"], ["--decode-gpus", f"{first},{second}"]
     raise ValueError(f"--layouts: unknown layout {name!r} "
-                     "(1P1D, 2xagg, NAME@CHUNK, NAME/overflow=SECONDS/local=TOKENS/sat=TOKENS)")
+                     "(1P1D, 2xagg, NAME@CHUNK, "
+                     "NAME/overflow=SECONDS/local=TOKENS/sat=TOKENS/mix=TOKENS)")
 
 
 LAYOUT_OPTIONS = {"overflow": "--prefill-overflow-wait", "local": "--local-prefill-threshold",
-                  "sat": "--prefill-saturation-tokens"}
+                  "sat": "--prefill-saturation-tokens",
+                  "mix": "--prefill-tokens-while-decoding"}
 
 
 def layout_options(options: list[str]) -> list[str]:
@@ -62,7 +64,7 @@ def layout_options(options: list[str]) -> list[str]:
         key, sep, value = option.partition("=")
         if not sep or key not in LAYOUT_OPTIONS:
             raise ValueError(f"--layouts: unknown option {option!r} (overflow=SECONDS, "
-                             "local=TOKENS, sat=TOKENS)")
+                             "local=TOKENS, sat=TOKENS, mix=TOKENS)")
         flags += [LAYOUT_OPTIONS[key], value]
     return flags
 
@@ -283,7 +285,8 @@ def main() -> None:
         # "1P1D/overflow=0.5/local=512": conditional disaggregation, with
         # --prefill-overflow-wait 0.5 (prefill on the decode worker while the prefill
         # worker is backed up more than 0.5 s) and --local-prefill-threshold 512;
-        # "/sat=3000": --prefill-saturation-tokens 3000.
+        # "/sat=3000": --prefill-saturation-tokens 3000; "/mix=512":
+        # --prefill-tokens-while-decoding 512.
         spec, *options = name.split("/")
         base, _, chunk = spec.partition("@")
         workers, gpus = layout(base, args.tp, args.decode_gpus)

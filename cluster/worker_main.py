@@ -51,6 +51,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="a step already holding N prompt tokens admits no new request: "
                         "past the size that keeps the GPU busy, batching another long "
                         "prompt only delays the first one's first token (0: off)")
+    p.add_argument("--prefill-tokens-while-decoding", type=int, default=0, metavar="N",
+                   help="a step with decode rows takes at most N prompt tokens, so a long "
+                        "prompt prefilled beside running streams (an overflowed or local "
+                        "prefill on a decode worker, a new prompt on a replica) stalls "
+                        "them for N tokens' compute at a time instead of the whole step "
+                        "budget's (0: off)")
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--kv-transfer", default="auto", choices=BACKENDS,
@@ -103,6 +109,7 @@ def engine_config(args: argparse.Namespace, model: str) -> EngineConfig:
         block_size=args.block_size, num_kv_blocks=args.kv_blocks,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         prefill_saturation_tokens=args.prefill_saturation_tokens,
+        prefill_tokens_while_decoding=args.prefill_tokens_while_decoding,
         max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
         seed=args.seed, attention_backend=args.attention_backend,
         cuda_graphs=not args.no_cuda_graphs, tp_cuda_graphs=args.tp_cuda_graphs,

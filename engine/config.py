@@ -29,6 +29,9 @@ class EngineConfig:
     # A step holding this many prompt tokens admits no new request (0: off): see
     # SchedulerConfig.prefill_saturation_tokens.
     prefill_saturation_tokens: int = 0
+    # A step with decode rows takes at most this many prompt tokens (0: off): see
+    # SchedulerConfig.prefill_tokens_while_decoding.
+    prefill_tokens_while_decoding: int = 0
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     attention_backend: str = "auto"  # auto: FlashInfer where it runs, else torch
@@ -113,6 +116,8 @@ class EngineConfig:
               f"must be >= 1, got {self.max_num_batched_tokens}")
         check(self.prefill_saturation_tokens >= 0, "prefill-saturation-tokens",
               f"must be >= 0, got {self.prefill_saturation_tokens}")
+        check(self.prefill_tokens_while_decoding >= 0, "prefill-tokens-while-decoding",
+              f"must be >= 0, got {self.prefill_tokens_while_decoding}")
         check(self.max_model_len is None or self.max_model_len >= 2, "max-model-len",
               f"must be >= 2, got {self.max_model_len}")
         check(self.attention_backend in ("auto", "torch", "flashinfer"), "attention-backend",

@@ -157,8 +157,10 @@ class LLMEngine:
         self.kv = KVCacheManager(pool, tiers=self.tiers)
         tok_eos = self.tokenizer.eos_token_ids if self.tokenizer else ()
         eos = tuple(dict.fromkeys(mc.eos_token_ids + tok_eos))
-        sched_cfg = SchedulerConfig(cfg.max_num_seqs, cfg.max_num_batched_tokens,
-                                    self.max_model_len, cfg.prefill_saturation_tokens)
+        sched_cfg = SchedulerConfig(
+            cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len,
+            cfg.prefill_saturation_tokens,
+            prefill_tokens_while_decoding=cfg.prefill_tokens_while_decoding)
         self.scheduler = Scheduler(sched_cfg, self.kv, eos)
         self.scheduler.decode_lookahead = self.runner.stages_next_decode
         self.detokenize = detokenize and self.tokenizer is not None

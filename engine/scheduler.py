@@ -28,6 +28,13 @@ class SchedulerConfig:
     # adds no throughput and only delays the first one's first token: two 3000-token
     # prompts prefilled together both finish when the second would have alone.
     prefill_saturation_tokens: int = 0
+    # A step that carries decode rows takes at most this many prompt tokens (0: only the
+    # step budget). A decode row waits for its step, so a long prompt chunk beside it is
+    # an inter-token gap for every stream: on a disaggregated decode worker prefilling an
+    # overflowed 3000-token prompt in one step, ITL p99 went from 13 ms to 97-169 ms
+    # (gpu_disagg_overflow_h200x2.json). A step without decode rows (a prefill worker, an
+    # idle replica) still takes the whole budget.
+    prefill_tokens_while_decoding: int = 0
 
 
 @dataclass
@@ -101,10 +108,20 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         saturation = self.config.prefill_saturation_tokens or budget + 1
         prompt_tokens = 0  # in this step's chunks of more than one token
+        # Prompt tokens this step may still take (`prefill_tokens_while_decoding`).
+        prompt_left = budget
+        if self.config.prefill_tokens_while_decoding and any(
+                seq.num_uncomputed_tokens == 1 for seq in self.running):
+            prompt_left = self.config.prefill_tokens_while_decoding
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed_tokens, budget)
+            if n > 1:  # a prompt chunk: within what is left for prompts
+                n = min(n, prompt_left)
+                if n == 0:
+                    i += 1
+                    continue
             while not self.kv.allocate(seq, n):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -114,7 +131,9 @@ class Scheduler:
             else:
                 out.scheduled.append(ScheduledSeq(seq, n, n == seq.num_uncomputed_tokens))
                 budget -= n
-                prompt_tokens += n if n > 1 else 0
+                if n > 1 or seq.num_uncomputed_tokens > 1:
+                    prompt_tokens += n
+                    prompt_left -= n
                 i += 1
         # Admit new work only if nobody was preempted: memory is tight otherwise.
         while (self.waiting and budget > 0 and not out.preempted
@@ -124,6 +143,10 @@ class Scheduler:
             cached = self.kv.find_cached_prefix(seq) if not seq.block_table else []
             uncomputed = seq.num_uncomputed_tokens - len(cached) * self.kv.block_size
             n = min(uncomputed, budget)
+            if n > 1:  # a prompt (a request whose KV arrived has one token left: it joins)
+                if prompt_left <= 0:
+                    break
+                n = min(n, prompt_left)
             if not self.kv.allocate(seq, n, cached):
                 break
             if seq.num_cached_tokens < 0:
@@ -135,7 +158,9 @@ class Scheduler:
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, n, n == seq.num_uncomputed_tokens))
             budget -= n
-            prompt_tokens += n
+            if uncomputed > 1:
+                prompt_tokens += n
+                prompt_left -= n
         if self.decode_lookahead:
             # Last, from what scheduling and admission left free: a lookahead block never
             # costs a preemption or an admission (allocate changes nothing when it fails).

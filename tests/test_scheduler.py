@@ -31,10 +31,12 @@ def next_token(seq: Sequence) -> int:
 class Harness:
     def __init__(self, num_blocks: int = 64, budget: int = 64, max_seqs: int = 16,
                  max_model_len: int = 4096, caching: bool = True,
-                 lookahead: bool = False, saturation: int = 0) -> None:
+                 lookahead: bool = False, saturation: int = 0,
+                 while_decoding: int = 0) -> None:
         self.pool = BlockPool(num_blocks, BS, caching)
         self.kv = KVCacheManager(self.pool)
-        self.config = SchedulerConfig(max_seqs, budget, max_model_len, saturation)
+        self.config = SchedulerConfig(max_seqs, budget, max_model_len, saturation,
+                                      prefill_tokens_while_decoding=while_decoding)
         self.sched = Scheduler(self.config, self.kv, eos_token_ids=(EOS,))
         self.sched.decode_lookahead = lookahead
         self.outputs: list[SchedulerOutput] = []
@@ -479,3 +481,34 @@ def test_a_saturated_step_admits_no_second_long_prompt() -> None:
     for i in range(3):
         h.add(str(i), prompt(6, i), max_tokens=2)
     assert [i.num_new_tokens for i in h.step().scheduled] == [6, 6, 6]
+
+
+def test_a_step_with_decode_rows_takes_a_bounded_prompt_chunk() -> None:
+    """--prefill-tokens-while-decoding: beside decode rows a long prompt goes in chunks of
+    at most N tokens (the streams wait for one chunk at a time, not the whole budget);
+    with no decode row in the step it takes the whole budget; decode rows themselves are
+    never held back; every token still comes out as without the limit."""
+    def run(while_decoding: int) -> tuple[list[list[tuple[str, int]]], dict[str, list[int]]]:
+        h = Harness(num_blocks=256, budget=100, while_decoding=while_decoding)
+        h.add("a", prompt(6, 1), max_tokens=12)
+        h.add("b", prompt(6, 2), max_tokens=12)
+        h.step()  # both prompts, no decode row yet: one step
+        h.add("long", prompt(70, 3), max_tokens=3)
+        h.run()
+        steps = [[(i.seq.request_id, i.num_new_tokens) for i in out.scheduled]
+                 for out in h.outputs]
+        return steps, {s.request_id: s.output_token_ids for s in h.finished}
+
+    plain, plain_tokens = run(0)
+    assert plain[1] == [("a", 1), ("b", 1), ("long", 70)]
+    steps, tokens = run(16)
+    assert steps[0] == [("a", 6), ("b", 6)]
+    # 70 prompt tokens beside two decode rows: 16 at a time, the rows in every step
+    assert [n for step in steps[1:6] for rid, n in step if rid == "long"] == [16] * 4 + [6]
+    assert all(("a", 1) in step and ("b", 1) in step for step in steps[1:6])
+    assert tokens == plain_tokens
+
+    # Alone (no decode row) a prompt takes the whole budget even with the limit set.
+    h = Harness(num_blocks=256, budget=100, while_decoding=16)
+    h.add("alone", prompt(70, 4), max_tokens=2)
+    assert [i.num_new_tokens for i in h.step().scheduled] == [70]

@@ -19,7 +19,8 @@ from cluster.worker_main import add_engine_args, engine_config
 CASES = [
     ["--load-format", "dummy", "--dtype", "bfloat16", "--kv-blocks", "300",
      "--block-size", "64", "--max-num-seqs", "17", "--max-num-batched-tokens", "8192",
-     "--prefill-saturation-tokens", "2048", "--max-model-len", "1000",
+     "--prefill-saturation-tokens", "2048", "--prefill-tokens-while-decoding", "512",
+     "--max-model-len", "1000",
      "--no-prefix-caching", "--kv-transfer", "tcp", "--seed", "5",
      "--attention-backend", "torch", "--no-cuda-graphs", "--no-gemv-decode",
      "--no-one-row-attention", "--no-pdl", "--overlap-decode-max-rows", "0",
@@ -56,6 +57,7 @@ def test_defaults_forward_nothing_but_model_and_device() -> None:
 
 @pytest.mark.parametrize("flags,named", [
     (["--prefill-saturation-tokens", "-1"], "--prefill-saturation-tokens"),
+    (["--prefill-tokens-while-decoding", "-5"], "--prefill-tokens-while-decoding"),
     (["--max-num-batched-tokens", "0"], "--max-num-batched-tokens"),
     (["--block-size", "3"], "--block-size"),
     (["--tp", "2", "--kv-transfer", "nccl"], "--kv-transfer")])
