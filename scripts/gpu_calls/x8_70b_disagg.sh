@@ -11,10 +11,11 @@
 # deployment tunes to keep decode moving; at 8192 their ITL p99 was 390 ms on x4).
 #   run(kind="nvidia-h200-x8", carry=[".whl/base", ".whl/flashinfer", ".fi-aot", ".whl/nixl"],
 #       command="bash scripts/gpu_calls/x8_70b_disagg.sh", timeout_s=600)
-# Second call: LAYOUTS=1P1D/overflow=0.5,1P1D/local=512,1P1D/sat=3000 NAME=_knobs (the
-# decode worker prefills while the prefill worker is backed up more than 0.5 s; turns with
-# 512 or fewer uncached tokens stay on the decode worker; the prefill worker packs no
-# second long prompt into a step), then LAYOUTS=2xagg NAME=_agg8192.
+# Second call: LAYOUTS=1P1D/overflow=0.5/mix=512/sat=3000,1P1D/local=512 NAME=_knobs (the
+# decode worker prefills while the prefill worker is backed up more than 0.5 s, 512 prompt
+# tokens a step beside its streams: on 8B x2 this took 1P1D from -19% to -2.7% tok/s per
+# GPU against replicas with ITL p99 42 ms, gpu_disagg_overflow_mix_h200x2.json; turns with
+# 512 or fewer uncached tokens stay on the decode worker), then LAYOUTS=2xagg NAME=_agg8192.
 set -u
 source scripts/gpu_calls/steps.sh
 STEP_TAIL=24 step tp4_disagg 570 python -m benchmarks.gpu_disagg --preset llama-3.1-70b \
