@@ -129,11 +129,6 @@ class EngineConfig:
         check(not ((self.disk_kv_gb or self.disk_kv_blocks) and not self.disk_kv_dir),
               "disk-kv-dir", "is needed with --disk-kv-gb/--disk-kv-blocks")
         check(self.tp >= 1, "tp", f"must be >= 1, got {self.tp}")
-        # Host-tier copies are repeated on every rank; disk reads and writes are not (a
-        # rank whose file failed its checks would diverge from the others).
-        check(self.tp == 1 or not (self.disk_kv_gb or self.disk_kv_blocks),
-              "tp", f"{self.tp} cannot be combined with --disk-kv-gb yet (the host tier "
-              "works under TP; the disk tier would hold one rank's shard)")
 
 
 def _tier_blocks(blocks: int | None, gib: float, block_bytes: int) -> int:

@@ -27,7 +27,8 @@ from kernels.config import ModelConfig
 from kernels.parallel import ParallelContext
 from kvtransfer.block_pool import BlockPool
 from kvtransfer.events import EventRecorder, KVEventBatch, Tier
-from kvtransfer.tiered_store import TieredStore
+from kvtransfer.tiered_store import ShardedTiers, TieredStore
+from kvtransfer.transfer.base import KV_HEAD_DIM
 
 log = logging.getLogger(__name__)
 
@@ -63,23 +64,37 @@ class RequestOutput:
 
 
 def make_tiered_store(cfg: EngineConfig, runner: ModelRunner, events: EventRecorder,
-                      mc: ModelConfig) -> TieredStore | None:
+                      mc: ModelConfig, tp_leader: TPLeader | None = None) -> TieredStore | None:
     """G2/G3 sized from the config, or None when neither is asked for."""
     block_bytes = runner.kv_spec.block_bytes
+    tp = runner.pc.tp_size
     host = cfg.host_kv_block_count(block_bytes)
-    disk = cfg.disk_kv_block_count(block_bytes)
+    disk = cfg.disk_kv_block_count(block_bytes * tp)  # a file holds every rank's heads
     if host <= 0 and (disk <= 0 or not cfg.disk_kv_dir):
         return None
-    # Disk blocks are only valid for the same weights, dtype and cache layout.
+    # Disk blocks are only valid for the same weights, dtype and cache layout; they hold
+    # whole blocks (all KV heads) at any TP size, so the layout is that of TP=1.
+    whole = dataclasses.replace(runner.kv_spec, num_blocks=0,
+                                num_kv_heads=runner.kv_spec.num_kv_heads * tp)
     ident = xxhash.xxh3_128_digest(repr((
         cfg.model, cfg.load_format, cfg.seed, sorted(dataclasses.asdict(mc).items(), key=str),
-        dataclasses.astuple(runner.kv_spec), runner.pc.tp_rank, runner.pc.tp_size)).encode())
+        dataclasses.astuple(whole))).encode())
     lossless = cfg.disk_kv_lossless if cfg.disk_kv_lossless is not None \
         else not runner.kv_cache.is_cuda
     prefetch = cfg.max_num_batched_tokens // cfg.block_size if cfg.disk_kv_prefetch else 0
-    return TieredStore(runner.kv_cache, host, events, cfg.disk_kv_dir, disk, ident,
-                       lossless_disk=lossless, disk_policy=cfg.disk_kv_policy,
-                       prefetch_blocks=prefetch)
+    sharded = None
+    if tp_leader is not None:
+        shape = list(runner.kv_cache.shape[1:])
+        shape[KV_HEAD_DIM - 1] *= tp
+        kv = runner.kv_cache
+        sharded = ShardedTiers(
+            tuple(shape), read_blocks=lambda ids: tp_leader.read_kv(kv, ids),
+            write_blocks=lambda ids, full: tp_leader.write_kv(kv, ids, full),
+            read_host=lambda slots: tp_leader.read_host(store.host, slots))
+    store = TieredStore(runner.kv_cache, host, events, cfg.disk_kv_dir, disk, ident,
+                        lossless_disk=lossless, disk_policy=cfg.disk_kv_policy,
+                        prefetch_blocks=prefetch, sharded=sharded)
+    return store
 
 
 def _ms(seconds: float | None) -> str:
@@ -149,7 +164,7 @@ class LLMEngine:
         self.events = EventRecorder(worker_id="local", instance_id=uuid.uuid4().hex)
         pool = BlockPool(self.runner.kv_spec.num_blocks, cfg.block_size,
                          cfg.enable_prefix_caching, on_event=self.events.record)
-        self.tiers = make_tiered_store(cfg, self.runner, self.events, mc)
+        self.tiers = make_tiered_store(cfg, self.runner, self.events, mc, self.tp)
         if self.tiers is not None:
             pool.on_evict = self.tiers.offload
             if self.tp is not None:  # followers repeat the host-tier copies on their shards
@@ -312,6 +327,8 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         out = self.scheduler.schedule()
+        if self.tiers is not None:
+            self.tiers.before_step()  # under TP: blocks leaving for disk, from every rank
         if out.is_empty:
             return []
         # A step launched ahead by the last execute() that this one does not use still

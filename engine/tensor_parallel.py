@@ -51,8 +51,9 @@ class KVCommand:
     the leader, `write` scatters full-head blocks to them (KV transfer between a prefill
     and a decode worker, which only the leader talks to)."""
 
-    op: str  # "read" | "write" | "tier" | "nixl_setup" | "nixl_post" | "nixl_poll"
-    # "tier": [kind ("d2h"|"h2d"), host slot, block id] per copy; "nixl_setup": [agent
+    op: str  # "read" | "write" | "tier" | "host_read" | "nixl_setup" | "nixl_post" | ...
+    # "tier": [kind ("d2h"|"h2d"), host slot, block id] per copy; "host_read": host slots;
+    # "nixl_setup": [agent
     # name prefix]; "nixl_post": [request id, peer ranks' agents, src ids, dst ids];
     # "nixl_poll": [request id]
     block_ids: list
@@ -183,6 +184,22 @@ class TPComm:
         dist.scatter(mine, parts, src=0)
         kv_cache[idx] = mine
 
+    def read_host(self, host: torch.Tensor, slots: list[int]) -> torch.Tensor | None:
+        """Leader: host-tier slots with every rank's heads (blocks bound for the disk
+        tier, which holds whole blocks); followers: None. `host` is this rank's shard of
+        the tier. Over the control group (gloo): the slots are in host memory."""
+        if self.pc.tp_rank == 0:
+            self.broadcast_step(KVCommand("host_read", list(slots)))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # this rank's copies into the slots have landed
+        shard = host[torch.tensor(slots, dtype=torch.int64)].contiguous()
+        if self.pc.tp_rank != 0:
+            dist.gather(shard, dst=0, group=self.control)
+            return None
+        parts = [torch.empty_like(shard) for _ in range(self.pc.tp_size)]
+        dist.gather(shard, parts, dst=0, group=self.control)
+        return torch.cat(parts, dim=KV_HEAD_DIM)
+
     def nixl_setup(self, kv_cache: torch.Tensor, agent_prefix: str) -> list | None:
         """Every rank starts a NIXL agent over its KV shard; the leader gets them all
         (RankAgent per rank, in rank order), followers None."""
@@ -250,6 +267,8 @@ class TPComm:
                     self.apply_tier_copies(runner.kv_cache, msg.block_ids)
                 elif msg.op == "read":
                     self.read_kv(runner.kv_cache, msg.block_ids)
+                elif msg.op == "host_read":
+                    self.read_host(self.host_kv, msg.block_ids)
                 elif msg.op == "nixl_setup":
                     self.nixl_setup(runner.kv_cache, msg.block_ids[0])
                 elif msg.op == "nixl_post":

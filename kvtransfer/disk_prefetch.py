@@ -22,7 +22,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -104,10 +104,16 @@ class DiskPrefetcher:
             return None
         return f
 
-    def take(self, f: Fetch, dst: torch.Tensor) -> None:
-        """Copy a ready entry into `dst` (a device block) and give its slot back."""
+    def take(self, f: Fetch, dst: torch.Tensor | Callable[[torch.Tensor], None]) -> None:
+        """Copy a ready entry into `dst` (a device block), or hand it to `dst` (a function
+        that has copied it when it returns: under TP, the scatter to every rank), and give
+        its slot back."""
         assert f.ready and self.entries.get(f.block_hash) is f
         del self.entries[f.block_hash]
+        if callable(dst):
+            dst(self.staging[f.slot])
+            self._free.append(f.slot)
+            return
         dst.copy_(self.staging[f.slot], non_blocking=True)
         if dst.is_cuda:  # the slot is reused only once the copy out of it has run
             ev = torch.cuda.Event()

@@ -22,6 +22,13 @@ recomputing what it unlocks, else the rest of the prefix is recomputed.
 Every move is a KV event with its tier, so the router's prefix index credits a worker
 for what it holds in each tier. Contents are keyed by the block's chained hash and
 checked against its token ids, like G1 hits.
+
+Under tensor parallelism (`ShardedTiers`) every rank holds its KV heads of each block in
+G1 and G2 (host copies are repeated on every rank), but a disk file holds the whole block,
+every rank's heads, written and read by the leader alone: blocks leaving G2 are gathered
+from the ranks' host slots (batched, once per step), and a disk hit is scattered to the
+ranks' G1 blocks. So the ranks never disagree about a file (a bad one is dropped once, by
+the leader), a restart needs no agreement, and files are the same at any TP size.
 """
 
 from __future__ import annotations
@@ -42,6 +49,18 @@ from kvtransfer.disk_tier import DiskTier
 from kvtransfer.events import EventRecorder, Tier
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class ShardedTiers:
+    """How the tiers reach the other ranks' shards under TP (engine/tensor_parallel.py).
+    Each call is collective: the leader runs it between steps, the followers in their
+    loop."""
+
+    full_block_shape: tuple[int, ...]  # a block with every rank's KV heads
+    read_blocks: Callable[[list[int]], torch.Tensor]  # G1 blocks, full, on the CPU
+    write_blocks: Callable[[list[int], torch.Tensor], None]  # full blocks into G1 blocks
+    read_host: Callable[[list[int]], torch.Tensor]  # host slots, full, on the CPU
 
 
 @dataclass
@@ -70,10 +89,17 @@ class TieredStore:
     def __init__(self, kv_cache: torch.Tensor, host_blocks: int, events: EventRecorder,
                  disk_dir: str | Path | None = None, disk_blocks: int = 0,
                  identity: bytes = b"\0" * 16, lossless_disk: bool = False,
-                 disk_policy: str = "all", prefetch_blocks: int = 0) -> None:
+                 disk_policy: str = "all", prefetch_blocks: int = 0,
+                 sharded: ShardedTiers | None = None) -> None:
         self.kv_cache = kv_cache  # [num_blocks(+scratch), ...]: one block is one region
         self.events = events
         self.block_shape = tuple(kv_cache.shape[1:])
+        self.sharded = sharded
+        # What a disk file and a read-ahead slot hold: the whole block, under TP too.
+        self.disk_block_shape = sharded.full_block_shape if sharded else self.block_shape
+        # Under TP: host slots leaving for disk, gathered from the ranks at the next
+        # `before_step` (slot, hash, tokens); their slots stay reserved until then.
+        self._to_gather: list[tuple[int, int, tuple[int, ...]]] = []
         pin = kv_cache.is_cuda
         self.host = torch.empty((max(host_blocks, 0), *self.block_shape), dtype=kv_cache.dtype,
                                 pin_memory=pin)
@@ -87,7 +113,7 @@ class TieredStore:
                               lambda kind, h: events.record(kind, h, Tier.DISK))
                      if disk_dir is not None and disk_blocks > 0 else None)
         # Disk reads ahead of admission, into this many staging blocks (0: off).
-        self.prefetcher = (DiskPrefetcher(self.disk, self.block_shape, kv_cache.dtype,
+        self.prefetcher = (DiskPrefetcher(self.disk, self.disk_block_shape, kv_cache.dtype,
                                           prefetch_blocks, pin)
                            if self.disk is not None and prefetch_blocks > 0 else None)
         self._stats = TierStats()
@@ -136,7 +162,9 @@ class TieredStore:
             return
         if len(self.host) == 0:
             if self.disk is not None:
-                self.disk.put(block_hash, tokens, self._payload(self.kv_cache[block_id]))
+                block = (self.sharded.read_blocks([block_id])[0] if self.sharded
+                         else self.kv_cache[block_id])
+                self.disk.put(block_hash, tokens, self._payload(block))
                 self._stats.offloaded_to_disk += 1
             return
         slot = self._take_slot()
@@ -168,6 +196,8 @@ class TieredStore:
         if not self._free_slots and self._host_index:
             self._demote_oldest()
             self._reclaim()
+        if not self._free_slots and self._to_gather:
+            self.before_step()  # under TP: the slots waiting to be gathered come back
         if not self._free_slots and self.lossless_disk and self.disk is not None:
             self._free_slots.append(self._returned.get())
         return self._free_slots.pop() if self._free_slots else None
@@ -195,15 +225,36 @@ class TieredStore:
             self._stats.disk_writes_dropped += 1
             self._free_slots.append(slot)
             return
+        self._stats.offloaded_to_disk += 1
+        if self.sharded is not None:
+            self._to_gather.append((slot, block_hash, tokens))
+            return
         ev = self._slot_ready.pop(slot, None)
         self.disk.put(block_hash, tokens, self.host[slot].view(-1).view(torch.uint8).numpy(),
                       ready=ev.synchronize if ev is not None else None,
                       done=lambda: self._returned.put(slot))
-        self._stats.offloaded_to_disk += 1
+
+    def before_step(self) -> None:
+        """Under TP: gather the host slots bound for disk from every rank (one collective
+        for all of them) and queue their files; their slots are free again. The engine
+        calls it between scheduling and the step."""
+        if not self._to_gather:
+            return
+        pending, self._to_gather = self._to_gather, []
+        slots = [slot for slot, _, _ in pending]
+        for slot in slots:  # this rank's copies into them have landed
+            ev = self._slot_ready.pop(slot, None)
+            if ev is not None:
+                ev.synchronize()
+        full = self.sharded.read_host(slots)
+        for (slot, block_hash, tokens), block in zip(pending, full):
+            self.disk.put(block_hash, tokens, self._payload(block))
+            self._free_slots.append(slot)
 
     def settle(self) -> None:
         """Wait for queued disk writes and reads ahead, take their slots back (tests,
         shutdown)."""
+        self.before_step()
         if self.disk is not None:
             self.disk.flush()
         if self.prefetcher is not None:
@@ -284,7 +335,11 @@ class TieredStore:
             return False
         f = self.prefetcher.get(block_hash, tokens) if self.prefetcher is not None else None
         if f is not None and f.ready:
-            self.prefetcher.take(f, self.kv_cache[block_id])
+            if self.sharded is not None:  # every rank's heads, to their blocks
+                self.prefetcher.take(f, lambda full: self.sharded.write_blocks([block_id],
+                                                                                full[None]))
+            else:
+                self.prefetcher.take(f, self.kv_cache[block_id])
             self.disk.touch(block_hash)
             self._disk_loaded(f.seconds)
             return True
@@ -295,7 +350,11 @@ class TieredStore:
         with warnings.catch_warnings():  # a not-yet-written payload is read-only bytes:
             warnings.simplefilter("ignore")  # fine, it is only read
             src = torch.frombuffer(payload, dtype=torch.uint8)
-        self.kv_cache[block_id].view(-1).view(torch.uint8).copy_(src)
+        if self.sharded is not None:
+            full = src.view(self.kv_cache.dtype).view(1, *self.disk_block_shape)
+            self.sharded.write_blocks([block_id], full)
+        else:
+            self.kv_cache[block_id].view(-1).view(torch.uint8).copy_(src)
         self._disk_loaded(time.perf_counter() - t0)
         return True
 

@@ -51,9 +51,6 @@ def test_tp_that_does_not_divide_the_kv_heads_names_the_flag(checkpoint_dir) -> 
 def test_tp_config_is_validated() -> None:
     with pytest.raises(ValueError, match="--tp"):
         EngineConfig(model="x", tp=0)
-    # A disk tier under TP would hold rank 0's shard only.
-    with pytest.raises(ValueError, match="--tp: 2 cannot be combined with --disk-kv-gb"):
-        EngineConfig(model="x", tp=2, disk_kv_dir="/tmp/x", disk_kv_blocks=8)
 
 
 def test_host_tier_under_tp_brings_back_every_ranks_shard(checkpoint_dir) -> None:
@@ -75,6 +72,41 @@ def test_host_tier_under_tp_brings_back_every_ranks_shard(checkpoint_dir) -> Non
         assert a.num_cached_tokens >= 144
         assert a.token_ids == r.token_ids
         assert max(abs(x - y) for x, y in zip(a.logprobs, r.logprobs)) < 1e-4
+
+
+def test_disk_tier_under_tp_holds_whole_blocks_any_tp_size_reads(checkpoint_dir,
+                                                                  tmp_path) -> None:
+    """A disk tier under TP=2: blocks leave a small host tier for disk files holding every
+    rank's heads (gathered from both ranks), and disk hits are scattered back to both: the
+    logprobs equal TP=1's. The files are those of TP=1: a TP=1 engine started on them
+    hits them with the same logprobs (and a TP=2 one restarted on them does too)."""
+    model_dir = str(checkpoint_dir("tiny-llama-untied"))
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=0)
+    convs = [[(31 * c + 7 * i) % 1000 + 3 for i in range(160)] for c in range(3)]
+    filler = [[(17 * c + 3 * i) % 1000 + 5 for i in range(160)] for c in range(3, 9)]
+    with LLM(model_dir, num_kv_blocks=40) as llm:
+        ref = llm.generate(convs, params)
+    tiers = {"host_kv_blocks": 4, "disk_kv_blocks": 512, "disk_kv_dir": str(tmp_path)}
+
+    def check(outs) -> None:
+        for a, r in zip(outs, ref):
+            assert a.num_cached_tokens >= 144
+            assert a.token_ids == r.token_ids
+            assert max(abs(x - y) for x, y in zip(a.logprobs, r.logprobs)) < 1e-4
+
+    with LLM(model_dir, tp=2, num_kv_blocks=40, **tiers) as llm:
+        llm.generate(convs, params)
+        llm.generate(filler, params)
+        again = llm.generate(convs, params)
+        stats = llm.engine.tiers.stats
+        assert stats.offloaded_to_disk > 0 and stats.hits["disk"] > 0
+        llm.engine.tiers.settle()
+    check(again)
+    for tp in (1, 2):  # files written under TP=2, read at TP=1 and at TP=2 after a restart
+        with LLM(model_dir, tp=tp, num_kv_blocks=40, **tiers) as llm:
+            outs = llm.generate(convs, params)
+            assert llm.engine.tiers.stats.hits["disk"] > 0, f"tp={tp} missed the files"
+        check(outs)
 
 
 def test_baton_serve_with_a_tp2_worker(checkpoint_dir) -> None:
