@@ -108,18 +108,21 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         saturation = self.config.prefill_saturation_tokens or budget + 1
         prompt_tokens = 0  # in this step's chunks of more than one token
-        # Prompt tokens this step may still take (`prefill_tokens_while_decoding`).
+        # Prompt tokens this step may still take (`prefill_tokens_while_decoding`). A
+        # decode row is a sequence with one token left to compute, running or arrived
+        # (its KV computed elsewhere) and about to join.
         prompt_left = budget
-        if self.config.prefill_tokens_while_decoding and any(
-                seq.num_uncomputed_tokens == 1 for seq in self.running):
-            prompt_left = self.config.prefill_tokens_while_decoding
+        cap = self.config.prefill_tokens_while_decoding
+        if cap and (any(s.num_uncomputed_tokens == 1 for s in self.running) or any(
+                s.block_table and s.num_uncomputed_tokens == 1 for s in self.waiting)):
+            prompt_left = cap
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed_tokens, budget)
-            if n > 1:  # a prompt chunk: within what is left for prompts
+            if seq.num_uncomputed_tokens > 1:  # a prompt chunk: within what is left for prompts
                 n = min(n, prompt_left)
-                if n == 0:
+                if n <= 0:
                     i += 1
                     continue
             while not self.kv.allocate(seq, n):
@@ -131,21 +134,25 @@ class Scheduler:
             else:
                 out.scheduled.append(ScheduledSeq(seq, n, n == seq.num_uncomputed_tokens))
                 budget -= n
-                if n > 1 or seq.num_uncomputed_tokens > 1:
+                if seq.num_uncomputed_tokens > 1:
                     prompt_tokens += n
                     prompt_left -= n
                 i += 1
-        # Admit new work only if nobody was preempted: memory is tight otherwise.
-        while (self.waiting and budget > 0 and not out.preempted
-               and len(self.running) < self.config.max_num_seqs
-               and prompt_tokens < saturation):
-            seq = self.waiting[0]
+        # Admit new work only if nobody was preempted: memory is tight otherwise. Prompts
+        # in arrival order; once the step takes no more prompt tokens, requests behind them
+        # whose KV has arrived (one token left) still join: their streams need no prefill.
+        j = 0
+        while (j < len(self.waiting) and budget > 0 and not out.preempted
+               and len(self.running) < self.config.max_num_seqs):
+            seq = self.waiting[j]
+            if seq.num_uncomputed_tokens > 1 and (prompt_left <= 0 or
+                                                  prompt_tokens >= saturation):
+                j += 1  # no prompt joins this step: look for arrived requests behind it
+                continue
             cached = self.kv.find_cached_prefix(seq) if not seq.block_table else []
             uncomputed = seq.num_uncomputed_tokens - len(cached) * self.kv.block_size
             n = min(uncomputed, budget)
-            if n > 1:  # a prompt (a request whose KV arrived has one token left: it joins)
-                if prompt_left <= 0:
-                    break
+            if uncomputed > 1:
                 n = min(n, prompt_left)
             if not self.kv.allocate(seq, n, cached):
                 break
@@ -153,7 +160,7 @@ class Scheduler:
                 seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
             if seq.first_scheduled_time is None:
                 seq.first_scheduled_time = time.monotonic()
-            self.waiting.popleft()
+            del self.waiting[j]
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, n, n == seq.num_uncomputed_tokens))

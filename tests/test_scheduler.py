@@ -512,3 +512,54 @@ def test_a_step_with_decode_rows_takes_a_bounded_prompt_chunk() -> None:
     h = Harness(num_blocks=256, budget=100, while_decoding=16)
     h.add("alone", prompt(70, 4), max_tokens=2)
     assert [i.num_new_tokens for i in h.step().scheduled] == [70]
+
+
+def _arrived(h: Harness, rid: str, prompt_ids: list[int], first_token: int) -> Sequence:
+    """A request whose prompt KV another worker computed (llm_engine.prepare_remote and
+    commit_remote): blocks held, prompt computed, its first token sampled elsewhere."""
+    seq = Sequence(rid, prompt_ids, SamplingParams(max_tokens=4, ignore_eos=True))
+    seq.extend_sampled_elsewhere([first_token], [0.0])
+    assert h.kv.allocate(seq, len(prompt_ids))
+    seq.num_computed_tokens = len(prompt_ids)
+    for pos, token in enumerate(prompt_ids):  # what the pull wrote
+        h.kv_slots[(seq.block_table[pos // BS], pos % BS)] = token
+    h.sched.add(seq)
+    return seq
+
+
+def test_arrived_requests_join_past_prompts_the_step_cannot_take() -> None:
+    """With the prompt allowance spent, a request whose KV arrived (one token left) still
+    joins the step, past prompts queued before it; and it turns the limit on by itself."""
+    h = Harness(num_blocks=256, budget=100, while_decoding=16)
+    h.add("a", prompt(6, 1), max_tokens=20)
+    h.step()
+    h.add("long", prompt(70, 3), max_tokens=3)
+    h.add("long2", prompt(70, 4), max_tokens=3)
+    _arrived(h, "kv", prompt(20, 5), 11)
+    step = [(i.seq.request_id, i.num_new_tokens) for i in h.step().scheduled]
+    assert step == [("a", 1), ("long", 16), ("kv", 1)]
+    # Alone with a prompt, an arrived request still makes it a decoding step.
+    h = Harness(num_blocks=256, budget=100, while_decoding=16)
+    h.add("long", prompt(70, 3), max_tokens=3)
+    _arrived(h, "kv", prompt(20, 5), 11)
+    assert [(i.seq.request_id, i.num_new_tokens) for i in h.step().scheduled] == [
+        ("long", 16), ("kv", 1)]
+
+
+def test_the_limit_holds_to_the_token() -> None:
+    """A step never takes more prompt tokens than the limit, even when one token of
+    budget is left (randomized arrivals, limits below and above the chunk sizes)."""
+    for seed in range(40):
+        r = random.Random(seed)
+        limit = r.choice([1, 2, 3, 5, 8, 17])
+        h = Harness(num_blocks=512, budget=r.choice([9, 24, 64]), while_decoding=limit)
+        for k in range(6):
+            h.add(f"r{k}", prompt(r.randint(2, 60), 100 * seed + k), max_tokens=r.randint(1, 6))
+        while h.sched.num_unfinished:
+            out = h.step()
+            decoding = any(i.num_new_tokens == 1 and i.seq.num_output_tokens > 1
+                           for i in out.scheduled)
+            prompt_tokens = sum(i.num_new_tokens for i in out.scheduled
+                                if i.seq.num_output_tokens == 0 or not i.samples)
+            if decoding:
+                assert prompt_tokens <= limit, (seed, limit, out.scheduled)

@@ -59,6 +59,8 @@ def test_a_plan_sets_the_pieces_and_bounds():
         StagingPlan(min_chunk_bytes=2 * MAX_CHUNK_BYTES)
     with pytest.raises(ValueError):
         StagingPlan(pieces=0)
+    with pytest.raises(ValueError):
+        StagingPlan(copy_programs=0)
 
 
 def test_trace_medians_keep_the_marks_every_transfer_has():

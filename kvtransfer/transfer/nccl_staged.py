@@ -117,7 +117,10 @@ class StagedPath:
 
         if rank == SENDER:
             load_ids()  # the first gather needs them; the receiver's first receive does not
-        with torch.cuda.device(self.device), torch.cuda.stream(copy_torch):
+        # inference_mode: the in-place copies into the KV tensor are fine on this thread
+        # whether or not the engine made it under inference mode.
+        with torch.cuda.device(self.device), torch.cuda.stream(copy_torch), \
+                torch.inference_mode():
             for c, (lo, hi) in enumerate(chunks):
                 if is_aborted():
                     raise LinkAborted

@@ -66,7 +66,8 @@ class StagingPlan:
 
     def __post_init__(self) -> None:
         if not 0 < self.min_chunk_bytes <= self.max_chunk_bytes or self.pieces < 1 or \
-                self.copy_kernel not in ("triton", "torch"):
+                self.copy_kernel not in ("triton", "torch") or self.copy_programs < 1 or \
+                self.direct_run_bytes < 1:
             raise ValueError(f"bad staging plan {self}")
 
     def chunks(self, counts: Sequence[int], block_bytes: int) -> list[tuple[int, int]] | None:
