@@ -100,8 +100,8 @@ def test_mostly_cached_prompt_is_prefilled_locally(checkpoint_dir):
 def test_backed_up_prefill_pool_overflows_to_the_decode_worker(checkpoint_dir):
     """--prefill-overflow-wait: while the prefill worker has a prompt queued (it would keep
     the next one waiting longer than the limit, at the speed it measured), a burst's
-    other prompts are prefilled on the decode worker; every one still gets the tokens
-    the engine alone gives it."""
+    other prompts are prefilled on the decode worker (in 256-token chunks while it
+    decodes); every one still gets the tokens the engine alone gives it."""
     from engine.llm import LLM
     from engine.sampling_params import SamplingParams
 
@@ -111,7 +111,9 @@ def test_backed_up_prefill_pool_overflows_to_the_decode_worker(checkpoint_dir):
         expected = [o.text for o in llm.generate(
             prompts, SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))]
     with baton_serve(checkpoint_dir(PRESET), "--prefill", "1", "--decode", "1",
-                     "--kv-blocks", "1024", "--prefill-overflow-wait", "0.000001") as url:
+                     "--kv-blocks", "1024", "--prefill-overflow-wait", "0.000001",
+                     # overflowed prompts beside decoding streams go 256 tokens a step
+                     "--prefill-tokens-while-decoding", "256") as url:
         first = complete(url, prompts[0])  # nothing queued, and no speed known yet
         assert "prefill" in first["baton_route"][0]
         deadline = time.monotonic() + 10
