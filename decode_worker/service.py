@@ -62,10 +62,15 @@ class DecodeService(WorkerService):
             await abort_invalid(context, e)
             return
         sent = len(already)
-        first_sent = False
+        first_sent = scored = False
         async for out in ctx.worker.stream(rid, q):
             chunk = _chunk(out, sent)
             sent = len(out.token_ids)
+            if out.prompt_logprobs is not None and not scored:
+                chunk.prompt_logprobs.extend(out.prompt_logprobs)
+                chunk.prompt_top_logprobs.extend(top_to_proto(t)
+                                                 for t in out.prompt_top_logprobs or [])
+                scored = True
             if not first_sent:
                 chunk.num_cached_tokens = out.num_cached_tokens
                 chunk.kv_transfer_bytes = first.kv_transfer_bytes

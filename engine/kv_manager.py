@@ -40,8 +40,8 @@ class KVCacheManager:
         """Leading blocks of `seq` already cached. At least one token is always left to
         compute (its logits give the next token), so a fully cached prompt hits one
         block less."""
-        if not self.pool.enable_prefix_caching:
-            return []
+        if not self.pool.enable_prefix_caching or seq.params.prompt_logprobs is not None:
+            return []  # (prompt logprobs need every prompt position's logits)
         max_tokens = seq.num_tokens - 1
         self._extend_hashes(seq, max_tokens)
         hits: list[int] = []

@@ -61,6 +61,9 @@ class RequestOutput:
     # time.monotonic() when that first token was ready: the service that sends it reports
     # how long the hand-off to gRPC took (the engine thread -> event loop hop, under the GIL).
     first_token_at: float | None = None
+    # params.prompt_logprobs: entry i for prompt token i + 1 (complete on every output)
+    prompt_logprobs: list[float] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 def make_tiered_store(cfg: EngineConfig, runner: ModelRunner, events: EventRecorder,
@@ -398,6 +401,9 @@ class LLMEngine:
             out.first_token_at = time.monotonic()
             out.queue_seconds = started - seq.arrival_time
             out.first_token_seconds = out.first_token_at - started
+        if seq.params.prompt_logprobs is not None:  # complete before the first token
+            out.prompt_logprobs = seq.prompt_logprobs
+            out.prompt_top_logprobs = seq.prompt_top_logprobs
         if seq.is_finished:
             self._forget(seq.request_id)
             if seq.hold_blocks and seq.block_table:

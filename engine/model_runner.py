@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from engine import prompt_logprobs
 from engine.config import EngineConfig
 from engine.cuda_graphs import DEFAULT_BUCKETS, DecodeGraphs, GraphCaptureReport
 from engine.kv_sizing import MemoryReport, size_kv_cache
@@ -47,6 +48,9 @@ class StepInputs:
     query_lens: list[int] = field(default_factory=list)
     seq_lens: list[int] = field(default_factory=list)
     logits_rows: list[int] = field(default_factory=list)
+    # Rows whose logits give prompt logprobs (engine/prompt_logprobs.py), after the
+    # sampling rows' in the step's logits.
+    prompt_rows: list[int] = field(default_factory=list)
     decode_only: bool = False
     # Per row: "serial#epoch" of its block table (Sequence.serial, .block_table_epoch), so
     # decode graphs can mirror tables across steps instead of rebuilding page lists.
@@ -106,6 +110,7 @@ class ModelRunner:
         self._pinned_results: torch.Tensor | None = None
         self.overlap_rows = cfg.overlap_decode_max_rows
         self.launched_ahead = False  # whether the last execute() queued the next step
+        self._prompt_chunks: list[prompt_logprobs.PromptRows] = []  # this step's (_prepare)
         self.prepare_seconds = 0.0
         # Benchmarks flip this to time eager decode in one process. Never under TP: followers
         # would still replay graphs, and their collectives would not match the leader's.
@@ -261,6 +266,11 @@ class ModelRunner:
         logits = self.forward(step)
         if logits is None:
             return StepResult([], [])
+        if step.prompt_rows:  # split off the rows that score the prompt
+            prompt_logprobs.record(logits[len(step.logits_rows):], self._prompt_chunks)
+            logits = logits[: len(step.logits_rows)]
+            if not step.logits_rows:
+                return StepResult([], [])
         batch = self._sampling_batch(out, scheduler)  # host work while the GPU runs
         res = sample(logits, batch, self.default_generator)
         self.launched_ahead = False
@@ -347,17 +357,18 @@ class ModelRunner:
         # sample yet would leave the logits and the sampled rows misaligned).
         self._graphed_step = (self.graphs is not None and self.use_graphs
                               and step.decode_only and len(step.logits_rows) == len(step.ids)
+                              and not step.prompt_rows
                               and self.graphs.bucket_for(len(step.ids)) is not None)
         if self._graphed_step:
             return self.graphs.run(step.ids, step.positions, step.slots, step.tables,
                                    step.seq_lens, step.table_keys or None)
         if self.graphs is not None:
             self.graphs.drop_staged()
-        if not step.logits_rows:
+        if not step.logits_rows and not step.prompt_rows:
             self._forward_eager(step)
             return None
         hidden = self._forward_eager(step)
-        return self.model.compute_logits(hidden[step.logits_rows])
+        return self.model.compute_logits(hidden[step.logits_rows + step.prompt_rows])
 
     def _forward_eager(self, step: StepInputs) -> torch.Tensor:
         dev = self.device
@@ -381,10 +392,15 @@ class ModelRunner:
     def _prepare(self, out: SchedulerOutput) -> StepInputs:
         bs = self.cfg.block_size
         step = StepInputs()
+        self._prompt_chunks = []
         for item in out.scheduled:
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed_tokens
             table = seq.block_table
+            rows = prompt_logprobs.rows_of_chunk(seq, start, n, len(step.ids))
+            if rows is not None:
+                self._prompt_chunks.append(rows)
+                step.prompt_rows.extend(range(rows.first_row, rows.first_row + rows.count))
             if n == 1:  # decode rows: most rows of most steps, so no ranges or generators
                 step.ids.append(seq.token_ids[start])
                 step.positions.append(start)

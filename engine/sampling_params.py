@@ -22,6 +22,9 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     logprobs: int | None = None  # None: none; 0: chosen token only; k: plus top-k
+    # The same for each prompt token after the first (engine/prompt_logprobs.py); a
+    # request asking for them computes its whole prompt, cached or not.
+    prompt_logprobs: int | None = None
     # OpenAI's: subtracted from the logit of every token already generated, once
     # (presence) and per occurrence (frequency); the prompt does not count.
     presence_penalty: float = 0.0
@@ -64,6 +67,8 @@ class SamplingParams:
                 raise bad(name, f"must be in [-2, 2], got {v}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise bad("logprobs", f"must be in [0, 20], got {self.logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise bad("prompt_logprobs", f"must be in [0, 20], got {self.prompt_logprobs}")
         if any(not s for s in self.stop):
             raise bad("stop", "strings must not be empty")
         # The wire to the workers carries these as 32- and 64-bit integers.

@@ -47,6 +47,9 @@ class Sequence:
     num_published_blocks: int = 0  # leading blocks already offered to the prefix cache
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # params.prompt_logprobs: entry i is prompt token i + 1's (engine/prompt_logprobs.py)
+    prompt_logprobs: list[float] = field(default_factory=list)
+    prompt_top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     finish_reason: str | None = None
     num_preemptions: int = 0
     # Prefill role: on finishing, keep the blocks until the decode side has pulled them.

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[1]
 COLLECTIVE_TIMEOUT_S = 300
 STEP_FIELDS = ("ids", "positions", "slots", "tables", "query_lens", "seq_lens", "logits_rows",
-               "decode_only", "table_keys", "launch_ahead")
+               "prompt_rows", "decode_only", "table_keys", "launch_ahead")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -171,6 +171,17 @@ class Router:
                                           param="prompt")
         return prompts
 
+    def echo_texts(self, req, prompts: list[list[int]]) -> list[str] | None:
+        """Completions with echo: each prompt's text as given (token ids: decoded)."""
+        if not isinstance(req, CompletionRequest) or not req.echo:
+            return None
+        p = req.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, str) for x in p):
+            return list(p)
+        return [self.tok.decode(ids, skip_special_tokens=False) for ids in prompts]
+
     def params_of(self, req, prompt_len: int) -> SamplingParams:
         max_len = self.pool.max_model_len or 0
         if isinstance(req, ChatCompletionRequest):
@@ -179,9 +190,13 @@ class Router:
             logprobs = (req.top_logprobs or 0) if req.logprobs else None
         else:
             max_tokens, logprobs = req.max_tokens, req.logprobs
+            if req.echo and max_tokens == 0:
+                max_tokens = 1  # scores the prompt; the token generated is dropped
         if max_tokens is None:
             max_tokens = max(max_len - prompt_len, 1)
         params = req.sampling_params(max_tokens, logprobs)
+        if isinstance(req, CompletionRequest) and req.echo and logprobs is not None:
+            params.prompt_logprobs = logprobs
         if max_len and prompt_len + params.max_tokens > max_len:
             raise InvalidRequestError(
                 f"This model's maximum context length is {max_len} tokens. However, you "
@@ -214,6 +229,16 @@ class Router:
                     state.route.update(ev.route)
                 if ev.timing:
                     state.timing.update(ev.timing)
+                if ev.prompt_logprobs is not None and state.prompt_logprobs is None:
+                    state.prompt_logprobs = ev.prompt_logprobs
+                    state.prompt_top_logprobs = ev.prompt_top_logprobs
+                if state.score_only:  # the prompt's scores were all it asked for
+                    if ev.finish_reason:
+                        state.finish_reason = "length"
+                        status = "ok"
+                        yield Delta(state.index, "", [], [], [], "length")
+                        return
+                    continue
                 # Token by token: a stop string ends the choice at the token completing
                 # it, and the tokens after it in this chunk (the worker does not know the
                 # stop strings) are neither returned nor counted.
@@ -274,9 +299,12 @@ class Router:
                   else sp for sp in per_prompt for j in range(req.n)]
         self.metrics.router_span.labels("tokenize").observe(time.perf_counter() - t_handler)
         request_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+        echo = self.echo_texts(req, prompts)
         states = [ChoiceState(i, prompts[i // req.n], IncrementalDetokenizer(
             self.tok, sp.stop, sp.skip_special_tokens, sp.include_stop_str_in_output,
-            sp.min_tokens), shares_prompt=i % req.n > 0)
+            sp.min_tokens), shares_prompt=i % req.n > 0,
+            echo_text=echo[i // req.n] if echo else None,
+            score_only=bool(echo) and req.max_tokens == 0)
             for i, sp in enumerate(params)]
         fmt = Formatter(kind, request_id, self.cfg.served_model_name, self.tok,
                         req.return_token_ids, params[0].logprobs)

@@ -50,6 +50,10 @@ class TokenEvent:
     # parts: both gRPC hops and the handler's start) and, on the first stage, "router_ms"
     # (routing and building the call, from the request reaching the runner).
     timing: dict[str, float] | None = None
+    # params.prompt_logprobs: once, on the first event that has them (entry i for prompt
+    # token i + 1), with their top alternatives
+    prompt_logprobs: list[float] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 def _invalid(e: grpc.aio.AioRpcError) -> InvalidRequestError:
@@ -82,7 +86,9 @@ class RequestRunner:
         # prefill pool backed up past --prefill-overflow-wait (router/policy.py).
         held = overlaps[decode_w.address].total * bs if decode_w.address in overlaps else 0
         placement = "local"
-        if self.pool.disaggregated:
+        # A prompt to score (echo with logprobs) is computed where it is decoded: the
+        # decode worker returns its logprobs with the first tokens.
+        if self.pool.disaggregated and params.prompt_logprobs is None:
             prefill_wait, rate = self.pool.shortest_prefill_wait()
             placement = prefill_placement(len(prompt) - held, self.local_prefill_threshold,
                                           self.prefill_overflow_wait_s, prefill_wait,
@@ -91,6 +97,7 @@ class RequestRunner:
         self.metrics.routing.labels(placement).inc()
         self.metrics.router_span.labels("route").observe(time.perf_counter() - t0)
         local_prefill = 0
+        scored = params.prompt_logprobs is None  # nothing to wait for
         failed: set[str] = set()
         routed: WorkerHandle | None = None
         try:
@@ -155,13 +162,21 @@ class RequestRunner:
                                                      chunk.kv_transfer_bytes,
                                                      chunk.kv_transfer_seconds)
                         generated.extend(chunk.token_ids)
+                        prompt_lps = prompt_tops = None
+                        if not scored and (chunk.prompt_logprobs or len(prompt) < 2):
+                            # (a migrated request is scored again: the first set counts)
+                            scored = True
+                            prompt_lps = list(chunk.prompt_logprobs)
+                            prompt_tops = [top_from_proto(t)
+                                           for t in chunk.prompt_top_logprobs]
                         yield TokenEvent(
                             list(chunk.token_ids), list(chunk.logprobs),
                             [top_from_proto(t) for t in chunk.top_logprobs],
                             chunk.finish_reason or None,
                             chunk.num_cached_tokens if first_event else None,
                             route={"decode": w.address} if routed is not w else None,
-                            timing=timing if routed is not w else None)
+                            timing=timing if routed is not w else None,
+                            prompt_logprobs=prompt_lps, prompt_top_logprobs=prompt_tops)
                         first_event = False
                         routed = w
                         if chunk.finish_reason:

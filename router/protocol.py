@@ -89,8 +89,9 @@ class CompletionRequest(_Common):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.echo:
-            raise InvalidRequestError("echo is not supported", param="echo")
+        if self.max_tokens == 0 and not self.echo:  # 0 scores the prompt: echo only
+            raise InvalidRequestError("max_tokens must be at least 1 (0 only with echo)",
+                                      param="max_tokens")
         if self.suffix:
             raise _unsupported("suffix", "suffix (fill in the middle)")
         if self.best_of not in (None, 1):

@@ -28,6 +28,13 @@ class ChoiceState:
     # Where its time to first token went, in ms (router/generation.py TokenEvent.timing,
     # plus the router's own "ttft_ms").
     timing: dict[str, float] = field(default_factory=dict)
+    # echo: the prompt's text, returned before the completion, and (with logprobs) the
+    # prompt's logprobs (entry i for prompt token i + 1); max_tokens 0 with echo scores
+    # the prompt only (the one token the worker generates is dropped).
+    echo_text: str | None = None
+    score_only: bool = False
+    prompt_logprobs: list[float] | None = None
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass
@@ -66,6 +73,19 @@ def completion_logprobs(tok: TokenizerBundle, token_ids: list[int], logprobs: li
             "text_offset": offsets}
 
 
+def echo_logprobs(tok: TokenizerBundle, state: ChoiceState, with_top: bool) -> dict:
+    """The prompt's part of an echoed completion's logprobs: the first token has none."""
+    ids = state.prompt_token_ids
+    lps = [None, *(state.prompt_logprobs or [])][: len(ids)]
+    lps += [None] * (len(ids) - len(lps))
+    tops = [None, *({_token_str(tok, t): lp for t, lp in row}
+                    for row in state.prompt_top_logprobs or [])][: len(ids)]
+    tops += [None] * (len(ids) - len(tops))
+    body = completion_logprobs(tok, ids, lps, [], 0)
+    body["top_logprobs"] = tops if with_top else None
+    return body
+
+
 def chat_logprobs(tok: TokenizerBundle, token_ids: list[int], logprobs: list[float],
                   tops: list[list[tuple[int, float]]]) -> dict:
     def entry(t: int, lp: float) -> dict:
@@ -94,18 +114,32 @@ class Formatter:
         self.created = int(time.time())
         self._text_offset: dict[int, int] = {}
 
-    def _lp(self, index: int, token_ids, logprobs, tops) -> dict | None:
+    def _lp(self, index: int, token_ids, logprobs, tops,
+            echo: ChoiceState | None = None) -> dict | None:
+        """`echo`: the choice whose prompt part goes first (its first chunk, or the whole
+        body)."""
         if self.logprobs is None:
             return None
         tops = tops if self.logprobs > 0 else []
         if self.kind == "chat":
             return chat_logprobs(self.tok, token_ids, logprobs, tops)
         off = self._text_offset.get(index, 0)
+        head = None
+        if echo is not None:
+            head = echo_logprobs(self.tok, echo, self.logprobs > 0)
+            off += sum(len(t) for t in head["tokens"])
         body = completion_logprobs(self.tok, token_ids, logprobs, tops, off)
         self._text_offset[index] = off + sum(len(t) for t in body["tokens"])
+        if head is not None:
+            body = {"tokens": head["tokens"] + body["tokens"],
+                    "token_logprobs": head["token_logprobs"] + body["token_logprobs"],
+                    "top_logprobs": None if head["top_logprobs"] is None
+                    else head["top_logprobs"] + (body["top_logprobs"] or []),
+                    "text_offset": head["text_offset"] + body["text_offset"]}
         return body
 
     def chunk(self, d: Delta, state: ChoiceState, first: bool) -> str:
+        echo = None  # the choice's first completion chunk leads with its prompt
         if self.kind == "chat":
             delta: dict = {"role": "assistant", "content": d.text} if first \
                 else {"content": d.text}
@@ -113,10 +147,11 @@ class Formatter:
                             "finish_reason": d.finish_reason}
             obj = "chat.completion.chunk"
         else:
-            choice = {"index": d.index, "text": d.text, "logprobs": None,
-                      "finish_reason": d.finish_reason}
+            echo = state if first and state.echo_text is not None else None
+            choice = {"index": d.index, "text": (echo.echo_text if echo else "") + d.text,
+                      "logprobs": None, "finish_reason": d.finish_reason}
             obj = "text_completion"
-        choice["logprobs"] = self._lp(d.index, d.token_ids, d.logprobs, d.top_logprobs)
+        choice["logprobs"] = self._lp(d.index, d.token_ids, d.logprobs, d.top_logprobs, echo)
         if self.return_token_ids:
             choice["token_ids"] = d.token_ids
             if first:
@@ -134,14 +169,15 @@ class Formatter:
         out = []
         for c in choices:
             self._text_offset.pop(c.index, None)
-            lp = self._lp(c.index, c.token_ids, c.logprobs, c.top_logprobs)
+            echo = c if c.echo_text is not None and self.kind != "chat" else None
+            lp = self._lp(c.index, c.token_ids, c.logprobs, c.top_logprobs, echo)
             if self.kind == "chat":
                 item: dict = {"index": c.index,
                               "message": {"role": "assistant", "content": c.text},
                               "logprobs": lp, "finish_reason": c.finish_reason}
             else:
-                item = {"index": c.index, "text": c.text, "logprobs": lp,
-                        "finish_reason": c.finish_reason}
+                item = {"index": c.index, "text": (c.echo_text or "") + c.text,
+                        "logprobs": lp, "finish_reason": c.finish_reason}
             if self.return_token_ids:
                 item["token_ids"] = c.token_ids
                 item["prompt_token_ids"] = c.prompt_token_ids

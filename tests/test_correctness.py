@@ -118,3 +118,31 @@ def test_penalties_match_a_reference_loop_over_transformers(checkpoint_dir, devi
         unpenalized = [o.token_ids for o in llm.generate(prompts, plain)]
     assert got == [reference(p) for p in prompts]
     assert got != unpenalized
+
+
+def test_prompt_logprobs_equal_transformers(checkpoint_dir) -> None:
+    """prompt_logprobs (echo with logprobs): entry i is transformers' log-softmax at
+    position i for prompt token i + 1, with the top alternatives; computed across prefill
+    chunks, and again in full for a prompt that is cached by then (a cached prefix has no
+    logits), while a request beside it without them still hits the cache."""
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+    from tests.hf_oracle import load_hf
+
+    model_dir = checkpoint_dir("tiny-llama-untied")
+    hf = load_hf(model_dir)
+    prompt = [(13 * i) % 1000 + 3 for i in range(150)]
+    with torch.inference_mode():
+        ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].double(), -1)
+    want = [ref[p, prompt[p + 1]].item() for p in range(len(prompt) - 1)]
+    scored = SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=3)
+    with LLM(str(model_dir), max_num_batched_tokens=64) as llm:  # 3 chunks
+        first = llm.generate([prompt], scored)[0]
+        plain, again = llm.generate([prompt, prompt], [SamplingParams(max_tokens=2),
+                                                       scored])
+    for out in (first, again):
+        assert len(out.prompt_logprobs) == len(prompt) - 1
+        assert max(abs(a - b) for a, b in zip(out.prompt_logprobs, want)) < 1e-4
+        top = ref[0].topk(3)
+        assert [t for t, _ in out.prompt_top_logprobs[0]] == top.indices.tolist()
+    assert again.num_cached_tokens == 0 and plain.num_cached_tokens > 0

@@ -219,6 +219,49 @@ def test_penalties_served_as_the_engine_applies_them(server, model_dir, expected
     assert r.choices[0].token_ids == want
 
 
+def test_echo_scores_the_prompt_as_transformers_does(server, model_dir, expected):
+    """Completions with echo (what evaluation harnesses send to score text): the prompt's
+    text comes back before the completion, and with logprobs its tokens' logprobs, None
+    for the first, then transformers' log-softmax at each next prompt token; max_tokens 0
+    scores the prompt only. Streaming gives the same."""
+    import torch
+
+    prompts, refs = expected
+    hf = load_hf(model_dir)
+    ids = prompts[5]  # the long one: chunked prefill on the way
+    with torch.inference_mode():
+        ref = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), -1)
+    want = [ref[p, ids[p + 1]].item() for p in range(len(ids) - 1)]
+    c = client(server[0])
+    r = c.completions.create(model=PRESET, prompt=TEXTS[5], max_tokens=0, echo=True,
+                             logprobs=2, temperature=0)
+    ch = r.choices[0]
+    assert ch.text == TEXTS[5] and ch.finish_reason == "length"
+    lp = ch.logprobs
+    assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None
+    assert max(abs(a - b) for a, b in zip(lp.token_logprobs[1:], want)) < 1e-4
+    assert lp.top_logprobs[0] is None and all(len(t) == 2 for t in lp.top_logprobs[1:])
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 0
+    # With a completion: the prompt, then the greedy tokens, logprobs for both.
+    r = c.completions.create(model=PRESET, prompt=TEXTS[2], max_tokens=4, echo=True,
+                             logprobs=0, temperature=0,
+                             extra_body={"return_token_ids": True, "ignore_eos": True})
+    ch = r.choices[0]
+    assert ch.token_ids == refs[2][:4] and ch.text.startswith(TEXTS[2])
+    assert len(ch.logprobs.tokens) == len(prompts[2]) + 4
+    assert ch.logprobs.top_logprobs is None
+    streamed = list(c.completions.create(model=PRESET, prompt=TEXTS[2], max_tokens=4,
+                                         echo=True, logprobs=0, temperature=0, stream=True,
+                                         extra_body={"ignore_eos": True}))
+    assert "".join(s.choices[0].text for s in streamed if s.choices) == ch.text
+    assert [x for s in streamed if s.choices and s.choices[0].logprobs
+            for x in s.choices[0].logprobs.token_logprobs] == ch.logprobs.token_logprobs
+    # max_tokens 0 without echo is still refused
+    with pytest.raises(openai.BadRequestError):
+        c.completions.create(model=PRESET, prompt=TEXTS[2], max_tokens=0)
+
+
 def test_chat(server, model_dir):
     url, _ = server
     c = client(url)

@@ -42,6 +42,23 @@ def test_tp2_equals_tp1_and_transformers(checkpoint_dir, preset: str) -> None:
         assert max(abs(x - y) for x, y in zip(a.logprobs, ref_lps)) < 1e-4
 
 
+def test_tp2_prompt_logprobs_equal_tp1(checkpoint_dir) -> None:
+    """Prompt logprobs under TP: the followers compute the same extra logits rows (the
+    vocabulary all-gather is collective), across prefill chunks."""
+    model_dir = str(checkpoint_dir("tiny-llama-untied"))
+    params = SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=2)
+    prompts = _prompts()[1:]
+    kw = {"num_kv_blocks": 128, "max_num_batched_tokens": 128}
+    with LLM(model_dir, tp=2, **kw) as llm:
+        tp2 = llm.generate(prompts, params)
+    with LLM(model_dir, **kw) as llm:
+        tp1 = llm.generate(prompts, params)
+    for a, b, p in zip(tp2, tp1, prompts):
+        assert len(a.prompt_logprobs) == len(p) - 1
+        assert max(abs(x - y) for x, y in zip(a.prompt_logprobs, b.prompt_logprobs)) < 1e-4
+        assert a.token_ids == b.token_ids
+
+
 def test_tp_that_does_not_divide_the_kv_heads_names_the_flag(checkpoint_dir) -> None:
     # tiny-mistral has one KV head: it cannot be split over two ranks.
     with pytest.raises(ValueError, match="num_key_value_heads=1 is not divisible by --tp 2"):
