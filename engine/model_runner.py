@@ -266,11 +266,6 @@ class ModelRunner:
         logits = self.forward(step)
         if logits is None:
             return StepResult([], [])
-        if step.prompt_rows:  # split off the rows that score the prompt
-            prompt_logprobs.record(logits[len(step.logits_rows):], self._prompt_chunks)
-            logits = logits[: len(step.logits_rows)]
-            if not step.logits_rows:
-                return StepResult([], [])
         batch = self._sampling_batch(out, scheduler)  # host work while the GPU runs
         res = sample(logits, batch, self.default_generator)
         self.launched_ahead = False
@@ -368,7 +363,12 @@ class ModelRunner:
             self._forward_eager(step)
             return None
         hidden = self._forward_eager(step)
-        return self.model.compute_logits(hidden[step.logits_rows + step.prompt_rows])
+        if step.prompt_rows:  # (followers: no chunks of their own, the same logits)
+            prompt_logprobs.score(self.model.compute_logits, hidden, step.prompt_rows,
+                                  self._prompt_chunks)
+        if not step.logits_rows:
+            return None
+        return self.model.compute_logits(hidden[step.logits_rows])
 
     def _forward_eager(self, step: StepInputs) -> torch.Tensor:
         dev = self.device

@@ -42,24 +42,56 @@ def rows_of_chunk(seq: Sequence, start: int, n: int, first_row: int) -> PromptRo
     return PromptRows(seq, first_row + lo - start, lo + 1, hi - lo)
 
 
-def record(logits: torch.Tensor, chunks: list[PromptRows]) -> None:
-    """Append each chunk's prompt logprobs (and top alternatives) to its sequence; `logits`
-    holds the chunks' rows, in order."""
-    lps = torch.log_softmax(logits.float(), dim=-1)
-    targets = torch.tensor([t for c in chunks for t in c.seq.prompt_token_ids[
-        c.first_target : c.first_target + c.count]], dtype=torch.int64, device=lps.device)
-    chosen = lps.gather(1, targets[:, None])[:, 0].tolist()
-    k = max(c.seq.params.prompt_logprobs for c in chunks)
-    top_ids = top_lps = None
-    if k:
-        top = lps.topk(k, dim=-1)
-        top_ids, top_lps = top.indices.tolist(), top.values.tolist()
-    row = 0
-    for c in chunks:
-        seq, want = c.seq, c.seq.params.prompt_logprobs
-        seq.prompt_logprobs.extend(chosen[row : row + c.count])
-        if want:
-            seq.prompt_top_logprobs.extend(
-                list(zip(top_ids[r][:want], top_lps[r][:want]))
-                for r in range(row, row + c.count))
-        row += c.count
+# Rows scored at a time: a step's logits for every prompt position at once would be
+# [8192 tokens x 128k vocabulary] floats (4 GiB); a slice's are a 256th of that.
+ROWS_PER_SLICE = 256
+
+
+class Scorer:
+    """Scores one step's prompt rows slice by slice (`add`, in row order), then hands
+    each chunk's logprobs to its sequence (`finish`)."""
+
+    def __init__(self, chunks: list[PromptRows]) -> None:
+        self.chunks = chunks
+        self.targets = [t for c in chunks for t in c.seq.prompt_token_ids[
+            c.first_target : c.first_target + c.count]]
+        self.k = max(c.seq.params.prompt_logprobs for c in chunks)
+        self.chosen: list[float] = []
+        self.top_ids: list[list[int]] = []
+        self.top_lps: list[list[float]] = []
+
+    def add(self, logits: torch.Tensor) -> None:
+        lps = torch.log_softmax(logits.float(), dim=-1)
+        lo = len(self.chosen)
+        targets = torch.tensor(self.targets[lo : lo + len(lps)], dtype=torch.int64,
+                               device=lps.device)
+        self.chosen += lps.gather(1, targets[:, None])[:, 0].tolist()
+        if self.k:
+            top = lps.topk(self.k, dim=-1)
+            self.top_ids += top.indices.tolist()
+            self.top_lps += top.values.tolist()
+
+    def finish(self) -> None:
+        row = 0
+        for c in self.chunks:
+            seq, want = c.seq, c.seq.params.prompt_logprobs
+            seq.prompt_logprobs.extend(self.chosen[row : row + c.count])
+            if want:
+                seq.prompt_top_logprobs.extend(
+                    list(zip(self.top_ids[r][:want], self.top_lps[r][:want]))
+                    for r in range(row, row + c.count))
+            row += c.count
+
+
+def score(compute_logits, hidden: torch.Tensor, rows: list[int],
+          chunks: list[PromptRows]) -> None:
+    """Prompt logprobs of a step's `rows` of `hidden`, a slice of rows at a time. Every TP
+    rank computes the slices' logits (the vocabulary all-gather is collective); the leader,
+    which scheduled the `chunks`, keeps the scores (followers pass none)."""
+    scorer = Scorer(chunks) if chunks else None
+    for lo in range(0, len(rows), ROWS_PER_SLICE):
+        logits = compute_logits(hidden[rows[lo : lo + ROWS_PER_SLICE]])
+        if scorer is not None:
+            scorer.add(logits)
+    if scorer is not None:
+        scorer.finish()

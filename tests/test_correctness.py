@@ -120,11 +120,13 @@ def test_penalties_match_a_reference_loop_over_transformers(checkpoint_dir, devi
     assert got != unpenalized
 
 
-def test_prompt_logprobs_equal_transformers(checkpoint_dir) -> None:
+def test_prompt_logprobs_equal_transformers(checkpoint_dir, monkeypatch) -> None:
     """prompt_logprobs (echo with logprobs): entry i is transformers' log-softmax at
     position i for prompt token i + 1, with the top alternatives; computed across prefill
-    chunks, and again in full for a prompt that is cached by then (a cached prefix has no
-    logits), while a request beside it without them still hits the cache."""
+    chunks (and slices of rows within them), and again in full for a prompt that is cached
+    by then (a cached prefix has no logits), while a request beside it without them still
+    hits the cache."""
+    from engine import prompt_logprobs
     from engine.llm import LLM
     from engine.sampling_params import SamplingParams
     from tests.hf_oracle import load_hf
@@ -136,6 +138,7 @@ def test_prompt_logprobs_equal_transformers(checkpoint_dir) -> None:
         ref = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].double(), -1)
     want = [ref[p, prompt[p + 1]].item() for p in range(len(prompt) - 1)]
     scored = SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=3)
+    monkeypatch.setattr(prompt_logprobs, "ROWS_PER_SLICE", 16)
     with LLM(str(model_dir), max_num_batched_tokens=64) as llm:  # 3 chunks
         first = llm.generate([prompt], scored)[0]
         plain, again = llm.generate([prompt, prompt], [SamplingParams(max_tokens=2),
