@@ -70,16 +70,25 @@ def test_tp_config_is_validated() -> None:
         EngineConfig(model="x", tp=0)
 
 
+# Tier tests: three conversations, then six others that push them out of a 40-block
+# device cache, then the three again (their prefixes come back from a lower tier).
+TIER_PARAMS = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=0)
+CONVS = [[(31 * c + 7 * i) % 1000 + 3 for i in range(160)] for c in range(3)]
+FILLER = [[(17 * c + 3 * i) % 1000 + 5 for i in range(160)] for c in range(3, 9)]
+
+
+def _tier_reference(model_dir: str):
+    with LLM(model_dir, num_kv_blocks=40) as llm:
+        return llm.generate(CONVS, TIER_PARAMS)
+
+
 def test_host_tier_under_tp_brings_back_every_ranks_shard(checkpoint_dir) -> None:
     """Blocks evicted to host memory and loaded back under TP=2 give the logprobs of TP=1:
     the followers repeat the leader's host-tier copies on their shards. (Before they did,
     the untied model's logprobs changed after host hits; a tied tiny model hid it.)"""
     model_dir = str(checkpoint_dir("tiny-llama-untied"))
-    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=0)
-    convs = [[(31 * c + 7 * i) % 1000 + 3 for i in range(160)] for c in range(3)]
-    filler = [[(17 * c + 3 * i) % 1000 + 5 for i in range(160)] for c in range(3, 9)]
-    with LLM(model_dir, num_kv_blocks=40) as llm:
-        ref = llm.generate(convs, params)
+    params, convs, filler = TIER_PARAMS, CONVS, FILLER
+    ref = _tier_reference(model_dir)
     with LLM(model_dir, tp=2, num_kv_blocks=40, host_kv_blocks=128) as llm:
         llm.generate(convs, params)
         llm.generate(filler, params)
@@ -98,11 +107,8 @@ def test_disk_tier_under_tp_holds_whole_blocks_any_tp_size_reads(checkpoint_dir,
     logprobs equal TP=1's. The files are those of TP=1: a TP=1 engine started on them
     hits them with the same logprobs (and a TP=2 one restarted on them does too)."""
     model_dir = str(checkpoint_dir("tiny-llama-untied"))
-    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=0)
-    convs = [[(31 * c + 7 * i) % 1000 + 3 for i in range(160)] for c in range(3)]
-    filler = [[(17 * c + 3 * i) % 1000 + 5 for i in range(160)] for c in range(3, 9)]
-    with LLM(model_dir, num_kv_blocks=40) as llm:
-        ref = llm.generate(convs, params)
+    params, convs, filler = TIER_PARAMS, CONVS, FILLER
+    ref = _tier_reference(model_dir)
     tiers = {"host_kv_blocks": 4, "disk_kv_blocks": 512, "disk_kv_dir": str(tmp_path)}
 
     def check(outs) -> None:
