@@ -9,7 +9,7 @@ import gc
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
@@ -277,7 +277,8 @@ class Router:
                 m.cached_tokens.inc(state.cached_tokens)
             m.generation_tokens.inc(len(state.token_ids))
 
-    async def handle(self, req, kind: str, arrived: float | None = None):
+    async def handle(self, req, kind: str, arrived: float | None = None,
+                     disconnected: Callable[[], Awaitable[bool]] | None = None):
         """`arrived`: perf_counter() when the request's headers reached the app (before its
         body was read, parsed and validated), where TTFT counts from."""
         t_handler = time.perf_counter()
@@ -295,8 +296,8 @@ class Router:
         # n choices per prompt, numbered prompt by prompt as OpenAI does; a seeded request's
         # choice j samples with seed + j (choice 0 is what n=1 gives).
         per_prompt = [self.params_of(req, len(p)) for p in prompts]
-        params = [dataclasses.replace(sp, seed=sp.seed + j) if j and sp.seed is not None
-                  else sp for sp in per_prompt for j in range(req.n)]
+        params = [dataclasses.replace(sp, seed=_wrap_int64(sp.seed + j))
+                  if j and sp.seed is not None else sp for sp in per_prompt for j in range(req.n)]
         self.metrics.router_span.labels("tokenize").observe(time.perf_counter() - t_handler)
         request_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
         echo = self.echo_texts(req, prompts)
@@ -313,11 +314,37 @@ class Router:
                 async for _ in self.run_choice(s, sp, request_id, t_start):
                     pass
 
-            await asyncio.gather(*(drain(s, sp) for s, sp in zip(states, params)))
+            try:
+                await self._until_done_or_gone(
+                    [asyncio.create_task(drain(s, sp)) for s, sp in zip(states, params)],
+                    disconnected)
+            except ClientGone:
+                return Response(status_code=499)  # (nginx's "client closed request")
             return JSONResponse(fmt.full(states))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return StreamingResponse(self._sse(states, params, fmt, request_id, t_start,
                                            include_usage), media_type="text/event-stream")
+
+    async def _until_done_or_gone(self, tasks: list[asyncio.Task],
+                                  disconnected: Callable[[], Awaitable[bool]] | None) -> None:
+        """Wait for a non-streaming request's choices; if the client goes away first (it
+        timed out, say), cancel them, so the workers stop generating for nobody, as they
+        do when a stream's client goes."""
+        try:
+            while True:
+                done, pending = await asyncio.wait(tasks, timeout=DISCONNECT_POLL_S,
+                                                   return_when=asyncio.FIRST_EXCEPTION)
+                for t in done:
+                    if not t.cancelled() and t.exception() is not None:
+                        raise t.exception()
+                if not pending:
+                    return
+                if disconnected is not None and await disconnected():
+                    raise ClientGone
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _sse(self, states, params, fmt: Formatter, request_id: str, t_start: float,
                    include_usage: bool) -> AsyncIterator[str]:
@@ -367,6 +394,18 @@ def _status_of(e: Exception) -> tuple[int, str]:
 
 
 ARRIVED = "baton.arrived"
+# How often a non-streaming request checks that its client is still there.
+DISCONNECT_POLL_S = 0.5
+INT64 = 2**64
+
+
+class ClientGone(Exception):
+    """The client of a non-streaming request disconnected before its answer."""
+
+
+def _wrap_int64(seed: int) -> int:
+    """A choice's seed (seed + j) kept a signed 64-bit integer, as the wire carries."""
+    return (seed + INT64 // 2) % INT64 - INT64 // 2
 
 
 class StampArrival:
@@ -405,11 +444,13 @@ def create_app(cfg: RouterConfig) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
-        return await router.handle(req, "completion", request.scope.get(ARRIVED))
+        return await router.handle(req, "completion", request.scope.get(ARRIVED),
+                                   request.is_disconnected)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request):
-        return await router.handle(req, "chat", request.scope.get(ARRIVED))
+        return await router.handle(req, "chat", request.scope.get(ARRIVED),
+                                   request.is_disconnected)
 
     def model_card() -> dict:
         return {"id": cfg.served_model_name, "object": "model", "created": 0,

@@ -198,6 +198,9 @@ class RequestRunner:
                     failed.add(w.address)
                 finally:
                     w.in_flight -= 1
+                    if sent_at < w.status_at:  # free (or cached) there now, whatever the
+                        # status says
+                        w.blocks_freed_since_status += -(-(len(prompt) + len(generated)) // bs)
                     call.cancel()  # no-op when done; frees the worker's blocks otherwise
             raise WorkerUnavailableError("decode failed on every worker tried")
         finally:

@@ -185,6 +185,8 @@ def _load(w: WorkerHandle) -> WorkerLoad:
     # status up to 0.5 s old can still show a prefill that has finished, and that stale
     # penalty would send a request away from the worker holding its prefix. (With several
     # router replicas each counts its own traffic.)
+    # Likewise blocks in use: less those of this router's requests that ended since.
+    used = max(0, s.used_blocks - w.blocks_freed_since_status)
     return WorkerLoad(queued_prefill_tokens=w.pending_prefill_tokens,
-                      active_blocks=s.used_blocks + 4 * w.in_flight,
+                      active_blocks=used + 4 * w.in_flight,
                       cached_blocks=s.cached_blocks, total_blocks=s.total_blocks)

@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import logging
 import random
+import time
 from dataclasses import dataclass, field
 
 import grpc
@@ -31,6 +32,12 @@ class WorkerHandle:
     # an exact, immediate view of the prefill queue (the polled status lags).
     pending_prefill_tokens: int = 0
     status: pb.WorkerStatus | None = None
+    # KV blocks of this router's requests that finished here since `status` was polled
+    # (at perf_counter() `status_at`), having started before: the status, up to 0.5 s
+    # old, still counts them as in use, and that stale load would send the next request
+    # away from the worker that holds its prefix.
+    blocks_freed_since_status: int = 0
+    status_at: float = 0.0
     failures: int = 0
     retired: bool = False  # left the pool (discovery); its channel closes once idle
     # Times a supervisor started it again at this address (`baton serve`; None where no
@@ -181,7 +188,9 @@ class WorkerPool:
     async def refresh(self) -> None:
         async def one(w: WorkerHandle) -> None:
             try:
+                asked = time.perf_counter()
                 w.status = await w.stub.Status(pb.StatusRequest(), timeout=2.0)
+                w.status_at, w.blocks_freed_since_status = asked, 0
                 if w.status.draining:  # shutting down: nothing new goes there
                     if w.healthy:
                         log.info("%s worker %s is draining", w.role, w.address)

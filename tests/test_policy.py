@@ -132,3 +132,21 @@ def test_shortest_prefill_wait_counts_idle_and_unmeasured_workers():
     assert pool.shortest_prefill_wait() == (3.0, 2000.0)  # b: 8000 / 2000 = 4 s
     pool = WorkerPool(prefill=[_prefill_worker("a", speed=0.0, pending=10)])
     assert pool.shortest_prefill_wait() == (None, None)  # nothing to time it with
+
+
+def test_blocks_of_requests_ended_since_the_status_poll_do_not_count_as_load():
+    """A status up to 0.5 s old still counts the blocks of a request that has finished
+    since: the router subtracts the blocks of its own requests that ended after the poll
+    (having started before it), so a worker that just finished a long prompt is not
+    passed over for the next request whose prefix it holds."""
+    from engine.rpc import worker_pb2 as pb
+    from router.kv_routing import _load
+    from router.workers import WorkerHandle
+
+    w = WorkerHandle("a", "decode", stub=None, channel=None, healthy=True,
+                     status=pb.WorkerStatus(used_blocks=188, total_blocks=1000))
+    assert _load(w).active_blocks == 188
+    w.blocks_freed_since_status = 188
+    assert _load(w).active_blocks == 0
+    w.blocks_freed_since_status, w.in_flight = 500, 1  # never below what is in flight
+    assert _load(w).active_blocks == 4

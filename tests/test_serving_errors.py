@@ -120,6 +120,26 @@ def test_client_disconnect_frees_blocks_on_both_workers(url):
     assert {w["role"] for w in workers} == {"prefill", "decode"}
 
 
+def test_client_gone_before_a_non_streaming_answer_stops_its_generation(url):
+    """A client that times out on a non-streaming request: the router cancels its choices
+    within its 0.5 s check, as when a stream's client hangs up, instead of the workers
+    generating all 32 x 900 tokens for nobody."""
+    import re
+
+    def generated() -> float:
+        text = httpx.get(f"{url}/metrics").text
+        return float(re.search(r"^baton_generation_tokens_total ([\d.e+]+)$", text,
+                               re.M).group(1))
+
+    before = generated()
+    body = {**OK, "max_tokens": 900, "ignore_eos": True, "n": 32,
+            "prompt": "a long prompt " * 20}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/completions", json=body, timeout=1.0)
+    wait_pools_empty(url, timeout=60)
+    assert generated() - before < 0.5 * 32 * 900
+
+
 def test_stop_string_ends_stream_and_frees_blocks(url):
     first = post(url, "/v1/completions", {**OK, "max_tokens": 30, "ignore_eos": True}).json()
     text = first["choices"][0]["text"]
@@ -183,3 +203,13 @@ def test_a_killed_worker_is_restarted_on_its_address(checkpoint_dir):
         assert dead["restarts"] == 0
         assert post(u, "/v1/completions", body).json()["choices"][0]["text"] == ref
         wait_pools_empty(u)
+
+
+def test_the_largest_seed_with_several_choices(url):
+    """Choice j samples with seed + j, kept a signed 64-bit integer: the largest seed is
+    as valid with n = 2 as with n = 1 (it was a 400 quoting a seed the client never sent)."""
+    from router.app import _wrap_int64
+
+    assert _wrap_int64(2**63) == -(2**63) and _wrap_int64(-(2**63) - 1) == 2**63 - 1
+    r = post(url, "/v1/completions", {**OK, "temperature": 1.0, "seed": 2**63 - 1, "n": 2})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 2, r.text
