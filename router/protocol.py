@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
@@ -31,6 +31,9 @@ def _unsupported(param: str, what: str) -> InvalidRequestError:
 
 
 class _Common(BaseModel):
+    """Integer and boolean fields are strict, as OpenAI's are: `"stream": "yes"` or
+    `"max_tokens": true` is a 400 naming the field, not silently read as true or 1."""
+
     model_config = ConfigDict(extra="ignore")
 
     @model_validator(mode="before")
@@ -43,22 +46,22 @@ class _Common(BaseModel):
     model: str
     temperature: float = 1.0
     top_p: float = 1.0
-    n: int = 1
-    stream: bool = False
+    n: StrictInt = 1
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: StrictInt | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     user: str | None = None
     # vLLM extras
-    top_k: int = -1
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    return_token_ids: bool = False
+    top_k: StrictInt = -1
+    ignore_eos: StrictBool = False
+    min_tokens: StrictInt = 0
+    return_token_ids: StrictBool = False
     stop_token_ids: list[int] | None = None
-    skip_special_tokens: bool = True
-    include_stop_str_in_output: bool = False
+    skip_special_tokens: StrictBool = True
+    include_stop_str_in_output: StrictBool = False
     # Accepted so that asking for them fails clearly instead of being ignored.
     logit_bias: dict[str, float] | None = None
 
@@ -81,9 +84,9 @@ class _Common(BaseModel):
 
 class CompletionRequest(_Common):
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
-    echo: bool = False
+    max_tokens: StrictInt | None = 16
+    logprobs: StrictInt | None = None
+    echo: StrictBool = False
     suffix: str | None = None
     best_of: int | None = None
 
@@ -112,10 +115,10 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
-    logprobs: bool = False
-    top_logprobs: int | None = None
+    max_tokens: StrictInt | None = None
+    max_completion_tokens: StrictInt | None = None
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = None
     tools: list[Any] | None = None
     tool_choice: str | dict | None = None
     functions: list[Any] | None = None

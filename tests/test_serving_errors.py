@@ -35,6 +35,9 @@ CHAT = {"model": PRESET, "messages": [{"role": "user", "content": "Hi"}], "max_t
 BAD = [
     ("malformed json", "/v1/completions", '{"model": "tiny-llama", "prompt": ', None),
     ("max_tokens < 1", "/v1/completions", {**OK, "max_tokens": 0}, "max_tokens"),
+    ("stream not a boolean", "/v1/completions", {**OK, "stream": "yes"}, "stream"),
+    ("max_tokens a boolean", "/v1/completions", {**OK, "max_tokens": True}, "max_tokens"),
+    ("n a float", "/v1/completions", {**OK, "n": 2.5}, "n"),
     ("prompt beyond context", "/v1/completions", {**OK, "prompt": [5] * 1100}, "max_tokens"),
     ("temperature < 0", "/v1/completions", {**OK, "temperature": -0.5}, "temperature"),
     ("empty messages", "/v1/chat/completions",
