@@ -60,33 +60,56 @@ def wait_healthy(url: str, timeout: float = 60.0, alive=lambda: True) -> None:
         time.sleep(0.2)
 
 
-@contextlib.contextmanager
-def baton_serve(model: str | Path, *args: str, timeout: float = 120.0,
-                log_lines: list[str] | None = None) -> Iterator[str]:
-    """Yields the router's base URL once /health is green; on exit sends SIGTERM and
-    asserts that the server and every worker process it started are gone. Pass
-    `log_lines` to receive everything the server and its workers print."""
+PORT_ATTEMPTS = 3
+
+
+def _start(model: str | Path, args: tuple[str, ...], log_lines: list[str] | None):
+    """`baton serve` on a free port: (process, URL, its last output lines, kept read)."""
     port = free_port()
     cmd = [sys.executable, "-m", "cluster.cli", "serve", "--model", str(model),
            "--port", str(port), *args]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-    url = f"http://127.0.0.1:{port}"
     log: collections.deque[str] = collections.deque(maxlen=200)
-    # Keep reading its output: a full pipe would block the server's logging.
-    def pump() -> None:
+
+    def pump() -> None:  # keep reading: a full pipe would block the server's logging
         for line in proc.stdout:
             log.append(line)
             if log_lines is not None:
                 log_lines.append(line)
 
     threading.Thread(target=pump, daemon=True).start()
-    try:
+    return proc, f"http://127.0.0.1:{port}", log
+
+
+@contextlib.contextmanager
+def baton_serve(model: str | Path, *args: str, timeout: float = 120.0,
+                log_lines: list[str] | None = None) -> Iterator[str]:
+    """Yields the router's base URL once /health is green; on exit sends SIGTERM and
+    asserts that the server and every worker process it started are gone. Pass
+    `log_lines` to receive everything the server and its workers print. The router's
+    port is picked free just before the start, so another process can take it meanwhile
+    (its workers' own ports, say): then it starts again on another one."""
+    for attempt in range(PORT_ATTEMPTS):
+        proc, url, log = _start(model, args, log_lines)
         try:
-            wait_healthy(url, timeout, alive=lambda: proc.poll() is None)
-        except RuntimeError:
+            wait_healthy(url, timeout, alive=lambda p=proc: p.poll() is None)
+            break
+        except (RuntimeError, TimeoutError) as e:
             time.sleep(0.2)
+            lost_port = any("address already in use" in line for line in log)
+            if proc.poll() is None:  # not up in time: stop it before saying so
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            if lost_port and attempt + 1 < PORT_ATTEMPTS:
+                continue
+            if isinstance(e, TimeoutError):
+                raise
             raise RuntimeError("baton serve exited early:\n" + "".join(log)) from None
+    try:
         yield url
     finally:
         workers = _children(proc.pid) if proc.poll() is None else []
