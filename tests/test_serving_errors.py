@@ -195,10 +195,11 @@ def test_a_killed_worker_is_restarted_on_its_address(checkpoint_dir):
                    if w["role"] == "decode"]
         os.kill(dead["pid"], signal.SIGKILL)
 
-        def back() -> bool:
+        def back() -> bool:  # (the supervisor's restart count reaches the router on its
+            # own path: it may trail the status poll that sees the new process)
             (w,) = [w for w in httpx.get(f"{u}/health").json()["workers"]
                     if w["role"] == "decode"]
-            return w["healthy"] and w["pid"] not in (None, dead["pid"])
+            return w["healthy"] and w["pid"] not in (None, dead["pid"]) and w["restarts"]
 
         wait_for("the decode worker to be restarted", back, timeout=60)
         (w,) = [w for w in httpx.get(f"{u}/health").json()["workers"] if w["role"] == "decode"]
