@@ -438,4 +438,6 @@ class ModelRunner:
             penalties=[(s.params.presence_penalty, s.params.frequency_penalty,
                         s.output_token_ids) if s.params.penalized else None for s in rows]
             if any(s.params.penalized for s in rows) else None,
+            logit_biases=[s.params.logit_bias or None for s in rows]
+            if any(s.params.logit_bias for s in rows) else None,
         )

@@ -29,6 +29,9 @@ class SamplingParams:
     # (presence) and per occurrence (frequency); the prompt does not count.
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # OpenAI's: added to these tokens' logits before sampling ({token id: bias in [-100,
+    # 100]}; -100 bans a token, 100 all but forces it).
+    logit_bias: dict[int, float] = field(default_factory=dict)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
 
@@ -69,6 +72,11 @@ class SamplingParams:
             raise bad("logprobs", f"must be in [0, 20], got {self.logprobs}")
         if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
             raise bad("prompt_logprobs", f"must be in [0, 20], got {self.prompt_logprobs}")
+        for token, bias in self.logit_bias.items():
+            if not (isinstance(token, int) and 0 <= token <= INT32_MAX):
+                raise bad("logit_bias", f"keys must be token ids, got {token!r}")
+            if not (math.isfinite(bias) and -100.0 <= bias <= 100.0):
+                raise bad("logit_bias", f"values must be in [-100, 100], got {bias}")
         if any(not s for s in self.stop):
             raise bad("stop", "strings must not be empty")
         # The wire to the workers carries these as 32- and 64-bit integers.

@@ -29,6 +29,8 @@ class SamplingBatch:
     banned_token_ids: list[tuple[int, ...]]  # e.g. EOS while below min_tokens
     # Per row: (presence, frequency, the tokens generated so far), or None: no penalty.
     penalties: list[tuple[float, float, Sequence[int]] | None] | None = None
+    # Per row: OpenAI's logit_bias ({token id: added to its logit}), or None.
+    logit_biases: list[dict[int, float] | None] | None = None
 
     @property
     def all_greedy(self) -> bool:
@@ -37,6 +39,10 @@ class SamplingBatch:
     @property
     def penalized(self) -> bool:
         return self.penalties is not None and any(p is not None for p in self.penalties)
+
+    @property
+    def biased(self) -> bool:
+        return self.logit_biases is not None and any(self.logit_biases)
 
 
 @dataclass
@@ -52,19 +58,25 @@ class SampleResult:
 def sample(logits: torch.Tensor, batch: SamplingBatch,
            default_generator: torch.Generator | None = None) -> SampleResult:
     """logits: [B, V] float32, left unchanged. Reported logprobs are those of the raw
-    logits, before penalties, bans, temperature, top-k and top-p (vLLM's default
-    `raw_logprobs`)."""
+    logits, before logit biases, penalties, bans, temperature, top-k and top-p (vLLM's
+    default `raw_logprobs`)."""
     raw = logits
     k = max(batch.num_logprobs, default=0)
     if (batch.all_greedy and k == 0 and not any(batch.banned_token_ids)
-            and not batch.penalized and greedy.usable(logits)):
+            and not batch.penalized and not batch.biased and greedy.usable(logits)):
         token_ids, chosen, packed = greedy.argmax_with_logprob(logits)  # one kernel
         return SampleResult(token_ids, chosen, None, None, packed)
     # Only a row asking for alternatives needs the whole [B, V] log-distribution; the
     # chosen token's logprob is its logit minus the row's logsumexp (no [B, V] write).
     logprobs_all = torch.log_softmax(logits, dim=-1) if k > 0 else None
-    if any(batch.banned_token_ids) or batch.penalized:
+    if any(batch.banned_token_ids) or batch.penalized or batch.biased:
         logits = logits.clone()
+        if batch.biased:
+            for row, bias in enumerate(batch.logit_biases):
+                if bias:
+                    ids = torch.tensor(list(bias), dtype=torch.int64, device=logits.device)
+                    logits[row, ids] += torch.tensor(list(bias.values()),
+                                                     dtype=logits.dtype, device=logits.device)
         if batch.penalized:
             apply_penalties(logits, batch.penalties)
         for row, banned in enumerate(batch.banned_token_ids):

@@ -62,14 +62,22 @@ class _Common(BaseModel):
     stop_token_ids: list[int] | None = None
     skip_special_tokens: StrictBool = True
     include_stop_str_in_output: StrictBool = False
-    # Accepted so that asking for them fails clearly instead of being ignored.
+    # OpenAI's: token ids (as JSON object keys, so strings) -> bias in [-100, 100]
     logit_bias: dict[str, float] | None = None
 
     def check_supported(self) -> None:
         if not 1 <= self.n <= MAX_N:
             raise InvalidRequestError(f"n must be in [1, {MAX_N}], got {self.n}", param="n")
-        if self.logit_bias:
-            raise _unsupported("logit_bias", "logit_bias")
+
+    def token_biases(self) -> dict[int, float]:
+        out = {}
+        for key, bias in (self.logit_bias or {}).items():
+            try:
+                out[int(key)] = bias
+            except ValueError:
+                raise InvalidRequestError(f"logit_bias keys must be token ids, got {key!r}",
+                                          param="logit_bias") from None
+        return out
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -79,7 +87,8 @@ class _Common(BaseModel):
             min_tokens=self.min_tokens, stop=stop, stop_token_ids=self.stop_token_ids or [],
             logprobs=logprobs, include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
-            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty)
+            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+            logit_bias=self.token_biases())
 
 
 class CompletionRequest(_Common):

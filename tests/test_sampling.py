@@ -251,3 +251,19 @@ def test_presence_and_frequency_penalties_follow_openais_formula(device) -> None
     assert sample(logits, b).token_ids.tolist() == [0, 0]  # 1.0 + 1.0 < 5.0
     b.penalties = [(0.0, -2.0, [3, 3, 3]), None]
     assert sample(logits, b).token_ids.tolist() == [3, 0]  # 1.0 + 6.0 > 5.0
+
+
+def test_logit_bias_moves_the_choice_and_leaves_logprobs_raw() -> None:
+    """OpenAI's logit_bias: added to those tokens' logits before sampling (-100 bans, 100
+    forces); the reported logprobs are the raw distribution's; rows without it are
+    untouched, and greedy rows take the general path (not the one-kernel argmax)."""
+    logits = torch.tensor([[5.0, 4.9, 4.0, 1.0], [5.0, 4.9, 4.0, 1.0]])
+    b = batch(2, temperature=0.0)
+    b.logit_biases = [{0: -100.0}, None]
+    res = sample(logits, b)
+    assert res.token_ids.tolist() == [1, 0]
+    expected = torch.log_softmax(logits, -1)
+    assert torch.allclose(res.logprobs, expected[[0, 1], [1, 0]])
+    b.logit_biases = [{3: 100.0}, {2: 0.5, 3: 4.5}]
+    assert sample(logits, b).token_ids.tolist() == [3, 3]  # 1 + 4.5 > 5 > 4 + 0.5
+    assert logits[0, 0] == 5.0  # the caller's logits are left alone

@@ -262,6 +262,24 @@ def test_echo_scores_the_prompt_as_transformers_does(server, model_dir, expected
         c.completions.create(model=PRESET, prompt=TEXTS[2], max_tokens=0)
 
 
+def test_logit_bias_reaches_the_worker_that_samples_each_token(server, expected):
+    """logit_bias on every token: the prefill worker's first and the decode worker's
+    others (disaggregated). +100 on one token makes greedy decoding emit only it; -100 on
+    the tokens greedy would pick bans them."""
+    _, refs = expected
+    c = client(server[0])
+    forced = refs[0][0] + 1
+    r = c.completions.create(model=PRESET, prompt=TEXTS[0], max_tokens=6, temperature=0,
+                             logit_bias={str(forced): 100},
+                             extra_body={"return_token_ids": True, "ignore_eos": True})
+    assert r.choices[0].token_ids == [forced] * 6
+    banned = set(refs[0][:6])
+    r = c.completions.create(model=PRESET, prompt=TEXTS[0], max_tokens=6, temperature=0,
+                             logit_bias={str(t): -100 for t in banned},
+                             extra_body={"return_token_ids": True, "ignore_eos": True})
+    assert not banned & set(r.choices[0].token_ids)
+
+
 def test_chat(server, model_dir):
     url, _ = server
     c = client(url)

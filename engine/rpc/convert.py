@@ -21,7 +21,8 @@ def params_to_proto(p: SamplingParams) -> pb.SamplingParams:
                             top_k=p.top_k, ignore_eos=p.ignore_eos, min_tokens=p.min_tokens,
                             stop_token_ids=p.stop_token_ids,
                             presence_penalty=p.presence_penalty,
-                            frequency_penalty=p.frequency_penalty)
+                            frequency_penalty=p.frequency_penalty,
+                            logit_bias=p.logit_bias)
     if p.seed is not None:
         msg.seed = p.seed
     if p.logprobs is not None:
@@ -40,7 +41,8 @@ def params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         stop_token_ids=list(msg.stop_token_ids),
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
         prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
-        presence_penalty=msg.presence_penalty, frequency_penalty=msg.frequency_penalty)
+        presence_penalty=msg.presence_penalty, frequency_penalty=msg.frequency_penalty,
+        logit_bias=dict(msg.logit_bias))
 
 
 def top_to_proto(top: list[tuple[int, float]]) -> pb.TopLogprobList:
