@@ -94,8 +94,8 @@ class KVCacheManager:
             self.tiers.begin_prefetch_pass()
         bs = self.block_size
         for seq in seqs:
-            if seq.block_table:
-                continue
+            if seq.block_table or seq.params.prompt_logprobs is not None:
+                continue  # (scoring a prompt computes it all: nothing to read ahead)
             max_tokens = seq.num_tokens - 1
             self._extend_hashes(seq, max_tokens)
             # Hashes suffice for a hint and keep long prompts cheap (this runs every step).

@@ -171,16 +171,23 @@ class Router:
                                           param="prompt")
         return prompts
 
-    def echo_texts(self, req, prompts: list[list[int]]) -> list[str] | None:
-        """Completions with echo: each prompt's text as given (token ids: decoded)."""
+    def echo_texts(self, req, prompts: list[list[int]]
+                   ) -> list[tuple[str, list[int] | None]] | None:
+        """Completions with echo: each prompt's text as given (token ids: decoded), and for
+        a text prompt where each of its tokens starts in it (the tokenizer's offsets: a
+        special token the text does not contain, BOS, starts at 0 and takes no room)."""
         if not isinstance(req, CompletionRequest) or not req.echo:
             return None
         p = req.prompt
-        if isinstance(p, str):
-            return [p]
-        if all(isinstance(x, str) for x in p):
-            return list(p)
-        return [self.tok.decode(ids, skip_special_tokens=False) for ids in prompts]
+        texts = [p] if isinstance(p, str) else list(p) \
+            if all(isinstance(x, str) for x in p) else None
+        if texts is None:
+            return [(self.tok.decode(ids, skip_special_tokens=False), None) for ids in prompts]
+        out = []
+        for text, ids in zip(texts, prompts):
+            enc = self.tok.tokenizer.encode(text)
+            out.append((text, [start for start, _ in enc.offsets] if enc.ids == ids else None))
+        return out
 
     def params_of(self, req, prompt_len: int) -> SamplingParams:
         max_len = self.pool.max_model_len or 0
@@ -304,7 +311,8 @@ class Router:
         states = [ChoiceState(i, prompts[i // req.n], IncrementalDetokenizer(
             self.tok, sp.stop, sp.skip_special_tokens, sp.include_stop_str_in_output,
             sp.min_tokens), shares_prompt=i % req.n > 0,
-            echo_text=echo[i // req.n] if echo else None,
+            echo_text=echo[i // req.n][0] if echo else None,
+            echo_offsets=echo[i // req.n][1] if echo else None,
             score_only=bool(echo) and req.max_tokens == 0)
             for i, sp in enumerate(params)]
         fmt = Formatter(kind, request_id, self.cfg.served_model_name, self.tok,

@@ -199,8 +199,10 @@ class RequestRunner:
                 finally:
                     w.in_flight -= 1
                     if sent_at < w.status_at:  # free (or cached) there now, whatever the
-                        # status says
+                        # status says, until the poll asked for here answers (an estimate:
+                        # a prefix shared with requests still running stays in use)
                         w.blocks_freed_since_status += -(-(len(prompt) + len(generated)) // bs)
+                        self.pool.refresh_soon(w)
                     call.cancel()  # no-op when done; frees the worker's blocks otherwise
             raise WorkerUnavailableError("decode failed on every worker tried")
         finally:

@@ -3,9 +3,17 @@ validated strictly; responses are plain dicts built in `router.responses`."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    model_validator,
+)
 
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
@@ -26,13 +34,24 @@ _NULL_IS_DEFAULT = frozenset({
 MAX_N = 128  # choices per prompt, as OpenAI allows
 
 
+def _whole(v: Any) -> Any:
+    """2.0 is the integer 2 (JSON does not tell them apart); true, "2" and 2.5 are not."""
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v
+
+
+Int = Annotated[StrictInt, BeforeValidator(_whole)]
+
+
 def _unsupported(param: str, what: str) -> InvalidRequestError:
     return InvalidRequestError(f"{what} is not supported by this server", param=param)
 
 
 class _Common(BaseModel):
-    """Integer and boolean fields are strict, as OpenAI's are: `"stream": "yes"` or
-    `"max_tokens": true` is a 400 naming the field, not silently read as true or 1."""
+    """Integer and boolean fields are strict, as OpenAI's are: `"stream": "yes"`,
+    `"max_tokens": true` or `"n": "2"` is a 400 naming the field, not silently read as
+    true, 1 or 2 (a whole float, 2.0, is an integer)."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -46,18 +65,18 @@ class _Common(BaseModel):
     model: str
     temperature: float = 1.0
     top_p: float = 1.0
-    n: StrictInt = 1
+    n: Int = 1
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: StrictInt | None = None
+    seed: Int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     user: str | None = None
     # vLLM extras
-    top_k: StrictInt = -1
+    top_k: Int = -1
     ignore_eos: StrictBool = False
-    min_tokens: StrictInt = 0
+    min_tokens: Int = 0
     return_token_ids: StrictBool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: StrictBool = True
@@ -93,8 +112,8 @@ class _Common(BaseModel):
 
 class CompletionRequest(_Common):
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: StrictInt | None = 16
-    logprobs: StrictInt | None = None
+    max_tokens: Int | None = 16
+    logprobs: Int | None = None
     echo: StrictBool = False
     suffix: str | None = None
     best_of: int | None = None
@@ -124,10 +143,10 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: StrictInt | None = None
-    max_completion_tokens: StrictInt | None = None
+    max_tokens: Int | None = None
+    max_completion_tokens: Int | None = None
     logprobs: StrictBool = False
-    top_logprobs: StrictInt | None = None
+    top_logprobs: Int | None = None
     tools: list[Any] | None = None
     tool_choice: str | dict | None = None
     functions: list[Any] | None = None

@@ -32,6 +32,7 @@ class ChoiceState:
     # prompt's logprobs (entry i for prompt token i + 1); max_tokens 0 with echo scores
     # the prompt only (the one token the worker generates is dropped).
     echo_text: str | None = None
+    echo_offsets: list[int] | None = None  # each prompt token's start in echo_text
     score_only: bool = False
     prompt_logprobs: list[float] | None = None
     prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
@@ -83,6 +84,8 @@ def echo_logprobs(tok: TokenizerBundle, state: ChoiceState, with_top: bool) -> d
     tops += [None] * (len(ids) - len(tops))
     body = completion_logprobs(tok, ids, lps, [], 0)
     body["top_logprobs"] = tops if with_top else None
+    if state.echo_offsets is not None:
+        body["text_offset"] = list(state.echo_offsets)
     return body
 
 
@@ -127,7 +130,8 @@ class Formatter:
         head = None
         if echo is not None:
             head = echo_logprobs(self.tok, echo, self.logprobs > 0)
-            off += sum(len(t) for t in head["tokens"])
+            off += len(echo.echo_text) if echo.echo_offsets is not None \
+                else sum(len(t) for t in head["tokens"])
         body = completion_logprobs(self.tok, token_ids, logprobs, tops, off)
         self._text_offset[index] = off + sum(len(t) for t in body["tokens"])
         if head is not None:

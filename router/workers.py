@@ -38,6 +38,7 @@ class WorkerHandle:
     # away from the worker that holds its prefix.
     blocks_freed_since_status: int = 0
     status_at: float = 0.0
+    polling: asyncio.Future | None = field(default=None, repr=False)  # refresh_soon's
     failures: int = 0
     retired: bool = False  # left the pool (discovery); its channel closes once idle
     # Times a supervisor started it again at this address (`baton serve`; None where no
@@ -186,26 +187,33 @@ class WorkerPool:
         return min(rotated, key=lambda w: w.in_flight)
 
     async def refresh(self) -> None:
-        async def one(w: WorkerHandle) -> None:
-            try:
-                asked = time.perf_counter()
-                w.status = await w.stub.Status(pb.StatusRequest(), timeout=2.0)
-                w.status_at, w.blocks_freed_since_status = asked, 0
-                if w.status.draining:  # shutting down: nothing new goes there
-                    if w.healthy:
-                        log.info("%s worker %s is draining", w.role, w.address)
-                    w.healthy, w.failures = False, 0  # it answers: draining, not down
-                    return
-                if not w.healthy:
-                    log.info("%s worker %s is up", w.role, w.address)
-                w.healthy, w.failures = True, 0
-            except grpc.aio.AioRpcError as e:
-                w.failures += 1
-                if w.healthy:
-                    log.warning("%s worker %s is down: %s", w.role, w.address, e.code())
-                w.healthy = False
+        await asyncio.gather(*(self._poll(w) for w in self.all))
 
-        await asyncio.gather(*(one(w) for w in self.all))
+    def refresh_soon(self, w: WorkerHandle) -> None:
+        """Poll `w`'s status now, out of turn (one poll at a time per worker): a request
+        just ended there, and until the next regular poll its blocks would still count as
+        load (`blocks_freed_since_status` estimates them meanwhile)."""
+        if w.polling is None or w.polling.done():
+            w.polling = asyncio.ensure_future(self._poll(w))
+
+    async def _poll(self, w: WorkerHandle) -> None:
+        try:
+            asked = time.perf_counter()
+            w.status = await w.stub.Status(pb.StatusRequest(), timeout=2.0)
+            w.status_at, w.blocks_freed_since_status = asked, 0
+            if w.status.draining:  # shutting down: nothing new goes there
+                if w.healthy:
+                    log.info("%s worker %s is draining", w.role, w.address)
+                w.healthy, w.failures = False, 0  # it answers: draining, not down
+                return
+            if not w.healthy:
+                log.info("%s worker %s is up", w.role, w.address)
+            w.healthy, w.failures = True, 0
+        except grpc.aio.AioRpcError as e:
+            w.failures += 1
+            if w.healthy:
+                log.warning("%s worker %s is down: %s", w.role, w.address, e.code())
+            w.healthy = False
 
     def mark_failed(self, w: WorkerHandle) -> None:
         w.healthy = False

@@ -242,6 +242,11 @@ def test_echo_scores_the_prompt_as_transformers_does(server, model_dir, expected
     assert max(abs(a - b) for a, b in zip(lp.token_logprobs[1:], want)) < 1e-4
     assert lp.top_logprobs[0] is None and all(len(t) == 2 for t in lp.top_logprobs[1:])
     assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    # offsets point into the text returned (BOS, not in it, takes no room)
+    starts = [o for o, t in zip(lp.text_offset, lp.tokens) if t.strip() and "<" not in t]
+    assert starts and all(0 <= o < len(ch.text) for o in starts)
+    assert sum(ch.text[o:o + len(t)] == t for o, t in zip(lp.text_offset, lp.tokens)
+               if t.strip()) >= 0.8 * len(starts)
     assert r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 0
     # With a completion: the prompt, then the greedy tokens, logprobs for both.
     r = c.completions.create(model=PRESET, prompt=TEXTS[2], max_tokens=4, echo=True,

@@ -222,3 +222,9 @@ def test_the_largest_seed_with_several_choices(url):
     assert _wrap_int64(2**63) == -(2**63) and _wrap_int64(-(2**63) - 1) == 2**63 - 1
     r = post(url, "/v1/completions", {**OK, "temperature": 1.0, "seed": 2**63 - 1, "n": 2})
     assert r.status_code == 200 and len(r.json()["choices"]) == 2, r.text
+
+
+def test_whole_floats_are_integers(url):
+    """JSON does not tell 2.0 from 2: integer fields take it (and still refuse 2.5)."""
+    r = post(url, "/v1/completions", {**OK, "max_tokens": 2.0, "n": 1.0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
