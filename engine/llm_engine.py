@@ -190,7 +190,8 @@ class LLMEngine:
     def close(self) -> None:
         """Stops tensor-parallel followers and flushes disk KV writes."""
         if self.tiers is not None:
-            st = self.tiers.stats
+            self.tiers.before_step()  # under TP: blocks still to gather for disk, while the
+            st = self.tiers.stats  # followers are there to answer
             log.info("tiered KV totals: offloaded host %d disk %d; hits host %d disk %d; "
                      "bad disk blocks dropped %d; disk hits skipped %d (slower than "
                      "recompute: disk %s ms/block, prefill %s ms/block); disk writes dropped "
