@@ -199,8 +199,10 @@ class WorkerPool:
     async def _poll(self, w: WorkerHandle) -> None:
         try:
             asked = time.perf_counter()
-            w.status = await w.stub.Status(pb.StatusRequest(), timeout=2.0)
-            w.status_at, w.blocks_freed_since_status = asked, 0
+            status = await w.stub.Status(pb.StatusRequest(), timeout=2.0)
+            if asked < w.status_at:
+                return  # a poll asked later has answered already (refresh_soon's, say)
+            w.status, w.status_at, w.blocks_freed_since_status = status, asked, 0
             if w.status.draining:  # shutting down: nothing new goes there
                 if w.healthy:
                     log.info("%s worker %s is draining", w.role, w.address)
