@@ -107,21 +107,21 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         saturation = self.config.prefill_saturation_tokens or budget + 1
-        prompt_tokens = 0  # in this step's chunks of more than one token
-        # Prompt tokens this step may still take (`prefill_tokens_while_decoding`). A
+        prompt_tokens = 0  # taken by this step (chunks of prompts, not decode rows)
+        # Prompt tokens this step may take in all (`prefill_tokens_while_decoding`). A
         # decode row is a sequence with one token left to compute, running or arrived
         # (its KV computed elsewhere) and about to join.
-        prompt_left = budget
+        prompt_limit = budget
         cap = self.config.prefill_tokens_while_decoding
         if cap and (any(s.num_uncomputed_tokens == 1 for s in self.running) or any(
                 s.block_table and s.num_uncomputed_tokens == 1 for s in self.waiting)):
-            prompt_left = cap
+            prompt_limit = cap
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed_tokens, budget)
             if seq.num_uncomputed_tokens > 1:  # a prompt chunk: within what is left for prompts
-                n = min(n, prompt_left)
+                n = min(n, prompt_limit - prompt_tokens)
                 if n <= 0:
                     i += 1
                     continue
@@ -136,7 +136,6 @@ class Scheduler:
                 budget -= n
                 if seq.num_uncomputed_tokens > 1:
                     prompt_tokens += n
-                    prompt_left -= n
                 i += 1
         # Admit new work only if nobody was preempted: memory is tight otherwise. Prompts
         # in arrival order; once the step takes no more prompt tokens, requests behind them
@@ -145,15 +144,15 @@ class Scheduler:
         while (j < len(self.waiting) and budget > 0 and not out.preempted
                and len(self.running) < self.config.max_num_seqs):
             seq = self.waiting[j]
-            if seq.num_uncomputed_tokens > 1 and (prompt_left <= 0 or
-                                                  prompt_tokens >= saturation):
+            if seq.num_uncomputed_tokens > 1 and prompt_tokens >= min(prompt_limit,
+                                                                      saturation):
                 j += 1  # no prompt joins this step: look for arrived requests behind it
                 continue
             cached = self.kv.find_cached_prefix(seq) if not seq.block_table else []
             uncomputed = seq.num_uncomputed_tokens - len(cached) * self.kv.block_size
             n = min(uncomputed, budget)
             if uncomputed > 1:
-                n = min(n, prompt_left)
+                n = min(n, prompt_limit - prompt_tokens)
             if not self.kv.allocate(seq, n, cached):
                 break
             if seq.num_cached_tokens < 0:
@@ -167,7 +166,6 @@ class Scheduler:
             budget -= n
             if uncomputed > 1:
                 prompt_tokens += n
-                prompt_left -= n
         if self.decode_lookahead:
             # Last, from what scheduling and admission left free: a lookahead block never
             # costs a preemption or an admission (allocate changes nothing when it fails).

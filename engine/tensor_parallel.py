@@ -160,13 +160,18 @@ class TPComm:
         if self.pc.tp_rank == 0:
             self.broadcast_step(KVCommand("read", list(block_ids)))
         idx = torch.tensor(block_ids, dtype=torch.int64, device=kv_cache.device)
-        shard = kv_cache[idx].contiguous()
+        full = self._gather_heads(kv_cache[idx].contiguous())
+        return None if full is None else full.cpu()
+
+    def _gather_heads(self, shard: torch.Tensor, group=None) -> torch.Tensor | None:
+        """Leader: every rank's `shard` joined along the KV-head axis (rank order);
+        followers send theirs and get None."""
         if self.pc.tp_rank != 0:
-            dist.gather(shard, dst=0)
+            dist.gather(shard, dst=0, group=group)
             return None
         parts = [torch.empty_like(shard) for _ in range(self.pc.tp_size)]
-        dist.gather(shard, parts, dst=0)
-        return torch.cat(parts, dim=KV_HEAD_DIM).cpu()
+        dist.gather(shard, parts, dst=0, group=group)
+        return torch.cat(parts, dim=KV_HEAD_DIM)
 
     def write_kv(self, kv_cache: torch.Tensor, block_ids: list[int],
                  full: torch.Tensor | None = None) -> None:
@@ -193,12 +198,7 @@ class TPComm:
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # this rank's copies into the slots have landed
         shard = host[torch.tensor(slots, dtype=torch.int64)].contiguous()
-        if self.pc.tp_rank != 0:
-            dist.gather(shard, dst=0, group=self.control)
-            return None
-        parts = [torch.empty_like(shard) for _ in range(self.pc.tp_size)]
-        dist.gather(shard, parts, dst=0, group=self.control)
-        return torch.cat(parts, dim=KV_HEAD_DIM)
+        return self._gather_heads(shard, group=self.control)
 
     def nixl_setup(self, kv_cache: torch.Tensor, agent_prefix: str) -> list | None:
         """Every rank starts a NIXL agent over its KV shard; the leader gets them all

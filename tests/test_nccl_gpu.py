@@ -80,9 +80,9 @@ def _side(rank: int, conn, staged: bool) -> None:
 
 @pytest.mark.parametrize("staged", [True, False], ids=["staged", "unstaged"])
 def test_link_moves_scattered_runs_and_abort_ends_a_hung_receive(staged):
-    from kvtransfer.transfer.staging import staged_chunks
+    from kvtransfer.transfer.staging import DEFAULT_PLAN
 
-    assert len(staged_chunks([1] * N, WIDTH * 4) or []) == 4
+    assert len(DEFAULT_PLAN.chunks([1] * N, WIDTH * 4) or []) == 4
     ctx = mp.get_context("spawn")
     a0, b0 = ctx.Pipe()
     a1, b1 = ctx.Pipe()

@@ -13,14 +13,13 @@ import torch
 
 from kvtransfer.transfer import coalesce
 from kvtransfer.transfer.staging import (
+    DEFAULT_PLAN,
     DIRECT_RUN_BYTES,
     MAX_CHUNK_BYTES,
     MIN_CHUNK_BYTES,
     StagingPlan,
     as_block_rows,
     block_order,
-    max_chunk_blocks,
-    staged_chunks,
 )
 
 MIB = 1 << 20
@@ -28,25 +27,25 @@ MIB = 1 << 20
 
 @pytest.mark.parametrize("counts", [[64], [16, 16], [DIRECT_RUN_BYTES // (2 * MIB)] * 5])
 def test_long_runs_go_as_they_are(counts):
-    assert staged_chunks(counts, 2 * MIB) is None
+    assert DEFAULT_PLAN.chunks(counts, 2 * MIB) is None
 
 
 @pytest.mark.parametrize("blocks,block_bytes", [(64, 2 * MIB), (4096, 2 * MIB), (7000, 8192),
                                                 (3, 5 * MIB), (100, 24 * MIB)])
 def test_chunks_cover_the_transfer_in_order_within_bounds(blocks, block_bytes):
-    chunks = staged_chunks([1] * blocks, block_bytes)
+    chunks = DEFAULT_PLAN.chunks([1] * blocks, block_bytes)
     assert chunks is not None
     assert chunks[0][0] == 0 and chunks[-1][1] == blocks
     assert all(a[1] == b[0] for a, b in itertools.pairwise(chunks))
     for lo, hi in chunks:
-        assert 1 <= hi - lo <= max_chunk_blocks(block_bytes)
+        assert 1 <= hi - lo <= DEFAULT_PLAN.max_chunk_blocks(block_bytes)
         if hi != blocks and block_bytes <= MIN_CHUNK_BYTES:
             assert MIN_CHUNK_BYTES <= (hi - lo) * block_bytes <= MAX_CHUNK_BYTES
 
 
 def test_a_small_transfer_still_pipelines():
     """A 1k-token prompt of the 8B shape (64 blocks of 2 MiB) goes in 4 chunks."""
-    assert len(staged_chunks([1] * 64, 2 * MIB)) == 4
+    assert len(DEFAULT_PLAN.chunks([1] * 64, 2 * MIB)) == 4
 
 
 def test_a_plan_sets_the_pieces_and_bounds():
@@ -54,7 +53,7 @@ def test_a_plan_sets_the_pieces_and_bounds():
     assert one.chunks([1] * 64, 2 * MIB) == [(0, 64)]  # 128 MiB: one buffer's worth
     assert len(one.chunks([1] * 128, 2 * MIB)) == 2  # 256 MiB: bounded by the buffer
     assert StagingPlan(pieces=2).chunks([1] * 64, 2 * MIB) == [(0, 32), (32, 64)]
-    assert StagingPlan().chunks([1] * 64, 2 * MIB) == staged_chunks([1] * 64, 2 * MIB)
+    assert StagingPlan().chunks([1] * 64, 2 * MIB) == DEFAULT_PLAN.chunks([1] * 64, 2 * MIB)
     with pytest.raises(ValueError):
         StagingPlan(min_chunk_bytes=2 * MAX_CHUNK_BYTES)
     with pytest.raises(ValueError):
@@ -80,7 +79,7 @@ def test_both_sides_cut_the_same_chunks():
     dst = rng.sample(range(5000), 900)
     runs = coalesce(src, dst)
     counts = [r.count for r in runs]
-    assert staged_chunks(counts, 8192) == staged_chunks(list(counts), 8192)
+    assert DEFAULT_PLAN.chunks(counts, 8192) == DEFAULT_PLAN.chunks(list(counts), 8192)
     assert block_order([(r.src_start, r.count) for r in runs]).tolist() == src
     assert block_order([(r.dst_start, r.count) for r in runs]).tolist() == dst
 
@@ -93,7 +92,7 @@ def test_gather_then_scatter_lands_every_block_where_the_runs_say():
     block_bytes = sender[0].numel() * sender.element_size()
     src, dst = rng.sample(range(256), 100), rng.sample(range(256), 100)
     runs = coalesce(src, dst)
-    chunks = staged_chunks([r.count for r in runs], block_bytes)
+    chunks = DEFAULT_PLAN.chunks([r.count for r in runs], block_bytes)
     send_ids = torch.from_numpy(block_order([(r.src_start, r.count) for r in runs]))
     recv_ids = torch.from_numpy(block_order([(r.dst_start, r.count) for r in runs]))
     rows_s, rows_r = as_block_rows(sender, block_bytes), as_block_rows(receiver, block_bytes)

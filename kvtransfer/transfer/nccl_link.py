@@ -325,9 +325,9 @@ class NcclLink:
                     nccl.groupEnd()
             moved = sum(nbytes for _, nbytes in extents)
         else:
-            moved = self._staged.queue(comm, self.rank, self._stream, self._copy_stream,
-                                       self._copy_stream_torch, runs, chunks, after,
-                                       lambda: self._comm is None, trace)
+            moved = self._staged.queue(comm, self.rank == SENDER, peer, self._stream,
+                                       self._copy_stream, self._copy_stream_torch, runs,
+                                       chunks, after, lambda: self._comm is None, trace)
         trace.gpu_mark("end", self._stream)
         self._done.record(self._stream)
         trace.host_mark("queued")

@@ -15,8 +15,6 @@ from kvtransfer.transfer.staging import (
     block_order,
 )
 
-SENDER = 0  # nccl_link.SENDER (kept here too: that module imports this one)
-
 
 class LinkAborted(RuntimeError):
     """Raised between chunks when the link was aborted meanwhile."""
@@ -90,7 +88,7 @@ class StagedPath:
                             scatter(a[:n], ids, b)
             torch.cuda.synchronize()
 
-    def queue(self, comm, rank: int, stream, copy, copy_torch, runs,
+    def queue(self, comm, sending: bool, peer: int, stream, copy, copy_torch, runs,
               chunks: list[tuple[int, int]], after, is_aborted, trace) -> int:
         """Queue a staged transfer on the NCCL `stream` and the `copy` stream; returns the
         bytes it moves. Buffer b is refilled only after the operation that last used it:
@@ -98,12 +96,13 @@ class StagedPath:
         for that chunk's scatter. A stream waits on an event's latest record when the wait
         is queued, so the two events per buffer are reused chunk after chunk. Ends with
         `stream` waiting for the last copy, so an event recorded on it after this marks
-        the whole transfer. `copy_torch` is `copy` as a torch stream (made once: making
+        the whole transfer. `sending`: this side sends (the prefill side); `peer`: the
+        other side's rank. `copy_torch` is `copy` as a torch stream (made once: making
         one per transfer costs the host time the GPU then waits for)."""
         import cupy
         from cupy.cuda import nccl
 
-        peer, rows, last = 1 - rank, self.rows, len(chunks) - 1
+        rows, last = self.rows, len(chunks) - 1
         copy.wait_event(after)
         order = block_order(runs)
         count = len(order)
@@ -115,7 +114,7 @@ class StagedPath:
                                           cupy.cuda.runtime.memcpyHostToDevice, copy.ptr)
             trace.host_mark("ids")
 
-        if rank == SENDER:
+        if sending:
             load_ids()  # the first gather needs them; the receiver's first receive does not
         # inference_mode: the in-place copies into the KV tensor are fine on this thread
         # whether or not the engine made it under inference mode.
@@ -127,7 +126,7 @@ class StagedPath:
                 b = c % STAGING_BUFFERS
                 buf = self.buffers[b][: hi - lo]
                 nbytes = (hi - lo) * self.block_bytes
-                if rank == SENDER:
+                if sending:
                     copy.wait_event(self.freed[b])
                     trace.gpu_mark(f"copy{c}", copy)
                     (self.first_gather if c == 0 else self.gather)(rows, ids[lo:hi], buf)

@@ -11,7 +11,7 @@ Two buffers per side and chunks of at most `MAX_CHUNK_BYTES` let the gather of c
 c+1 and the scatter of chunk c-1 overlap the send of chunk c, so a long transfer costs
 about its sends plus one chunk's gather and scatter.
 
-Both sides must cut the same chunks: `staged_chunks` depends only on the run lengths,
+Both sides must cut the same chunks: `StagingPlan.chunks` depends only on the run lengths,
 which are equal on both sides (`coalesce` pairs runs)."""
 
 from __future__ import annotations
@@ -87,15 +87,6 @@ class StagingPlan:
 
 
 DEFAULT_PLAN = StagingPlan()
-
-
-def staged_chunks(counts: Sequence[int], block_bytes: int) -> list[tuple[int, int]] | None:
-    """`DEFAULT_PLAN.chunks`: what serving links cut."""
-    return DEFAULT_PLAN.chunks(counts, block_bytes)
-
-
-def max_chunk_blocks(block_bytes: int) -> int:
-    return DEFAULT_PLAN.max_chunk_blocks(block_bytes)
 
 
 def block_order(runs: Sequence[tuple[int, int]]) -> np.ndarray:
