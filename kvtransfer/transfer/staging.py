@@ -63,11 +63,17 @@ class StagingPlan:
     # The first gather and the last scatter on every SM (torch's ops): they overlap no
     # NCCL operation of the transfer, so a narrow grid there only lengthens it
     wide_edges: bool = True
+    # Transfers of at most this many bytes replay a CUDA graph of their chunk layout
+    # (nccl_graphs) instead of queueing chunk by chunk from Python: up to four chunks,
+    # past which chunks are whole 128 MiB sends that hide the host's queueing anyway.
+    graphs: bool = True
+    graph_max_bytes: int = 4 * MAX_CHUNK_BYTES
+    max_graphs: int = 512  # per side of a link, least recently used dropped
 
     def __post_init__(self) -> None:
         if not 0 < self.min_chunk_bytes <= self.max_chunk_bytes or self.pieces < 1 or \
                 self.copy_kernel not in ("triton", "torch") or self.copy_programs < 1 or \
-                self.direct_run_bytes < 1:
+                self.direct_run_bytes < 1 or self.max_graphs < 1:
             raise ValueError(f"bad staging plan {self}")
 
     def chunks(self, counts: Sequence[int], block_bytes: int) -> list[tuple[int, int]] | None:
