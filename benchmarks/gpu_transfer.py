@@ -215,8 +215,6 @@ def run_nccl(side: Side, kv8: torch.Tensor, staged: bool = True, label: str = "n
                               trace_medians(timed)))
         _report(side, label, placement, tokens, kv8, src, dst, laps, len(runs))
     _finish(side)
-    if (stats := link.graph_stats()) is not None:
-        side.reports.put(("graphs", side.role, stats))
     side.progress("nccl: teardown: abort")
     link.abort()
     side.progress("nccl: teardown: join the link thread")
@@ -364,8 +362,6 @@ def run_backend(backend: str, cfg: dict, gpus: list[str], on_result, on_trace) -
             on_result(*msg[1:])
         elif kind == "trace":
             on_trace(*msg[1:])
-        elif kind == "graphs":  # the nccl link's transfer graphs (nccl_graphs)
-            status.setdefault("graphs", {})[role] = msg[2]
         elif kind == "error":
             status.setdefault("errors", {})[role] = {"in": where.get(role),
                                                      "traceback": msg[2][-3000:]}

@@ -2,10 +2,8 @@
 serving default, and the summary of the link's traces (kvtransfer/transfer/nccl_trace.py).
 
 Each variant is a (plan, traced) pair; both sides of a link use the same one. `nccl` is
-what serving runs, untraced, so its laps are what a pull costs (transfers up to four
-chunks replay CUDA graphs, kvtransfer/transfer/nccl_graphs.py); a traced variant queues
-chunk by chunk as `nccl_eager` does (a graph has no marks), so `nccl_traced` beside
-`nccl_eager` shows what tracing itself costs."""
+what serving runs, untraced, so its laps are what a pull costs; `nccl_traced` is the same
+plan traced, to show what tracing itself costs beside it."""
 
 from __future__ import annotations
 
@@ -18,8 +16,6 @@ FULL_GRID = 1024  # copy programs: more than the tiles of any chunk, i.e. one pe
 VARIANTS: dict[str, tuple[StagingPlan, bool]] = {
     "nccl": (DEFAULT_PLAN, False),
     "nccl_traced": (DEFAULT_PLAN, True),
-    # chunks queued one by one from Python (serving's plan before CUDA graphs)
-    "nccl_eager": (StagingPlan(graphs=False), False),
     # every copy on the 32-program Triton kernel (serving's plan before wide_edges)
     "nccl_narrow_edges": (StagingPlan(wide_edges=False), False),
     "nccl_narrow_edges_traced": (StagingPlan(wide_edges=False), True),
@@ -32,13 +28,6 @@ VARIANTS: dict[str, tuple[StagingPlan, bool]] = {
     # 319 GB/s against 352 for 128 MiB
     "nccl_two_chunks": (StagingPlan(pieces=2), False),
     "nccl_one_chunk": (StagingPlan(pieces=1), False),
-    # more, shorter chunks: graphed, a chunk costs no host time, so more of the transfer
-    # overlaps its first gather and last scatter (chunks stay >= 16 MiB)
-    "nccl_eight_chunks": (StagingPlan(pieces=8), False),
-    # the overlapped copies on more or fewer programs: with 2 MiB blocks the sends of
-    # long transfers ran 20% under contiguous ones, the copies beside them competing
-    "nccl_copies64": (StagingPlan(copy_programs=64), False),
-    "nccl_copies16": (StagingPlan(copy_programs=16), False),
 }
 
 

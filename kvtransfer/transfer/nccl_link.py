@@ -195,23 +195,11 @@ class NcclLink:
             self.broken = True
             comm, self._comm = self._comm, None
         self._jobs.put(None)
-        staged = self._staged
-        if staged is not None:  # NCCL's abort waits for the graphs that captured it
-            staged.close()
         if comm is not None:
             try:
                 comm.abort()
             except Exception as e:  # already torn down: nothing left to stop
                 log.warning("NCCL link %s: abort failed: %s", self.name, e)
-
-    def graph_stats(self) -> dict | None:
-        """How many transfer graphs this side captured and the host time that took
-        (None when staged transfers are not graphed)."""
-        graphs = None if self._staged is None else self._staged.graphs
-        if graphs is None:
-            return None
-        return {"captures": graphs.captures,
-                "capture_ms_total": round(graphs.capture_seconds * 1e3, 3)}
 
     def wait_closed(self, timeout: float) -> bool:
         """After abort(): wait until the link thread has stopped, which it does only once

@@ -9,21 +9,11 @@ import numpy as np
 import torch
 
 from kernels.block_copy import gather_rows, scatter_rows
-from kvtransfer.transfer.nccl_graphs import TransferGraphs, graphs_unavailable
-from kvtransfer.transfer.nccl_trace import NO_TRACE
 from kvtransfer.transfer.staging import (
     STAGING_BUFFERS,
     StagingPlan,
     block_order,
 )
-
-# cudaEventWaitExternal: captured, a wait on an event recorded outside the graph becomes
-# a node that waits on that event's latest record when the graph runs.
-EVENT_WAIT_EXTERNAL = 0x01
-
-
-def count_bytes(runs, block_bytes: int) -> int:
-    return sum(count for _, count in runs) * block_bytes
 
 
 class LinkAborted(RuntimeError):
@@ -74,11 +64,6 @@ class StagedPath:
         self.filled = [cupy.cuda.Event(disable_timing=True) for _ in range(STAGING_BUFFERS)]
         self.freed = [cupy.cuda.Event(disable_timing=True) for _ in range(STAGING_BUFFERS)]
         self.copies_done = cupy.cuda.Event(disable_timing=True)
-        self.fork = cupy.cuda.Event(disable_timing=True)  # a graph's NCCL stream
-        self.join = cupy.cuda.Event(disable_timing=True)
-        self.settled = cupy.cuda.Event(disable_timing=True)  # a receiver graph's `after`
-        unavailable = graphs_unavailable() if plan.graphs else "off in the plan"
-        self.graphs = None if unavailable else TransferGraphs(plan.max_graphs)
         self.gather, self.scatter = _copies(plan)
         # The first gather and the last scatter overlap nothing of the transfer: they are
         # its critical path, so they take every SM (torch's ops, launched from C++).
@@ -106,23 +91,19 @@ class StagedPath:
     def queue(self, comm, sending: bool, peer: int, stream, copy, copy_torch, runs,
               chunks: list[tuple[int, int]], after, is_aborted, trace) -> int:
         """Queue a staged transfer on the NCCL `stream` and the `copy` stream; returns the
-        bytes it moves. Ends with `stream` waiting for the last copy, so an event recorded
-        on it after this marks the whole transfer. `sending`: this side sends (the
-        prefill side); `peer`: the other side's rank. `copy_torch` is `copy` as a torch
-        stream (made once: making one per transfer costs the host time the GPU then
-        waits for). An untraced transfer small enough for `plan.graph_max_bytes` replays
-        a CUDA graph of its chunk layout (nccl_graphs), captured on first use."""
+        bytes it moves. Buffer b is refilled only after the operation that last used it:
+        the sender's gather waits for the send of two chunks back, the receiver's receive
+        for that chunk's scatter. A stream waits on an event's latest record when the wait
+        is queued, so the two events per buffer are reused chunk after chunk. Ends with
+        `stream` waiting for the last copy, so an event recorded on it after this marks
+        the whole transfer. `sending`: this side sends (the prefill side); `peer`: the
+        other side's rank. `copy_torch` is `copy` as a torch stream (made once: making
+        one per transfer costs the host time the GPU then waits for)."""
         import cupy
+        from cupy.cuda import nccl
 
-        graphed = self.graphs is not None and trace is NO_TRACE and \
-            count_bytes(runs, self.block_bytes) <= self.plan.graph_max_bytes
-        if graphed and not sending:
-            # The receives need not wait for the compute stream, only the scatters: the
-            # graph's copy branch waits on `settled`, recorded now where `after` is done.
-            stream.wait_event(after)
-            self.settled.record(stream)
-        else:
-            copy.wait_event(after)
+        rows, last = self.rows, len(chunks) - 1
+        copy.wait_event(after)
         order = block_order(runs)
         count = len(order)
         ids = self.ids[:count]
@@ -133,49 +114,8 @@ class StagedPath:
                                           cupy.cuda.runtime.memcpyHostToDevice, copy.ptr)
             trace.host_mark("ids")
 
-        if graphed:
-            if is_aborted():
-                raise LinkAborted
-            load_ids()  # into the same device buffer every time: the graph reads it there
-
-            def record() -> None:
-                # The NCCL stream forks from `copy` and joins it again, so one launch
-                # on `copy` runs the whole transfer.
-                self.fork.record(copy)
-                stream.wait_event(self.fork)
-                if not sending:  # a wait node on the event's record at launch time
-                    cupy.cuda.runtime.streamWaitEvent(copy.ptr, self.settled.ptr,
-                                                      EVENT_WAIT_EXTERNAL)
-                self._queue_chunks(comm, sending, peer, stream, copy, copy_torch, ids,
-                                   chunks, lambda: False, NO_TRACE, lambda: None)
-                self.join.record(stream)
-                copy.wait_event(self.join)
-
-            if not self.graphs.launch((sending, tuple(chunks)), copy, record):
-                raise LinkAborted
-        else:
-            if sending:
-                load_ids()  # the first gather needs them; the first receive does not
-            self._queue_chunks(comm, sending, peer, stream, copy, copy_torch, ids, chunks,
-                               is_aborted, trace, load_ids)
-        self.copies_done.record(copy)
-        stream.wait_event(self.copies_done)
-        return count * self.block_bytes
-
-    def _queue_chunks(self, comm, sending: bool, peer: int, stream, copy, copy_torch,
-                      ids: torch.Tensor, chunks: list[tuple[int, int]], is_aborted, trace,
-                      load_ids) -> None:
-        """The chunks' copies and NCCL operations. Buffer b is refilled only after the
-        operation that last used it: the sender's gather waits for the send of two
-        chunks back, the receiver's receive for that chunk's scatter. A stream waits on
-        an event's latest record when the wait is queued, so the two events per buffer
-        are reused chunk after chunk; a buffer's first use in a transfer waits on
-        nothing, as the transfer before has run out (the link waits for each), and a
-        graph capture may not wait on events recorded outside it. The receiver loads
-        the block ids (`load_ids`) after queueing its first receive."""
-        from cupy.cuda import nccl
-
-        rows, last = self.rows, len(chunks) - 1
+        if sending:
+            load_ids()  # the first gather needs them; the receiver's first receive does not
         # inference_mode: the in-place copies into the KV tensor are fine on this thread
         # whether or not the engine made it under inference mode.
         with torch.cuda.device(self.device), torch.cuda.stream(copy_torch), \
@@ -184,12 +124,10 @@ class StagedPath:
                 if is_aborted():
                     raise LinkAborted
                 b = c % STAGING_BUFFERS
-                reused = c >= STAGING_BUFFERS
                 buf = self.buffers[b][: hi - lo]
                 nbytes = (hi - lo) * self.block_bytes
                 if sending:
-                    if reused:
-                        copy.wait_event(self.freed[b])
+                    copy.wait_event(self.freed[b])
                     trace.gpu_mark(f"copy{c}", copy)
                     (self.first_gather if c == 0 else self.gather)(rows, ids[lo:hi], buf)
                     trace.gpu_mark(f"copied{c}", copy)
@@ -200,8 +138,7 @@ class StagedPath:
                     trace.gpu_mark(f"opped{c}", stream)
                     self.freed[b].record(stream)
                 else:
-                    if reused:
-                        stream.wait_event(self.freed[b])
+                    stream.wait_event(self.freed[b])
                     trace.gpu_mark(f"op{c}", stream)
                     comm.recv(buf.data_ptr(), nbytes, nccl.NCCL_INT8, peer, stream.ptr)
                     trace.gpu_mark(f"opped{c}", stream)
@@ -214,8 +151,6 @@ class StagedPath:
                     trace.gpu_mark(f"copied{c}", copy)
                     self.freed[b].record(copy)
                 trace.host_mark(f"issued{c}")
-
-    def close(self) -> None:
-        """Before the link's communicator is aborted: its graphs go first (nccl_graphs)."""
-        if self.graphs is not None:
-            self.graphs.close()
+        self.copies_done.record(copy)
+        stream.wait_event(self.copies_done)
+        return count * self.block_bytes

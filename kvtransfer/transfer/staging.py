@@ -12,7 +12,14 @@ c+1 and the scatter of chunk c-1 overlap the send of chunk c, so a long transfer
 about its sends plus one chunk's gather and scatter.
 
 Both sides must cut the same chunks: `StagingPlan.chunks` depends only on the run lengths,
-which are equal on both sides (`coalesce` pairs runs)."""
+which are equal on both sides (`coalesce` pairs runs).
+
+Chunks are queued from Python, ~0.1 ms of host time each, which below ~4k tokens is the
+GPU's wait. Replaying one CUDA graph per chunk layout took scattered 1k tokens from 53 to
+62% of a contiguous send (64-token blocks; 57 to 67% with 16-token ones) but was withdrawn
+(gpu_transfer_nccl_graphs_block*_h200x2.json): NCCL's abort waits for every graph that
+captured the communicator, a graph whose peer died cannot finish before that abort, and
+CuPy's abort holds the GIL, so aborting such a link hung the process."""
 
 from __future__ import annotations
 
@@ -63,17 +70,11 @@ class StagingPlan:
     # The first gather and the last scatter on every SM (torch's ops): they overlap no
     # NCCL operation of the transfer, so a narrow grid there only lengthens it
     wide_edges: bool = True
-    # Transfers of at most this many bytes replay a CUDA graph of their chunk layout
-    # (nccl_graphs) instead of queueing chunk by chunk from Python: up to four chunks,
-    # past which chunks are whole 128 MiB sends that hide the host's queueing anyway.
-    graphs: bool = True
-    graph_max_bytes: int = 4 * MAX_CHUNK_BYTES
-    max_graphs: int = 512  # per side of a link, least recently used dropped
 
     def __post_init__(self) -> None:
         if not 0 < self.min_chunk_bytes <= self.max_chunk_bytes or self.pieces < 1 or \
                 self.copy_kernel not in ("triton", "torch") or self.copy_programs < 1 or \
-                self.direct_run_bytes < 1 or self.max_graphs < 1:
+                self.direct_run_bytes < 1:
             raise ValueError(f"bad staging plan {self}")
 
     def chunks(self, counts: Sequence[int], block_bytes: int) -> list[tuple[int, int]] | None:
