@@ -21,6 +21,7 @@ from engine.prefix_view import PrefixView
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.sequence import Sequence
+from engine.structured import Grammars
 from engine.tensor_parallel import TPLeader, rank_device
 from engine.tokenizer import IncrementalDetokenizer, TokenizerBundle
 from kernels.config import ModelConfig
@@ -181,6 +182,9 @@ class LLMEngine:
             prefill_tokens_while_decoding=cfg.prefill_tokens_while_decoding)
         self.scheduler = Scheduler(sched_cfg, self.kv, eos)
         self.scheduler.decode_lookahead = self.runner.stages_next_decode
+        if self.tokenizer is not None:  # structured outputs need the vocabulary's bytes
+            self.scheduler.grammars = Grammars(self.tokenizer.tokenizer.to_str(),
+                                               mc.vocab_size, eos)
         self.detokenize = detokenize and self.tokenizer is not None
         self.detok: dict[str, IncrementalDetokenizer] = {}
         self.seqs: dict[str, Sequence] = {}
@@ -225,6 +229,11 @@ class LLMEngine:
         if any(t >= vocab for t in params.logit_bias):
             raise InvalidRequestError(f"logit_bias keys must be token ids in [0, {vocab})",
                                       param="logit_bias")
+        if params.grammar:
+            if self.scheduler.grammars is None:
+                raise InvalidRequestError("response_format needs the model's tokenizer, "
+                                          "which this worker has not", param="response_format")
+            self.scheduler.grammars.validate(params.grammar)
         if n + params.max_tokens > self.max_model_len:
             raise InvalidRequestError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, "

@@ -440,4 +440,7 @@ class ModelRunner:
             if any(s.params.penalized for s in rows) else None,
             logit_biases=[s.params.logit_bias or None for s in rows]
             if any(s.params.logit_bias for s in rows) else None,
+            token_masks=scheduler.grammars.masks(rows)
+            if scheduler.grammars is not None and any(s.params.grammar for s in rows)
+            else None,
         )

@@ -34,6 +34,9 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # An llguidance grammar the generated tokens must match (engine/structured.py; the
+    # router makes it from OpenAI's response_format); "" for none.
+    grammar: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -77,6 +80,8 @@ class SamplingParams:
                 raise bad("logit_bias", f"keys must be token ids, got {token!r}")
             if not (math.isfinite(bias) and -100.0 <= bias <= 100.0):
                 raise bad("logit_bias", f"values must be in [-100, 100], got {bias}")
+        if not isinstance(self.grammar, str):
+            raise bad("response_format", "grammar must be a string")
         if any(not s for s in self.stop):
             raise bad("stop", "strings must not be empty")
         # The wire to the workers carries these as 32- and 64-bit integers.

@@ -13,9 +13,13 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from itertools import islice
+from typing import TYPE_CHECKING
 
 from engine.kv_manager import KVCacheManager
 from engine.sequence import Sequence, SequenceStatus
+
+if TYPE_CHECKING:  # torch-free at import, as unit tests use it
+    from engine.structured import Grammars
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,9 @@ class Scheduler:
         # (decode CUDA graphs): a decoding sequence then also gets, when a block is left
         # free, the block its next token will land in, so the runner knows that token's slot.
         self.decode_lookahead = False
+        # Structured outputs' matchers (engine/structured.py), set by an engine whose model
+        # has a tokenizer: the model runner asks it for token masks, update() advances it.
+        self.grammars: Grammars | None = None
 
     # Waiting requests, from the head of the queue, whose disk (G3) blocks are read ahead
     # each step (KVCacheManager.prefetch): the ones the next steps will admit.
@@ -186,9 +193,13 @@ class Scheduler:
             if not item.samples:
                 continue
             top = result.top_logprobs[row] if result.top_logprobs is not None else None
-            seq.append_token(result.token_ids[row], result.logprobs[row], top)
+            token = result.token_ids[row]
+            seq.append_token(token, result.logprobs[row], top)
             row += 1
             reason = self.check_stop(seq)
+            if (seq.params.grammar and self.grammars is not None
+                    and self.grammars.advance(seq, token) and reason is None):
+                reason = "stop"  # the grammar is complete: nothing else may follow
             if reason is not None:
                 self.running.remove(seq)
                 self._finish(seq, reason)
@@ -206,6 +217,8 @@ class Scheduler:
         for item in out.scheduled:
             seq = item.seq
             if item.num_new_tokens != 1 or not item.samples:
+                return False
+            if seq.params.grammar:  # its next mask depends on this step's token
                 return False
             if (seq.num_output_tokens + 1 >= seq.params.max_tokens
                     or seq.num_tokens + 1 >= limit):

@@ -7,6 +7,7 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from engine.sampling_params import SamplingParams
 
@@ -54,6 +55,9 @@ class Sequence:
     num_preemptions: int = 0
     # Prefill role: on finishing, keep the blocks until the decode side has pulled them.
     hold_blocks: bool = False
+    # params.grammar: the llguidance matcher of what it generated (engine/structured.py),
+    # made by the worker that samples it.
+    matcher: Any = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

@@ -31,6 +31,9 @@ class SamplingBatch:
     penalties: list[tuple[float, float, Sequence[int]] | None] | None = None
     # Per row: OpenAI's logit_bias ({token id: added to its logit}), or None.
     logit_biases: list[dict[int, float] | None] | None = None
+    # Structured outputs: [B, ceil(V / 32)] int32 bitmasks of the tokens each row may
+    # sample (engine/structured.py; all bits set for a row without a grammar), or None.
+    token_masks: torch.Tensor | None = None
 
     @property
     def all_greedy(self) -> bool:
@@ -62,14 +65,15 @@ def sample(logits: torch.Tensor, batch: SamplingBatch,
     default `raw_logprobs`)."""
     raw = logits
     k = max(batch.num_logprobs, default=0)
-    if (batch.all_greedy and k == 0 and not any(batch.banned_token_ids)
+    masked = batch.token_masks is not None
+    if (batch.all_greedy and k == 0 and not any(batch.banned_token_ids) and not masked
             and not batch.penalized and not batch.biased and greedy.usable(logits)):
         token_ids, chosen, packed = greedy.argmax_with_logprob(logits)  # one kernel
         return SampleResult(token_ids, chosen, None, None, packed)
     # Only a row asking for alternatives needs the whole [B, V] log-distribution; the
     # chosen token's logprob is its logit minus the row's logsumexp (no [B, V] write).
     logprobs_all = torch.log_softmax(logits, dim=-1) if k > 0 else None
-    if any(batch.banned_token_ids) or batch.penalized or batch.biased:
+    if any(batch.banned_token_ids) or batch.penalized or batch.biased or masked:
         logits = logits.clone()
         if batch.biased:
             for row, bias in enumerate(batch.logit_biases):
@@ -82,6 +86,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch,
         for row, banned in enumerate(batch.banned_token_ids):
             if banned:
                 logits[row, list(banned)] = float("-inf")
+        if masked:
+            apply_token_masks(logits, batch.token_masks)
     if batch.all_greedy:
         token_ids = logits.argmax(dim=-1)
     else:
@@ -93,6 +99,18 @@ def sample(logits: torch.Tensor, batch: SamplingBatch,
         chosen = logprobs_all.gather(1, token_ids[:, None]).squeeze(1)
         top_lp, top_ids = logprobs_all.topk(k, dim=-1)
     return SampleResult(token_ids, chosen, top_ids, top_lp)
+
+
+def apply_token_masks(logits: torch.Tensor, masks: torch.Tensor) -> None:
+    """In place: -inf for every token whose bit is clear in its row's bitmask (bit t % 32
+    of int32 word t // 32; tokens past the mask's width are clear)."""
+    bits = torch.arange(32, dtype=torch.int32, device=logits.device)
+    words = masks.to(logits.device, non_blocking=True)
+    allowed = ((words.unsqueeze(-1) >> bits) & 1).bool().flatten(1)
+    vocab = logits.shape[1]
+    if allowed.shape[1] < vocab:
+        logits[:, allowed.shape[1]:] = float("-inf")
+    logits[:, : allowed.shape[1]].masked_fill_(~allowed[:, :vocab], float("-inf"))
 
 
 def apply_penalties(logits: torch.Tensor,

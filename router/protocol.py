@@ -17,6 +17,7 @@ from pydantic import (
 
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
+from engine.structured import grammar_for
 
 
 class StreamOptions(BaseModel):
@@ -83,6 +84,9 @@ class _Common(BaseModel):
     include_stop_str_in_output: StrictBool = False
     # OpenAI's: token ids (as JSON object keys, so strings) -> bias in [-100, 100]
     logit_bias: dict[str, float] | None = None
+    # OpenAI's structured outputs (text, json_object, json_schema; engine/structured.py);
+    # accepted on completions too, as vLLM does.
+    response_format: dict | None = None
 
     def check_supported(self) -> None:
         if not 1 <= self.n <= MAX_N:
@@ -107,7 +111,7 @@ class _Common(BaseModel):
             logprobs=logprobs, include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            logit_bias=self.token_biases())
+            logit_bias=self.token_biases(), grammar=grammar_for(self.response_format))
 
 
 class CompletionRequest(_Common):
@@ -151,7 +155,6 @@ class ChatCompletionRequest(_Common):
     tool_choice: str | dict | None = None
     functions: list[Any] | None = None
     function_call: str | dict | None = None
-    response_format: dict | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -161,9 +164,6 @@ class ChatCompletionRequest(_Common):
                               ("function_call", self.function_call)):
             if choice not in (None, "none", "auto"):
                 raise _unsupported(param, f"{param} {choice!r}")
-        kind = (self.response_format or {}).get("type", "text")
-        if kind != "text":
-            raise _unsupported("response_format", f"response_format {kind!r}")
         for i, m in enumerate(self.messages):
             for part in m.content if isinstance(m.content, list) else []:
                 if part.get("type") != "text":

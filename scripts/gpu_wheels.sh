@@ -20,7 +20,7 @@ FLASHINFER_VERSION=0.7.4
 platforms=(--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
            --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64
            --platform manylinux2014_x86_64 --platform manylinux1_x86_64
-           --platform manylinux_2_34_x86_64)
+           --platform manylinux_2_34_x86_64 --platform manylinux_2_31_x86_64)
 dl() {  # dl SET PACKAGE...
   local dest=".whl/$1"; shift
   mkdir -p "$dest"
@@ -66,7 +66,8 @@ sets=("$@")
 for s in "${sets[@]}"; do
   case "$s" in
     base) dl base fastapi==0.115.12 starlette==0.46.2 uvicorn pydantic pydantic-core \
-            annotated-types typing-inspection redis "protobuf>=7.35" uvloop httptools ;;
+            annotated-types typing-inspection redis "protobuf>=7.35" uvloop httptools \
+            "llguidance>=1.9" ;;
     nixl) prepare_nixl ;;
     flashinfer) prepare_flashinfer ;;
     *) echo "unknown set $s (base, nixl, flashinfer)" >&2; exit 2 ;;

@@ -29,3 +29,30 @@ def hf_greedy(model, prompt: list[int], max_new_tokens: int) -> tuple[list[int],
         out = model(torch.tensor([[tok]], device=device), past_key_values=out.past_key_values,
                     use_cache=True)
     return tokens, logprobs
+
+
+@torch.inference_mode()
+def hf_greedy_constrained(model, tok, prompt: list[int], grammar: str,
+                          max_new_tokens: int) -> list[int]:
+    """The same loop under an llguidance grammar (structured outputs): each step's argmax
+    is taken over the tokens the grammar allows (llguidance's own bitmask, read bit by
+    bit), until the grammar is complete. `tok`: the model's TokenizerBundle."""
+    import llguidance
+
+    vocab = model.config.vocab_size
+    llt = llguidance.LLTokenizer(tok.tokenizer.to_str(), n_vocab=vocab,
+                                 eos_token=list(tok.eos_token_ids))
+    matcher = llguidance.LLMatcher(llt, grammar)
+    device = next(model.parameters()).device
+    out = model(torch.tensor([prompt], device=device), use_cache=True)
+    tokens: list[int] = []
+    while len(tokens) < max_new_tokens and not matcher.is_stopped():
+        bits = matcher.compute_bitmask()
+        allowed = [t for t in range(vocab) if bits[t // 8] >> (t % 8) & 1]
+        logits = out.logits[0, -1].float()
+        tok_id = max(allowed, key=lambda t: logits[t])
+        tokens.append(tok_id)
+        assert matcher.consume_token(tok_id), matcher.get_error()
+        out = model(torch.tensor([[tok_id]], device=device),
+                    past_key_values=out.past_key_values, use_cache=True)
+    return tokens

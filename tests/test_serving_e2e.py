@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
 
 import httpx
 import openai
 import pytest
 
 from cluster.local_server import baton_serve, wait_pools_empty
-from tests.hf_oracle import hf_greedy, load_hf
+from tests.hf_oracle import hf_greedy, hf_greedy_constrained, load_hf
 
 pytestmark = pytest.mark.slow
 PRESET = "tiny-llama-untied"  # a tied tiny model echoes its input whatever the KV
@@ -283,6 +284,39 @@ def test_logit_bias_reaches_the_worker_that_samples_each_token(server, expected)
                              logit_bias={str(t): -100 for t in banned},
                              extra_body={"return_token_ids": True, "ignore_eos": True})
     assert not banned & set(r.choices[0].token_ids)
+
+
+def test_response_format_json_schema(server, model_dir, expected):
+    """Structured outputs: greedy tokens under a JSON schema equal transformers' under the
+    same grammar in every mode (the prefill worker samples the first token under it, the
+    decode worker the rest), the reply parses, and a stream says the same."""
+    from engine.structured import grammar_for
+    from engine.tokenizer import TokenizerBundle
+    from tests.test_structured_outputs import RESPONSE_FORMAT
+
+    url, _ = server
+    c = client(url)
+    tok = TokenizerBundle.from_dir(model_dir)
+    hf = load_hf(model_dir)
+    grammar = grammar_for(RESPONSE_FORMAT)
+    prompts, _ = expected
+    r = c.completions.create(model=PRESET, prompt=TEXTS[0], max_tokens=64, temperature=0,
+                             extra_body={"return_token_ids": True,
+                                         "response_format": RESPONSE_FORMAT})
+    assert r.choices[0].token_ids == hf_greedy_constrained(hf, tok, prompts[0], grammar, 64)
+    assert r.choices[0].finish_reason == "stop"
+    assert set(json.loads(r.choices[0].text)) == {"answer", "count"}
+    messages = [{"role": "user", "content": "Is it raining? Reply in JSON."}]
+    r = c.chat.completions.create(model=PRESET, messages=messages, max_tokens=64,
+                                  temperature=0, response_format=RESPONSE_FORMAT,
+                                  extra_body={"return_token_ids": True})
+    assert r.choices[0].token_ids == hf_greedy_constrained(
+        hf, tok, tok.chat_prompt_ids(messages), grammar, 64)
+    assert json.loads(r.choices[0].message.content)["answer"] in ("yes", "no")
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+        model=PRESET, messages=messages, max_tokens=64, temperature=0, stream=True,
+        response_format=RESPONSE_FORMAT) if ch.choices)
+    assert streamed == r.choices[0].message.content
 
 
 def test_chat(server, model_dir):

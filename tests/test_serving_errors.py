@@ -58,8 +58,14 @@ BAD = [
         "name": "f", "parameters": {}}}]}, "tools"),
     ("tool_choice required", "/v1/chat/completions", {**CHAT, "tool_choice": "required"},
      "tool_choice"),
-    ("json mode", "/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}},
+    ("response_format of unknown type", "/v1/chat/completions",
+     {**CHAT, "response_format": {"type": "xml"}}, "response_format"),
+    ("json_schema without a schema object", "/v1/chat/completions",
+     {**CHAT, "response_format": {"type": "json_schema", "json_schema": "{}"}},
      "response_format"),
+    ("json_schema of a bad type", "/v1/completions",
+     {**OK, "response_format": {"type": "json_schema", "json_schema": {
+         "name": "x", "schema": {"type": "objectx"}}}}, "response_format"),
     ("image part", "/v1/chat/completions", {**CHAT, "messages": [{"role": "user", "content": [
         {"type": "text", "text": "what is this?"},
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}]},

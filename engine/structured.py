@@ -1,0 +1,150 @@
+"""Structured outputs: generated text constrained to a grammar (OpenAI's `response_format`
+json_object / json_schema), with llguidance (the Rust library vLLM's `guidance` backend
+uses; no dependencies of its own).
+
+The router turns `response_format` into an llguidance grammar (`grammar_for`) and sends it
+with the request (SamplingParams.grammar); whichever worker samples a token keeps a
+matcher for the request, built on its first sample from the grammar and every token
+generated so far (the prefill worker's first token, those before a migration), so
+disaggregated and migrated requests continue where they were. Each step, a row with a
+grammar gets a bitmask of the tokens the grammar allows (computed on the host while the
+forward runs; kernels/sampling.apply_token_masks), and its sampled token advances the
+matcher. A grammar that is complete ends the request ("stop") with no extra step for an
+end-of-sequence token.
+
+JSON is compact unless a schema asks otherwise (`"x-guidance": {"whitespace_flexible":
+true}`): free whitespace lets a model pad forever, and a bounded schema then always
+ends."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence as Seq
+from typing import TYPE_CHECKING, Any
+
+from engine.errors import InvalidRequestError
+from engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+JSON_DEFAULTS = {"whitespace_flexible": False}
+
+
+def grammar_for(response_format: Any) -> str:
+    """The llguidance grammar for an OpenAI `response_format` ("" for plain text); a
+    malformed one is a 400 naming `response_format`."""
+    from llguidance import LLMatcher
+
+    def bad(msg: str) -> InvalidRequestError:
+        return InvalidRequestError(f"response_format {msg}", param="response_format")
+
+    if response_format is None:
+        return ""
+    if not isinstance(response_format, dict):
+        raise bad("must be an object")
+    kind = response_format.get("type", "text")
+    if kind == "text":
+        return ""
+    if kind == "json_object":
+        schema: Any = {"type": "object"}
+    elif kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict):
+            raise bad("of type json_schema needs a json_schema object")
+        schema = spec.get("schema", {})
+        if not isinstance(schema, dict):
+            raise bad("json_schema.schema must be a JSON Schema object")
+    else:
+        raise bad(f"type must be text, json_object or json_schema, got {kind!r}")
+    try:
+        grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema),
+                                                     defaults=JSON_DEFAULTS)
+    except ValueError as e:
+        raise bad(f"schema is not valid: {e}") from None
+    error = LLMatcher.validate_grammar(grammar)
+    if error:
+        raise bad(f"schema is not supported: {error}")
+    return grammar
+
+
+class Grammars:
+    """A worker's matchers: one per sampling request with a grammar, kept on its
+    Sequence. `vocab_size` is the model's (the logits' width, which may exceed the
+    tokenizer's)."""
+
+    def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: Seq[int]) -> None:
+        self._json, self.vocab_size, self.eos = tokenizer_json, vocab_size, list(eos_token_ids)
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from llguidance import LLTokenizer
+
+            self._tokenizer = LLTokenizer(self._json, n_vocab=self.vocab_size,
+                                          eos_token=self.eos)  # a list: llguidance >= 1.9
+        return self._tokenizer
+
+    def validate(self, grammar: str) -> None:
+        from llguidance import LLMatcher
+
+        error = LLMatcher.validate_grammar(grammar, self.tokenizer)
+        if error:
+            raise InvalidRequestError(f"response_format grammar is not valid: {error}",
+                                      param="response_format")
+
+    def _matcher(self, seq: Sequence):
+        """The request's matcher, made on first use and caught up with every token the
+        request has generated (here or on another worker)."""
+        if seq.matcher is None:
+            from llguidance import LLMatcher
+
+            seq.matcher = LLMatcher(self.tokenizer, seq.params.grammar)
+            if seq.output_token_ids:
+                seq.matcher.consume_tokens(seq.output_token_ids)
+            if seq.matcher.is_error():
+                log.warning("request %s: grammar error: %s", seq.request_id,
+                            seq.matcher.get_error())
+        return seq.matcher
+
+    def masks(self, rows: Seq[Sequence]) -> torch.Tensor:
+        """[rows, ceil(vocab / 32)] int32 bitmasks of the tokens each row may sample next
+        (bit t % 32 of word t // 32); a row without a grammar allows every token, a row
+        whose matcher failed only end-of-sequence."""
+        import torch  # here: the router imports this module for grammar_for, torch-free
+
+        words = (self.vocab_size + 31) // 32
+        out = torch.full((len(rows), words), -1, dtype=torch.int32)
+        for i, seq in enumerate(rows):
+            if not seq.params.grammar:
+                continue
+            matcher = self._matcher(seq)
+            row = out[i]
+            if matcher.is_error():
+                row.zero_()
+                for t in self.eos:
+                    row[t // 32] |= _bit(t % 32)
+                continue
+            matcher.unsafe_compute_mask_ptr(row.data_ptr(), words * 4)
+        return out
+
+    def advance(self, seq: Sequence, token_id: int) -> bool:
+        """Feed the request's newly sampled token to its matcher; True when the grammar
+        is complete (or broken), so the request ends."""
+        if seq.matcher is None:  # made from every output token, this one included
+            matcher = self._matcher(seq)
+        else:
+            matcher = seq.matcher
+            if not matcher.consume_token(token_id):
+                log.warning("request %s: token %d breaks its grammar: %s", seq.request_id,
+                            token_id, matcher.get_error())
+        return matcher.is_stopped()
+
+
+def _bit(i: int) -> int:
+    """Bit i of an int32 word, as a Python int that fits int32 (bit 31 is negative)."""
+    return -(2**31) if i == 31 else 1 << i

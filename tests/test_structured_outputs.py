@@ -1,0 +1,110 @@
+"""Structured outputs (engine/structured.py): the token masks, OpenAI's response_format
+turned into grammars (or refused naming it), and greedy decoding under a JSON schema equal
+to transformers' greedy decoding under the same grammar, token for token, ending when the
+grammar is complete."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from engine.errors import InvalidRequestError
+from engine.structured import grammar_for
+from kernels.sampling import SamplingBatch, apply_token_masks, sample
+from tests.hf_oracle import hf_greedy_constrained
+
+SCHEMA = {"type": "object", "additionalProperties": False, "required": ["answer", "count"],
+          "properties": {"answer": {"enum": ["yes", "no"]},
+                         "count": {"type": "integer", "minimum": 0, "maximum": 99}}}
+RESPONSE_FORMAT = {"type": "json_schema", "json_schema": {"name": "reply", "schema": SCHEMA}}
+
+
+def _mask_of(allowed: list[set[int]], vocab: int) -> torch.Tensor:
+    words = torch.zeros(len(allowed), (vocab + 31) // 32, dtype=torch.int64)
+    for row, ids in enumerate(allowed):
+        for t in ids:
+            words[row, t // 32] |= 1 << (t % 32)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def test_masks_leave_only_allowed_tokens():
+    torch.manual_seed(0)
+    vocab = 100  # not a multiple of 32: the last word's high bits are past the vocabulary
+    logits = torch.randn(3, vocab)
+    allowed = [{3, 31, 63, 95}, set(range(vocab)), {99}]
+    masked = logits.clone()
+    apply_token_masks(masked, _mask_of(allowed, vocab))
+    for row, ids in enumerate(allowed):
+        keep = torch.tensor([t in ids for t in range(vocab)])
+        assert torch.equal(masked[row][keep], logits[row][keep])
+        assert torch.isinf(masked[row][~keep]).all()
+    batch = SamplingBatch([0.0] * 3, [-1] * 3, [1.0] * 3, [None] * 3, [0] * 3, [()] * 3,
+                          token_masks=_mask_of(allowed, vocab))
+    picked = sample(logits, batch).token_ids.tolist()
+    assert picked == [max(ids, key=lambda t, r=r: logits[r, t]) for r, ids in
+                      enumerate(allowed)]
+
+
+def test_response_format_becomes_a_grammar_or_a_400():
+    assert grammar_for(None) == grammar_for({"type": "text"}) == ""
+    assert "json_schema" in grammar_for({"type": "json_object"})
+    assert '"enum"' in grammar_for(RESPONSE_FORMAT)
+    for bad in ({"type": "xml"}, {"type": "json_schema"},
+                {"type": "json_schema", "json_schema": {"schema": [1]}},
+                {"type": "json_schema", "json_schema": {"schema": {"type": "objectx"}}}, "x"):
+        with pytest.raises(InvalidRequestError) as e:
+            grammar_for(bad)
+        assert e.value.param == "response_format"
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint_dir):
+    from engine.tokenizer import TokenizerBundle
+    from tests.hf_oracle import load_hf
+
+    path = checkpoint_dir("tiny-llama-untied")
+    return path, TokenizerBundle.from_dir(path), load_hf(path)
+
+
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_engine_greedy_under_a_schema_equals_transformers_under_the_same_grammar(model, device):
+    """On CUDA, decode CUDA graphs run (rows with a grammar are never launched ahead)."""
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+
+    path, tok, hf = model
+    grammar = grammar_for(RESPONSE_FORMAT)
+    prompts = ["Is the sky blue? Answer in JSON:", "Count the apples: 1, 2, 3,"]
+    kwargs = {"device": "cuda", "dtype": "float32"} if device == "cuda" else {}
+    with LLM(str(path), num_kv_blocks=256, **kwargs) as llm:
+        outs = llm.generate(prompts, SamplingParams(max_tokens=64, temperature=0,
+                                                    grammar=grammar))
+        free = llm.generate(prompts[:1], SamplingParams(
+            max_tokens=24, temperature=0, grammar=grammar_for({"type": "json_object"})))
+    for prompt, out in zip(prompts, outs):
+        expected = hf_greedy_constrained(hf, tok, tok.encode(prompt), grammar, 64)
+        assert out.token_ids == expected
+        assert out.finish_reason == "stop"  # the grammar completed, no EOS step needed
+        reply = json.loads(tok.decode(out.token_ids))
+        assert reply["answer"] in ("yes", "no") and 0 <= reply["count"] <= 99
+    # Free-form JSON: what came out, up to the length limit, is a prefix of a JSON object.
+    import llguidance
+
+    llt = llguidance.LLTokenizer(tok.tokenizer.to_str(), n_vocab=hf.config.vocab_size)
+    check = llguidance.LLMatcher(llt, grammar_for({"type": "json_object"}))
+    assert tok.decode(free[0].token_ids).startswith("{")
+    assert check.consume_tokens(free[0].token_ids), check.get_error()
+
+
+def test_a_grammar_the_tokenizer_cannot_serve_is_refused(model):
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+
+    path, _, _ = model
+    with LLM(str(path), num_kv_blocks=64) as llm, pytest.raises(InvalidRequestError) as e:
+        llm.generate(["hi"], SamplingParams(max_tokens=4, grammar="%% not a grammar"))
+    assert e.value.param == "response_format"
