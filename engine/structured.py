@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING, Any
 
@@ -77,16 +78,34 @@ class Grammars:
     tokenizer's)."""
 
     def __init__(self, tokenizer_json: str, vocab_size: int, eos_token_ids: Seq[int]) -> None:
-        self._json, self.vocab_size, self.eos = tokenizer_json, vocab_size, list(eos_token_ids)
+        self.vocab_size, self.eos = vocab_size, list(eos_token_ids)
         self._tokenizer = None
+        self._error: Exception | None = None
+        self._executor = None
+        # Building llguidance's view of a 128k-token vocabulary takes about a second: done
+        # beside start-up, so the first request with a grammar does not stall a step.
+        self._built = threading.Thread(target=self._build, args=(tokenizer_json,),
+                                       name="grammar-tokenizer", daemon=True)
+        self._built.start()
+
+    def _build(self, tokenizer_json: str) -> None:
+        from llguidance import LLTokenizer
+
+        try:
+            self._tokenizer = LLTokenizer(tokenizer_json, n_vocab=self.vocab_size,
+                                          eos_token=self.eos)  # a list: llguidance >= 1.9
+        except Exception as e:  # the requests that need it fail, naming this
+            self._error = e
+            log.warning("structured outputs unavailable: llguidance cannot read the "
+                        "tokenizer: %s", e)
 
     @property
     def tokenizer(self):
+        self._built.join()
         if self._tokenizer is None:
-            from llguidance import LLTokenizer
-
-            self._tokenizer = LLTokenizer(self._json, n_vocab=self.vocab_size,
-                                          eos_token=self.eos)  # a list: llguidance >= 1.9
+            raise InvalidRequestError(f"response_format is unavailable here: llguidance "
+                                      f"cannot read the model's tokenizer ({self._error})",
+                                      param="response_format")
         return self._tokenizer
 
     def validate(self, grammar: str) -> None:
@@ -119,17 +138,27 @@ class Grammars:
 
         words = (self.vocab_size + 31) // 32
         out = torch.full((len(rows), words), -1, dtype=torch.int32)
+        pending = []
         for i, seq in enumerate(rows):
             if not seq.params.grammar:
                 continue
             matcher = self._matcher(seq)
-            row = out[i]
             if matcher.is_error():
-                row.zero_()
+                out[i].zero_()
                 for t in self.eos:
-                    row[t // 32] |= _bit(t % 32)
-                continue
-            matcher.unsafe_compute_mask_ptr(row.data_ptr(), words * 4)
+                    out[i, t // 32] |= _bit(t % 32)
+            else:
+                pending.append((matcher, i))
+        if len(pending) == 1:
+            matcher, i = pending[0]
+            matcher.unsafe_compute_mask_ptr(out[i].data_ptr(), words * 4)
+        elif pending:  # on llguidance's threads, each row into its own slice of `out`
+            if self._executor is None:
+                from llguidance import LLExecutor
+
+                self._executor = LLExecutor()
+            self._executor.unsafe_compute_mask_ptr(pending, out.data_ptr(), words * 4,
+                                                   len(rows))
         return out
 
     def advance(self, seq: Sequence, token_id: int) -> bool:

@@ -108,3 +108,31 @@ def test_a_grammar_the_tokenizer_cannot_serve_is_refused(model):
     with LLM(str(path), num_kv_blocks=64) as llm, pytest.raises(InvalidRequestError) as e:
         llm.generate(["hi"], SamplingParams(max_tokens=4, grammar="%% not a grammar"))
     assert e.value.param == "response_format"
+
+
+def test_a_batch_of_grammar_rows_gets_each_its_own_mask(model):
+    """Several rows with grammars (computed on llguidance's threads) beside one without:
+    each row's mask is what its own matcher allows alone."""
+    import llguidance
+
+    from engine.sampling_params import SamplingParams
+    from engine.sequence import Sequence
+    from engine.structured import Grammars
+
+    _, tok, hf = model
+    vocab = hf.config.vocab_size
+    grammars = Grammars(tok.tokenizer.to_str(), vocab, tok.eos_token_ids)
+    formats = [RESPONSE_FORMAT, None, {"type": "json_object"}, RESPONSE_FORMAT]
+    rows = [Sequence(str(i), [5, 6], SamplingParams(grammar=grammar_for(f)))
+            for i, f in enumerate(formats)]
+    first = tok.encode('{"', add_special_tokens=False)
+    rows[3].extend_sampled_elsewhere(first, [0.0] * len(first))  # caught up on creation
+    masks = grammars.masks(rows)
+    assert (masks[1] == -1).all()
+    for seq, row in zip(rows, masks):
+        if seq.params.grammar:
+            alone = llguidance.LLMatcher(grammars.tokenizer, seq.params.grammar)
+            alone.consume_tokens(seq.output_token_ids)
+            expected = torch.frombuffer(bytearray(alone.compute_bitmask()), dtype=torch.int32)
+            assert torch.equal(row, expected[: len(row)])
+    assert not torch.equal(masks[0], masks[3])  # one is past '{"' already

@@ -8,6 +8,7 @@ import importlib.util
 
 import httpx
 import pytest
+import torch
 
 from engine.config import EngineConfig
 from engine.llm import LLM
@@ -77,8 +78,8 @@ CONVS = [[(31 * c + 7 * i) % 1000 + 3 for i in range(160)] for c in range(3)]
 FILLER = [[(17 * c + 3 * i) % 1000 + 5 for i in range(160)] for c in range(3, 9)]
 
 
-def _tier_reference(model_dir: str):
-    with LLM(model_dir, num_kv_blocks=40) as llm:
+def _tier_reference(model_dir: str, **device):
+    with LLM(model_dir, num_kv_blocks=40, **device) as llm:
         return llm.generate(CONVS, TIER_PARAMS)
 
 
@@ -100,16 +101,21 @@ def test_host_tier_under_tp_brings_back_every_ranks_shard(checkpoint_dir) -> Non
         assert max(abs(x - y) for x, y in zip(a.logprobs, r.logprobs)) < 1e-4
 
 
-def test_disk_tier_under_tp_holds_whole_blocks_any_tp_size_reads(checkpoint_dir,
-                                                                  tmp_path) -> None:
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        torch.cuda.device_count() < 2, reason="needs 2 GPUs")])])
+def test_disk_tier_under_tp_holds_whole_blocks_any_tp_size_reads(checkpoint_dir, tmp_path,
+                                                                  device) -> None:
     """A disk tier under TP=2: blocks leave a small host tier for disk files holding every
     rank's heads (gathered from both ranks), and disk hits are scattered back to both: the
     logprobs equal TP=1's. The files are those of TP=1: a TP=1 engine started on them
-    hits them with the same logprobs (and a TP=2 one restarted on them does too)."""
+    hits them with the same logprobs (and a TP=2 one restarted on them does too). On CUDA
+    (float32) the references are CUDA's TP=1."""
     model_dir = str(checkpoint_dir("tiny-llama-untied"))
     params, convs, filler = TIER_PARAMS, CONVS, FILLER
-    ref = _tier_reference(model_dir)
-    tiers = {"host_kv_blocks": 4, "disk_kv_blocks": 512, "disk_kv_dir": str(tmp_path)}
+    on = {"device": "cuda", "dtype": "float32"} if device == "cuda" else {}
+    ref = _tier_reference(model_dir, **on)
+    tiers = {"host_kv_blocks": 4, "disk_kv_blocks": 512, "disk_kv_dir": str(tmp_path), **on}
 
     def check(outs) -> None:
         for a, r in zip(outs, ref):
