@@ -140,6 +140,9 @@ def add_routing_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", default="memory",
                    help="prefix index: memory (this router only) or redis://HOST:PORT "
                         "(shared by router replicas)")
+    p.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json"],
+                   help="the tool-call format the model replies in (router/tools.py; "
+                        "default: the one its chat template speaks)")
 
 
 def _seconds(text: str) -> float:

@@ -199,7 +199,8 @@ def router_config(args: argparse.Namespace, model: str, prefill: list[str],
         prefill=prefill, decode=decode, routing=args.routing,
         local_prefill_threshold=args.local_prefill_threshold,
         prefill_overflow_wait_s=args.prefill_overflow_wait, index=args.index,
-        route_weights=args.route_weights, **extra)
+        route_weights=args.route_weights,
+        tool_call_parser=getattr(args, "tool_call_parser", None), **extra)
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -76,15 +76,15 @@ class TokenizerBundle:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True
-                            ) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None) -> str:
         if not self.chat_template:
             raise InvalidRequestError("this model has no chat template; use /v1/completions",
                                       param="messages")
         try:
             return self._compiled_template().render(
                 messages=messages, add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "", tools=tools)
         except jinja2.TemplateError as e:
             raise InvalidRequestError(f"chat template failed: {e}", param="messages") from None
 
@@ -97,9 +97,11 @@ class TokenizerBundle:
             self._template = (self.chat_template, env.from_string(self.chat_template))
         return self._template[1]
 
-    def chat_prompt_ids(self, messages: list[dict]) -> list[int]:
+    def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None
+                        ) -> list[int]:
         # The template writes the BOS text itself; do not let the post-processor add another.
-        return self.encode(self.apply_chat_template(messages), add_special_tokens=False)
+        return self.encode(self.apply_chat_template(messages, tools=tools),
+                           add_special_tokens=False)
 
 
 def _raise_template_exception(msg: str):

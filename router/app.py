@@ -28,6 +28,7 @@ from router.metrics import RouterMetrics
 from router.policy import PolicyWeights
 from router.protocol import ChatCompletionRequest, CompletionRequest
 from router.responses import ChoiceState, Delta, Formatter
+from router.tools import ToolPlan, format_for, plan_tools
 from router.workers import WorkerPool
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,8 @@ class RouterConfig:
     # redis://HOST:PORT: also serve the workers registered there (cluster/discovery.py),
     # added and dropped as their leases come and go.
     discover: str | None = None
+    # The tool-call format replies are read in (router/tools.py); None: the template's.
+    tool_call_parser: str | None = None
 
 
 def load_tokenizer(model: str) -> TokenizerBundle:
@@ -64,6 +67,7 @@ class Router:
     def __init__(self, cfg: RouterConfig) -> None:
         self.cfg = cfg
         self.tok = load_tokenizer(cfg.model)
+        self.tool_format = cfg.tool_call_parser or format_for(self.tok.chat_template)
         self.metrics = RouterMetrics()
         self.chart = dashboard.ChartHistory()  # the dashboard chart's last two minutes
         self.pool = WorkerPool(routing=cfg.routing)
@@ -146,10 +150,11 @@ class Router:
         p = req.prompt
         return isinstance(p, str) or any(isinstance(x, str) for x in p or ())
 
-    def prompts_of(self, req: CompletionRequest | ChatCompletionRequest) -> list[list[int]]:
+    def prompts_of(self, req: CompletionRequest | ChatCompletionRequest,
+                   tools: ToolPlan | None = None) -> list[list[int]]:
         if isinstance(req, ChatCompletionRequest):
-            messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-            return [self.tok.chat_prompt_ids(messages)]
+            messages = [m.for_template() for m in req.messages]
+            return [self.tok.chat_prompt_ids(messages, tools.tools if tools else None)]
         p = req.prompt
         if isinstance(p, str):
             prompts = [self.tok.encode(p)]
@@ -293,16 +298,24 @@ class Router:
         if req.model != self.cfg.served_model_name:  # as OpenAI: 404, model_not_found
             return model_not_found(req.model, self.cfg.served_model_name)
         req.check_supported()
+        tools = plan_tools(req.tools, req.tool_choice, self.tool_format) \
+            if isinstance(req, ChatCompletionRequest) else None
         # Tokenizing a long prompt takes milliseconds: keep it off the event loop, which is
         # streaming every other request's tokens meanwhile. Token ids need no tokenizer,
         # only a range check: inline, without the ~1 ms thread hop.
         if self.needs_tokenizer(req):
-            prompts = await asyncio.to_thread(self.prompts_of, req)
+            prompts = await asyncio.to_thread(self.prompts_of, req, tools)
         else:
             prompts = self.prompts_of(req)
         # n choices per prompt, numbered prompt by prompt as OpenAI does; a seeded request's
         # choice j samples with seed + j (choice 0 is what n=1 gives).
         per_prompt = [self.params_of(req, len(p)) for p in prompts]
+        if tools is not None and tools.forced:
+            if per_prompt[0].grammar:
+                raise InvalidRequestError("response_format cannot be combined with a "
+                                          "tool_choice that forces a call",
+                                          param="response_format")
+            per_prompt = [dataclasses.replace(sp, grammar=tools.grammar) for sp in per_prompt]
         params = [dataclasses.replace(sp, seed=_wrap_int64(sp.seed + j))
                   if j and sp.seed is not None else sp for sp in per_prompt for j in range(req.n)]
         self.metrics.router_span.labels("tokenize").observe(time.perf_counter() - t_handler)
@@ -316,7 +329,7 @@ class Router:
             score_only=bool(echo) and req.max_tokens == 0)
             for i, sp in enumerate(params)]
         fmt = Formatter(kind, request_id, self.cfg.served_model_name, self.tok,
-                        req.return_token_ids, params[0].logprobs)
+                        req.return_token_ids, params[0].logprobs, tools)
         if not req.stream:
             async def drain(s: ChoiceState, sp: SamplingParams) -> None:
                 async for _ in self.run_choice(s, sp, request_id, t_start):

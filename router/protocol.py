@@ -3,6 +3,8 @@ validated strictly; responses are plain dicts built in `router.responses`."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -144,6 +146,27 @@ class ChatMessage(BaseModel):
             return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
         return self.content or ""
 
+    def for_template(self) -> dict:
+        """The message as chat templates read it: its text, and an assistant's tool calls
+        (arguments as objects, as Hugging Face templates expect) or a tool result's id."""
+        out: dict = {"role": self.role, "content": self.text()}
+        extra = self.model_extra or {}
+        calls = extra.get("tool_calls")
+        if isinstance(calls, list):
+            out["tool_calls"] = [_call_for_template(c) for c in calls if isinstance(c, dict)]
+        for key in ("tool_call_id", "name"):
+            if isinstance(extra.get(key), str):
+                out[key] = extra[key]
+        return out
+
+
+def _call_for_template(call: dict) -> dict:
+    fn = dict(call.get("function") or {})
+    if isinstance(fn.get("arguments"), str):
+        with contextlib.suppress(ValueError):  # not JSON: the template shows the string
+            fn["arguments"] = json.loads(fn["arguments"])
+    return {**call, "function": fn}
+
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
@@ -158,12 +181,12 @@ class ChatCompletionRequest(_Common):
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.tools or self.functions:
-            raise _unsupported("tools" if self.tools else "functions", "tool calling")
-        for param, choice in (("tool_choice", self.tool_choice),
-                              ("function_call", self.function_call)):
-            if choice not in (None, "none", "auto"):
-                raise _unsupported(param, f"{param} {choice!r}")
+        if self.functions:  # the deprecated form of tools
+            raise _unsupported("functions", "functions (use tools)")
+        if self.function_call not in (None, "none", "auto"):
+            raise _unsupported("function_call", f"function_call {self.function_call!r}")
+        if self.tools is not None and not isinstance(self.tools, list):
+            raise InvalidRequestError("tools must be a list", param="tools")
         for i, m in enumerate(self.messages):
             for part in m.content if isinstance(m.content, list) else []:
                 if part.get("type") != "text":

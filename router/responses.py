@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 from engine.tokenizer import IncrementalDetokenizer, TokenizerBundle
+from router.tools import ToolPlan, may_be_call, parse_calls
 
 
 @dataclass
@@ -107,8 +108,11 @@ class Formatter:
     """Builds bodies for one request (completion or chat), streaming or not."""
 
     def __init__(self, kind: str, request_id: str, model: str, tok: TokenizerBundle,
-                 return_token_ids: bool, logprobs: int | None) -> None:
+                 return_token_ids: bool, logprobs: int | None,
+                 tools: ToolPlan | None = None) -> None:
         self.kind = kind
+        self.tools = tools  # replies are read for tool calls (router/tools.py)
+        self._content_sent: dict[int, int] = {}  # streamed chars of each choice's text
         self.id = request_id
         self.model = model
         self.tok = tok
@@ -145,10 +149,11 @@ class Formatter:
     def chunk(self, d: Delta, state: ChoiceState, first: bool) -> str:
         echo = None  # the choice's first completion chunk leads with its prompt
         if self.kind == "chat":
-            delta: dict = {"role": "assistant", "content": d.text} if first \
-                else {"content": d.text}
+            delta, finish = self._chat_delta(d, state)
+            if first:
+                delta = {"role": "assistant", **delta}
             choice: dict = {"index": d.index, "delta": delta, "logprobs": None,
-                            "finish_reason": d.finish_reason}
+                            "finish_reason": finish}
             obj = "chat.completion.chunk"
         else:
             echo = state if first and state.echo_text is not None else None
@@ -163,6 +168,26 @@ class Formatter:
         return self._sse({"id": self.id, "object": obj, "created": self.created,
                           "model": self.model, "choices": [choice]})
 
+    def _chat_delta(self, d: Delta, state: ChoiceState) -> tuple[dict, str | None]:
+        """A chat chunk's delta and finish reason. With tools, text that may be a call
+        is held back (router/tools.py may_be_call) until the reply ends, then sent as the
+        calls it parses to or as text."""
+        if self.tools is None:
+            return {"content": d.text}, d.finish_reason
+        sent = self._content_sent.get(d.index, 0)
+        if not d.finish_reason:
+            upto = max(may_be_call(self.tools, state.text), sent)
+            self._content_sent[d.index] = upto
+            return {"content": state.text[sent:upto]}, None
+        self._content_sent.pop(d.index, None)
+        _, calls = parse_calls(self.tools, state.text)
+        if not calls:
+            return {"content": state.text[sent:]}, d.finish_reason
+        head = state.text[sent:max(may_be_call(self.tools, state.text), sent)]
+        delta: dict = {"content": head or None,
+                       "tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}
+        return delta, _finish_with_calls(d.finish_reason)
+
     def usage_chunk(self, choices: list[ChoiceState]) -> str:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
         return self._sse({"id": self.id, "object": obj, "created": self.created,
@@ -176,9 +201,16 @@ class Formatter:
             echo = c if c.echo_text is not None and self.kind != "chat" else None
             lp = self._lp(c.index, c.token_ids, c.logprobs, c.top_logprobs, echo)
             if self.kind == "chat":
-                item: dict = {"index": c.index,
-                              "message": {"role": "assistant", "content": c.text},
-                              "logprobs": lp, "finish_reason": c.finish_reason}
+                message: dict = {"role": "assistant", "content": c.text}
+                finish = c.finish_reason
+                if self.tools is not None:
+                    content, calls = parse_calls(self.tools, c.text)
+                    if calls:
+                        message = {"role": "assistant", "content": content,
+                                   "tool_calls": calls}
+                        finish = _finish_with_calls(finish)
+                item: dict = {"index": c.index, "message": message,
+                              "logprobs": lp, "finish_reason": finish}
             else:
                 item = {"index": c.index, "text": (c.echo_text or "") + c.text,
                         "logprobs": lp, "finish_reason": c.finish_reason}
@@ -203,3 +235,9 @@ class Formatter:
         return Formatter._sse({"error": {"message": message, "type": "internal_server_error"
                                          if status >= 500 else "invalid_request_error",
                                          "param": None, "code": None}})
+
+
+def _finish_with_calls(reason: str | None) -> str | None:
+    """A reply that ended on its own and made calls finished for "tool_calls"; one cut
+    at max_tokens keeps "length"."""
+    return "tool_calls" if reason == "stop" else reason

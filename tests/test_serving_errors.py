@@ -54,10 +54,17 @@ BAD = [
      "stop_token_ids"),
     ("top_k past 32 bits", "/v1/completions", {**OK, "top_k": 2**40}, "top_k"),
     # Asked-for features this server lacks fail, rather than being silently ignored.
-    ("tools", "/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {
-        "name": "f", "parameters": {}}}]}, "tools"),
-    ("tool_choice required", "/v1/chat/completions", {**CHAT, "tool_choice": "required"},
+    ("functions (the deprecated tools)", "/v1/chat/completions",
+     {**CHAT, "functions": [{"name": "f", "parameters": {}}]}, "functions"),
+    ("a tool that is no function", "/v1/chat/completions",
+     {**CHAT, "tools": [{"type": "function"}]}, "tools.0"),
+    ("a tool with a bad name", "/v1/chat/completions",
+     {**CHAT, "tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools.0"),
+    ("tool_choice without tools", "/v1/chat/completions", {**CHAT, "tool_choice": "required"},
      "tool_choice"),
+    ("tool_choice naming no tool", "/v1/chat/completions", {**CHAT, "tools": [
+        {"type": "function", "function": {"name": "f"}}], "tool_choice": {
+        "type": "function", "function": {"name": "g"}}}, "tool_choice"),
     ("response_format of unknown type", "/v1/chat/completions",
      {**CHAT, "response_format": {"type": "xml"}}, "response_format"),
     ("json_schema without a schema object", "/v1/chat/completions",

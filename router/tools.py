@@ -1,0 +1,183 @@
+"""Tool calling (OpenAI's `tools` / `tool_choice`) for chat completions.
+
+The tools go to the chat template (as Hugging Face's `apply_chat_template(tools=...)`
+passes them), and the model answers in its family's tool-call format, which the router
+reads back into `tool_calls`:
+- `hermes` (ChatML templates: Qwen, Hermes): `<tool_call>\\n{"name": ..., "arguments":
+  {...}}\\n</tool_call>`, one block per call, after optional text;
+- `llama3_json` (Llama 3.1+): the whole reply is `{"name": ..., "parameters": {...}}`.
+
+`tool_choice` "required" or a named function constrains decoding to that format with
+the tools' parameter schemas (a grammar, engine/structured.py), so the call always
+parses and its arguments match the schema; "auto" leaves the model free and reads a call
+if the reply is one; "none" neither renders nor reads tools. The format follows the
+template (`format_for`) unless `--tool-call-parser` names one.
+
+Streaming: text streams as it comes until it may be the start of a call (the hermes tag,
+or a reply opening with "{" for llama3_json); from there it is held back, and at the end
+goes out either as one delta carrying the parsed calls (finish_reason "tool_calls") or,
+if it was no call after all, as text."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.errors import InvalidRequestError
+
+FORMATS = ("hermes", "llama3_json")
+HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
+_HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+
+
+def format_for(chat_template: str | None) -> str | None:
+    """The tool-call format a chat template speaks, or None when it has none we know."""
+    t = chat_template or ""
+    if HERMES_OPEN in t or "<|im_start|>" in t:
+        return "hermes"
+    if "<|start_header_id|>" in t or "<|python_tag|>" in t:
+        return "llama3_json"
+    return None
+
+
+@dataclass
+class ToolPlan:
+    """What one chat request does with tools: the functions (name -> parameters schema),
+    whether replies are read for calls, and the grammar forcing one ("" when free)."""
+
+    fmt: str
+    functions: dict[str, dict] = field(default_factory=dict)
+    tools: list[dict] = field(default_factory=list)  # as the template gets them
+    grammar: str = ""
+
+    @property
+    def forced(self) -> bool:
+        return bool(self.grammar)
+
+
+def plan_tools(tools: list[Any] | None, tool_choice: Any, fmt: str | None) -> ToolPlan | None:
+    """Validate `tools` and `tool_choice` (400s naming them) and plan the request; None
+    when tools play no part (none given, or tool_choice "none")."""
+    if tool_choice not in (None, "none", "auto", "required") and not isinstance(tool_choice,
+                                                                                dict):
+        raise InvalidRequestError(f"tool_choice must be none, auto, required or "
+                                  f"{{'type': 'function', 'function': {{'name': ...}}}}, got "
+                                  f"{tool_choice!r}", param="tool_choice")
+    if not tools:
+        if tool_choice not in (None, "none"):
+            raise InvalidRequestError("tool_choice needs tools", param="tool_choice")
+        return None
+    functions: dict[str, dict] = {}
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function" or \
+                not isinstance(fn, dict):
+            raise InvalidRequestError("each tool must be {'type': 'function', 'function': "
+                                      "{...}}", param=f"tools.{i}")
+        name, params = fn.get("name"), fn.get("parameters", {"type": "object"})
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise InvalidRequestError(f"tools.{i}.function.name must be 1-64 letters, digits, "
+                                      f"'_', '.' or '-', got {name!r}", param=f"tools.{i}")
+        if not isinstance(params, dict):
+            raise InvalidRequestError("function parameters must be a JSON Schema object",
+                                      param=f"tools.{i}")
+        if name in functions:
+            raise InvalidRequestError(f"two tools are named {name!r}", param=f"tools.{i}")
+        functions[name] = params
+    if tool_choice == "none":
+        return None
+    if fmt is None:
+        raise InvalidRequestError("tool calling is not supported for this model's chat "
+                                  "template (start the router with --tool-call-parser "
+                                  f"{' or '.join(FORMATS)} if it speaks one)", param="tools")
+    plan = ToolPlan(fmt, functions, [t for t in tools if isinstance(t, dict)])
+    if tool_choice in (None, "auto"):
+        return plan
+    names = list(functions)
+    if isinstance(tool_choice, dict):
+        name = (tool_choice.get("function") or {}).get("name") \
+            if tool_choice.get("type") == "function" else None
+        if name not in functions:
+            raise InvalidRequestError(f"tool_choice names no given tool: {tool_choice!r}",
+                                      param="tool_choice")
+        names = [name]
+    plan.grammar = _forcing_grammar(fmt, {n: functions[n] for n in names})
+    return plan
+
+
+def _forcing_grammar(fmt: str, functions: dict[str, dict]) -> str:
+    """A grammar admitting exactly one call of one of `functions` in `fmt`."""
+    from llguidance import LLMatcher
+
+    args_key = "parameters" if fmt == "llama3_json" else "arguments"
+    calls = [{"type": "object", "additionalProperties": False, "required": ["name", args_key],
+              "properties": {"name": {"const": name}, args_key: params}}
+             for name, params in functions.items()]
+    schema: dict = calls[0] if len(calls) == 1 else {"anyOf": calls}
+    schema = {**schema, "x-guidance": {"whitespace_flexible": False}}
+    if fmt == "llama3_json":
+        grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema))
+    else:
+        grammar = LLMatcher.grammar_from_lark(
+            f'start: "{HERMES_OPEN}\\n" call "\\n{HERMES_CLOSE}"\ncall: %json {json.dumps(schema)}')
+    error = LLMatcher.validate_grammar(grammar)
+    if error:
+        raise InvalidRequestError(f"a tool's parameters schema is not supported: {error}",
+                                  param="tools")
+    return grammar
+
+
+def parse_calls(plan: ToolPlan, text: str) -> tuple[str | None, list[dict]]:
+    """(content, tool_calls) of a finished reply: the calls it makes to known tools, and
+    the text around them (None when there is none). A reply that is no call is all
+    content."""
+    if plan.fmt == "hermes":
+        calls = []
+        for body in _HERMES_CALL.findall(text):
+            call = _call_of(plan, body, "arguments")
+            if call is None:
+                return text, []
+            calls.append(call)
+        if not calls:
+            return text, []
+        head = text[: text.find(HERMES_OPEN)].strip()
+        return head or None, calls
+    body = text.strip().removeprefix("<|python_tag|>").strip()
+    call = _call_of(plan, body, "parameters")
+    return (None, [call]) if call is not None else (text, [])
+
+
+def _call_of(plan: ToolPlan, body: str, args_key: str) -> dict | None:
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or obj.get("name") not in plan.functions:
+        return None
+    args = obj.get(args_key, obj.get("arguments", obj.get("parameters", {})))
+    if not isinstance(args, dict):
+        return None
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": obj["name"], "arguments": json.dumps(args, ensure_ascii=False)}}
+
+
+def may_be_call(plan: ToolPlan, text: str) -> int:
+    """How much of a streamed reply's text so far can go out as content: up to where a
+    call may begin (the rest is held back until the reply ends)."""
+    if plan.fmt == "llama3_json":
+        stripped = text.lstrip()
+        if not stripped:
+            return 0  # leading whitespace: not yet known
+        return 0 if stripped[0] == "{" or stripped.startswith("<|python_tag|>") else len(text)
+    at = text.find(HERMES_OPEN)
+    if at >= 0:
+        return at
+    # a tail that could be the start of the tag stays back
+    for k in range(min(len(HERMES_OPEN) - 1, len(text)), 0, -1):
+        if HERMES_OPEN.startswith(text[-k:]):
+            return len(text) - k
+    return len(text)

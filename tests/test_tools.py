@@ -1,0 +1,158 @@
+"""Tool calling (router/tools.py): tools and tool_choice planned or refused naming the
+field, replies read back into tool_calls in both formats, and served end to end: a forced
+call is transformers' greedy decoding under the same grammar, token for token, in the
+Llama 3 (JSON) and ChatML (hermes) formats, aggregated and disaggregated, streamed or
+not."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import openai
+import pytest
+
+from engine.errors import InvalidRequestError
+from router.tools import format_for, may_be_call, parse_calls, plan_tools
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city",
+    "parameters": {"type": "object", "additionalProperties": False,
+                   "required": ["city", "days"],
+                   "properties": {"city": {"enum": ["Paris", "Oslo"]},
+                                  "days": {"type": "integer", "minimum": 1, "maximum": 7}}}}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "additionalProperties": False,
+    "properties": {"zone": {"enum": ["UTC", "CET"]}}}}}
+
+
+def test_formats_follow_the_chat_template():
+    from engine.tokenizer import TokenizerBundle
+
+    assert format_for(TokenizerBundle.from_preset("tiny-llama").chat_template) == "llama3_json"
+    assert format_for(TokenizerBundle.from_preset("tiny-qwen2").chat_template) == "hermes"
+    assert format_for(TokenizerBundle.from_preset("tiny-mistral").chat_template) is None
+    assert format_for(None) is None
+
+
+def test_plans_and_refusals():
+    assert plan_tools(None, None, "hermes") is None
+    assert plan_tools([WEATHER], "none", "hermes") is None
+    auto = plan_tools([WEATHER, TIME], "auto", "hermes")
+    assert not auto.forced and set(auto.functions) == {"get_weather", "get_time"}
+    assert plan_tools([WEATHER, TIME], "required", "llama3_json").forced
+    named = plan_tools([WEATHER, TIME], {"type": "function", "function": {"name": "get_time"}},
+                       "hermes")
+    assert named.forced and "get_time" in named.grammar and "get_weather" not in named.grammar
+    for tools, choice, fmt, param in (
+            (None, "required", "hermes", "tool_choice"),
+            ([WEATHER], "sometimes", "hermes", "tool_choice"),
+            ([WEATHER], {"type": "function", "function": {"name": "nope"}}, "hermes",
+             "tool_choice"),
+            ([WEATHER, WEATHER], "auto", "hermes", "tools.1"),
+            ([{"type": "function", "function": {"name": "x", "parameters": [1]}}], "auto",
+             "hermes", "tools.0"),
+            ([WEATHER], "auto", None, "tools")):
+        with pytest.raises(InvalidRequestError) as e:
+            plan_tools(tools, choice, fmt)
+        assert e.value.param == param
+
+
+def test_replies_read_back_into_calls():
+    hermes = plan_tools([WEATHER, TIME], "auto", "hermes")
+    text = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo",'
+            ' "days": 2}}\n</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {}}\n'
+            '</tool_call>')
+    content, calls = parse_calls(hermes, text)
+    assert content == "Let me check."
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
+        [("get_weather", {"city": "Oslo", "days": 2}), ("get_time", {})]
+    assert len({c["id"] for c in calls}) == 2
+    assert parse_calls(hermes, "No call here.") == ("No call here.", [])
+    unknown = '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>'
+    assert parse_calls(hermes, unknown) == (unknown, [])
+    llama = plan_tools([WEATHER], "auto", "llama3_json")
+    _, calls = parse_calls(llama, ' {"name": "get_weather", "parameters": {"city": "Paris"}}')
+    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+    assert parse_calls(llama, "{not json") == ("{not json", [])
+    # streaming: text goes out up to where a call may begin
+    assert may_be_call(hermes, "Sure <tool") == len("Sure ")
+    assert may_be_call(hermes, "Sure <tool_call>{") == len("Sure ")
+    assert may_be_call(hermes, "Sure.") == len("Sure.")
+    assert may_be_call(llama, "  {") == 0 and may_be_call(llama, "Hi") == 2
+
+
+def test_forcing_grammars_admit_their_calls():
+    import llguidance
+
+    from engine.tokenizer import TokenizerBundle
+
+    for preset, fmt, text in (
+            ("tiny-qwen2", "hermes", '<tool_call>\n{"name":"get_weather","arguments":'
+                                     '{"city":"Paris","days":3}}\n</tool_call>'),
+            ("tiny-llama", "llama3_json", '{"name":"get_weather","parameters":'
+                                          '{"city":"Paris","days":3}}')):
+        tok = TokenizerBundle.from_preset(preset)
+        plan = plan_tools([WEATHER, TIME], "required", fmt)
+        llt = llguidance.LLTokenizer(tok.tokenizer.to_str(), n_vocab=tok.vocab_size)
+        matcher = llguidance.LLMatcher(llt, plan.grammar)
+        assert matcher.consume_tokens(tok.encode(text, add_special_tokens=False)), \
+            matcher.get_error()
+        assert matcher.is_stopped()
+        _, calls = parse_calls(plan, text)
+        assert calls[0]["function"]["name"] == "get_weather"
+
+
+MODES = {"aggregated": ["--prefill", "0", "--decode", "1"],
+         "1p1d": ["--prefill", "1", "--decode", "1", "--kv-transfer", "tcp"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["tiny-llama-untied", "tiny-qwen2"])
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_forced_call_served_equals_transformers_under_its_grammar(checkpoint_dir, preset,
+                                                                   mode):
+    from cluster.local_server import baton_serve
+    from engine.tokenizer import TokenizerBundle
+    from tests.hf_oracle import hf_greedy_constrained, load_hf
+
+    model_dir = checkpoint_dir(preset)
+    tok = TokenizerBundle.from_dir(model_dir)
+    plan = plan_tools([WEATHER, TIME], "required", format_for(tok.chat_template))
+    messages = [{"role": "user", "content": "Weather in Paris for three days?"}]
+    expected = hf_greedy_constrained(load_hf(model_dir), tok,
+                                     tok.chat_prompt_ids(messages, plan.tools), plan.grammar,
+                                     96)
+    with baton_serve(model_dir, *MODES[mode], "--kv-blocks", "256") as url:
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        kw = dict(model=model_dir.name, messages=messages, tools=[WEATHER, TIME],
+                  tool_choice="required", max_tokens=96, temperature=0)
+        r = c.chat.completions.create(**kw, extra_body={"return_token_ids": True})
+        choice = r.choices[0]
+        assert choice.token_ids == expected
+        assert choice.finish_reason == "tool_calls"
+        (call,) = choice.message.tool_calls
+        assert call.type == "function" and call.id.startswith("call_")
+        args = json.loads(call.function.arguments)
+        if call.function.name == "get_weather":
+            assert args["city"] in ("Paris", "Oslo") and 1 <= args["days"] <= 7
+        else:
+            assert call.function.name == "get_time"
+        # Streamed: no text goes out; one delta carries the call.
+        deltas = [ch.choices[0] for ch in c.chat.completions.create(**kw, stream=True)
+                  if ch.choices]
+        streamed = [t for d in deltas for t in d.delta.tool_calls or []]
+        assert [(t.function.name, t.function.arguments) for t in streamed] == \
+            [(call.function.name, call.function.arguments)]
+        assert not "".join(d.delta.content or "" for d in deltas)
+        assert deltas[-1].finish_reason == "tool_calls"
+        # A named function, and a conversation carrying the call and its result back.
+        named = c.chat.completions.create(**{**kw, "tool_choice": {
+            "type": "function", "function": {"name": "get_time"}}})
+        assert named.choices[0].message.tool_calls[0].function.name == "get_time"
+        follow = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
+            "model": model_dir.name, "max_tokens": 4, "temperature": 0,
+            "tools": [WEATHER], "messages": [*messages, {
+                "role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]})
+        assert follow.status_code == 200, follow.text
