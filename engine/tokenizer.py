@@ -94,6 +94,9 @@ class TokenizerBundle:
         if self._template is None or self._template[0] != self.chat_template:
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
             env.globals["raise_exception"] = _raise_template_exception
+            # As transformers renders templates: JSON as written (no HTML escaping, no
+            # \u escapes), so tool schemas read the same to the model either way.
+            env.filters["tojson"] = _tojson
             self._template = (self.chat_template, env.from_string(self.chat_template))
         return self._template[1]
 
@@ -102,6 +105,12 @@ class TokenizerBundle:
         # The template writes the BOS text itself; do not let the post-processor add another.
         return self.encode(self.apply_chat_template(messages, tools=tools),
                            add_special_tokens=False)
+
+
+def _tojson(value, ensure_ascii: bool = False, indent: int | None = None,
+            separators=None, sort_keys: bool = False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
 
 
 def _raise_template_exception(msg: str):

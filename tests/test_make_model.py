@@ -261,3 +261,37 @@ def test_engine_agrees_on_names_and_shapes(tiny_dirs: dict[str, Path], name: str
     specs = checkpoint_params(get_preset(name).hf_config)
     assert hf_param_names(cfg) == {s.name: s.shape for s in specs}
     assert cfg.num_params() == sum(torch.Size(s.shape).numel() for s in specs)
+
+
+TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "Weather <now> & later, in °C",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}]
+TOOL_TURNS = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function",
+     "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "18 °C, sunny"},
+]
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+def test_chat_template_with_tools_renders_as_transformers_does(tiny_dirs: dict[str, Path],
+                                                              name: str) -> None:
+    """The Llama 3 and ChatML templates list tools, show an assistant's call and a tool's
+    result (router/tools.py reads replies in the same formats); Baton renders them as
+    transformers does, JSON included (its `tojson`: no HTML escaping)."""
+    from engine.tokenizer import TokenizerBundle
+
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_dirs[name])
+    ours = TokenizerBundle.from_dir(tiny_dirs[name])
+    for messages in (TOOL_TURNS, TOOL_TURNS[1:2]):
+        expected = tok.apply_chat_template(messages, tools=TOOLS, tokenize=False,
+                                           add_generation_prompt=True)
+        assert ours.apply_chat_template(messages, tools=TOOLS) == expected
+        assert '"Weather <now> & later, in °C"' in expected
+    assert "get_weather" in expected and "Paris" in ours.apply_chat_template(TOOL_TURNS,
+                                                                             tools=TOOLS)
+    # without tools, the same text as before tools were supported
+    assert ours.apply_chat_template(MESSAGES, tools=None) == ours.apply_chat_template(MESSAGES)
