@@ -19,6 +19,7 @@ from engine.rpc_server import (
     abort_invalid,
     request_call,
 )
+from engine.structured import GRAMMAR_ERROR, grammar_failed
 
 log = logging.getLogger(__name__)
 ADMIT_TIMEOUT_S = 60.0
@@ -64,6 +65,9 @@ class DecodeService(WorkerService):
         sent = len(already)
         first_sent = scored = False
         async for out in ctx.worker.stream(rid, q):
+            if out.finish_reason == GRAMMAR_ERROR:
+                await abort_invalid(context, grammar_failed())
+                return
             chunk = _chunk(out, sent)
             sent = len(out.token_ids)
             if out.prompt_logprobs is not None and not scored:

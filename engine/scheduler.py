@@ -197,9 +197,12 @@ class Scheduler:
             seq.append_token(token, result.logprobs[row], top)
             row += 1
             reason = self.check_stop(seq)
-            if (seq.params.grammar and self.grammars is not None
-                    and self.grammars.advance(seq, token) and reason is None):
-                reason = "stop"  # the grammar is complete: nothing else may follow
+            if seq.params.grammar and self.grammars is not None:
+                state = self.grammars.advance(seq, token)
+                if state == "complete" and reason in (None, "length"):
+                    reason = "stop"  # nothing else may follow, whatever the length limit
+                elif state is not None and state != "complete":
+                    reason = state  # GRAMMAR_ERROR: the worker fails the call
             if reason is not None:
                 self.running.remove(seq)
                 self._finish(seq, reason)

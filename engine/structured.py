@@ -18,6 +18,7 @@ ends."""
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import threading
@@ -33,6 +34,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 JSON_DEFAULTS = {"whitespace_flexible": False}
+# The finish reason of a request whose grammar failed while generating (llguidance gives up
+# on a parse too complex for its limits): the worker fails the call naming response_format.
+GRAMMAR_ERROR = "grammar_error"
+VALIDATED_GRAMMARS = 256  # grammars a worker remembers as valid (apps reuse their schemas)
 
 
 def grammar_for(response_format: Any) -> str:
@@ -47,7 +52,9 @@ def grammar_for(response_format: Any) -> str:
         return ""
     if not isinstance(response_format, dict):
         raise bad("must be an object")
-    kind = response_format.get("type", "text")
+    if "type" not in response_format:
+        raise bad("needs a type (text, json_object or json_schema)")
+    kind = response_format["type"]
     if kind == "text":
         return ""
     if kind == "json_object":
@@ -72,6 +79,13 @@ def grammar_for(response_format: Any) -> str:
     return grammar
 
 
+def grammar_failed() -> InvalidRequestError:
+    """What a request whose grammar failed while generating (GRAMMAR_ERROR) answers."""
+    return InvalidRequestError("response_format cannot be followed: the schema's grammar "
+                               "became too complex to parse while generating; simplify the "
+                               "schema (fewer optional properties)", param="response_format")
+
+
 class Grammars:
     """A worker's matchers: one per sampling request with a grammar, kept on its
     Sequence. `vocab_size` is the model's (the logits' width, which may exceed the
@@ -82,6 +96,7 @@ class Grammars:
         self._tokenizer = None
         self._error: Exception | None = None
         self._executor = None
+        self._valid: collections.OrderedDict[str, None] = collections.OrderedDict()
         # Building llguidance's view of a 128k-token vocabulary takes about a second: done
         # beside start-up, so the first request with a grammar does not stall a step.
         self._built = threading.Thread(target=self._build, args=(tokenizer_json,),
@@ -109,12 +124,20 @@ class Grammars:
         return self._tokenizer
 
     def validate(self, grammar: str) -> None:
+        """On the engine thread, at admission: a grammar seen before costs a lookup (a
+        large schema's first check takes a while, and every stream waits for it)."""
         from llguidance import LLMatcher
 
+        if grammar in self._valid:
+            self._valid.move_to_end(grammar)
+            return
         error = LLMatcher.validate_grammar(grammar, self.tokenizer)
         if error:
             raise InvalidRequestError(f"response_format grammar is not valid: {error}",
                                       param="response_format")
+        self._valid[grammar] = None
+        if len(self._valid) > VALIDATED_GRAMMARS:
+            self._valid.popitem(last=False)
 
     def _matcher(self, seq: Sequence):
         """The request's matcher, made on first use and caught up with every token the
@@ -126,7 +149,7 @@ class Grammars:
             if seq.output_token_ids:
                 seq.matcher.consume_tokens(seq.output_token_ids)
             if seq.matcher.is_error():
-                log.warning("request %s: grammar error: %s", seq.request_id,
+                log.warning("request %s: grammar error: %.300s", seq.request_id,
                             seq.matcher.get_error())
         return seq.matcher
 
@@ -161,17 +184,20 @@ class Grammars:
                                                    len(rows))
         return out
 
-    def advance(self, seq: Sequence, token_id: int) -> bool:
-        """Feed the request's newly sampled token to its matcher; True when the grammar
-        is complete (or broken), so the request ends."""
+    def advance(self, seq: Sequence, token_id: int) -> str | None:
+        """Feed the request's newly sampled token to its matcher: "complete" when the
+        grammar is (nothing may follow), GRAMMAR_ERROR when the matcher failed (the
+        request cannot go on under it), else None."""
         if seq.matcher is None:  # made from every output token, this one included
             matcher = self._matcher(seq)
         else:
             matcher = seq.matcher
             if not matcher.consume_token(token_id):
-                log.warning("request %s: token %d breaks its grammar: %s", seq.request_id,
-                            token_id, matcher.get_error())
-        return matcher.is_stopped()
+                log.warning("request %s: token %d fails its grammar: %.300s",
+                            seq.request_id, token_id, matcher.get_error())
+        if matcher.is_error():
+            return GRAMMAR_ERROR
+        return "complete" if matcher.is_stopped() else None
 
 
 def _bit(i: int) -> int:

@@ -17,6 +17,7 @@ from engine.rpc_server import (
     abort_invalid,
     request_call,
 )
+from engine.structured import GRAMMAR_ERROR, grammar_failed
 
 
 class PrefillService(WorkerService):
@@ -40,6 +41,10 @@ class PrefillService(WorkerService):
             await abort_invalid(context, e)
             return pb.PrefillResponse()
         assert last is not None and last.finished
+        if last.finish_reason == GRAMMAR_ERROR:
+            await ctx.worker.call(lambda e: e.release(rid))
+            await abort_invalid(context, grammar_failed())
+            return pb.PrefillResponse()
         ended = last.finish_reason == "stop" or params.max_tokens == 1
         reason = (last.finish_reason if last.finish_reason == "stop" else "length") \
             if ended else ""

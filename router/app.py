@@ -391,7 +391,7 @@ class Router:
                     continue
                 if isinstance(item, Exception):
                     status, msg = _status_of(item)
-                    yield fmt.error_event(status, msg)
+                    yield fmt.error_event(status, msg, getattr(item, "param", None))
                     break
                 yield fmt.chunk(item, states[item.index], first[item.index])
                 first[item.index] = False

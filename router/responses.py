@@ -231,10 +231,10 @@ class Formatter:
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
     @staticmethod
-    def error_event(status: int, message: str) -> str:
+    def error_event(status: int, message: str, param: str | None = None) -> str:
         return Formatter._sse({"error": {"message": message, "type": "internal_server_error"
                                          if status >= 500 else "invalid_request_error",
-                                         "param": None, "code": None}})
+                                         "param": param, "code": None}})
 
 
 def _finish_with_calls(reason: str | None) -> str | None:

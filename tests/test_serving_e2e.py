@@ -306,6 +306,13 @@ def test_response_format_json_schema(server, model_dir, expected):
     assert r.choices[0].token_ids == hf_greedy_constrained(hf, tok, prompts[0], grammar, 64)
     assert r.choices[0].finish_reason == "stop"
     assert set(json.loads(r.choices[0].text)) == {"answer", "count"}
+    # Complete at the first token: the prefill worker ends it (nothing sampled after).
+    one = {"type": "json_schema", "json_schema": {"name": "one", "schema": {"const": 1}}}
+    r = c.completions.create(model=PRESET, prompt=TEXTS[1], max_tokens=8, temperature=0,
+                             extra_body={"return_token_ids": True, "response_format": one,
+                                         "min_tokens": 3})
+    assert (r.choices[0].text, r.choices[0].finish_reason) == ("1", "stop")
+    assert len(r.choices[0].token_ids) == 1
     messages = [{"role": "user", "content": "Is it raining? Reply in JSON."}]
     r = c.chat.completions.create(model=PRESET, messages=messages, max_tokens=64,
                                   temperature=0, response_format=RESPONSE_FORMAT,

@@ -53,7 +53,8 @@ def test_response_format_becomes_a_grammar_or_a_400():
     assert '"enum"' in grammar_for(RESPONSE_FORMAT)
     for bad in ({"type": "xml"}, {"type": "json_schema"},
                 {"type": "json_schema", "json_schema": {"schema": [1]}},
-                {"type": "json_schema", "json_schema": {"schema": {"type": "objectx"}}}, "x"):
+                {"type": "json_schema", "json_schema": {"schema": {"type": "objectx"}}}, "x",
+                {"json_schema": {"schema": {}}}):
         with pytest.raises(InvalidRequestError) as e:
             grammar_for(bad)
         assert e.value.param == "response_format"
@@ -136,3 +137,24 @@ def test_a_batch_of_grammar_rows_gets_each_its_own_mask(model):
             expected = torch.frombuffer(bytearray(alone.compute_bitmask()), dtype=torch.int32)
             assert torch.equal(row, expected[: len(row)])
     assert not torch.equal(masks[0], masks[3])  # one is past '{"' already
+
+
+def test_a_grammar_complete_at_the_length_limit_stops_and_one_too_complex_fails(model):
+    """Complete on the token that also reaches max_tokens: "stop", not "length" (a
+    prefill worker samples with max_tokens 1, so a one-token reply was handed to a decode
+    worker that sampled past the grammar's end). A grammar llguidance gives up on while
+    generating ends the request as GRAMMAR_ERROR, never as "stop" with broken JSON."""
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+    from engine.structured import GRAMMAR_ERROR
+
+    path, tok, _ = model
+    one = grammar_for({"type": "json_schema", "json_schema": {"schema": {"const": 1}}})
+    big = grammar_for({"type": "json_schema", "json_schema": {"schema": {
+        "type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(600)}}}})
+    with LLM(str(path), num_kv_blocks=256) as llm:
+        done, failed = llm.generate(["Say one:", "JSON:"], [
+            SamplingParams(max_tokens=1, temperature=0, grammar=one),
+            SamplingParams(max_tokens=20, temperature=0, grammar=big)])
+    assert tok.decode(done.token_ids) == "1" and done.finish_reason == "stop"
+    assert failed.finish_reason == GRAMMAR_ERROR
