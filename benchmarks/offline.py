@@ -62,11 +62,20 @@ def graph_replay_ms(graphs, reps: int = 20) -> float:
     return start.elapsed_time(end) / reps
 
 
-def decode_case(engine: LLMEngine, batch: int, context: int, steps: int, device: str) -> dict:
+# --compare-grammar: every row decodes under a JSON grammar (structured outputs, token
+# masks on the host each step) that cannot complete within the run: an array of at least
+# 2000 integers.
+LONG_JSON_ARRAY = {"type": "json_schema", "json_schema": {"name": "numbers", "schema": {
+    "type": "array", "items": {"type": "integer"}, "minItems": 2000}}}
+
+
+def decode_case(engine: LLMEngine, batch: int, context: int, steps: int, device: str,
+                grammar: str = "") -> dict:
     mc = engine.model_config
     rng = random.Random(batch * 7919 + context)
     # Early requests decode while later ones prefill: leave them room to keep going.
-    params = SamplingParams(max_tokens=4 * steps + 1024, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=4 * steps + 1024, temperature=0.0, ignore_eos=True,
+                            grammar=grammar)
     ids = [f"d{batch}-{context}-{i}" for i in range(batch)]
     for rid in ids:
         engine.add_request(rid, [rng.randrange(mc.vocab_size) for _ in range(context)], params)
@@ -274,6 +283,8 @@ def main() -> None:
                          "and the longest context it serves")
     ap.add_argument("--batches", default="1:1024,16:2048,64:2048,256:2048",
                     help="batch:context pairs")
+    ap.add_argument("--compare-grammar", action="store_true",
+                    help="also decode each batch under a JSON grammar (structured outputs)")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--prefill-tokens", type=int, default=4096)
     ap.add_argument("--out", default="benchmarks/results/offline.json")
@@ -298,7 +309,7 @@ def main() -> None:
     engine = LLMEngine(cfg)
     _sync(args.device)
     load_s = time.perf_counter() - t0
-    decode, eager, unfused, unstaged, flipped = [], [], [], [], []
+    decode, eager, unfused, unstaged, flipped, constrained = [], [], [], [], [], []
     runner = engine.runner
     for batch, context in cases:
         case = functools.partial(decode_case, engine, batch, context, args.steps, args.device)
@@ -322,6 +333,14 @@ def main() -> None:
             if got := switched(setter, given, case, label):
                 flipped.append(got[0] | {"switch": name, "on": not given})
                 decode[-1][f"step_ms_after_{name}_switch"] = got[1]
+        if args.compare_grammar:
+            from engine.structured import grammar_for
+
+            constrained.append(decode_case(engine, batch, context, args.steps, args.device,
+                                           grammar_for(LONG_JSON_ARRAY)))
+            constrained[-1]["step_ms_ratio_to_unconstrained"] = \
+                constrained[-1]["step_ms_median"] / decode[-1]["step_ms_median"]
+            report("grammar", constrained[-1])
         if args.compare_eager and engine.runner.graphs is not None:
             engine.runner.use_graphs = False
             eager.append(case())
@@ -347,6 +366,7 @@ def main() -> None:
         "decode_switched": flipped,
         "decode_eager": eager, "decode_unfused_rope_kv": unfused, "decode_unstaged": unstaged,
         "decode_kernel_profiles": profiles,
+        "decode_under_grammar": constrained,
         "ceilings": {"hbm_bytes_per_s": H200_HBM_BYTES_PER_S, "bf16_flops": H200_BF16_FLOPS},
         "decode": decode, "prefill": prefill,
     })
