@@ -85,7 +85,7 @@ class TokenizerBundle:
             return self._compiled_template().render(
                 messages=messages, add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "", eos_token=self.eos_token or "", tools=tools)
-        except jinja2.TemplateError as e:
+        except (jinja2.TemplateError, TypeError, ValueError) as e:  # messages it cannot render
             raise InvalidRequestError(f"chat template failed: {e}", param="messages") from None
 
     def _compiled_template(self) -> jinja2.Template:

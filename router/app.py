@@ -298,7 +298,8 @@ class Router:
         if req.model != self.cfg.served_model_name:  # as OpenAI: 404, model_not_found
             return model_not_found(req.model, self.cfg.served_model_name)
         req.check_supported()
-        tools = plan_tools(req.tools, req.tool_choice, self.tool_format) \
+        tools = plan_tools(req.tools, req.tool_choice, self.tool_format,
+                           req.parallel_tool_calls is not False) \
             if isinstance(req, ChatCompletionRequest) else None
         # Tokenizing a long prompt takes milliseconds: keep it off the event loop, which is
         # streaming every other request's tokens meanwhile. Token ids need no tokenizer,
@@ -315,7 +316,10 @@ class Router:
                 raise InvalidRequestError("response_format cannot be combined with a "
                                           "tool_choice that forces a call",
                                           param="response_format")
-            per_prompt = [dataclasses.replace(sp, grammar=tools.grammar) for sp in per_prompt]
+            # The grammar decides where the call ends: a stop string or token cutting it
+            # would leave a reply that is neither a call nor text.
+            per_prompt = [dataclasses.replace(sp, grammar=tools.grammar, stop=[],
+                                              stop_token_ids=[]) for sp in per_prompt]
         params = [dataclasses.replace(sp, seed=_wrap_int64(sp.seed + j))
                   if j and sp.seed is not None else sp for sp in per_prompt for j in range(req.n)]
         self.metrics.router_span.labels("tokenize").observe(time.perf_counter() - t_handler)

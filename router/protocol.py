@@ -152,16 +152,21 @@ class ChatMessage(BaseModel):
         out: dict = {"role": self.role, "content": self.text()}
         extra = self.model_extra or {}
         calls = extra.get("tool_calls")
-        if isinstance(calls, list):
-            out["tool_calls"] = [_call_for_template(c) for c in calls if isinstance(c, dict)]
+        if calls is not None:
+            out["tool_calls"] = [_call_for_template(c) for c in calls]
         for key in ("tool_call_id", "name"):
             if isinstance(extra.get(key), str):
                 out[key] = extra[key]
         return out
 
 
-def _call_for_template(call: dict) -> dict:
-    fn = dict(call.get("function") or {})
+def _call_for_template(call: Any) -> dict:
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise InvalidRequestError("an assistant message's tool_calls must be a list of "
+                                  "{'type': 'function', 'function': {'name': str, "
+                                  "'arguments': ...}}", param="messages")
+    fn = dict(fn)
     if isinstance(fn.get("arguments"), str):
         with contextlib.suppress(ValueError):  # not JSON: the template shows the string
             fn["arguments"] = json.loads(fn["arguments"])
@@ -178,6 +183,7 @@ class ChatCompletionRequest(_Common):
     tool_choice: str | dict | None = None
     functions: list[Any] | None = None
     function_call: str | dict | None = None
+    parallel_tool_calls: StrictBool | None = None  # false: a reply's first call only
 
     def check_supported(self) -> None:
         super().check_supported()
@@ -187,6 +193,11 @@ class ChatCompletionRequest(_Common):
             raise _unsupported("function_call", f"function_call {self.function_call!r}")
         if self.tools is not None and not isinstance(self.tools, list):
             raise InvalidRequestError("tools must be a list", param="tools")
+        for i, m in enumerate(self.messages):
+            calls = (m.model_extra or {}).get("tool_calls")
+            if calls is not None and not isinstance(calls, list):
+                raise InvalidRequestError("tool_calls must be a list",
+                                          param=f"messages.{i}.tool_calls")
         for i, m in enumerate(self.messages):
             for part in m.content if isinstance(m.content, list) else []:
                 if part.get("type") != "text":

@@ -180,10 +180,11 @@ class Formatter:
             self._content_sent[d.index] = upto
             return {"content": state.text[sent:upto]}, None
         self._content_sent.pop(d.index, None)
-        _, calls = parse_calls(self.tools, state.text)
+        content, calls = parse_calls(self.tools, state.text)
         if not calls:
             return {"content": state.text[sent:]}, d.finish_reason
-        head = state.text[sent:max(may_be_call(self.tools, state.text), sent)]
+        # the text around the calls not yet sent (what was sent is its start)
+        head = (content or "")[sent:]
         delta: dict = {"content": head or None,
                        "tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}
         return delta, _finish_with_calls(d.finish_reason)

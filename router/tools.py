@@ -31,7 +31,7 @@ from engine.errors import InvalidRequestError
 FORMATS = ("hermes", "llama3_json")
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 _HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
-_NAME = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 
 def format_for(chat_template: str | None) -> str | None:
@@ -53,13 +53,15 @@ class ToolPlan:
     functions: dict[str, dict] = field(default_factory=dict)
     tools: list[dict] = field(default_factory=list)  # as the template gets them
     grammar: str = ""
+    parallel: bool = True  # parallel_tool_calls: false keeps a reply's first call only
 
     @property
     def forced(self) -> bool:
         return bool(self.grammar)
 
 
-def plan_tools(tools: list[Any] | None, tool_choice: Any, fmt: str | None) -> ToolPlan | None:
+def plan_tools(tools: list[Any] | None, tool_choice: Any, fmt: str | None,
+               parallel: bool = True) -> ToolPlan | None:
     """Validate `tools` and `tool_choice` (400s naming them) and plan the request; None
     when tools play no part (none given, or tool_choice "none")."""
     if tool_choice not in (None, "none", "auto", "required") and not isinstance(tool_choice,
@@ -78,29 +80,31 @@ def plan_tools(tools: list[Any] | None, tool_choice: Any, fmt: str | None) -> To
                 not isinstance(fn, dict):
             raise InvalidRequestError("each tool must be {'type': 'function', 'function': "
                                       "{...}}", param=f"tools.{i}")
-        name, params = fn.get("name"), fn.get("parameters", {"type": "object"})
-        if not isinstance(name, str) or not _NAME.match(name):
+        name, params = fn.get("name"), fn.get("parameters")
+        if not isinstance(name, str) or not _NAME.fullmatch(name):
             raise InvalidRequestError(f"tools.{i}.function.name must be 1-64 letters, digits, "
                                       f"'_', '.' or '-', got {name!r}", param=f"tools.{i}")
-        if not isinstance(params, dict):
+        if params is not None and not isinstance(params, dict):
             raise InvalidRequestError("function parameters must be a JSON Schema object",
                                       param=f"tools.{i}")
         if name in functions:
             raise InvalidRequestError(f"two tools are named {name!r}", param=f"tools.{i}")
-        functions[name] = params
+        functions[name] = _arguments_schema(params)
     if tool_choice == "none":
         return None
     if fmt is None:
         raise InvalidRequestError("tool calling is not supported for this model's chat "
                                   "template (start the router with --tool-call-parser "
                                   f"{' or '.join(FORMATS)} if it speaks one)", param="tools")
-    plan = ToolPlan(fmt, functions, [t for t in tools if isinstance(t, dict)])
+    plan = ToolPlan(fmt, functions, [t for t in tools if isinstance(t, dict)],
+                    parallel=parallel)
     if tool_choice in (None, "auto"):
         return plan
     names = list(functions)
     if isinstance(tool_choice, dict):
-        name = (tool_choice.get("function") or {}).get("name") \
-            if tool_choice.get("type") == "function" else None
+        fn = tool_choice.get("function")
+        name = fn.get("name") if tool_choice.get("type") == "function" and \
+            isinstance(fn, dict) else None
         if name not in functions:
             raise InvalidRequestError(f"tool_choice names no given tool: {tool_choice!r}",
                                       param="tool_choice")
@@ -109,16 +113,63 @@ def plan_tools(tools: list[Any] | None, tool_choice: Any, fmt: str | None) -> To
     return plan
 
 
+def _arguments_schema(params: dict | None) -> dict:
+    """A function's arguments as a JSON Schema object: none (or an empty schema) is no
+    arguments, as OpenAI reads an omitted `parameters`; a schema without a type is an
+    object's (arguments are always an object; an empty schema would admit a number)."""
+    if not params:
+        return {"type": "object", "properties": {}, "additionalProperties": False}
+    if "type" not in params:
+        return {"type": "object", **params}
+    return params
+
+
+def _hoisted(name: str, params: dict, defs: dict) -> dict:
+    """`params` with its `$defs` / `definitions` moved into `defs` (the grammar's root,
+    where a `$ref` is looked up) under names of this tool, and its `$ref`s rewritten to
+    them; a reference into the schema itself points at a copy of it there."""
+    own = {**params.get("$defs", {}), **params.get("definitions", {})}
+    body = {k: v for k, v in params.items() if k not in ("$defs", "definitions")}
+    root = f"{name}__root"
+
+    def ref(target: str) -> str:
+        for prefix in ("#/$defs/", "#/definitions/"):
+            if target.startswith(prefix):
+                return f"#/$defs/{name}__{target[len(prefix):]}"
+        if target == "#" or target.startswith("#/"):
+            defs[root] = fixed_body
+            return f"#/$defs/{root}{target[1:]}"
+        return target  # a remote reference: llguidance refuses it, naming it
+
+    def fix(node):
+        if isinstance(node, dict):
+            return {k: ref(v) if k == "$ref" and isinstance(v, str) else fix(v)
+                    for k, v in node.items()}
+        if isinstance(node, list):
+            return [fix(v) for v in node]
+        return node
+
+    fixed_body: dict = {}
+    fixed_body.update(fix(body))
+    for key, sub in own.items():
+        defs[f"{name}__{key}"] = fix(sub)
+    return fixed_body
+
+
 def _forcing_grammar(fmt: str, functions: dict[str, dict]) -> str:
     """A grammar admitting exactly one call of one of `functions` in `fmt`."""
     from llguidance import LLMatcher
 
     args_key = "parameters" if fmt == "llama3_json" else "arguments"
+    defs: dict = {}
     calls = [{"type": "object", "additionalProperties": False, "required": ["name", args_key],
-              "properties": {"name": {"const": name}, args_key: params}}
+              "properties": {"name": {"const": name},
+                             args_key: _hoisted(name, params, defs)}}
              for name, params in functions.items()]
     schema: dict = calls[0] if len(calls) == 1 else {"anyOf": calls}
     schema = {**schema, "x-guidance": {"whitespace_flexible": False}}
+    if defs:
+        schema["$defs"] = defs
     if fmt == "llama3_json":
         grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema))
     else:
@@ -144,11 +195,19 @@ def parse_calls(plan: ToolPlan, text: str) -> tuple[str | None, list[dict]]:
             calls.append(call)
         if not calls:
             return text, []
-        head = text[: text.find(HERMES_OPEN)].strip()
-        return head or None, calls
+        rest = hermes_content(text)  # the text around the calls, as it streamed
+        return (rest if rest.strip() else None), calls[: None if plan.parallel else 1]
     body = text.strip().removeprefix("<|python_tag|>").strip()
     call = _call_of(plan, body, "parameters")
     return (None, [call]) if call is not None else (text, [])
+
+
+def hermes_content(text: str) -> str:
+    """A hermes reply's text outside its call blocks, a line each, without the blank space
+    around the blocks; it begins as the reply did (what streamed before the first block
+    is its start)."""
+    first, *rest = _HERMES_CALL.split(text)[::2]  # split() also returns each block's body
+    return first.rstrip() + "".join("\n" + seg.strip() for seg in rest if seg.strip())
 
 
 def _call_of(plan: ToolPlan, body: str, args_key: str) -> dict | None:
@@ -174,10 +233,14 @@ def may_be_call(plan: ToolPlan, text: str) -> int:
             return 0  # leading whitespace: not yet known
         return 0 if stripped[0] == "{" or stripped.startswith("<|python_tag|>") else len(text)
     at = text.find(HERMES_OPEN)
-    if at >= 0:
-        return at
-    # a tail that could be the start of the tag stays back
-    for k in range(min(len(HERMES_OPEN) - 1, len(text)), 0, -1):
-        if HERMES_OPEN.startswith(text[-k:]):
-            return len(text) - k
-    return len(text)
+    if at < 0:
+        at = len(text)
+        # a tail that could be the start of the tag stays back
+        for k in range(min(len(HERMES_OPEN) - 1, len(text)), 0, -1):
+            if HERMES_OPEN.startswith(text[-k:]):
+                at = len(text) - k
+                break
+    # and so does blank space before it: a call's content drops it (hermes_content)
+    while at > 0 and text[at - 1].isspace():
+        at -= 1
+    return at

@@ -62,6 +62,17 @@ BAD = [
      {**CHAT, "tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools.0"),
     ("tool_choice without tools", "/v1/chat/completions", {**CHAT, "tool_choice": "required"},
      "tool_choice"),
+    ("an assistant tool call that is no function", "/v1/chat/completions", {**CHAT,
+     "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None,
+                  "tool_calls": [{"id": "c", "type": "function", "function": "f"}]}]},
+     "messages"),
+    ("an assistant tool call with a numeric name", "/v1/chat/completions", {**CHAT,
+     "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None,
+                  "tool_calls": [{"id": "c", "type": "function", "function": {
+                      "name": 5, "arguments": "{}"}}]}]}, "messages"),
+    ("tool_calls not a list", "/v1/chat/completions", {**CHAT,
+     "messages": [{"role": "assistant", "content": None, "tool_calls": {"id": "c"}}]},
+     "messages.0.tool_calls"),
     ("tool_choice naming no tool", "/v1/chat/completions", {**CHAT, "tools": [
         {"type": "function", "function": {"name": "f"}}], "tool_choice": {
         "type": "function", "function": {"name": "g"}}}, "tool_choice"),

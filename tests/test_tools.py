@@ -52,7 +52,11 @@ def test_plans_and_refusals():
             ([WEATHER, WEATHER], "auto", "hermes", "tools.1"),
             ([{"type": "function", "function": {"name": "x", "parameters": [1]}}], "auto",
              "hermes", "tools.0"),
-            ([WEATHER], "auto", None, "tools")):
+            ([WEATHER], "auto", None, "tools"),
+            ([WEATHER], {"type": "function", "function": "get_weather"}, "hermes",
+             "tool_choice"),
+            ([{"type": "function", "function": {"name": "get_weather\n"}}], "auto", "hermes",
+             "tools.0")):
         with pytest.raises(InvalidRequestError) as e:
             plan_tools(tools, choice, fmt)
         assert e.value.param == param
@@ -71,15 +75,59 @@ def test_replies_read_back_into_calls():
     assert parse_calls(hermes, "No call here.") == ("No call here.", [])
     unknown = '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>'
     assert parse_calls(hermes, unknown) == (unknown, [])
+    # text between and after calls stays; parallel_tool_calls false keeps the first call
+    around = text.replace("</tool_call>\n<tool_call>", "</tool_call>\nMeanwhile.\n<tool_call>")
+    content, calls = parse_calls(hermes, around + "\nDone.")
+    assert content == "Let me check.\nMeanwhile.\nDone."
+    assert len(calls) == 2
+    single = plan_tools([WEATHER, TIME], "auto", "hermes", parallel=False)
+    assert [c["function"]["name"] for c in parse_calls(single, text)[1]] == ["get_weather"]
     llama = plan_tools([WEATHER], "auto", "llama3_json")
     _, calls = parse_calls(llama, ' {"name": "get_weather", "parameters": {"city": "Paris"}}')
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
     assert parse_calls(llama, "{not json") == ("{not json", [])
     # streaming: text goes out up to where a call may begin
-    assert may_be_call(hermes, "Sure <tool") == len("Sure ")
-    assert may_be_call(hermes, "Sure <tool_call>{") == len("Sure ")
+    assert may_be_call(hermes, "Sure <tool") == len("Sure")
+    assert may_be_call(hermes, "Sure\n<tool_call>{") == len("Sure")
+    assert may_be_call(hermes, "Sure, and ") == len("Sure, and")
     assert may_be_call(hermes, "Sure.") == len("Sure.")
     assert may_be_call(llama, "  {") == 0 and may_be_call(llama, "Hi") == 2
+
+
+def test_forced_arguments_are_objects_and_schema_references_resolve():
+    """A tool without parameters takes none (an empty schema would admit `"arguments": 5`,
+    which no call parses from); `$defs` / `definitions` and `$ref`s (pydantic writes them)
+    are moved to the grammar's root, where llguidance looks references up."""
+    import llguidance
+
+    from engine.tokenizer import TokenizerBundle
+
+    tok = TokenizerBundle.from_preset("tiny-qwen2")
+    llt = llguidance.LLTokenizer(tok.tokenizer.to_str(), n_vocab=tok.vocab_size)
+    ping = {"type": "function", "function": {"name": "ping"}}
+    book = {"type": "function", "function": {"name": "book", "parameters": {
+        "$defs": {"City": {"enum": ["Paris", "Oslo"]}},
+        "definitions": {"Days": {"type": "integer", "minimum": 1, "maximum": 3}},
+        "type": "object", "additionalProperties": False, "required": ["to", "days"],
+        "properties": {"to": {"$ref": "#/$defs/City"},
+                       "days": {"$ref": "#/definitions/Days"},
+                       "then": {"anyOf": [{"type": "null"}, {"$ref": "#"}]}}}}}
+
+    def admits(plan, text: str) -> bool:
+        matcher = llguidance.LLMatcher(llt, plan.grammar)
+        return matcher.consume_tokens(tok.encode(text, add_special_tokens=False)) and \
+            matcher.is_stopped()
+
+    plan = plan_tools([ping, book], "required", "hermes")
+    call = '<tool_call>\n{"name":"%s","arguments":%s}\n</tool_call>'
+    assert admits(plan, call % ("ping", "{}"))
+    assert not admits(plan, call % ("ping", "5"))
+    assert admits(plan, call % ("book", '{"to":"Oslo","days":2}'))
+    assert admits(plan, call % ("book", '{"to":"Oslo","days":2,"then":{"to":"Paris",'
+                                        '"days":1,"then":null}}'))
+    assert not admits(plan, call % ("book", '{"to":"Rome","days":2}'))
+    _, calls = parse_calls(plan, call % ("book", '{"to":"Oslo","days":2}'))
+    assert json.loads(calls[0]["function"]["arguments"]) == {"to": "Oslo", "days": 2}
 
 
 def test_forcing_grammars_admit_their_calls():
@@ -125,8 +173,9 @@ def test_forced_call_served_equals_transformers_under_its_grammar(checkpoint_dir
                                      96)
     with baton_serve(model_dir, *MODES[mode], "--kv-blocks", "256") as url:
         c = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        # (a stop string does not cut a forced call: the grammar decides where it ends)
         kw = dict(model=model_dir.name, messages=messages, tools=[WEATHER, TIME],
-                  tool_choice="required", max_tokens=96, temperature=0)
+                  tool_choice="required", max_tokens=96, temperature=0, stop=["name"])
         r = c.chat.completions.create(**kw, extra_body={"return_token_ids": True})
         choice = r.choices[0]
         assert choice.token_ids == expected
@@ -156,3 +205,40 @@ def test_forced_call_served_equals_transformers_under_its_grammar(checkpoint_dir
                 "role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
                 {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]})
         assert follow.status_code == 200, follow.text
+
+
+@pytest.mark.parametrize("text", [
+    "Plain text, no call at all.",
+    "I'll check.\n<tool_call>\n{\"name\": \"get_time\", \"arguments\": {}}\n</tool_call>",
+    "A\n<tool_call>{\"name\": \"get_time\", \"arguments\": {}}</tool_call>\n  B \n"
+    "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}</tool_call>",
+    "Mentions <tool_call> but never closes it",
+    "<tool_call>{\"name\": \"unknown\", \"arguments\": {}}</tool_call> tail"])
+def test_streamed_reply_says_what_the_whole_reply_says(text):
+    """A reply streamed in pieces of every size: the content deltas add up to the
+    non-streamed content, and the calls are the same."""
+    from engine.tokenizer import TokenizerBundle
+    from router.responses import ChoiceState, Delta, Formatter
+
+    tok = TokenizerBundle.from_preset("tiny-qwen2")
+    plan = plan_tools([WEATHER, TIME], "auto", "hermes")
+    whole = Formatter("chat", "x", "m", tok, False, None, plan)
+    done = ChoiceState(0, [1], None, text=text, finish_reason="stop")
+    message = whole.full([done])["choices"][0]["message"]
+    for size in (1, 3, 7, len(text)):
+        fmt = Formatter("chat", "x", "m", tok, False, None, plan)
+        state = ChoiceState(0, [1], None)
+        content, calls = "", []
+        for at in range(0, len(text), size):
+            piece = text[at:at + size]
+            state.text += piece
+            last = at + size >= len(text)
+            delta, finish = fmt._chat_delta(Delta(0, piece, [], [], [], "stop" if last else
+                                                  None), state)
+            content += delta.get("content") or ""
+            calls += delta.get("tool_calls") or []
+        assert content == (message["content"] or "")
+        assert [(c["function"]["name"], c["function"]["arguments"]) for c in calls] == \
+            [(c["function"]["name"], c["function"]["arguments"])
+             for c in message.get("tool_calls", [])]
+        assert finish == ("tool_calls" if calls else "stop")
