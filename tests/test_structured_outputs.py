@@ -158,3 +158,19 @@ def test_a_grammar_complete_at_the_length_limit_stops_and_one_too_complex_fails(
             SamplingParams(max_tokens=20, temperature=0, grammar=big)])
     assert tok.decode(done.token_ids) == "1" and done.finish_reason == "stop"
     assert failed.finish_reason == GRAMMAR_ERROR
+
+
+def test_tensor_parallel_decodes_under_a_grammar_as_one_process(model):
+    """Under --tp 2 the leader masks and samples; the followers run the same steps (no
+    step is launched ahead under a grammar): the tokens equal TP=1's."""
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+
+    path, _, _ = model
+    params = SamplingParams(max_tokens=48, temperature=0, grammar=grammar_for(RESPONSE_FORMAT))
+    prompts = ["Is the sky blue? Answer in JSON:", "Count the apples: 1, 2, 3,"]
+    with LLM(str(path), num_kv_blocks=128) as llm:
+        one = [o.token_ids for o in llm.generate(prompts, params)]
+    with LLM(str(path), num_kv_blocks=128, tp=2) as llm:
+        two = [o.token_ids for o in llm.generate(prompts, params)]
+    assert two == one
