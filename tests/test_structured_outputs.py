@@ -160,17 +160,22 @@ def test_a_grammar_complete_at_the_length_limit_stops_and_one_too_complex_fails(
     assert failed.finish_reason == GRAMMAR_ERROR
 
 
-def test_tensor_parallel_decodes_under_a_grammar_as_one_process(model):
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        torch.cuda.device_count() < 2, reason="needs 2 GPUs")])])
+def test_tensor_parallel_decodes_under_a_grammar_as_one_process(model, device):
     """Under --tp 2 the leader masks and samples; the followers run the same steps (no
-    step is launched ahead under a grammar): the tokens equal TP=1's."""
+    step is launched ahead under a grammar, which on CUDA they otherwise are): the tokens
+    equal TP=1's."""
     from engine.llm import LLM
     from engine.sampling_params import SamplingParams
 
     path, _, _ = model
     params = SamplingParams(max_tokens=48, temperature=0, grammar=grammar_for(RESPONSE_FORMAT))
     prompts = ["Is the sky blue? Answer in JSON:", "Count the apples: 1, 2, 3,"]
-    with LLM(str(path), num_kv_blocks=128) as llm:
+    on = {"device": "cuda", "dtype": "float32"} if device == "cuda" else {}
+    with LLM(str(path), num_kv_blocks=128, **on) as llm:
         one = [o.token_ids for o in llm.generate(prompts, params)]
-    with LLM(str(path), num_kv_blocks=128, tp=2) as llm:
+    with LLM(str(path), num_kv_blocks=128, tp=2, **on) as llm:
         two = [o.token_ids for o in llm.generate(prompts, params)]
     assert two == one
