@@ -86,6 +86,67 @@ def grammar_failed() -> InvalidRequestError:
                                "schema (fewer optional properties)", param="response_format")
 
 
+# vLLM's constraints beside OpenAI's response_format: the older guided_* request fields
+# and the newer structured_outputs object (json, regex, choice, grammar: a Lark grammar).
+GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+
+
+def guided_grammar(fields: dict[str, Any]) -> tuple[str, str] | None:
+    """(grammar, param) for vLLM's constraint fields of a request that set one (a 400
+    naming it when malformed, or when it sets several), else None. `fields`: the
+    guided_* fields and `structured_outputs`, unset ones None."""
+    from llguidance import LLMatcher
+
+    given = {k: v for k, v in fields.items() if v is not None}
+    so = given.pop("structured_outputs", None)
+    if so is not None:
+        if not isinstance(so, dict):
+            raise InvalidRequestError("structured_outputs must be an object",
+                                      param="structured_outputs")
+        given.update({f"structured_outputs.{k}": v for k, v in so.items() if v is not None})
+    if not given:
+        return None
+    if len(given) > 1:
+        raise InvalidRequestError(f"set one output constraint, not {sorted(given)}",
+                                  param=sorted(given)[1])
+    (param, value), = given.items()
+    kind = param.rsplit(".", 1)[-1].removeprefix("guided_")
+
+    def bad(msg: str) -> InvalidRequestError:
+        return InvalidRequestError(f"{param} {msg}", param=param)
+
+    if kind == "json":
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise bad("is not JSON") from None
+        if not isinstance(value, dict):
+            raise bad("must be a JSON Schema object")
+        return grammar_for({"type": "json_schema", "json_schema": {"schema": value}}), param
+    if kind == "regex":
+        if not isinstance(value, str) or not value:
+            raise bad("must be a non-empty regular expression")
+        grammar = LLMatcher.grammar_from_regex(value)
+    elif kind == "choice":
+        if not isinstance(value, list) or not value or \
+                not all(isinstance(c, str) and c for c in value):
+            raise bad("must be a non-empty list of non-empty strings")
+        grammar = LLMatcher.grammar_from_lark(
+            "start: " + " | ".join(json.dumps(c, ensure_ascii=False)
+                                   for c in dict.fromkeys(value)))
+    elif kind == "grammar":
+        if not isinstance(value, str) or not value.strip():
+            raise bad("must be a Lark grammar")
+        grammar = LLMatcher.grammar_from_lark(value)
+    else:
+        raise bad("is not a known constraint (json, regex, choice, grammar)")
+    error = LLMatcher.validate_grammar(grammar)
+    if error:
+        raise bad(f"is not valid: {error}")
+    return grammar, param
+
+
 class Grammars:
     """A worker's matchers: one per sampling request with a grammar, kept on its
     Sequence. `vocab_size` is the model's (the logits' width, which may exceed the

@@ -19,7 +19,7 @@ from pydantic import (
 
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
-from engine.structured import grammar_for
+from engine.structured import GUIDED_FIELDS, grammar_for, guided_grammar
 
 
 class StreamOptions(BaseModel):
@@ -89,6 +89,12 @@ class _Common(BaseModel):
     # OpenAI's structured outputs (text, json_object, json_schema; engine/structured.py);
     # accepted on completions too, as vLLM does.
     response_format: dict | None = None
+    # vLLM's: the same constraints as guided_json/regex/choice/grammar, or one object
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
 
     def check_supported(self) -> None:
         if not 1 <= self.n <= MAX_N:
@@ -113,7 +119,20 @@ class _Common(BaseModel):
             logprobs=logprobs, include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            logit_bias=self.token_biases(), grammar=grammar_for(self.response_format))
+            logit_bias=self.token_biases(), grammar=self.grammar())
+
+    def grammar(self) -> str:
+        """The output constraint's grammar ("" for none): OpenAI's response_format or one
+        of vLLM's fields (engine/structured.py), never two."""
+        guided = guided_grammar({k: getattr(self, k)
+                                 for k in (*GUIDED_FIELDS, "structured_outputs")})
+        from_format = grammar_for(self.response_format)
+        if guided is None:
+            return from_format
+        if from_format:
+            raise InvalidRequestError(f"set response_format or {guided[1]}, not both",
+                                      param=guided[1])
+        return guided[0]
 
 
 class CompletionRequest(_Common):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import re
 
 import httpx
 import openai
@@ -313,6 +314,15 @@ def test_response_format_json_schema(server, model_dir, expected):
                                          "min_tokens": 3})
     assert (r.choices[0].text, r.choices[0].finish_reason) == ("1", "stop")
     assert len(r.choices[0].token_ids) == 1
+    # vLLM's fields: guided_choice, and structured_outputs' regex
+    r = c.completions.create(model=PRESET, prompt=TEXTS[2], max_tokens=8, temperature=0,
+                             extra_body={"guided_choice": ["red", "green", "blue"]})
+    assert r.choices[0].text in ("red", "green", "blue")
+    r = c.chat.completions.create(model=PRESET, max_tokens=8, temperature=0,
+                                  messages=[{"role": "user", "content": "What time is it?"}],
+                                  extra_body={"structured_outputs": {
+                                      "regex": "[0-9]{2}:[0-9]{2}"}})
+    assert re.fullmatch("[0-9]{2}:[0-9]{2}", r.choices[0].message.content)
     messages = [{"role": "user", "content": "Is it raining? Reply in JSON."}]
     r = c.chat.completions.create(model=PRESET, messages=messages, max_tokens=64,
                                   temperature=0, response_format=RESPONSE_FORMAT,

@@ -179,3 +179,56 @@ def test_tensor_parallel_decodes_under_a_grammar_as_one_process(model, device):
     with LLM(str(path), num_kv_blocks=128, tp=2, **on) as llm:
         two = [o.token_ids for o in llm.generate(prompts, params)]
     assert two == one
+
+
+def test_vllm_constraint_fields_become_grammars_or_400s():
+    from engine.structured import guided_grammar
+
+    none = dict.fromkeys(["guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                          "structured_outputs"])
+    assert guided_grammar(none) is None
+    for fields, param in (({"guided_choice": ["yes", "no"]}, "guided_choice"),
+                          ({"guided_regex": r"\d{3}"}, "guided_regex"),
+                          ({"guided_json": '{"type": "object"}'}, "guided_json"),
+                          ({"guided_grammar": 'start: "a" "b"*'}, "guided_grammar"),
+                          ({"structured_outputs": {"choice": ["über", "x"]}},
+                           "structured_outputs.choice")):
+        grammar, got = guided_grammar({**none, **fields})
+        assert grammar and got == param
+    for fields, param in (({"guided_choice": []}, "guided_choice"),
+                          ({"guided_choice": ["a", 1]}, "guided_choice"),
+                          ({"guided_regex": "(unclosed"}, "guided_regex"),
+                          ({"guided_json": "{not json"}, "guided_json"),
+                          ({"guided_grammar": "start: undefined_rule"}, "guided_grammar"),
+                          ({"structured_outputs": {"shape": "x"}}, "structured_outputs.shape"),
+                          ({"structured_outputs": "regex"}, "structured_outputs"),
+                          ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_regex")):
+        with pytest.raises(InvalidRequestError) as e:
+            guided_grammar({**none, **fields})
+        assert e.value.param == param, (fields, e.value.param)
+
+
+def test_engine_greedy_under_a_choice_and_a_regex(model):
+    """vLLM's guided_choice and guided_regex: replies are one of the choices / match the
+    regex, and equal transformers under the same grammar."""
+    import re
+
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+    from engine.structured import guided_grammar
+
+    path, tok, hf = model
+    none = dict.fromkeys(["guided_json", "guided_regex", "guided_choice", "guided_grammar",
+                          "structured_outputs"])
+    choice, _ = guided_grammar({**none, "guided_choice": ["yes", "no", "maybe later"]})
+    phone, _ = guided_grammar({**none, "guided_regex": r"\+?[0-9]{3}-[0-9]{4}"})
+    prompt = "Will it rain tomorrow? Answer:"
+    with LLM(str(path), num_kv_blocks=128) as llm:
+        picked, number = llm.generate([prompt, prompt], [
+            SamplingParams(max_tokens=16, temperature=0, grammar=choice),
+            SamplingParams(max_tokens=16, temperature=0, grammar=phone)])
+    assert tok.decode(picked.token_ids) in ("yes", "no", "maybe later")
+    assert re.fullmatch(r"\+?[0-9]{3}-[0-9]{4}", tok.decode(number.token_ids))
+    for out, grammar in ((picked, choice), (number, phone)):
+        assert out.finish_reason == "stop"
+        assert out.token_ids == hf_greedy_constrained(hf, tok, tok.encode(prompt), grammar, 16)
