@@ -231,8 +231,8 @@ class LLMEngine:
                                       param="logit_bias")
         if params.grammar:
             if self.scheduler.grammars is None:
-                raise InvalidRequestError("response_format needs the model's tokenizer, "
-                                          "which this worker has not", param="response_format")
+                raise InvalidRequestError("output constraints need the model's tokenizer, "
+                                          "and this worker has none", param="response_format")
             self.scheduler.grammars.validate(params.grammar)
         if n + params.max_tokens > self.max_model_len:
             raise InvalidRequestError(
