@@ -17,6 +17,7 @@ from engine.rpc.convert import params_from_proto, top_to_proto
 from engine.rpc_server import (
     WorkerService,
     abort_invalid,
+    prepare_grammar,
     request_call,
 )
 from engine.structured import GRAMMAR_ERROR, grammar_failed
@@ -51,6 +52,7 @@ class DecodeService(WorkerService):
         first = pb.TokenChunk()
         arrival = time.monotonic()
         try:
+            await prepare_grammar(ctx, params)
             if request.HasField("first_token_id"):
                 q, first, already = await self._admit_remote(request, params, prompt, context,
                                                              arrival)

@@ -189,6 +189,15 @@ def check_held(e: LLMEngine, request_id: str, block_ids) -> None:
         raise InvalidRequestError(f"blocks not held for {request_id!r}")
 
 
+async def prepare_grammar(ctx: WorkerContext, params) -> None:
+    """Compile a request's output grammar off the engine thread before it is admitted
+    (engine/structured.py Grammars.prepare): the engine then finds it compiled, and a
+    large schema stalls no step. Raises InvalidRequestError for a bad one."""
+    grammars = ctx.worker.engine.scheduler.grammars
+    if params.grammar and grammars is not None:
+        await asyncio.to_thread(grammars.prepare, params.grammar)
+
+
 async def abort_invalid(context: grpc.aio.ServicerContext, e: InvalidRequestError) -> None:
     # The param name travels in the details so the router can fill OpenAI's `param`.
     await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{e.param or ''}|{e}")

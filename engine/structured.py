@@ -37,7 +37,7 @@ JSON_DEFAULTS = {"whitespace_flexible": False}
 # The finish reason of a request whose grammar failed while generating (llguidance gives up
 # on a parse too complex for its limits): the worker fails the call naming response_format.
 GRAMMAR_ERROR = "grammar_error"
-VALIDATED_GRAMMARS = 256  # grammars a worker remembers as valid (apps reuse their schemas)
+VALIDATED_GRAMMARS = 256  # compiled grammars a worker keeps (apps reuse their schemas)
 
 
 def grammar_for(response_format: Any) -> str:
@@ -157,7 +157,8 @@ class Grammars:
         self._tokenizer = None
         self._error: Exception | None = None
         self._executor = None
-        self._valid: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self._compiled: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self._lock = threading.Lock()  # prepare() runs on RPC threads too
         # Building llguidance's view of a 128k-token vocabulary takes about a second: done
         # beside start-up, so the first request with a grammar does not stall a step.
         self._built = threading.Thread(target=self._build, args=(tokenizer_json,),
@@ -184,29 +185,39 @@ class Grammars:
                                       param="response_format")
         return self._tokenizer
 
-    def validate(self, grammar: str) -> None:
-        """On the engine thread, at admission: a grammar seen before costs a lookup (a
-        large schema's first check takes a while, and every stream waits for it)."""
+    def prepare(self, grammar: str):
+        """The grammar compiled: a fresh matcher that requests copy (cheap) instead of
+        compiling their own, kept for the last VALIDATED_GRAMMARS grammars (apps reuse
+        their schemas). A worker's RPC handlers call this off the engine thread before
+        admitting a request, so a large schema's compile (up to a second) stalls no step;
+        an invalid grammar is a 400 naming response_format."""
         from llguidance import LLMatcher
 
-        if grammar in self._valid:
-            self._valid.move_to_end(grammar)
-            return
+        with self._lock:
+            compiled = self._compiled.get(grammar)
+            if compiled is not None:
+                self._compiled.move_to_end(grammar)
+                return compiled
         error = LLMatcher.validate_grammar(grammar, self.tokenizer)
         if error:
             raise InvalidRequestError(f"response_format grammar is not valid: {error}",
                                       param="response_format")
-        self._valid[grammar] = None
-        if len(self._valid) > VALIDATED_GRAMMARS:
-            self._valid.popitem(last=False)
+        compiled = LLMatcher(self.tokenizer, grammar)
+        with self._lock:
+            self._compiled[grammar] = compiled
+            if len(self._compiled) > VALIDATED_GRAMMARS:
+                self._compiled.popitem(last=False)
+        return compiled
+
+    def validate(self, grammar: str) -> None:
+        """At admission, on the engine thread: a lookup once prepare() has run."""
+        self.prepare(grammar)
 
     def _matcher(self, seq: Sequence):
         """The request's matcher, made on first use and caught up with every token the
         request has generated (here or on another worker)."""
         if seq.matcher is None:
-            from llguidance import LLMatcher
-
-            seq.matcher = LLMatcher(self.tokenizer, seq.params.grammar)
+            seq.matcher = self.prepare(seq.params.grammar).deep_copy()
             if seq.output_token_ids:
                 seq.matcher.consume_tokens(seq.output_token_ids)
             if seq.matcher.is_error():

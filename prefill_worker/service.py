@@ -15,6 +15,7 @@ from engine.rpc.convert import params_from_proto, top_to_proto
 from engine.rpc_server import (
     WorkerService,
     abort_invalid,
+    prepare_grammar,
     request_call,
 )
 from engine.structured import GRAMMAR_ERROR, grammar_failed
@@ -35,6 +36,7 @@ class PrefillService(WorkerService):
                                          min_tokens=min(params.min_tokens, 1))
         last = None
         try:
+            await prepare_grammar(ctx, params)
             async for out in ctx.worker.generate(rid, prompt, first_only, hold_kv=True):
                 last = out  # the one output of its one token
         except InvalidRequestError as e:

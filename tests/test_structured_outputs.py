@@ -232,3 +232,28 @@ def test_engine_greedy_under_a_choice_and_a_regex(model):
     for out, grammar in ((picked, choice), (number, phone)):
         assert out.finish_reason == "stop"
         assert out.token_ids == hf_greedy_constrained(hf, tok, tok.encode(prompt), grammar, 16)
+
+
+def test_grammars_compile_once_and_requests_get_their_own_matcher(model):
+    """Workers compile a request's grammar off the engine thread before admitting it
+    (engine/rpc_server.py prepare_grammar); the engine then copies the compiled matcher,
+    and each request advances its own copy."""
+    from engine.sampling_params import SamplingParams
+    from engine.sequence import Sequence
+    from engine.structured import Grammars
+
+    _, tok, hf = model
+    grammars = Grammars(tok.tokenizer.to_str(), hf.config.vocab_size, tok.eos_token_ids)
+    grammar = grammar_for(RESPONSE_FORMAT)
+    compiled = grammars.prepare(grammar)
+    assert grammars.prepare(grammar) is compiled
+    a, b = (Sequence(str(i), [5], SamplingParams(grammar=grammar)) for i in range(2))
+    grammars.masks([a, b])
+    assert a.matcher is not compiled and b.matcher is not a.matcher
+    first = tok.encode('{"', add_special_tokens=False)
+    for t in first:
+        a.append_token(t, 0.0)
+        assert grammars.advance(a, t) is None
+    assert not torch.equal(*grammars.masks([a, b]))  # b is where a was
+    with pytest.raises(InvalidRequestError):
+        grammars.prepare("%% not a grammar")
