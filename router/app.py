@@ -28,6 +28,7 @@ from router.metrics import RouterMetrics
 from router.policy import PolicyWeights
 from router.protocol import ChatCompletionRequest, CompletionRequest
 from router.responses import ChoiceState, Delta, Formatter
+from router.tokenize import install_tokenize_routes
 from router.tools import ToolPlan, format_for, plan_tools
 from router.workers import WorkerPool
 
@@ -480,6 +481,8 @@ def create_app(cfg: RouterConfig) -> FastAPI:
     def model_card() -> dict:
         return {"id": cfg.served_model_name, "object": "model", "created": 0,
                 "owned_by": "baton", "max_model_len": router.pool.max_model_len}
+
+    install_tokenize_routes(app, router)
 
     @app.get("/v1/models")
     async def models():

@@ -260,3 +260,34 @@ def test_whole_floats_are_integers(url):
     """JSON does not tell 2.0 from 2: integer fields take it (and still refuse 2.5)."""
     r = post(url, "/v1/completions", {**OK, "max_tokens": 2.0, "n": 1.0})
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2, r.text
+
+
+def test_tokenize_and_detokenize(url, checkpoint_dir):
+    """vLLM's /tokenize (a prompt, or messages rendered as chat completions renders them,
+    tools included) and /detokenize; bad bodies are 400s naming the field."""
+    from engine.tokenizer import TokenizerBundle
+
+    tok = TokenizerBundle.from_dir(checkpoint_dir(PRESET))
+    r = post(url, "/tokenize", {"model": PRESET, "prompt": "Hello there",
+                                "return_token_strs": True}).json()
+    assert r["tokens"] == tok.encode("Hello there") and r["count"] == len(r["tokens"])
+    assert r["max_model_len"] == 1024 and len(r["token_strs"]) == r["count"]
+    assert post(url, "/tokenize", {"model": PRESET, "prompt": "Hello there",
+                                   "add_special_tokens": False}).json()["tokens"] == \
+        tok.encode("Hello there", add_special_tokens=False)
+    messages = [{"role": "user", "content": "Hi"}]
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    r = post(url, "/tokenize", {"model": PRESET, "messages": messages, "tools": tools}).json()
+    assert r["tokens"] == tok.chat_prompt_ids(messages, tools)
+    back = post(url, "/detokenize", {"model": PRESET, "tokens": r["tokens"]}).json()
+    assert back["prompt"] == tok.apply_chat_template(messages, tools=tools)
+    for path, body, param in (
+            ("/tokenize", {"model": PRESET}, "prompt"),
+            ("/tokenize", {"model": PRESET, "prompt": "a", "messages": messages}, "prompt"),
+            ("/tokenize", {"model": PRESET, "prompt": 5}, "prompt"),
+            ("/detokenize", {"model": PRESET, "tokens": [10**9]}, "tokens"),
+            ("/detokenize", {"model": PRESET, "tokens": ["a"]}, "tokens")):
+        r = post(url, path, body)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"].startswith(param), r.text
+    assert post(url, "/tokenize", {"model": "gpt-9", "prompt": "a"}).status_code == 404
