@@ -5,7 +5,8 @@ passes them), and the model answers in its family's tool-call format, which the 
 reads back into `tool_calls`:
 - `hermes` (ChatML templates: Qwen, Hermes): `<tool_call>\\n{"name": ..., "arguments":
   {...}}\\n</tool_call>`, one block per call, after optional text;
-- `llama3_json` (Llama 3.1+): the whole reply is `{"name": ..., "parameters": {...}}`.
+- `llama3_json` (Llama 3.1+): the whole reply is `{"name": ..., "parameters": {...}}`
+  (several calls: a JSON list of them, or separated by ';').
 
 `tool_choice` "required" or a named function constrains decoding to that format with
 the tools' parameter schemas (a grammar, engine/structured.py), so the call always
@@ -197,9 +198,26 @@ def parse_calls(plan: ToolPlan, text: str) -> tuple[str | None, list[dict]]:
             return text, []
         rest = hermes_content(text)  # the text around the calls, as it streamed
         return (rest if rest.strip() else None), calls[: None if plan.parallel else 1]
+    calls = [_call_of(plan, obj, "parameters") for obj in _json_values(text)]
+    if not calls or None in calls:
+        return text, []
+    return None, calls[: None if plan.parallel else 1]
+
+
+def _json_values(text: str) -> list:
+    """A Llama 3 reply as its JSON values: one call, a list of calls, or calls separated
+    by ';' (all three occur); [] unless the whole reply is such values."""
     body = text.strip().removeprefix("<|python_tag|>").strip()
-    call = _call_of(plan, body, "parameters")
-    return (None, [call]) if call is not None else (text, [])
+    decoder, values, at = json.JSONDecoder(), [], 0
+    while at < len(body):
+        try:
+            value, at = decoder.raw_decode(body, at)
+        except ValueError:
+            return []
+        values.extend(value if isinstance(value, list) else [value])
+        while at < len(body) and (body[at].isspace() or body[at] == ";"):
+            at += 1
+    return values
 
 
 def hermes_content(text: str) -> str:
@@ -210,11 +228,15 @@ def hermes_content(text: str) -> str:
     return first.rstrip() + "".join("\n" + seg.strip() for seg in rest if seg.strip())
 
 
-def _call_of(plan: ToolPlan, body: str, args_key: str) -> dict | None:
-    try:
-        obj = json.loads(body)
-    except ValueError:
-        return None
+def _call_of(plan: ToolPlan, body: Any, args_key: str) -> dict | None:
+    """The call a reply's JSON makes (`body`: its text, or the value already parsed), or
+    None when it is no call of a known tool."""
+    if isinstance(body, str):
+        try:
+            body = json.loads(body)
+        except ValueError:
+            return None
+    obj = body
     if not isinstance(obj, dict) or obj.get("name") not in plan.functions:
         return None
     args = obj.get(args_key, obj.get("arguments", obj.get("parameters", {})))

@@ -86,6 +86,13 @@ def test_replies_read_back_into_calls():
     _, calls = parse_calls(llama, ' {"name": "get_weather", "parameters": {"city": "Paris"}}')
     assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
     assert parse_calls(llama, "{not json") == ("{not json", [])
+    llama2 = plan_tools([WEATHER, TIME], "auto", "llama3_json")
+    one = '{"name": "get_time", "parameters": {}}'
+    two = '{"name": "get_weather", "parameters": {"city": "Oslo"}}'
+    for reply in (f"{one}; {two}", f"[{one}, {two}]", f"<|python_tag|>{one};{two}"):
+        assert [c["function"]["name"] for c in parse_calls(llama2, reply)[1]] == \
+            ["get_time", "get_weather"], reply
+    assert parse_calls(llama2, f"{one} and then") == (f"{one} and then", [])
     # streaming: text goes out up to where a call may begin
     assert may_be_call(hermes, "Sure <tool") == len("Sure")
     assert may_be_call(hermes, "Sure\n<tool_call>{") == len("Sure")
