@@ -321,6 +321,10 @@ class Router:
             # would leave a reply that is neither a call nor text.
             per_prompt = [dataclasses.replace(sp, grammar=tools.grammar, stop=[],
                                               stop_token_ids=[]) for sp in per_prompt]
+            self.metrics.constrained.labels("tool_choice").inc()
+        elif per_prompt[0].grammar:
+            self.metrics.constrained.labels(
+                "response_format" if req.response_format else "vllm").inc()
         params = [dataclasses.replace(sp, seed=_wrap_int64(sp.seed + j))
                   if j and sp.seed is not None else sp for sp in per_prompt for j in range(req.n)]
         self.metrics.router_span.labels("tokenize").observe(time.perf_counter() - t_handler)
@@ -334,7 +338,8 @@ class Router:
             score_only=bool(echo) and req.max_tokens == 0)
             for i, sp in enumerate(params)]
         fmt = Formatter(kind, request_id, self.cfg.served_model_name, self.tok,
-                        req.return_token_ids, params[0].logprobs, tools)
+                        req.return_token_ids, params[0].logprobs, tools,
+                        on_calls=self.metrics.tool_calls.inc)
         if not req.stream:
             async def drain(s: ChoiceState, sp: SamplingParams) -> None:
                 async for _ in self.run_choice(s, sp, request_id, t_start):

@@ -34,6 +34,12 @@ class RouterMetrics:
                                     ["backend"], registry=r, buckets=_LATENCY_BUCKETS)
         self.migrations = Counter("baton_migrations", "requests moved after a worker failed",
                                   registry=r)
+        self.constrained = Counter(
+            "baton_constrained_requests", "requests decoded under a grammar, by what asked "
+            "for it: response_format, vllm (guided_* / structured_outputs), tool_choice "
+            "(a forced call)", ["kind"], registry=r)
+        self.tool_calls = Counter("baton_tool_calls", "tool calls returned to clients",
+                                  registry=r)
         self.routing = Counter("baton_routing_decisions",
                                "prefill placement: on a prefill worker (disaggregated), on the "
                                "decode worker (local: little uncached; overflow: the "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.tokenizer import IncrementalDetokenizer, TokenizerBundle
@@ -109,9 +110,11 @@ class Formatter:
 
     def __init__(self, kind: str, request_id: str, model: str, tok: TokenizerBundle,
                  return_token_ids: bool, logprobs: int | None,
-                 tools: ToolPlan | None = None) -> None:
+                 tools: ToolPlan | None = None,
+                 on_calls: Callable[[int], None] | None = None) -> None:
         self.kind = kind
         self.tools = tools  # replies are read for tool calls (router/tools.py)
+        self.on_calls = on_calls or (lambda n: None)  # counts the calls returned
         self._content_sent: dict[int, int] = {}  # streamed chars of each choice's text
         self.id = request_id
         self.model = model
@@ -187,6 +190,7 @@ class Formatter:
         head = (content or "")[sent:]
         delta: dict = {"content": head or None,
                        "tool_calls": [{"index": k, **c} for k, c in enumerate(calls)]}
+        self.on_calls(len(calls))
         return delta, _finish_with_calls(d.finish_reason)
 
     def usage_chunk(self, choices: list[ChoiceState]) -> str:
@@ -210,6 +214,7 @@ class Formatter:
                         message = {"role": "assistant", "content": content,
                                    "tool_calls": calls}
                         finish = _finish_with_calls(finish)
+                        self.on_calls(len(calls))
                 item: dict = {"index": c.index, "message": message,
                               "logprobs": lp, "finish_reason": finish}
             else:

@@ -206,6 +206,9 @@ def test_forced_call_served_equals_transformers_under_its_grammar(checkpoint_dir
         named = c.chat.completions.create(**{**kw, "tool_choice": {
             "type": "function", "function": {"name": "get_time"}}})
         assert named.choices[0].message.tool_calls[0].function.name == "get_time"
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'baton_constrained_requests_total{kind="tool_choice"} 3.0' in metrics
+        assert "baton_tool_calls_total 3.0" in metrics
         follow = httpx.post(f"{url}/v1/chat/completions", timeout=60, json={
             "model": model_dir.name, "max_tokens": 4, "temperature": 0,
             "tools": [WEATHER], "messages": [*messages, {
