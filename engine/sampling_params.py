@@ -37,6 +37,10 @@ class SamplingParams:
     # An llguidance grammar the generated tokens must match (engine/structured.py; the
     # router makes it from OpenAI's response_format); "" for none.
     grammar: str = ""
+    # vLLM's request priority: lower is more urgent. A worker admits waiting requests in
+    # priority order (arrival order within one), schedules running ones so, and preempts
+    # the least urgent first; the default 0 everywhere is first come, first served.
+    priority: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -91,5 +95,8 @@ class SamplingParams:
             raise bad("top_k", f"must be at most {INT32_MAX}, got {self.top_k}")
         if self.seed is not None and not -(2**63) <= self.seed < 2**63:
             raise bad("seed", f"must fit a signed 64-bit integer, got {self.seed}")
+        if not isinstance(self.priority, int) or not -INT32_MAX <= self.priority <= INT32_MAX:
+            raise bad("priority", f"must be an integer in [{-INT32_MAX}, {INT32_MAX}], got "
+                                  f"{self.priority!r}")
         if any(not 0 <= t <= INT32_MAX for t in self.stop_token_ids):
             raise bad("stop_token_ids", f"must be token ids in [0, {INT32_MAX}]")

@@ -94,7 +94,14 @@ class Scheduler:
     PREFETCH_LOOKAHEAD = 8
 
     def add(self, seq: Sequence) -> None:
-        self.waiting.append(seq)
+        """Queue behind every request of its priority or a more urgent one (a lower value:
+        SamplingParams.priority), ahead of less urgent ones; arrival order otherwise."""
+        p = seq.params.priority
+        if not self.waiting or self.waiting[-1].params.priority <= p:
+            self.waiting.append(seq)  # the common case: one priority
+        else:
+            at = next(i for i, w in enumerate(self.waiting) if w.params.priority > p)
+            self.waiting.insert(at, seq)
         self.kv.prefetch((seq,), new_pass=False)
 
     @property
@@ -123,6 +130,10 @@ class Scheduler:
         if cap and (any(s.num_uncomputed_tokens == 1 for s in self.running) or any(
                 s.block_table and s.num_uncomputed_tokens == 1 for s in self.waiting)):
             prompt_limit = cap
+        # Most urgent first (a stable sort: admission order within a priority, and no
+        # change at all with one priority): they get the budget first, and the tail,
+        # preempted first for memory, is the least urgent.
+        self.running.sort(key=_priority)
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
@@ -133,7 +144,7 @@ class Scheduler:
                     i += 1
                     continue
             while not self.kv.allocate(seq, n):
-                victim = self.running.pop()
+                victim = self.running.pop()  # the least urgent, latest admitted
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
@@ -260,10 +271,18 @@ class Scheduler:
         seq.num_preemptions += 1
         self.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
-        self.waiting.appendleft(seq)
+        # back at the head of its priority: it arrived before everything waiting there
+        p = seq.params.priority
+        at = next((i for i, w in enumerate(self.waiting) if w.params.priority >= p),
+                  len(self.waiting))
+        self.waiting.insert(at, seq)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
         if seq.block_table and not (seq.hold_blocks and reason != "abort"):
             self.kv.free(seq)
+
+
+def _priority(seq: Sequence) -> int:
+    return seq.params.priority

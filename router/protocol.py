@@ -31,7 +31,7 @@ class StreamOptions(BaseModel):
 _NULL_IS_DEFAULT = frozenset({
     "temperature", "top_p", "n", "stream", "presence_penalty", "frequency_penalty",
     "logprobs", "echo", "top_k", "ignore_eos", "min_tokens", "return_token_ids",
-    "skip_special_tokens", "include_stop_str_in_output"})
+    "skip_special_tokens", "include_stop_str_in_output", "priority"})
 
 
 MAX_N = 128  # choices per prompt, as OpenAI allows
@@ -95,6 +95,7 @@ class _Common(BaseModel):
     guided_choice: Any = None
     guided_grammar: Any = None
     structured_outputs: Any = None
+    priority: Int = 0  # vLLM's: lower is more urgent (engine/scheduler.py)
 
     def check_supported(self) -> None:
         if not 1 <= self.n <= MAX_N:
@@ -119,7 +120,7 @@ class _Common(BaseModel):
             logprobs=logprobs, include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            logit_bias=self.token_biases(), grammar=self.grammar())
+            logit_bias=self.token_biases(), grammar=self.grammar(), priority=self.priority)
 
     def grammar(self) -> str:
         """The output constraint's grammar ("" for none): OpenAI's response_format or one

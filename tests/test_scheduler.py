@@ -563,3 +563,35 @@ def test_the_limit_holds_to_the_token() -> None:
                                 if i.seq.num_output_tokens == 0 or not i.samples)
             if decoding:
                 assert prompt_tokens <= limit, (seed, limit, out.scheduled)
+
+
+def test_priority_orders_admission_and_preemption() -> None:
+    """A lower priority value is more urgent: waiting requests are admitted most urgent
+    first (arrival order within a priority), and memory is taken back from the least
+    urgent running request, not the latest admitted; outputs stay exact."""
+    h = Harness(num_blocks=64, max_seqs=1)
+    low = h.add("low", prompt(8, 1), max_tokens=4, priority=5)
+    first = h.add("first", prompt(8, 2), max_tokens=4)
+    second = h.add("second", prompt(8, 3), max_tokens=4)
+    urgent = h.add("urgent", prompt(8, 4), max_tokens=4, priority=-1)
+    assert [s.request_id for s in h.sched.waiting] == ["urgent", "first", "second", "low"]
+    order = []
+    while h.sched.num_unfinished:
+        out = h.step()
+        order += [i.seq.request_id for i in out.scheduled if i.seq.request_id not in order]
+    assert order == ["urgent", "first", "second", "low"]
+    for seq, seed in ((low, 1), (first, 2), (second, 3), (urgent, 4)):
+        assert seq.output_token_ids == expected_outputs(prompt(8, seed), 4)
+    # 10 blocks: the background request runs first; an urgent one admitted after it keeps
+    # its memory when the two no longer fit, and the background one is preempted.
+    h = Harness(num_blocks=10, budget=64)
+    background = h.add("bg", prompt(8, 5), max_tokens=16, priority=3)
+    h.step()
+    urgent = h.add("urgent", prompt(8, 6), max_tokens=16)
+    victims = []
+    while h.sched.num_unfinished:
+        victims += h.step().preempted
+    assert victims and all(v is background for v in victims)
+    assert urgent.num_preemptions == 0
+    assert background.output_token_ids == expected_outputs(prompt(8, 5), 16)
+    assert urgent.output_token_ids == expected_outputs(prompt(8, 6), 16)

@@ -102,6 +102,8 @@ BAD = [
      "logit_bias"),
     ("logit_bias beyond the vocabulary", "/v1/completions",
      {**OK, "logit_bias": {"99999999": 1}}, "logit_bias"),
+    ("priority not an integer", "/v1/completions", {**OK, "priority": "high"}, "priority"),
+    ("priority past 32 bits", "/v1/completions", {**OK, "priority": 2**40}, "priority"),
     ("suffix", "/v1/completions", {**OK, "suffix": "end"}, "suffix"),
     ("best_of", "/v1/completions", {**OK, "best_of": 3}, "best_of"),
     ("top_logprobs without logprobs", "/v1/chat/completions", {**CHAT, "top_logprobs": 2},
@@ -291,3 +293,10 @@ def test_tokenize_and_detokenize(url, checkpoint_dir):
         assert r.status_code == 400, r.text
         assert r.json()["error"]["param"].startswith(param), r.text
     assert post(url, "/tokenize", {"model": "gpt-9", "prompt": "a"}).status_code == 404
+
+
+def test_priority_is_served(url):
+    """vLLM's request priority reaches the workers (engine/scheduler.py orders by it)."""
+    for priority in (-3, 0, 7, None):
+        r = post(url, "/v1/completions", {**OK, "priority": priority})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4, r.text

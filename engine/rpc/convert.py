@@ -22,7 +22,8 @@ def params_to_proto(p: SamplingParams) -> pb.SamplingParams:
                             stop_token_ids=p.stop_token_ids,
                             presence_penalty=p.presence_penalty,
                             frequency_penalty=p.frequency_penalty,
-                            logit_bias=p.logit_bias, grammar=p.grammar)
+                            logit_bias=p.logit_bias, grammar=p.grammar,
+                            priority=p.priority)
     if p.seed is not None:
         msg.seed = p.seed
     if p.logprobs is not None:
@@ -42,7 +43,7 @@ def params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
         prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
         presence_penalty=msg.presence_penalty, frequency_penalty=msg.frequency_penalty,
-        logit_bias=dict(msg.logit_bias), grammar=msg.grammar)
+        logit_bias=dict(msg.logit_bias), grammar=msg.grammar, priority=msg.priority)
 
 
 def top_to_proto(top: list[tuple[int, float]]) -> pb.TopLogprobList:
