@@ -440,6 +440,11 @@ class ModelRunner:
             if any(s.params.penalized for s in rows) else None,
             logit_biases=[s.params.logit_bias or None for s in rows]
             if any(s.params.logit_bias for s in rows) else None,
+            repetition=[(s.params.repetition_penalty, s.token_ids)
+                        if s.params.repetition_penalty != 1.0 else None for s in rows]
+            if any(s.params.repetition_penalty != 1.0 for s in rows) else None,
+            min_ps=[s.params.min_p for s in rows] if any(s.params.min_p for s in rows)
+            else None,
             token_masks=scheduler.grammars.masks(rows)
             if scheduler.grammars is not None and any(s.params.grammar for s in rows)
             else None,

@@ -41,6 +41,11 @@ class SamplingParams:
     # priority order (arrival order within one), schedules running ones so, and preempts
     # the least urgent first; the default 0 everywhere is first come, first served.
     priority: int = 0
+    # vLLM's (transformers' too): > 1 discourages every token of the prompt and output so
+    # far (kernels/sampling.apply_repetition_penalty); 1 is off.
+    repetition_penalty: float = 1.0
+    # vLLM's: tokens less likely than min_p x the likeliest are not sampled; 0 is off.
+    min_p: float = 0.0
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -75,6 +80,10 @@ class SamplingParams:
             v = getattr(self, name)
             if not (math.isfinite(v) and -2.0 <= v <= 2.0):
                 raise bad(name, f"must be in [-2, 2], got {v}")
+        if not (math.isfinite(self.repetition_penalty) and 0 < self.repetition_penalty <= 10):
+            raise bad("repetition_penalty", f"must be in (0, 10], got {self.repetition_penalty}")
+        if not (math.isfinite(self.min_p) and 0.0 <= self.min_p <= 1.0):
+            raise bad("min_p", f"must be in [0, 1], got {self.min_p}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise bad("logprobs", f"must be in [0, 20], got {self.logprobs}")
         if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:

@@ -34,6 +34,12 @@ class SamplingBatch:
     # Structured outputs: [B, ceil(V / 32)] int32 bitmasks of the tokens each row may
     # sample (engine/structured.py; all bits set for a row without a grammar), or None.
     token_masks: torch.Tensor | None = None
+    # Per row: vLLM's / transformers' repetition penalty (penalty, every token of the
+    # prompt and the output so far), or None.
+    repetition: list[tuple[float, Sequence[int]] | None] | None = None
+    # Per row: vLLM's min_p (0: off): tokens below min_p x the likeliest token's
+    # probability (after temperature) are not sampled.
+    min_ps: list[float] | None = None
 
     @property
     def all_greedy(self) -> bool:
@@ -46,6 +52,10 @@ class SamplingBatch:
     @property
     def biased(self) -> bool:
         return self.logit_biases is not None and any(self.logit_biases)
+
+    @property
+    def repeated(self) -> bool:
+        return self.repetition is not None and any(r is not None for r in self.repetition)
 
 
 @dataclass
@@ -67,13 +77,15 @@ def sample(logits: torch.Tensor, batch: SamplingBatch,
     k = max(batch.num_logprobs, default=0)
     masked = batch.token_masks is not None
     if (batch.all_greedy and k == 0 and not any(batch.banned_token_ids) and not masked
-            and not batch.penalized and not batch.biased and greedy.usable(logits)):
+            and not batch.penalized and not batch.biased and not batch.repeated
+            and greedy.usable(logits)):
         token_ids, chosen, packed = greedy.argmax_with_logprob(logits)  # one kernel
         return SampleResult(token_ids, chosen, None, None, packed)
     # Only a row asking for alternatives needs the whole [B, V] log-distribution; the
     # chosen token's logprob is its logit minus the row's logsumexp (no [B, V] write).
     logprobs_all = torch.log_softmax(logits, dim=-1) if k > 0 else None
-    if any(batch.banned_token_ids) or batch.penalized or batch.biased or masked:
+    if any(batch.banned_token_ids) or batch.penalized or batch.biased or masked or \
+            batch.repeated:
         logits = logits.clone()
         if batch.biased:
             for row, bias in enumerate(batch.logit_biases):
@@ -81,6 +93,8 @@ def sample(logits: torch.Tensor, batch: SamplingBatch,
                     ids = torch.tensor(list(bias), dtype=torch.int64, device=logits.device)
                     logits[row, ids] += torch.tensor(list(bias.values()),
                                                      dtype=logits.dtype, device=logits.device)
+        if batch.repeated:
+            apply_repetition_penalty(logits, batch.repetition)
         if batch.penalized:
             apply_penalties(logits, batch.penalties)
         for row, banned in enumerate(batch.banned_token_ids):
@@ -113,6 +127,20 @@ def apply_token_masks(logits: torch.Tensor, masks: torch.Tensor) -> None:
     logits[:, : allowed.shape[1]].masked_fill_(~allowed[:, :vocab], float("-inf"))
 
 
+def apply_repetition_penalty(logits: torch.Tensor,
+                             repetition: list[tuple[float, Sequence[int]] | None]) -> None:
+    """In place, the repetition penalty of vLLM and transformers: the logit of every token
+    in the prompt or the output so far is divided by the penalty where positive and
+    multiplied by it where not (> 1 discourages repeats, < 1 encourages them)."""
+    for row, rep in enumerate(repetition):
+        if rep is None or not rep[1]:
+            continue
+        penalty, tokens = rep
+        ids = torch.as_tensor(tokens, device=logits.device).unique()
+        seen = logits[row, ids]
+        logits[row, ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
+
+
 def apply_penalties(logits: torch.Tensor,
                     penalties: list[tuple[float, float, Sequence[int]] | None]) -> None:
     """In place, OpenAI's presence and frequency penalties: each token generated so far
@@ -133,6 +161,8 @@ def _sample_random(logits: torch.Tensor, batch: SamplingBatch,
     temps = torch.tensor(batch.temperatures, dtype=torch.float32, device=device)
     greedy = temps == 0.0
     scaled = logits / torch.where(greedy, 1.0, temps)[:, None]
+    if batch.min_ps is not None and any(batch.min_ps):
+        scaled = apply_min_p(scaled, batch.min_ps)
     scaled = apply_top_k_top_p(scaled, batch.top_ks, batch.top_ps)
     probs = torch.softmax(scaled, dim=-1)
     noise = torch.empty_like(probs)
@@ -140,6 +170,15 @@ def _sample_random(logits: torch.Tensor, batch: SamplingBatch,
         noise[row].exponential_(generator=gen or default_generator)
     drawn = (probs / noise).argmax(dim=-1)
     return torch.where(greedy, logits.argmax(dim=-1), drawn)
+
+
+def apply_min_p(logits: torch.Tensor, min_ps: list[float]) -> torch.Tensor:
+    """-inf for tokens whose probability is below min_p times the row's likeliest (vLLM's
+    order: after temperature, before top-k and top-p)."""
+    probs = logits.softmax(dim=-1)
+    floor = torch.tensor(min_ps, dtype=probs.dtype, device=logits.device)[:, None] * \
+        probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(probs < floor, float("-inf"))
 
 
 def apply_top_k_top_p(logits: torch.Tensor, top_ks: list[int],

@@ -31,7 +31,8 @@ class StreamOptions(BaseModel):
 _NULL_IS_DEFAULT = frozenset({
     "temperature", "top_p", "n", "stream", "presence_penalty", "frequency_penalty",
     "logprobs", "echo", "top_k", "ignore_eos", "min_tokens", "return_token_ids",
-    "skip_special_tokens", "include_stop_str_in_output", "priority"})
+    "skip_special_tokens", "include_stop_str_in_output", "priority", "repetition_penalty",
+    "min_p"})
 
 
 MAX_N = 128  # choices per prompt, as OpenAI allows
@@ -96,6 +97,8 @@ class _Common(BaseModel):
     guided_grammar: Any = None
     structured_outputs: Any = None
     priority: Int = 0  # vLLM's: lower is more urgent (engine/scheduler.py)
+    repetition_penalty: float = 1.0  # vLLM's (kernels/sampling.py)
+    min_p: float = 0.0  # vLLM's
 
     def check_supported(self) -> None:
         if not 1 <= self.n <= MAX_N:
@@ -120,7 +123,8 @@ class _Common(BaseModel):
             logprobs=logprobs, include_stop_str_in_output=self.include_stop_str_in_output,
             skip_special_tokens=self.skip_special_tokens,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            logit_bias=self.token_biases(), grammar=self.grammar(), priority=self.priority)
+            logit_bias=self.token_biases(), grammar=self.grammar(), priority=self.priority,
+            repetition_penalty=self.repetition_penalty, min_p=self.min_p)
 
     def grammar(self) -> str:
         """The output constraint's grammar ("" for none): OpenAI's response_format or one

@@ -123,6 +123,59 @@ def test_penalties_match_a_reference_loop_over_transformers(checkpoint_dir, devi
 @pytest.mark.parametrize("device", [
     "cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
         not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_repetition_penalty_and_min_p_match_transformers(checkpoint_dir, device) -> None:
+    """Greedy under a repetition penalty equals a plain loop over transformers' logits
+    through transformers' own RepetitionPenaltyLogitsProcessor (prompt and output tokens
+    count, as vLLM counts them); sampling with min_p never picks a token below min_p x
+    the likeliest's probability at temperature 5 (it does without min_p)."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from engine.llm import LLM
+    from engine.sampling_params import SamplingParams
+    from tests.hf_oracle import load_hf
+
+    model_dir = checkpoint_dir("tiny-llama")
+    hf = load_hf(model_dir)
+    prompts = [[5, 9, 14, 3, 7, 9, 14], [100, 200, 300, 400, 500, 600, 700]]
+    penalty, new = 1.6, 24
+    processor = RepetitionPenaltyLogitsProcessor(penalty)
+
+    def reference(prompt: list[int]) -> list[int]:
+        ids = list(prompt)
+        for _ in range(new):
+            with torch.inference_mode():
+                logits = hf(torch.tensor([ids])).logits[:, -1].float()
+            ids.append(int(processor(torch.tensor([ids]), logits).argmax()))
+        return ids[len(prompt):]
+
+    kwargs = {"device": "cuda", "dtype": "float32"} if device == "cuda" else {}
+    greedy = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
+    with LLM(str(model_dir), **kwargs) as llm:
+        got = [o.token_ids for o in llm.generate(
+            prompts, SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True,
+                                    repetition_penalty=penalty))]
+        plain = [o.token_ids for o in llm.generate(prompts, greedy)]
+        sampled = {min_p: llm.generate(prompts, SamplingParams(
+            max_tokens=new, temperature=5.0, ignore_eos=True, seed=7, min_p=min_p))
+            for min_p in (0.0, 0.3)}
+    assert got == [reference(p) for p in prompts] and got != plain
+
+    def below_floor(prompt: list[int], out: list[int], min_p: float) -> int:
+        ids, n = list(prompt), 0
+        for tok in out:
+            with torch.inference_mode():
+                probs = (hf(torch.tensor([ids])).logits[0, -1].float() / 5.0).softmax(-1)
+            n += int(probs[tok] < min_p * probs.max() * 0.999)  # float32 slack
+            ids.append(tok)
+        return n
+
+    assert sum(below_floor(p, o.token_ids, 0.3) for p, o in zip(prompts, sampled[0.3])) == 0
+    assert sum(below_floor(p, o.token_ids, 0.3) for p, o in zip(prompts, sampled[0.0])) > 0
+
+
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
 def test_prompt_logprobs_equal_transformers(checkpoint_dir, monkeypatch, device) -> None:
     """prompt_logprobs (echo with logprobs): entry i is transformers' log-softmax at
     position i for prompt token i + 1, with the top alternatives; computed across prefill

@@ -12,6 +12,7 @@ import re
 import httpx
 import openai
 import pytest
+import torch
 
 from cluster.local_server import baton_serve, wait_pools_empty
 from tests.hf_oracle import hf_greedy, hf_greedy_constrained, load_hf
@@ -334,6 +335,29 @@ def test_response_format_json_schema(server, model_dir, expected):
         model=PRESET, messages=messages, max_tokens=64, temperature=0, stream=True,
         response_format=RESPONSE_FORMAT) if ch.choices)
     assert streamed == r.choices[0].message.content
+
+
+def test_repetition_penalty_reaches_the_worker_that_samples_each_token(server, model_dir,
+                                                                        expected):
+    """vLLM's repetition_penalty over the wire: greedy tokens equal transformers' loop
+    through its RepetitionPenaltyLogitsProcessor in every mode (the prefill worker's first
+    token and the decode worker's others), and differ from plain greedy."""
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    url, _ = server
+    prompts, refs = expected
+    hf = load_hf(model_dir)
+    processor = RepetitionPenaltyLogitsProcessor(0.3)  # < 1: repeats favoured
+    ids = list(prompts[2])
+    for _ in range(MAX_NEW):
+        logits = hf(torch.tensor([ids])).logits[:, -1].float()
+        ids.append(int(processor(torch.tensor([ids]), logits).argmax()))
+    r = client(url).completions.create(
+        model=PRESET, prompt=TEXTS[2], max_tokens=MAX_NEW, temperature=0,
+        extra_body={"return_token_ids": True, "ignore_eos": True, "repetition_penalty": 0.3,
+                    "min_p": 0.1})
+    assert r.choices[0].token_ids == ids[len(prompts[2]):]
+    assert r.choices[0].token_ids != refs[2]
 
 
 def test_chat(server, model_dir):

@@ -23,7 +23,9 @@ def params_to_proto(p: SamplingParams) -> pb.SamplingParams:
                             presence_penalty=p.presence_penalty,
                             frequency_penalty=p.frequency_penalty,
                             logit_bias=p.logit_bias, grammar=p.grammar,
-                            priority=p.priority)
+                            priority=p.priority, min_p=p.min_p)
+    if p.repetition_penalty != 1.0:
+        msg.repetition_penalty = p.repetition_penalty
     if p.seed is not None:
         msg.seed = p.seed
     if p.logprobs is not None:
@@ -43,7 +45,9 @@ def params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
         prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
         presence_penalty=msg.presence_penalty, frequency_penalty=msg.frequency_penalty,
-        logit_bias=dict(msg.logit_bias), grammar=msg.grammar, priority=msg.priority)
+        logit_bias=dict(msg.logit_bias), grammar=msg.grammar, priority=msg.priority,
+        repetition_penalty=msg.repetition_penalty if msg.HasField("repetition_penalty")
+        else 1.0, min_p=msg.min_p)
 
 
 def top_to_proto(top: list[tuple[int, float]]) -> pb.TopLogprobList:
