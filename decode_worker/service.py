@@ -47,11 +47,11 @@ class DecodeService(WorkerService):
     async def _generate_stream(self, request, context):
         ctx = self.ctx
         rid = request.request_id
-        params = params_from_proto(request.params)
         prompt = list(request.prompt_token_ids)
         first = pb.TokenChunk()
         arrival = time.monotonic()
         try:
+            params = params_from_proto(request.params)  # validates: a 400, not UNKNOWN
             await prepare_grammar(ctx, params)
             if request.HasField("first_token_id"):
                 q, first, already = await self._admit_remote(request, params, prompt, context,

@@ -440,7 +440,8 @@ class ModelRunner:
             if any(s.params.penalized for s in rows) else None,
             logit_biases=[s.params.logit_bias or None for s in rows]
             if any(s.params.logit_bias for s in rows) else None,
-            repetition=[(s.params.repetition_penalty, s.token_ids)
+            repetition=[(s.params.repetition_penalty, self._prompt_ids_seen(s),
+                         s.output_token_ids)
                         if s.params.repetition_penalty != 1.0 else None for s in rows]
             if any(s.params.repetition_penalty != 1.0 for s in rows) else None,
             min_ps=[s.params.min_p for s in rows] if any(s.params.min_p for s in rows)
@@ -449,3 +450,9 @@ class ModelRunner:
             if scheduler.grammars is not None and any(s.params.grammar for s in rows)
             else None,
         )
+
+    def _prompt_ids_seen(self, seq) -> torch.Tensor:
+        if seq.prompt_ids_seen is None:
+            seq.prompt_ids_seen = torch.tensor(seq.prompt_token_ids, dtype=torch.int64,
+                                               device=self.device).unique()
+        return seq.prompt_ids_seen

@@ -80,8 +80,12 @@ class SamplingParams:
             v = getattr(self, name)
             if not (math.isfinite(v) and -2.0 <= v <= 2.0):
                 raise bad(name, f"must be in [-2, 2], got {v}")
-        if not (math.isfinite(self.repetition_penalty) and 0 < self.repetition_penalty <= 10):
-            raise bad("repetition_penalty", f"must be in (0, 10], got {self.repetition_penalty}")
+        # Bounded away from 0: the wire carries it as a float32, and a tiny one blows the
+        # logits up to inf.
+        if not (math.isfinite(self.repetition_penalty)
+                and 0.01 - 1e-6 <= self.repetition_penalty <= 10):  # float32 slack
+            raise bad("repetition_penalty", f"must be in [0.01, 10], got "
+                                            f"{self.repetition_penalty}")
         if not (math.isfinite(self.min_p) and 0.0 <= self.min_p <= 1.0):
             raise bad("min_p", f"must be in [0, 1], got {self.min_p}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:

@@ -159,11 +159,13 @@ class Scheduler:
         # in arrival order; once the step takes no more prompt tokens, requests behind them
         # whose KV has arrived (one token left) still join: their streams need no prefill.
         j = 0
+        blocked = False  # a prompt found no blocks: only arrived requests may still join
         while (j < len(self.waiting) and budget > 0 and not out.preempted
                and len(self.running) < self.config.max_num_seqs):
             seq = self.waiting[j]
-            if seq.num_uncomputed_tokens > 1 and prompt_tokens >= min(prompt_limit,
-                                                                      saturation):
+            arrived = bool(seq.block_table) and seq.num_uncomputed_tokens == 1
+            if not arrived and (blocked or (seq.num_uncomputed_tokens > 1 and prompt_tokens
+                                            >= min(prompt_limit, saturation))):
                 j += 1  # no prompt joins this step: look for arrived requests behind it
                 continue
             cached = self.kv.find_cached_prefix(seq) if not seq.block_table else []
@@ -172,7 +174,12 @@ class Scheduler:
             if uncomputed > 1:
                 n = min(n, prompt_limit - prompt_tokens)
             if not self.kv.allocate(seq, n, cached):
-                break
+                # An arrived request holds its blocks and needs at most one more: it may
+                # still fit, and when nothing runs it is what frees memory (a prompt ahead
+                # of it, by priority or by a race, would otherwise wait for it forever).
+                blocked = True
+                j += 1
+                continue
             if seq.num_cached_tokens < 0:
                 seq.num_cached_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
             if seq.first_scheduled_time is None:
@@ -237,7 +244,10 @@ class Scheduler:
             if (seq.num_output_tokens + 1 >= seq.params.max_tokens
                     or seq.num_tokens + 1 >= limit):
                 return False
-        return True
+        # The next step sorts its rows by priority: a row admitted this step behind a less
+        # urgent one would move, and the step staged from this one's order would not match.
+        priorities = [item.seq.params.priority for item in out.scheduled]
+        return priorities == sorted(priorities)
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Finish a running sequence for a reason found outside (a stop string)."""
@@ -258,9 +268,11 @@ class Scheduler:
         return None
 
     def banned_tokens(self, seq: Sequence) -> tuple[int, ...]:
-        """Tokens that may not be sampled yet: EOS and stop tokens below min_tokens."""
+        """Tokens that may not be sampled yet: EOS and stop tokens below min_tokens (not
+        under a grammar: where it allows only the end, banning it left nothing to sample;
+        the grammar decides where the reply ends)."""
         p = seq.params
-        if seq.num_output_tokens >= p.min_tokens:
+        if seq.num_output_tokens >= p.min_tokens or p.grammar:
             return ()
         eos = () if p.ignore_eos else tuple(self.eos_token_ids)
         return eos + tuple(p.stop_token_ids)

@@ -58,6 +58,9 @@ class Sequence:
     # params.grammar: the llguidance matcher of what it generated (engine/structured.py),
     # made by the worker that samples it.
     matcher: Any = None
+    # params.repetition_penalty: the prompt's distinct token ids, on the sampling device,
+    # made once (a 100k-token prompt took ~10 ms a step to reduce again each time).
+    prompt_ids_seen: Any = None
 
     def __post_init__(self) -> None:
         self.token_ids = list(self.prompt_token_ids)

@@ -40,13 +40,13 @@ GRAMMAR_ERROR = "grammar_error"
 VALIDATED_GRAMMARS = 256  # compiled grammars a worker keeps (apps reuse their schemas)
 
 
-def grammar_for(response_format: Any) -> str:
+def grammar_for(response_format: Any, param: str = "response_format") -> str:
     """The llguidance grammar for an OpenAI `response_format` ("" for plain text); a
-    malformed one is a 400 naming `response_format`."""
+    malformed one is a 400 naming `param` (the field it came from)."""
     from llguidance import LLMatcher
 
     def bad(msg: str) -> InvalidRequestError:
-        return InvalidRequestError(f"response_format {msg}", param="response_format")
+        return InvalidRequestError(f"{param} {msg}", param=param)
 
     if response_format is None:
         return ""
@@ -71,9 +71,9 @@ def grammar_for(response_format: Any) -> str:
     try:
         grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema),
                                                      defaults=JSON_DEFAULTS)
-    except ValueError as e:
+        error = LLMatcher.validate_grammar(grammar)
+    except (ValueError, TypeError, UnicodeError) as e:  # UnicodeError: a lone surrogate
         raise bad(f"schema is not valid: {e}") from None
-    error = LLMatcher.validate_grammar(grammar)
     if error:
         raise bad(f"schema is not supported: {error}")
     return grammar
@@ -81,14 +81,20 @@ def grammar_for(response_format: Any) -> str:
 
 def grammar_failed() -> InvalidRequestError:
     """What a request whose grammar failed while generating (GRAMMAR_ERROR) answers."""
-    return InvalidRequestError("response_format cannot be followed: the schema's grammar "
-                               "became too complex to parse while generating; simplify the "
-                               "schema (fewer optional properties)", param="response_format")
+    return InvalidRequestError("the output constraint (response_format, guided_*, or a forced "
+                               "tool call) could not be followed: its grammar failed while "
+                               "generating, most often a schema too complex for the parser "
+                               "(e.g. hundreds of optional properties)",
+                               param="response_format")
 
 
 # vLLM's constraints beside OpenAI's response_format: the older guided_* request fields
 # and the newer structured_outputs object (json, regex, choice, grammar: a Lark grammar).
 GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+# structured_outputs' options, not constraints: accepted and left at Baton's behaviour
+# (compact JSON already, no fallback backend to disable).
+STRUCTURED_OUTPUT_OPTIONS = frozenset({"disable_any_whitespace", "disable_fallback",
+                                       "disable_additional_properties", "whitespace_pattern"})
 
 
 def guided_grammar(fields: dict[str, Any]) -> tuple[str, str] | None:
@@ -103,7 +109,9 @@ def guided_grammar(fields: dict[str, Any]) -> tuple[str, str] | None:
         if not isinstance(so, dict):
             raise InvalidRequestError("structured_outputs must be an object",
                                       param="structured_outputs")
-        given.update({f"structured_outputs.{k}": v for k, v in so.items() if v is not None})
+        given.update({f"structured_outputs.{k}": v for k, v in so.items()
+                      if v is not None and k not in STRUCTURED_OUTPUT_OPTIONS
+                      and not (k == "json_object" and v is False)})
     if not given:
         return None
     if len(given) > 1:
@@ -123,25 +131,35 @@ def guided_grammar(fields: dict[str, Any]) -> tuple[str, str] | None:
                 raise bad("is not JSON") from None
         if not isinstance(value, dict):
             raise bad("must be a JSON Schema object")
-        return grammar_for({"type": "json_schema", "json_schema": {"schema": value}}), param
-    if kind == "regex":
-        if not isinstance(value, str) or not value:
-            raise bad("must be a non-empty regular expression")
-        grammar = LLMatcher.grammar_from_regex(value)
-    elif kind == "choice":
-        if not isinstance(value, list) or not value or \
-                not all(isinstance(c, str) and c for c in value):
-            raise bad("must be a non-empty list of non-empty strings")
-        grammar = LLMatcher.grammar_from_lark(
-            "start: " + " | ".join(json.dumps(c, ensure_ascii=False)
-                                   for c in dict.fromkeys(value)))
-    elif kind == "grammar":
-        if not isinstance(value, str) or not value.strip():
-            raise bad("must be a Lark grammar")
-        grammar = LLMatcher.grammar_from_lark(value)
-    else:
-        raise bad("is not a known constraint (json, regex, choice, grammar)")
-    error = LLMatcher.validate_grammar(grammar)
+        return grammar_for({"type": "json_schema", "json_schema": {"schema": value}},
+                           param), param
+    if kind == "json_object":
+        if value is not True:
+            raise bad("must be true")
+        return grammar_for({"type": "json_object"}, param), param
+    try:
+        if kind == "regex":
+            if not isinstance(value, str) or not value:
+                raise bad("must be a non-empty regular expression")
+            grammar = LLMatcher.grammar_from_regex(value)
+        elif kind == "choice":
+            if not isinstance(value, list) or not value or \
+                    not all(isinstance(c, str) and c for c in value):
+                raise bad("must be a non-empty list of non-empty strings")
+            grammar = LLMatcher.grammar_from_lark(
+                "start: " + " | ".join(json.dumps(c, ensure_ascii=False)
+                                       for c in dict.fromkeys(value)))
+        elif kind == "grammar":
+            if not isinstance(value, str) or not value.strip():
+                raise bad("must be a Lark grammar")
+            grammar = LLMatcher.grammar_from_lark(value)
+        else:
+            raise bad("is not a known constraint (json, json_object, regex, choice, grammar)")
+        error = LLMatcher.validate_grammar(grammar)
+    except InvalidRequestError:
+        raise
+    except (ValueError, TypeError, UnicodeError) as e:  # UnicodeError: a lone surrogate
+        raise bad(f"is not valid: {e}") from None
     if error:
         raise bad(f"is not valid: {error}")
     return grammar, param

@@ -71,7 +71,11 @@ class TokenizerBundle:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        except (TypeError, UnicodeError):  # a lone surrogate ("\ud800") in JSON's escapes
+            raise InvalidRequestError("text is not valid Unicode (a lone surrogate?)",
+                                      param="prompt") from None
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -103,8 +107,11 @@ class TokenizerBundle:
     def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None
                         ) -> list[int]:
         # The template writes the BOS text itself; do not let the post-processor add another.
-        return self.encode(self.apply_chat_template(messages, tools=tools),
-                           add_special_tokens=False)
+        text = self.apply_chat_template(messages, tools=tools)
+        try:
+            return self.encode(text, add_special_tokens=False)
+        except InvalidRequestError as e:
+            raise InvalidRequestError(str(e), param="messages") from None
 
 
 def _tojson(value, ensure_ascii: bool = False, indent: int | None = None,

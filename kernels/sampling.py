@@ -34,9 +34,9 @@ class SamplingBatch:
     # Structured outputs: [B, ceil(V / 32)] int32 bitmasks of the tokens each row may
     # sample (engine/structured.py; all bits set for a row without a grammar), or None.
     token_masks: torch.Tensor | None = None
-    # Per row: vLLM's / transformers' repetition penalty (penalty, every token of the
-    # prompt and the output so far), or None.
-    repetition: list[tuple[float, Sequence[int]] | None] | None = None
+    # Per row: vLLM's / transformers' repetition penalty (penalty, the prompt's distinct
+    # token ids as a tensor on the logits' device, the output so far), or None.
+    repetition: list[tuple[float, torch.Tensor, Sequence[int]] | None] | None = None
     # Per row: vLLM's min_p (0: off): tokens below min_p x the likeliest token's
     # probability (after temperature) are not sampled.
     min_ps: list[float] | None = None
@@ -127,16 +127,19 @@ def apply_token_masks(logits: torch.Tensor, masks: torch.Tensor) -> None:
     logits[:, : allowed.shape[1]].masked_fill_(~allowed[:, :vocab], float("-inf"))
 
 
-def apply_repetition_penalty(logits: torch.Tensor,
-                             repetition: list[tuple[float, Sequence[int]] | None]) -> None:
+def apply_repetition_penalty(
+        logits: torch.Tensor,
+        repetition: list[tuple[float, torch.Tensor, Sequence[int]] | None]) -> None:
     """In place, the repetition penalty of vLLM and transformers: the logit of every token
     in the prompt or the output so far is divided by the penalty where positive and
-    multiplied by it where not (> 1 discourages repeats, < 1 encourages them)."""
+    multiplied by it where not (> 1 discourages repeats, < 1 encourages them). A token
+    listed twice gets the same value twice: each is computed from the logits before."""
     for row, rep in enumerate(repetition):
-        if rep is None or not rep[1]:
+        if rep is None:
             continue
-        penalty, tokens = rep
-        ids = torch.as_tensor(tokens, device=logits.device).unique()
+        penalty, prompt_ids, output = rep
+        ids = torch.cat([prompt_ids, torch.as_tensor(output, dtype=torch.int64,
+                                                     device=logits.device)])
         seen = logits[row, ids]
         logits[row, ids] = torch.where(seen > 0, seen / penalty, seen * penalty)
 

@@ -29,13 +29,13 @@ class PrefillService(WorkerService):
     async def _prefill_call(self, request, context):
         ctx = self.ctx
         rid = request.request_id
-        params = params_from_proto(request.params)
         prompt = list(request.prompt_token_ids)
-        # One token here; the rest on the decode side. EOS/stop tokens still end it early.
-        first_only = dataclasses.replace(params, max_tokens=1,
-                                         min_tokens=min(params.min_tokens, 1))
         last = None
         try:
+            params = params_from_proto(request.params)  # validates: a 400, not UNKNOWN
+            # One token here; the rest on the decode side. EOS/stop tokens still end it.
+            first_only = dataclasses.replace(params, max_tokens=1,
+                                             min_tokens=min(params.min_tokens, 1))
             await prepare_grammar(ctx, params)
             async for out in ctx.worker.generate(rid, prompt, first_only, hold_kv=True):
                 last = out  # the one output of its one token

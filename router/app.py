@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
+from engine.structured import GUIDED_FIELDS
 from engine.tokenizer import IncrementalDetokenizer, TokenizerBundle
 from router import dashboard
 from router.errors import WorkerUnavailableError, install_error_handlers, model_not_found
@@ -302,6 +303,9 @@ class Router:
         tools = plan_tools(req.tools, req.tool_choice, self.tool_format,
                            req.parallel_tool_calls is not False) \
             if isinstance(req, ChatCompletionRequest) else None
+        if req.response_format or any(getattr(req, f) is not None for f in GUIDED_FIELDS) \
+                or req.structured_outputs is not None:
+            await asyncio.to_thread(req.constraint)  # compiled once, off the event loop
         # Tokenizing a long prompt takes milliseconds: keep it off the event loop, which is
         # streaming every other request's tokens meanwhile. Token ids need no tokenizer,
         # only a range check: inline, without the ~1 ms thread hop.
@@ -312,19 +316,20 @@ class Router:
         # n choices per prompt, numbered prompt by prompt as OpenAI does; a seeded request's
         # choice j samples with seed + j (choice 0 is what n=1 gives).
         per_prompt = [self.params_of(req, len(p)) for p in prompts]
+        constrained_by = req.constraint()[1]
         if tools is not None and tools.forced:
-            if per_prompt[0].grammar:
-                raise InvalidRequestError("response_format cannot be combined with a "
+            if constrained_by:
+                raise InvalidRequestError(f"{constrained_by} cannot be combined with a "
                                           "tool_choice that forces a call",
-                                          param="response_format")
+                                          param=constrained_by)
             # The grammar decides where the call ends: a stop string or token cutting it
             # would leave a reply that is neither a call nor text.
             per_prompt = [dataclasses.replace(sp, grammar=tools.grammar, stop=[],
                                               stop_token_ids=[]) for sp in per_prompt]
             self.metrics.constrained.labels("tool_choice").inc()
-        elif per_prompt[0].grammar:
+        elif constrained_by:
             self.metrics.constrained.labels(
-                "response_format" if req.response_format else "vllm").inc()
+                "response_format" if constrained_by == "response_format" else "vllm").inc()
         params = [dataclasses.replace(sp, seed=_wrap_int64(sp.seed + j))
                   if j and sp.seed is not None else sp for sp in per_prompt for j in range(req.n)]
         self.metrics.router_span.labels("tokenize").observe(time.perf_counter() - t_handler)

@@ -12,6 +12,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     StrictBool,
     StrictInt,
     model_validator,
@@ -97,6 +98,7 @@ class _Common(BaseModel):
     guided_grammar: Any = None
     structured_outputs: Any = None
     priority: Int = 0  # vLLM's: lower is more urgent (engine/scheduler.py)
+    _constraint: tuple[str, str] | None = PrivateAttr(default=None)
     repetition_penalty: float = 1.0  # vLLM's (kernels/sampling.py)
     min_p: float = 0.0  # vLLM's
 
@@ -127,17 +129,23 @@ class _Common(BaseModel):
             repetition_penalty=self.repetition_penalty, min_p=self.min_p)
 
     def grammar(self) -> str:
-        """The output constraint's grammar ("" for none): OpenAI's response_format or one
-        of vLLM's fields (engine/structured.py), never two."""
-        guided = guided_grammar({k: getattr(self, k)
-                                 for k in (*GUIDED_FIELDS, "structured_outputs")})
-        from_format = grammar_for(self.response_format)
-        if guided is None:
-            return from_format
-        if from_format:
-            raise InvalidRequestError(f"set response_format or {guided[1]}, not both",
-                                      param=guided[1])
-        return guided[0]
+        return self.constraint()[0]
+
+    def constraint(self) -> tuple[str, str]:
+        """(grammar, the field it came from) of the request's output constraint, ("", "")
+        for none: OpenAI's response_format or one of vLLM's fields (engine/structured.py),
+        never two. Compiled once per request (a large one takes a while: the router calls
+        this in a thread first)."""
+        if self._constraint is None:
+            guided = guided_grammar({k: getattr(self, k)
+                                     for k in (*GUIDED_FIELDS, "structured_outputs")})
+            from_format = grammar_for(self.response_format)
+            if guided is not None and from_format:
+                raise InvalidRequestError(f"set response_format or {guided[1]}, not both",
+                                          param=guided[1])
+            self._constraint = guided or ((from_format, "response_format") if from_format
+                                          else ("", ""))
+        return self._constraint
 
 
 class CompletionRequest(_Common):
@@ -184,6 +192,22 @@ class ChatMessage(BaseModel):
         return out
 
 
+def check_messages(messages: list[ChatMessage]) -> None:
+    """What chat templates cannot take from messages, refused naming the field (chat
+    completions and /tokenize)."""
+    if not messages:
+        raise InvalidRequestError("messages must not be empty", param="messages")
+    for i, m in enumerate(messages):
+        calls = (m.model_extra or {}).get("tool_calls")
+        if calls is not None and not isinstance(calls, list):
+            raise InvalidRequestError("tool_calls must be a list",
+                                      param=f"messages.{i}.tool_calls")
+        for part in m.content if isinstance(m.content, list) else []:
+            if part.get("type") != "text":
+                raise _unsupported(f"messages.{i}.content",
+                                   f"content of type {part.get('type')!r} (text only)")
+
+
 def _call_for_template(call: Any) -> dict:
     fn = call.get("function") if isinstance(call, dict) else None
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
@@ -217,16 +241,7 @@ class ChatCompletionRequest(_Common):
             raise _unsupported("function_call", f"function_call {self.function_call!r}")
         if self.tools is not None and not isinstance(self.tools, list):
             raise InvalidRequestError("tools must be a list", param="tools")
-        for i, m in enumerate(self.messages):
-            calls = (m.model_extra or {}).get("tool_calls")
-            if calls is not None and not isinstance(calls, list):
-                raise InvalidRequestError("tool_calls must be a list",
-                                          param=f"messages.{i}.tool_calls")
-        for i, m in enumerate(self.messages):
-            for part in m.content if isinstance(m.content, list) else []:
-                if part.get("type") != "text":
-                    raise _unsupported(f"messages.{i}.content",
-                                       f"content of type {part.get('type')!r} (text only)")
+        check_messages(self.messages)
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs: true",
                                       param="top_logprobs")

@@ -4,13 +4,14 @@ back, with the router's own tokenizer and no worker involved."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt
 
 from engine.errors import InvalidRequestError
 from router.errors import model_not_found
-from router.protocol import ChatMessage
+from router.protocol import ChatMessage, check_messages
 from router.tools import plan_tools
 
 if TYPE_CHECKING:
@@ -41,6 +42,20 @@ class DetokenizeRequest(BaseModel):
 def install_tokenize_routes(app: FastAPI, router: Router) -> None:
     served = router.cfg.served_model_name
 
+    def token_ids(req: TokenizeRequest) -> list[int]:
+        tok = router.tok
+        if req.messages is None:
+            return tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        check_messages(req.messages)
+        tools = plan_tools(req.tools, None, router.tool_format)
+        text = tok.apply_chat_template([m.for_template() for m in req.messages],
+                                       req.add_generation_prompt,
+                                       tools.tools if tools else None)
+        try:
+            return tok.encode(text, add_special_tokens=False)  # the template writes BOS
+        except InvalidRequestError as e:
+            raise InvalidRequestError(str(e), param="messages") from None
+
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
         if req.model != served:
@@ -48,14 +63,8 @@ def install_tokenize_routes(app: FastAPI, router: Router) -> None:
         tok = router.tok
         if (req.prompt is None) == (req.messages is None):
             raise InvalidRequestError("give either prompt or messages", param="prompt")
-        if req.messages is not None:
-            tools = plan_tools(req.tools, None, router.tool_format)
-            text = tok.apply_chat_template([m.for_template() for m in req.messages],
-                                           req.add_generation_prompt,
-                                           tools.tools if tools else None)
-            ids = tok.encode(text, add_special_tokens=False)  # the template writes BOS
-        else:
-            ids = tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        # off the event loop, as chat and completions tokenize: other streams go on
+        ids = await asyncio.to_thread(token_ids, req)
         body: dict = {"count": len(ids), "max_model_len": router.pool.max_model_len,
                       "tokens": ids}
         if req.return_token_strs:

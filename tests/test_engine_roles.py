@@ -94,3 +94,44 @@ def test_resume_continues_where_another_worker_stopped(model):
     other = make(model)  # a fresh worker picks up after 6 tokens, as migration does
     other.add_request("b", prompt, params, resume=full[:6])
     assert run_to_end(other)["b"].token_ids == full
+
+
+def test_an_arrived_request_joins_past_a_prompt_that_finds_no_blocks(model):
+    """On a decode worker, a request whose KV arrived holds its blocks; a more urgent
+    local prompt (an overflow prefill, priority 0) queued ahead of it that cannot get
+    blocks must not keep it waiting: with nothing running, nothing else would ever free
+    memory (both stalled forever before). Both finish."""
+    engine = LLMEngine(EngineConfig(model=model, num_kv_blocks=16), detokenize=False)
+    kv_prompt = [(7 * i) % 900 + 5 for i in range(160)]  # 10 of 16 blocks
+    adm = engine.prepare_remote("kv", kv_prompt, [42], [0.0], SamplingParams(
+        max_tokens=8, ignore_eos=True, priority=5))
+    engine.commit_remote(adm)
+    engine.add_request("local", [(3 * i) % 900 + 5 for i in range(120)],  # 8 blocks
+                       SamplingParams(max_tokens=8, ignore_eos=True))
+    assert [s.request_id for s in engine.scheduler.waiting] == ["local", "kv"]
+    done = {}
+    for _ in range(200):
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out.finish_reason
+        if not engine.has_unfinished():
+            break
+    assert done == {"kv": "length", "local": "length"}
+    engine.block_pool.check_integrity()
+    assert engine.block_pool.num_used == 0
+
+
+def test_a_step_whose_rows_a_priority_sort_would_move_is_not_launched_ahead(model):
+    """decode_continues (the runner launches the next step before reading this one's
+    tokens) is false when the next step's priority order will differ from this one's
+    rows: an urgent arrived request admitted behind a background one."""
+    engine = make(model)
+    engine.add_request("bg", [5, 6, 7, 8], SamplingParams(max_tokens=16, ignore_eos=True,
+                                                          priority=3))
+    engine.step()
+    adm = engine.prepare_remote("kv", [9, 10, 11, 12], [42], [0.0], SamplingParams(
+        max_tokens=16, ignore_eos=True))
+    engine.commit_remote(adm)
+    out = engine.scheduler.schedule()
+    assert [i.seq.request_id for i in out.scheduled] == ["bg", "kv"]
+    assert not engine.scheduler.decode_continues(out)

@@ -317,12 +317,14 @@ def test_response_format_json_schema(server, model_dir, expected):
     assert len(r.choices[0].token_ids) == 1
     # vLLM's fields: guided_choice, and structured_outputs' regex
     r = c.completions.create(model=PRESET, prompt=TEXTS[2], max_tokens=8, temperature=0,
-                             extra_body={"guided_choice": ["red", "green", "blue"]})
+                             extra_body={"guided_choice": ["red", "green", "blue"],
+                                         "response_format": {"type": "text"}})
     assert r.choices[0].text in ("red", "green", "blue")
     r = c.chat.completions.create(model=PRESET, max_tokens=8, temperature=0,
                                   messages=[{"role": "user", "content": "What time is it?"}],
                                   extra_body={"structured_outputs": {
-                                      "regex": "[0-9]{2}:[0-9]{2}"}})
+                                      "regex": "[0-9]{2}:[0-9]{2}",
+                                      "disable_any_whitespace": True}})
     assert re.fullmatch("[0-9]{2}:[0-9]{2}", r.choices[0].message.content)
     messages = [{"role": "user", "content": "Is it raining? Reply in JSON."}]
     r = c.chat.completions.create(model=PRESET, messages=messages, max_tokens=64,
@@ -335,6 +337,10 @@ def test_response_format_json_schema(server, model_dir, expected):
         model=PRESET, messages=messages, max_tokens=64, temperature=0, stream=True,
         response_format=RESPONSE_FORMAT) if ch.choices)
     assert streamed == r.choices[0].message.content
+    # guided_choice beside response_format {"type": "text"} counts as vLLM's
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'baton_constrained_requests_total{kind="response_format"} 4.0' in metrics
+    assert 'baton_constrained_requests_total{kind="vllm"} 2.0' in metrics
 
 
 def test_repetition_penalty_reaches_the_worker_that_samples_each_token(server, model_dir,

@@ -105,6 +105,20 @@ BAD = [
     ("repetition_penalty 0", "/v1/completions", {**OK, "repetition_penalty": 0},
      "repetition_penalty"),
     ("min_p above 1", "/v1/completions", {**OK, "min_p": 1.5}, "min_p"),
+    # float32 on the wire: a tiny one arrived as 0 and failed on the worker (a 503)
+    ("repetition_penalty tiny", "/v1/completions", {**OK, "repetition_penalty": 1e-46},
+     "repetition_penalty"),
+    ("a lone surrogate in the prompt", "/v1/completions", {**OK, "prompt": "\ud800"},
+     "prompt"),
+    ("a lone surrogate in a message", "/v1/chat/completions", {**CHAT, "messages": [
+        {"role": "user", "content": "\ud800"}]}, "messages"),
+    ("a lone surrogate in guided_choice", "/v1/completions",
+     {**OK, "guided_choice": ["\ud800x"]}, "guided_choice"),
+    ("guided_json of a bad type", "/v1/completions",
+     {**OK, "guided_json": {"type": "objectx"}}, "guided_json"),
+    ("a forced tool call with guided_choice", "/v1/chat/completions", {
+        **CHAT, "tools": [{"type": "function", "function": {"name": "f"}}],
+        "tool_choice": "required", "guided_choice": ["a"]}, "guided_choice"),
     ("priority not an integer", "/v1/completions", {**OK, "priority": "high"}, "priority"),
     ("priority past 32 bits", "/v1/completions", {**OK, "priority": 2**40}, "priority"),
     ("suffix", "/v1/completions", {**OK, "suffix": "end"}, "suffix"),
@@ -287,6 +301,13 @@ def test_tokenize_and_detokenize(url, checkpoint_dir):
     back = post(url, "/detokenize", {"model": PRESET, "tokens": r["tokens"]}).json()
     assert back["prompt"] == tok.apply_chat_template(messages, tools=tools)
     for path, body, param in (
+            ("/tokenize", {"model": PRESET, "prompt": "\ud800"}, "prompt"),
+            ("/tokenize", {"model": PRESET, "messages": [
+                {"role": "assistant", "content": None, "tool_calls": 5}]},
+             "messages.0.tool_calls"),
+            ("/tokenize", {"model": PRESET, "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages.0.content"),
+            ("/tokenize", {"model": PRESET, "messages": []}, "messages"),
             ("/tokenize", {"model": PRESET}, "prompt"),
             ("/tokenize", {"model": PRESET, "prompt": "a", "messages": messages}, "prompt"),
             ("/tokenize", {"model": PRESET, "prompt": 5}, "prompt"),
