@@ -110,7 +110,13 @@ def plan_tools(tools: list[Any] | None, tool_choice: Any, fmt: str | None,
             raise InvalidRequestError(f"tool_choice names no given tool: {tool_choice!r}",
                                       param="tool_choice")
         names = [name]
-    plan.grammar = _forcing_grammar(fmt, {n: functions[n] for n in names})
+    try:
+        plan.grammar = _forcing_grammar(fmt, {n: functions[n] for n in names})
+    except InvalidRequestError:
+        raise
+    except (TypeError, ValueError, UnicodeError) as e:  # e.g. "$defs" that is no object
+        raise InvalidRequestError(f"a tool's parameters schema is not valid: {e}",
+                                  param="tools") from None
     return plan
 
 

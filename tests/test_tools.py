@@ -56,7 +56,9 @@ def test_plans_and_refusals():
             ([WEATHER], {"type": "function", "function": "get_weather"}, "hermes",
              "tool_choice"),
             ([{"type": "function", "function": {"name": "get_weather\n"}}], "auto", "hermes",
-             "tools.0")):
+             "tools.0"),
+            ([{"type": "function", "function": {"name": "f", "parameters": {
+                "type": "object", "$defs": [1]}}}], "required", "hermes", "tools")):
         with pytest.raises(InvalidRequestError) as e:
             plan_tools(tools, choice, fmt)
         assert e.value.param == param
