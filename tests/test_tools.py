@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 
 import httpx
-import openai
 import pytest
 
 from engine.errors import InvalidRequestError
@@ -169,6 +168,8 @@ MODES = {"aggregated": ["--prefill", "0", "--decode", "1"],
 @pytest.mark.parametrize("mode", sorted(MODES))
 def test_forced_call_served_equals_transformers_under_its_grammar(checkpoint_dir, preset,
                                                                    mode):
+    import openai
+
     from cluster.local_server import baton_serve
     from engine.tokenizer import TokenizerBundle
     from tests.hf_oracle import hf_greedy_constrained, load_hf
@@ -254,3 +255,40 @@ def test_streamed_reply_says_what_the_whole_reply_says(text):
             [(c["function"]["name"], c["function"]["arguments"])
              for c in message.get("tool_calls", [])]
         assert finish == ("tool_calls" if calls else "stop")
+
+
+@pytest.mark.slow
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.device_count() >= 2, reason="needs 2 GPUs")
+def test_forced_call_and_schema_on_gpus_1p1d(checkpoint_dir):
+    """On two GPUs (prefill GPU0, decode GPU1, KV over nccl, float32): a forced tool call
+    and a JSON-schema reply equal transformers' greedy under the same grammars."""
+    from cluster.local_server import baton_serve
+    from engine.structured import grammar_for
+    from engine.tokenizer import TokenizerBundle
+    from tests.hf_oracle import hf_greedy_constrained, load_hf
+    from tests.test_structured_outputs import RESPONSE_FORMAT
+
+    model_dir = checkpoint_dir("tiny-llama-untied")
+    tok = TokenizerBundle.from_dir(model_dir)
+    hf = load_hf(model_dir)
+    plan = plan_tools([WEATHER, TIME], "required", format_for(tok.chat_template))
+    messages = [{"role": "user", "content": "Weather in Paris for three days?"}]
+    with baton_serve(model_dir, "--prefill", "1", "--decode", "1", "--device", "cuda",
+                     "--dtype", "float32", "--prefill-gpus", "0", "--decode-gpus", "1",
+                     "--kv-transfer", "nccl", "--kv-blocks", "256", timeout=300) as url:
+        def chat(**body) -> dict:  # plain HTTP: the GPU machines lack the openai client
+            r = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
+                "model": model_dir.name, "messages": messages, "temperature": 0,
+                "return_token_ids": True, **body})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]
+
+        choice = chat(tools=[WEATHER, TIME], tool_choice="required", max_tokens=96)
+        assert choice["token_ids"] == hf_greedy_constrained(
+            hf, tok, tok.chat_prompt_ids(messages, plan.tools), plan.grammar, 96)
+        assert choice["message"]["tool_calls"]
+        choice = chat(response_format=RESPONSE_FORMAT, max_tokens=64)
+        assert choice["token_ids"] == hf_greedy_constrained(
+            hf, tok, tok.chat_prompt_ids(messages), grammar_for(RESPONSE_FORMAT), 64)
+        assert json.loads(choice["message"]["content"])["answer"] in ("yes", "no")
