@@ -187,12 +187,16 @@ class RequestRunner:
                         raise _invalid(e) from None
                     if e.code() not in RETRYABLE:
                         raise
-                    if refused_before_start(e):
+                    if refused_before_start(e):  # a draining worker: nothing failed
                         handle = offered
-                    log.warning("decode worker %s failed on %s (%s): migrating with %d "
-                                "tokens%s", w.address, request_id, e.code(), len(generated),
-                                " and the prefilled KV" if handle is not None else "")
-                    self.metrics.migrations.inc()
+                        log.info("decode worker %s is draining: %s goes elsewhere",
+                                 w.address, request_id)
+                    else:
+                        log.warning("decode worker %s failed on %s (%s): migrating with %d "
+                                    "tokens%s", w.address, request_id, e.code(),
+                                    len(generated),
+                                    " and the prefilled KV" if handle is not None else "")
+                        self.metrics.migrations.inc()
                     if e.code() == grpc.StatusCode.UNAVAILABLE:
                         self.pool.mark_failed(w)
                     failed.add(w.address)

@@ -71,6 +71,9 @@ def test_a_stopped_worker_finishes_its_stream_and_takes_nothing_new(checkpoint_d
         t = threading.Thread(target=stream)
         t.start()
         busy: list[dict] = []
+        # Tokens first: a worker counted busy may not have the call yet, and one stopped
+        # then refuses it (the router sends it elsewhere; nothing to drain).
+        wait_for("the stream's first tokens", lambda: streamed)
         wait_for("the stream to start", lambda: busy.extend(
             w for w in httpx.get(f"{url}/health").json()["workers"] if w["in_flight"]) or busy)
         target = busy[0]
@@ -142,12 +145,14 @@ def test_a_refused_decode_call_leaves_the_prefilled_kv_for_its_retry(checkpoint_
 
         # The router's side: it has not yet seen d1's drain (its next status poll would),
         # picks d1 first, is refused, and retries on d2 with the same KV.
+        metrics = RouterMetrics()
+
         async def through_router() -> list:
             pool = WorkerPool(routing="round-robin")
             for w in pool.add_workers([addresses["p"]], [addresses["d1"], addresses["d2"]]):
                 w.healthy = True
             try:
-                return [e async for e in RequestRunner(pool, RouterMetrics()).run(
+                return [e async for e in RequestRunner(pool, metrics).run(
                     "routed", prompt, SamplingParams(max_tokens=12, temperature=0.0,
                                                      ignore_eos=True))]
             finally:
@@ -159,6 +164,8 @@ def test_a_refused_decode_call_leaves_the_prefilled_kv_for_its_retry(checkpoint_
         assert "kv_transfer_ms" in timing, timing  # the retry pulled P's blocks
         assert [e.route for e in events if e.route] == [{"prefill": addresses["p"]},
                                                         {"decode": addresses["d2"]}]
+        # A refusal is no failure: nothing migrated (operators read migrations as failures)
+        assert metrics.registry.get_sample_value("baton_migrations_total") == 0
         long.cancel()
     finally:
         for c in channels:
