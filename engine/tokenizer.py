@@ -104,10 +104,10 @@ class TokenizerBundle:
             self._template = (self.chat_template, env.from_string(self.chat_template))
         return self._template[1]
 
-    def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None
-                        ) -> list[int]:
+    def chat_prompt_ids(self, messages: list[dict], tools: list[dict] | None = None,
+                        add_generation_prompt: bool = True) -> list[int]:
         # The template writes the BOS text itself; do not let the post-processor add another.
-        text = self.apply_chat_template(messages, tools=tools)
+        text = self.apply_chat_template(messages, add_generation_prompt, tools=tools)
         try:
             return self.encode(text, add_special_tokens=False)
         except InvalidRequestError as e:

@@ -48,13 +48,8 @@ def install_tokenize_routes(app: FastAPI, router: Router) -> None:
             return tok.encode(req.prompt, add_special_tokens=req.add_special_tokens)
         check_messages(req.messages)
         tools = plan_tools(req.tools, None, router.tool_format)
-        text = tok.apply_chat_template([m.for_template() for m in req.messages],
-                                       req.add_generation_prompt,
-                                       tools.tools if tools else None)
-        try:
-            return tok.encode(text, add_special_tokens=False)  # the template writes BOS
-        except InvalidRequestError as e:
-            raise InvalidRequestError(str(e), param="messages") from None
+        return tok.chat_prompt_ids([m.for_template() for m in req.messages],
+                                   tools.tools if tools else None, req.add_generation_prompt)
 
     @app.post("/tokenize")
     async def tokenize(req: TokenizeRequest):
