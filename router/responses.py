@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.tokenizer import IncrementalDetokenizer, TokenizerBundle
-from router.tools import ToolPlan, may_be_call, parse_calls
+from router.tools import ForcedCallStream, ToolPlan, may_be_call, parse_calls
 
 
 @dataclass
@@ -116,6 +116,7 @@ class Formatter:
         self.tools = tools  # replies are read for tool calls (router/tools.py)
         self.on_calls = on_calls or (lambda n: None)  # counts the calls returned
         self._content_sent: dict[int, int] = {}  # streamed chars of each choice's text
+        self._forced: dict[int, ForcedCallStream] = {}  # a forced call's, by choice
         self.id = request_id
         self.model = model
         self.tok = tok
@@ -177,6 +178,17 @@ class Formatter:
         calls it parses to or as text."""
         if self.tools is None:
             return {"content": d.text}, d.finish_reason
+        if self.tools.forced:  # the arguments stream as they come
+            stream = self._forced.setdefault(d.index, ForcedCallStream(self.tools))
+            calls = stream.delta(state.text)
+            if d.finish_reason:
+                self._forced.pop(d.index, None)
+                if stream.call is None:  # cut before the name was whole: as text
+                    return {"content": state.text}, d.finish_reason
+                self.on_calls(1)
+                return {"tool_calls": calls} if calls else {}, \
+                    _finish_with_calls(d.finish_reason)
+            return ({"tool_calls": calls} if calls else {}), None
         sent = self._content_sent.get(d.index, 0)
         if not d.finish_reason:
             upto = max(may_be_call(self.tools, state.text), sent)

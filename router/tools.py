@@ -14,10 +14,11 @@ parses and its arguments match the schema; "auto" leaves the model free and read
 if the reply is one; "none" neither renders nor reads tools. The format follows the
 template (`format_for`) unless `--tool-call-parser` names one.
 
-Streaming: text streams as it comes until it may be the start of a call (the hermes tag,
-or a reply opening with "{" for llama3_json); from there it is held back, and at the end
-goes out either as one delta carrying the parsed calls (finish_reason "tool_calls") or,
-if it was no call after all, as text."""
+Streaming: a forced call streams as OpenAI streams calls (id and name, then the arguments
+as generated: `ForcedCallStream`). Otherwise text streams as it comes until it may be the
+start of a call (the hermes tag, or a reply opening with "{" for llama3_json); from there
+it is held back, and at the end goes out either as one delta carrying the parsed calls
+(finish_reason "tool_calls") or, if it was no call after all, as text."""
 
 from __future__ import annotations
 
@@ -192,7 +193,12 @@ def _forcing_grammar(fmt: str, functions: dict[str, dict]) -> str:
 def parse_calls(plan: ToolPlan, text: str) -> tuple[str | None, list[dict]]:
     """(content, tool_calls) of a finished reply: the calls it makes to known tools, and
     the text around them (None when there is none). A reply that is no call is all
-    content."""
+    content. A forced call's arguments are its text as generated (what streamed, piece by
+    piece: `ForcedCallStream`); others' are re-serialized from the parsed JSON."""
+    if plan.forced:  # complete, or cut at max_tokens (then its arguments are too)
+        framed = forced_frame(plan, text)
+        if framed is not None:
+            return None, [_new_call(framed[0], framed[1])]
     if plan.fmt == "hermes":
         calls = []
         for body in _HERMES_CALL.findall(text):
@@ -248,8 +254,61 @@ def _call_of(plan: ToolPlan, body: Any, args_key: str) -> dict | None:
     args = obj.get(args_key, obj.get("arguments", obj.get("parameters", {})))
     if not isinstance(args, dict):
         return None
+    return _new_call(obj["name"], json.dumps(args, ensure_ascii=False))
+
+
+def _new_call(name: str, arguments: str) -> dict:
     return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": obj["name"], "arguments": json.dumps(args, ensure_ascii=False)}}
+            "function": {"name": name, "arguments": arguments}}
+
+
+def _frame(plan: ToolPlan) -> tuple[str, str]:
+    """(head, between) before a forced call's name and arguments: decoding under the
+    forcing grammar writes exactly `head NAME between ARGS` and then closes the frame
+    (compact JSON, the name first)."""
+    if plan.fmt == "hermes":
+        return f'{HERMES_OPEN}\n{{"name":"', '","arguments":'
+    return '{"name":"', '","parameters":'
+
+
+def forced_frame(plan: ToolPlan, text: str) -> tuple[str, str, bool] | None:
+    """A forced call's reply so far: None until its name is complete; then (name, the
+    arguments' text so far, whether they are complete). Arguments are one JSON object,
+    so they are complete exactly when it decodes."""
+    head, between = _frame(plan)
+    if not text.startswith(head):
+        return None
+    end = text.find(between, len(head))
+    if end < 0:
+        return None
+    start = end + len(between)
+    try:
+        _, stop = json.JSONDecoder().raw_decode(text, start)
+    except ValueError:
+        return text[len(head):end], text[start:], False
+    return text[len(head):end], text[start:stop], True
+
+
+class ForcedCallStream:
+    """Streams a forced call as OpenAI streams calls: a first delta with the call's id,
+    name and the arguments so far once the name is complete, then the arguments as they
+    are generated. What a whole reply returns (`parse_calls`) is the same call."""
+
+    def __init__(self, plan: ToolPlan) -> None:
+        self.plan = plan
+        self.call: dict | None = None
+        self.sent = 0  # characters of the arguments streamed
+
+    def delta(self, text: str) -> list[dict]:
+        framed = forced_frame(self.plan, text)
+        if framed is None:
+            return []
+        name, args, _ = framed
+        piece, self.sent = args[self.sent:], len(args)
+        if self.call is None:
+            self.call = _new_call(name, piece)
+            return [{"index": 0, **self.call}]
+        return [{"index": 0, "function": {"arguments": piece}}] if piece else []
 
 
 def may_be_call(plan: ToolPlan, text: str) -> int:

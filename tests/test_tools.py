@@ -197,12 +197,14 @@ def test_forced_call_served_equals_transformers_under_its_grammar(checkpoint_dir
             assert args["city"] in ("Paris", "Oslo") and 1 <= args["days"] <= 7
         else:
             assert call.function.name == "get_time"
-        # Streamed: no text goes out; one delta carries the call.
+        # Streamed: no text goes out; the call's arguments come as they are generated,
+        # accumulated by index as clients do, to the whole reply's call.
         deltas = [ch.choices[0] for ch in c.chat.completions.create(**kw, stream=True)
                   if ch.choices]
-        streamed = [t for d in deltas for t in d.delta.tool_calls or []]
-        assert [(t.function.name, t.function.arguments) for t in streamed] == \
-            [(call.function.name, call.function.arguments)]
+        pieces = [t for d in deltas for t in d.delta.tool_calls or []]
+        assert len(pieces) > 2 and {t.index for t in pieces} == {0}
+        assert pieces[0].function.name == call.function.name and pieces[0].id
+        assert "".join(t.function.arguments or "" for t in pieces) == call.function.arguments
         assert not "".join(d.delta.content or "" for d in deltas)
         assert deltas[-1].finish_reason == "tool_calls"
         # A named function, and a conversation carrying the call and its result back.
@@ -292,3 +294,37 @@ def test_forced_call_and_schema_on_gpus_1p1d(checkpoint_dir):
         assert choice["token_ids"] == hf_greedy_constrained(
             hf, tok, tok.chat_prompt_ids(messages), grammar_for(RESPONSE_FORMAT), 64)
         assert json.loads(choice["message"]["content"])["answer"] in ("yes", "no")
+
+
+@pytest.mark.parametrize("fmt,text", [
+    ("hermes", '<tool_call>\n{"name":"get_weather","arguments":{"city":"Oslo","days":2}}\n'
+               '</tool_call>'),
+    ("llama3_json", '{"name":"get_time","parameters":{"zone":"UTC"}}')])
+def test_a_forced_call_streams_its_arguments_as_they_come(fmt, text):
+    """Cut at every point: the deltas, accumulated by index, give the whole reply's call
+    (its arguments as generated); cut at max_tokens, both give the partial arguments."""
+    from engine.tokenizer import TokenizerBundle
+    from router.responses import ChoiceState, Delta, Formatter
+
+    tok = TokenizerBundle.from_preset("tiny-qwen2")
+    plan = plan_tools([WEATHER, TIME], "required", fmt)
+    for end, reason in ((len(text), "stop"), (text.index(":{") + 6, "length")):
+        reply = text[:end]
+        whole = Formatter("chat", "x", "m", tok, False, None, plan).full(
+            [ChoiceState(0, [1], None, text=reply, finish_reason=reason)])["choices"][0]
+        (call,) = whole["message"]["tool_calls"]
+        assert whole["message"]["content"] is None
+        assert whole["finish_reason"] == ("tool_calls" if reason == "stop" else "length")
+        fmt_ = Formatter("chat", "x", "m", tok, False, None, plan)
+        state, pieces = ChoiceState(0, [1], None), []
+        for at in range(0, end, 3):
+            state.text += reply[at:at + 3]
+            delta, finish = fmt_._chat_delta(Delta(0, "", [], [], [], reason if at + 3 >= end
+                                                   else None), state)
+            assert not delta.get("content")
+            pieces += delta.get("tool_calls") or []
+        assert pieces[0]["function"]["name"] == call["function"]["name"]
+        assert "".join(p["function"]["arguments"] for p in pieces) == \
+            call["function"]["arguments"]
+        assert finish == whole["finish_reason"]
+    assert json.loads(parse_calls(plan, text)[1][0]["function"]["arguments"])
