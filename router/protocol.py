@@ -37,6 +37,9 @@ _NULL_IS_DEFAULT = frozenset({
 
 
 MAX_N = 128  # choices per prompt, as OpenAI allows
+# An output constraint (a schema, a regex, choices, a grammar) is compiled on the router
+# and on each worker: a huge one would tie up CPU for seconds per request.
+MAX_CONSTRAINT_CHARS = 1 << 20
 
 
 def _whole(v: Any) -> Any:
@@ -137,6 +140,12 @@ class _Common(BaseModel):
         never two. Compiled once per request (a large one takes a while: the router calls
         this in a thread first)."""
         if self._constraint is None:
+            for name in ("response_format", *GUIDED_FIELDS, "structured_outputs"):
+                value = getattr(self, name)
+                if value is not None and len(json.dumps(value)) > MAX_CONSTRAINT_CHARS:
+                    raise InvalidRequestError(
+                        f"{name} is larger than {MAX_CONSTRAINT_CHARS} characters of JSON",
+                        param=name)
             guided = guided_grammar({k: getattr(self, k)
                                      for k in (*GUIDED_FIELDS, "structured_outputs")})
             from_format = grammar_for(self.response_format)

@@ -112,6 +112,8 @@ BAD = [
      "prompt"),
     ("a lone surrogate in a message", "/v1/chat/completions", {**CHAT, "messages": [
         {"role": "user", "content": "\ud800"}]}, "messages"),
+    ("a constraint past 1 MiB", "/v1/completions",
+     {**OK, "guided_choice": [f"choice number {i}" for i in range(70_000)]}, "guided_choice"),
     ("a lone surrogate in guided_choice", "/v1/completions",
      {**OK, "guided_choice": ["\ud800x"]}, "guided_choice"),
     ("guided_json of a bad type", "/v1/completions",
