@@ -34,6 +34,7 @@ FORMATS = ("hermes", "llama3_json")
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 _HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 _NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+MAX_TOOLS_CHARS = 1 << 20
 
 
 def format_for(chat_template: str | None) -> str | None:
@@ -75,6 +76,9 @@ def plan_tools(tools: list[Any] | None, tool_choice: Any, fmt: str | None,
         if tool_choice not in (None, "none"):
             raise InvalidRequestError("tool_choice needs tools", param="tool_choice")
         return None
+    if len(json.dumps(tools)) > MAX_TOOLS_CHARS:  # compiled into a grammar when forced
+        raise InvalidRequestError(f"tools are larger than {MAX_TOOLS_CHARS} characters of "
+                                  "JSON", param="tools")
     functions: dict[str, dict] = {}
     for i, tool in enumerate(tools):
         fn = tool.get("function") if isinstance(tool, dict) else None

@@ -57,7 +57,9 @@ def test_plans_and_refusals():
             ([{"type": "function", "function": {"name": "get_weather\n"}}], "auto", "hermes",
              "tools.0"),
             ([{"type": "function", "function": {"name": "f", "parameters": {
-                "type": "object", "$defs": [1]}}}], "required", "hermes", "tools")):
+                "type": "object", "$defs": [1]}}}], "required", "hermes", "tools"),
+            ([{"type": "function", "function": {"name": f"f{i}", "description": "x" * 100}}
+              for i in range(11_000)], "auto", "hermes", "tools")):
         with pytest.raises(InvalidRequestError) as e:
             plan_tools(tools, choice, fmt)
         assert e.value.param == param
