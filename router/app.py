@@ -18,7 +18,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from engine.errors import InvalidRequestError
 from engine.sampling_params import SamplingParams
-from engine.structured import GUIDED_FIELDS
 from engine.tokenizer import IncrementalDetokenizer, TokenizerBundle
 from router import dashboard
 from router.errors import WorkerUnavailableError, install_error_handlers, model_not_found
@@ -303,8 +302,7 @@ class Router:
         tools = plan_tools(req.tools, req.tool_choice, self.tool_format,
                            req.parallel_tool_calls is not False) \
             if isinstance(req, ChatCompletionRequest) else None
-        if req.response_format or any(getattr(req, f) is not None for f in GUIDED_FIELDS) \
-                or req.structured_outputs is not None:
+        if req.constrained():
             await asyncio.to_thread(req.constraint)  # compiled once, off the event loop
         # Tokenizing a long prompt takes milliseconds: keep it off the event loop, which is
         # streaming every other request's tokens meanwhile. Token ids need no tokenizer,

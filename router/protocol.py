@@ -40,6 +40,8 @@ MAX_N = 128  # choices per prompt, as OpenAI allows
 # An output constraint (a schema, a regex, choices, a grammar) is compiled on the router
 # and on each worker: a huge one would tie up CPU for seconds per request.
 MAX_CONSTRAINT_CHARS = 1 << 20
+# The fields that ask for one (engine/structured.py): OpenAI's and vLLM's.
+CONSTRAINT_FIELDS = ("response_format", *GUIDED_FIELDS, "structured_outputs")
 
 
 def _whole(v: Any) -> Any:
@@ -134,13 +136,17 @@ class _Common(BaseModel):
     def grammar(self) -> str:
         return self.constraint()[0]
 
+    def constrained(self) -> bool:
+        """Whether the request sets an output constraint field (valid or not)."""
+        return any(getattr(self, name) is not None for name in CONSTRAINT_FIELDS)
+
     def constraint(self) -> tuple[str, str]:
         """(grammar, the field it came from) of the request's output constraint, ("", "")
         for none: OpenAI's response_format or one of vLLM's fields (engine/structured.py),
         never two. Compiled once per request (a large one takes a while: the router calls
         this in a thread first)."""
         if self._constraint is None:
-            for name in ("response_format", *GUIDED_FIELDS, "structured_outputs"):
+            for name in CONSTRAINT_FIELDS:
                 value = getattr(self, name)
                 if value is not None and len(json.dumps(value)) > MAX_CONSTRAINT_CHARS:
                     raise InvalidRequestError(
@@ -248,8 +254,6 @@ class ChatCompletionRequest(_Common):
             raise _unsupported("functions", "functions (use tools)")
         if self.function_call not in (None, "none", "auto"):
             raise _unsupported("function_call", f"function_call {self.function_call!r}")
-        if self.tools is not None and not isinstance(self.tools, list):
-            raise InvalidRequestError("tools must be a list", param="tools")
         check_messages(self.messages)
         if self.top_logprobs is not None and not self.logprobs:
             raise InvalidRequestError("top_logprobs needs logprobs: true",

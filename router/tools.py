@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.errors import InvalidRequestError
+from engine.structured import JSON_DEFAULTS
 
 FORMATS = ("hermes", "llama3_json")
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
@@ -179,7 +180,7 @@ def _forcing_grammar(fmt: str, functions: dict[str, dict]) -> str:
                              args_key: _hoisted(name, params, defs)}}
              for name, params in functions.items()]
     schema: dict = calls[0] if len(calls) == 1 else {"anyOf": calls}
-    schema = {**schema, "x-guidance": {"whitespace_flexible": False}}
+    schema = {**schema, "x-guidance": JSON_DEFAULTS}  # compact, as response_format's
     if defs:
         schema["$defs"] = defs
     if fmt == "llama3_json":
